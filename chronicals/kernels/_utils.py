@@ -1,0 +1,68 @@
+"""Helpers shared by the Triton kernels: interpreter detection, launch settings and input checks.
+
+`TRITON_INTERPRET=1` must be set before any kernel module is imported (Triton reads it when a
+`@triton.jit` function is defined). Under the interpreter `tl.dot` on bf16/fp16 operands returns
+garbage, so kernels that use `tl.dot` take the `DOT_UPCAST` constexpr and cast their operands to
+fp32 first when it is set; on a GPU the native low-precision path runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Pass as a constexpr to kernels that call tl.dot: upcast operands to fp32 under the interpreter.
+DOT_UPCAST: bool = INTERPRET
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_FUSED_SIZE = 65536 // 2  # largest row (elements) a single program handles in one block
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def row_block_settings(n_cols: int) -> tuple[int, int]:
+    """Block size and warp count for a kernel that holds one whole row of `n_cols` in registers."""
+    block = next_power_of_2(n_cols)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"row of {n_cols} elements exceeds the largest supported size {MAX_FUSED_SIZE}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
+
+
+def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, dtypes=SUPPORTED_DTYPES) -> None:
+    """Raise a clear error naming argument `name` when `t` is not a usable kernel input."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.ndim not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {names}")
+    if not INTERPRET and t.device.type != "cuda":
+        raise ValueError(
+            f"{name} is on {t.device}; the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before import, for CPU testing)"
+        )
+
+
+def check_same(names_tensors: dict, *, dtype: bool = True, device: bool = True) -> None:
+    """All tensors share device (and dtype when asked); the error names the first mismatch."""
+    items = list(names_tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if device and t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+        if dtype and t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
