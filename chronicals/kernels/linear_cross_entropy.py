@@ -1,0 +1,292 @@
+"""Fused linear cross-entropy: CE(hidden @ weightᵀ + bias, labels) without the [N, V] logits.
+
+The vocabulary is processed in blocks of `vocab_chunk` columns. Only one [N, vocab_chunk] block of
+logits exists at a time; it comes from one cuBLAS matmul and is consumed by a Triton kernel.
+
+Forward, per block c:   z = hidden @ W_cᵀ (+ b_c), optionally softcapped z ← cap·tanh(z / cap);
+                        a row-wise online log-sum-exp keeps (m, s) with lse = m + log s, and the
+                        target logit is picked out of the block that holds the label.
+Per-row loss:           ℓ_i = lse_i - z_{i,y_i} + w_z · lse_i²        (0 where y_i == ignore_index)
+Backward, per block c:  the logits are recomputed and overwritten in place by
+                        dz_ij = g_i · (p_ij · (1 + 2 w_z lse_i) - [j == y_i]) · (1 - tanh²)  [tanh: softcap only]
+                        with p_ij = exp(z_ij - lse_i) and g_i the row's incoming gradient; then
+                        dW_c = dzᵀ @ hidden      (complete for its rows: written once, no accumulation)
+                        dH  += dz @ W_c          (fp32 accumulator, O(N·d))
+                        db_c = Σ_i dz_i          (fp32)
+So the extra memory is one logits block (N·vocab_chunk in the input dtype) plus an fp32 [N, d]
+accumulator and O(N) row statistics; the work is 8·N·d·V FLOPs (2 forward, 6 backward incl. recompute).
+`labels` are aligned with `hidden` rows: the caller shifts them (position t predicts token t + 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_same, check_tensor, next_power_of_2
+
+REDUCTIONS = ("mean", "sum", "none")
+# Widest column block a program holds at once; a logits block wider than this is walked in steps.
+MAX_BLOCK_V = 4096
+
+
+def default_vocab_chunk(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """Vocabulary block width: wide enough that the per-block fp32 dH update (N·d) costs little
+    next to the block's logits traffic (N·chunk), i.e. chunk ≈ 4·d, in multiples of 256."""
+    chunk = max(1024, min(16384, 256 * math.ceil(4 * hidden_size / 256)))
+    return min(chunk, vocab_size)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits ±1 when exp overflows to inf or underflows to 0.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr,
+                      v_start, n_cols, softcap,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per row: fold this block's columns into the row's running (m, s) so that
+    # Σ_j exp(z_j) = s · exp(m) over every column seen so far; pick out the target logit.
+    row = tl.program_id(0).to(tl.int64)
+    m = tl.load(max_ptr + row)
+    s = tl.load(sumexp_ptr + row)
+    target = tl.load(target_ptr + row)
+    local_label = tl.load(labels_ptr + row) - v_start
+    row_ptr = logits_ptr + row * stride_row
+    start = 0
+    while start < n_cols:  # not range(): the interpreter cannot index with its 1-element scalars
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + v_start + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # m starts at -inf and s at 0, so the first rescale is 0 · exp(-inf) = 0, never NaN.
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        target += tl.sum(tl.where(cols == local_label, z, 0.0), axis=0)
+        start += BLOCK_V
+    tl.store(max_ptr + row, m)
+    tl.store(sumexp_ptr + row, s)
+    tl.store(target_ptr + row, target)
+
+
+@triton.jit
+def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, row_grad_ptr,
+                       v_start, n_cols, softcap, z_loss_weight,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per row, in place: logits block -> dz = g·(p·(1 + 2·w_z·lse) - onehot)·dcap.
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(row_grad_ptr + row)
+    local_label = tl.load(labels_ptr + row) - v_start
+    p_coef = 1.0 + 2.0 * z_loss_weight * lse  # d(lse + w·lse²)/dlse
+    row_ptr = logits_ptr + row * stride_row
+    start = 0
+    while start < n_cols:  # not range(): the interpreter cannot index with its 1-element scalars
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + v_start + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+        p = tl.exp(z - lse)
+        dz = g * (p * p_coef - tl.where(cols == local_label, 1.0, 0.0))
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - t * t)  # d(cap·tanh(x/cap))/dx
+        tl.store(row_ptr + cols, dz.to(logits_ptr.dtype.element_ty), mask=mask)
+        start += BLOCK_V
+
+
+def _block_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A contiguous [n_rows, n_cols] view at the start of `buffer` (the last block may be narrower)."""
+    return buffer.view(-1)[: n_rows * n_cols].view(n_rows, n_cols)
+
+
+def _block_logits(hidden, weight, v_start, v_end, buffer):
+    block = _block_view(buffer, hidden.shape[0], v_end - v_start)
+    torch.mm(hidden, weight[v_start:v_end].t(), out=block)
+    return block
+
+
+def _row_statistics(hidden, weight, bias, labels, softcap, vocab_chunk, block_v):
+    """Per-row log-sum-exp and target logit over the whole vocabulary, in fp32."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    m = torch.full((n_rows,), float("-inf"), device=hidden.device, dtype=torch.float32)
+    s = torch.zeros_like(m)
+    target = torch.zeros_like(m)
+    buffer = torch.empty(n_rows * min(vocab_chunk, vocab), device=hidden.device, dtype=hidden.dtype)
+    for v_start in range(0, vocab, vocab_chunk):
+        v_end = min(v_start + vocab_chunk, vocab)
+        block = _block_logits(hidden, weight, v_start, v_end, buffer)
+        _block_lse_kernel[(n_rows,)](
+            block, block.stride(0), bias if bias is not None else block, labels, m, s, target,
+            v_start, v_end - v_start, float(softcap or 1.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v,
+        )
+    return m + torch.log(s), target
+
+
+def _gradients(hidden, weight, bias, labels, lse, row_grad, softcap, z_loss_weight, vocab_chunk, block_v,
+               need_hidden, need_weight, need_bias):
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
+    buffer = torch.empty(n_rows * min(vocab_chunk, vocab), device=hidden.device, dtype=hidden.dtype)
+    for v_start in range(0, vocab, vocab_chunk):
+        v_end = min(v_start + vocab_chunk, vocab)
+        block = _block_logits(hidden, weight, v_start, v_end, buffer)
+        _block_grad_kernel[(n_rows,)](
+            block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
+            v_start, v_end - v_start, float(softcap or 1.0), float(z_loss_weight),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v,
+        )
+        if need_weight:
+            torch.mm(block.t(), hidden, out=grad_weight[v_start:v_end])
+        if need_hidden:
+            # bf16/fp16 products (fp32 inside the matmul) summed across blocks in fp32.
+            grad_hidden.add_(block @ weight[v_start:v_end])
+        if need_bias:
+            grad_bias[v_start:v_end] = block.sum(0, dtype=torch.float32)
+    return (
+        grad_hidden.to(hidden.dtype) if need_hidden else None,
+        grad_weight,
+        grad_bias.to(bias.dtype) if need_bias else None,
+    )
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer, softcap, z_loss_weight,
+                vocab_chunk):
+        block_v = min(next_power_of_2(min(vocab_chunk, weight.shape[0])), MAX_BLOCK_V)
+        lse, target = _row_statistics(hidden, weight, bias, labels, softcap, vocab_chunk, block_v)
+        valid = labels != ignore_index
+        row_loss = torch.where(valid, lse - target + z_loss_weight * lse * lse, 0.0)
+        if reduction == "mean":
+            # An all-ignored batch gives 0, not 0/0: the count is clamped to 1 (the sum is 0 anyway).
+            denominator = valid.sum().clamp(min=1).float() if normalizer is None else normalizer
+            loss = row_loss.sum() / denominator
+        else:
+            denominator = None
+            loss = row_loss.sum() if reduction == "sum" else row_loss
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
+        ctx.denominator = denominator
+        ctx.settings = (reduction, softcap, z_loss_weight, vocab_chunk, block_v)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, labels, lse, valid = ctx.saved_tensors
+        reduction, softcap, z_loss_weight, vocab_chunk, block_v = ctx.settings
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 10
+        grad_loss = grad_loss.float()
+        if reduction == "mean":
+            grad_loss = grad_loss / ctx.denominator
+        row_grad = torch.where(valid, grad_loss.expand(valid.shape), 0.0).contiguous()
+        grad_hidden, grad_weight, grad_bias = _gradients(
+            hidden, weight, bias, labels, lse, row_grad, softcap, z_loss_weight, vocab_chunk, block_v,
+            need_hidden, need_weight, need_bias,
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
+                  vocab_chunk):
+    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
+    tensors = {"hidden": hidden, "weight": weight}
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        tensors["bias"] = bias
+    check_same(tensors)
+    check_same({"hidden": hidden, "labels": labels}, dtype=False)
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hidden_size:
+        raise ValueError(f"weight must be [vocab, {hidden_size}] to match hidden [N, {hidden_size}], "
+                         f"got {tuple(weight.shape)}")
+    if vocab == 0 or hidden_size == 0:
+        raise ValueError(f"weight must have a non-empty vocabulary and hidden size, got {tuple(weight.shape)}")
+    if labels.shape[0] != n_rows:
+        raise ValueError(f"labels must have one entry per hidden row ({n_rows}), got {labels.shape[0]}")
+    if bias is not None and bias.shape[0] != vocab:
+        raise ValueError(f"bias must have {vocab} entries (one per vocabulary row of weight), got {bias.shape[0]}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer replaces the mean's denominator; it needs reduction='mean', "
+                             f"got {reduction!r}")
+        if not isinstance(normalizer, torch.Tensor) and not normalizer > 0:
+            raise ValueError(f"normalizer must be a positive token count, got {normalizer!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if not z_loss_weight >= 0:
+        raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight!r}")
+    if vocab_chunk is not None and (not isinstance(vocab_chunk, int) or vocab_chunk < 1):
+        raise ValueError(f"vocab_chunk must be a positive int or None, got {vocab_chunk!r}")
+    if n_rows:
+        bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+                             f"found {labels[bad][:5].tolist()}")
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
+                               reduction: str = "mean", normalizer=None, softcap: float | None = None,
+                               z_loss_weight: float = 0.0, vocab_chunk: int | None = None):
+    """Cross-entropy of `hidden [N, d] @ weight[V, d]ᵀ (+ bias [V])` against `labels [N]`, in fp32.
+
+    `labels` are aligned with the rows of `hidden` (shift them before calling). Rows labelled
+    `ignore_index` contribute nothing. `reduction="mean"` divides by the number of valid labels, or
+    by `normalizer` (a number or 0-d tensor: the valid-token count over all gradient-accumulation
+    micro-batches) when given; an all-ignored batch gives 0. `softcap` applies cap·tanh(z/cap) to the
+    logits (Gemma); `z_loss_weight` adds w·lse² per valid row. `vocab_chunk` sets how many vocabulary
+    columns of logits exist at once (memory N·vocab_chunk); None picks `default_vocab_chunk`.
+    Gradients flow to hidden, weight and bias; a frozen weight or hidden skips its matmul.
+    """
+    _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
+                  vocab_chunk)
+    if vocab_chunk is None:
+        vocab_chunk = default_vocab_chunk(*hidden.shape, weight.shape[0])
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(device=hidden.device, dtype=torch.float32)
+    elif normalizer is not None:
+        normalizer = float(normalizer)
+    return LinearCrossEntropyFunction.apply(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(),
+        ignore_index, reduction, normalizer, None if softcap is None else float(softcap), float(z_loss_weight),
+        vocab_chunk,
+    )
+
+
+def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100):
+    """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
+
+    `targets [B, N]` are aligned with the hidden positions (no shift inside). `chunk_size` is the
+    vocabulary block width (see `fused_linear_cross_entropy`'s `vocab_chunk`).
+    """
+    check_tensor("hidden_states", hidden_states, ndim=3)
+    check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
+    if tuple(targets.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"targets must be [B, N] = {tuple(hidden_states.shape[:2])} to match hidden_states, "
+                         f"got {tuple(targets.shape)}")
+    return fused_linear_cross_entropy(
+        hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
+        ignore_index=ignore_index, vocab_chunk=chunk_size,
+    )
