@@ -1,0 +1,131 @@
+"""Tokenized sequences as the packer and collators see them, and how they are fitted to `max_seq_length`.
+
+A sequence is a pair of equal-length int lists (input_ids, labels). Labels follow Hugging Face's convention: aligned
+with input_ids, the model (or trainer) shifts them, and `ignore_index` marks tokens that carry no loss. The first
+label of every sequence is set to `ignore_index` so that, once sequences sit side by side in a packed row, no token
+is ever trained to predict the first token of the next sequence.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._checks import check_choice, check_int
+
+OVERFLOW_MODES = ("truncate", "split")
+
+Tokens = list[int]
+
+
+@dataclass
+class FitStats:
+    """What fitting did to the input, in sequences and tokens."""
+
+    num_sequences: int = 0  # input sequences
+    original_tokens: int = 0  # input tokens
+    truncated_sequences: int = 0
+    truncated_tokens: int = 0  # tokens cut off and dropped by overflow="truncate"
+    split_sequences: int = 0  # input sequences cut into several by overflow="split"
+    dropped_sequences: int = 0  # sequences with no label token left (nothing to learn from)
+    dropped_tokens: int = 0
+
+
+def as_sequence(item: Any, index: int, ignore_index: int = -100) -> tuple[Tokens, Tokens]:
+    """One dataset item -> (input_ids, labels). An item is a list of token ids, or a mapping with `input_ids` and
+    optionally `labels` (defaulting to the input_ids: every token is a target)."""
+    if isinstance(item, Mapping):
+        if "input_ids" not in item:
+            raise KeyError(f"example {index} has no 'input_ids' (keys: {sorted(item)}); tokenize the dataset first")
+        input_ids = _token_list(item["input_ids"], f"example {index} input_ids")
+        labels = item.get("labels")
+        labels = list(input_ids) if labels is None else _token_list(labels, f"example {index} labels", ignore_index)
+        if len(labels) != len(input_ids):
+            raise ValueError(
+                f"example {index}: labels has {len(labels)} entries but input_ids has {len(input_ids)}; "
+                "they must be aligned one to one"
+            )
+    else:
+        input_ids = _token_list(item, f"example {index}")
+        labels = list(input_ids)
+    if not input_ids:
+        raise ValueError(f"example {index} is a zero-length sequence; remove empty examples before packing")
+    return input_ids, labels
+
+
+def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Tokens:
+    if hasattr(value, "tolist"):  # torch tensors and numpy arrays
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a list of int token ids, got {type(value).__name__}")
+    value = list(value)
+    for t in value:
+        if type(t) is not int or (t < 0 and t != ignore_index):
+            raise TypeError(f"{what} must hold non-negative int token ids, found {t!r} ({type(t).__name__})")
+    return value
+
+
+def fit_sequences(
+    dataset: Iterable[Any], max_seq_length: int, overflow: str = "truncate", ignore_index: int = -100
+) -> tuple[list[tuple[Tokens, Tokens]], FitStats]:
+    """Validate every item, cut sequences longer than `max_seq_length` as `overflow` says, mask each sequence's first
+    label, and drop sequences left with no label token. Warns once with the counts when anything was cut or dropped."""
+    check_int("max_seq_length", max_seq_length, minimum=2)
+    check_choice("overflow", overflow, OVERFLOW_MODES)
+    check_int("ignore_index", ignore_index)
+    stats = FitStats()
+    fitted: list[tuple[Tokens, Tokens]] = []
+    for index, item in enumerate(dataset):
+        input_ids, labels = as_sequence(item, index, ignore_index)
+        stats.num_sequences += 1
+        stats.original_tokens += len(input_ids)
+        if len(input_ids) <= max_seq_length:
+            pieces = [(input_ids, labels)]
+        elif overflow == "truncate":
+            stats.truncated_sequences += 1
+            stats.truncated_tokens += len(input_ids) - max_seq_length
+            pieces = [(input_ids[:max_seq_length], labels[:max_seq_length])]
+        else:
+            stats.split_sequences += 1
+            pieces = [
+                (input_ids[s : s + max_seq_length], labels[s : s + max_seq_length])
+                for s in range(0, len(input_ids), max_seq_length)
+            ]
+        for ids, labs in pieces:
+            labs = [ignore_index, *labs[1:]]
+            if all(t == ignore_index for t in labs):
+                stats.dropped_sequences += 1
+                stats.dropped_tokens += len(ids)
+                continue
+            fitted.append((ids, labs))
+    _check_and_warn(stats, len(fitted), max_seq_length, overflow)
+    return fitted, stats
+
+
+def _check_and_warn(stats: FitStats, kept: int, max_seq_length: int, overflow: str) -> None:
+    if stats.num_sequences == 0:
+        raise ValueError("the dataset is empty: there are no examples to train on")
+    if overflow == "truncate" and stats.truncated_sequences == stats.num_sequences:
+        raise ValueError(
+            f"every one of the {stats.num_sequences} sequences is longer than max_seq_length={max_seq_length} and "
+            "would be truncated; raise max_seq_length, or pass overflow='split' to keep every token"
+        )
+    if kept == 0:
+        raise ValueError(
+            f"none of the {stats.num_sequences} sequences has a label token to train on (labels all ignore_index, "
+            "e.g. chat examples without an assistant turn, or one-token texts)"
+        )
+    notes = []
+    if stats.truncated_sequences:
+        notes.append(
+            f"{stats.truncated_sequences} sequence(s) longer than max_seq_length={max_seq_length} were truncated "
+            f"({stats.truncated_tokens} tokens dropped; overflow='split' keeps them)"
+        )
+    if stats.split_sequences:
+        notes.append(f"{stats.split_sequences} sequence(s) longer than max_seq_length={max_seq_length} were split")
+    if stats.dropped_sequences:
+        notes.append(f"{stats.dropped_sequences} sequence(s) with no label token were dropped")
+    if notes:
+        warnings.warn("; ".join(notes), stacklevel=3)
