@@ -1,0 +1,258 @@
+"""RMSNorm and fused residual-add + RMSNorm as Triton kernels.
+
+    y = x * rstd * (offset + w),   rstd = 1 / sqrt(mean(x^2) + eps)
+
+Casting follows Hugging Face Llama: statistics in fp32, output in the input's dtype. The whole row
+is computed in fp32 and rounded once (HF rounds x * rstd to the input dtype before multiplying by w;
+one rounding is no less accurate). `offset` is 1.0 for Gemma-style weights (scale = 1 + w), else 0.
+
+The fused variant computes s = x + residual (rounded to the input dtype, exactly as PyTorch's add)
+and returns (s, rmsnorm(s)), saving a full read of s between the two ops in every decoder layer.
+
+Memory-bound: each kernel moves its bytes once. Per row of H elements of b bytes:
+  forward:  read x (and residual) H*b, write y (and s) H*b, write rstd 4 B
+  backward: read x, dy (and ds) H*b, write dx H*b; w is read once per program and dw is reduced
+            from one fp32 partial row per program (about #SMs * 4 rows), not with atomics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_same, check_tensor, next_power_of_2
+
+# A program holds a tile of BLOCK_M rows x BLOCK_N columns; about this many elements keeps each
+# thread at 16 elements (two 16-byte loads of bf16) with enough rows in flight for short rows.
+_TILE_ELEMENTS = 4096
+_MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is happy with
+_MAX_BLOCK_N = 32768
+_PROGRAMS_PER_SM = 4  # backward: resident programs per SM, each looping over row tiles
+
+
+def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of `n_cols` elements."""
+    block_n = max(next_power_of_2(n_cols), _MIN_BLOCK_N)
+    block_m = max(1, min(_TILE_ELEMENTS // block_n, next_power_of_2(n_rows)))
+    tile = block_m * block_n
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+    return block_m, block_n, num_warps
+
+
+def _num_programs(device: torch.device, n_tiles: int) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(n_tiles, sms * _PROGRAMS_PER_SM))
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, S, Y, W, RSTD,
+    stride_x, stride_r, stride_s, stride_y,
+    n_rows, n_cols, eps, offset,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One tile of BLOCK_M rows: x <- x + r (rounded, stored as s) when fused;
+    # rstd = 1/sqrt(sum(x^2)/H + eps); y = x * rstd * (offset + w), all in fp32, stored once.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: rows * stride may pass 2^31
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DS, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dy, stride_ds, stride_x, stride_dx,
+    n_rows, n_cols, n_tiles, offset,
+    HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # With xh = x * rstd and g = dy * (offset + w):
+    #   dx = rstd * (g - xh * sum(g * xh) / H)   (+ ds, the gradient reaching the stored sum s)
+    #   dw = sum over rows of dy * xh
+    # Each program loops over row tiles pid, pid + P, ... and keeps its own fp32 dw partial; the
+    # P partial rows are summed afterwards (deterministic, no atomics).
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tile = pid
+    # A while loop, not range(): the interpreter cannot index with its 1-element scalars (numpy 2.4).
+    while tile < n_tiles:
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xh = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * xh, axis=1) / n_cols
+        dx = (g - xh * c[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * xh
+        tile += n_progs
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+
+def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """`t` as [rows, n_cols] with unit column stride, a view when possible (no copy)."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(1) == 1 or n_cols == 1 else t2.contiguous()
+
+
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                     residual2: torch.Tensor | None = None):
+    """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual."""
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    s = torch.empty_like(y) if residual2 is not None else None
+    if n_rows == 0:
+        return y, rstd, s
+    block_m, block_n, num_warps = _settings(n_rows, n_cols)
+    r_arg = residual2 if residual2 is not None else x2
+    s_arg = s if s is not None else y
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, r_arg, s_arg, y, weight, rstd,
+        x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
+        n_rows, n_cols, eps, offset,
+        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, rstd, s
+
+
+def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      offset: float, ds2: torch.Tensor | None, compute_dw: bool):
+    """Launch the backward on [rows, H] tensors. Returns (dx, dw); dw is None unless asked for."""
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    if n_rows == 0:
+        return dx, (torch.zeros_like(weight) if compute_dw else None)
+    block_m, block_n, num_warps = _settings(n_rows, n_cols)
+    n_tiles = triton.cdiv(n_rows, block_m)
+    n_progs = _num_programs(x2.device, n_tiles)
+    dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
+    ds_arg = ds2 if ds2 is not None else dy2
+    _rms_norm_bwd_kernel[(n_progs,)](
+        dy2, ds_arg, x2, weight, rstd, dx, dw_partial,
+        dy2.stride(0), ds_arg.stride(0), x2.stride(0), dx.stride(0),
+        n_rows, n_cols, n_tiles, offset,
+        HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        x2 = _rows(x, weight.shape[0])
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.offset = offset
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
+                                   ctx.needs_input_grad[1])
+        return dx.view(dy.shape), dw, None, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, offset):
+        n_cols = weight.shape[0]
+        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols))
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.offset = offset
+        ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient to read
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s2, weight, rstd = ctx.saved_tensors
+        n_cols = s2.shape[1]
+        if dy is None:  # only the sum was used: the norm contributes nothing
+            return ds, ds, None, None, None
+        ds2 = _rows(ds, n_cols) if ds is not None else None
+        dx, dw = rms_norm_backward(_rows(dy, n_cols), s2, weight, rstd, ctx.offset, ds2, ctx.needs_input_grad[2])
+        dx = dx.view(dy.shape)
+        # x and residual enter only through s = x + residual, so both receive d(s).
+        return dx, dx, dw, None, None
+
+
+def _check(hidden_states, weight, eps, offset, residual=None) -> None:
+    check_tensor("hidden_states", hidden_states)
+    check_tensor("weight", weight, ndim=1)
+    tensors = {"hidden_states": hidden_states, "weight": weight}
+    if residual is not None:
+        check_tensor("residual", residual)
+        if residual.shape != hidden_states.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but hidden_states has "
+                             f"{tuple(hidden_states.shape)}; they must match")
+        check_same({"hidden_states": hidden_states, "residual": residual})
+        tensors["residual"] = residual
+    # weight may be in another dtype (fp32 master weights): it is read in fp32 either way.
+    check_same(tensors, dtype=False)
+    if hidden_states.ndim == 0 or hidden_states.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight has {weight.shape[0]} elements but the last dimension of hidden_states "
+                         f"(shape {tuple(hidden_states.shape)}) must equal it")
+    if not 1 <= weight.shape[0] <= _MAX_BLOCK_N:
+        raise ValueError(f"weight has {weight.shape[0]} elements; supported hidden sizes are 1..{_MAX_BLOCK_N}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+        raise ValueError(f"offset must be a finite number (0.0, or 1.0 for Gemma-style weights), got {offset!r}")
+
+
+def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                  offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype."""
+    _check(hidden_states, weight, eps, offset)
+    return RMSNormFunction.apply(hidden_states, weight, float(eps), float(offset))
+
+
+def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory."""
+    _check(hidden_states, weight, eps, offset, residual)
+    return AddRMSNormFunction.apply(hidden_states, residual, weight, float(eps), float(offset))
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """Drop-in RMSNorm module; the weight starts at 1 - offset so the initial scale is 1."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return fused_rmsnorm(hidden_states, self.weight, self.eps, self.offset)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"

@@ -1,0 +1,205 @@
+"""Rotary position embedding of q and k in one Triton launch (Hugging Face rotate_half layout).
+
+With x = [x1, x2] split in halves of D/2 and cos = [c1, c2], sin = [s1, s2] likewise, HF computes
+    out = x * cos + rotate_half(x) * sin,   rotate_half(x) = [-x2, x1]
+i.e. o1 = x1*c1 - x2*s1,  o2 = x2*c2 + x1*s2.
+The backward applies the transposed map, rotate_half^T(y) = [y2, -y1]:
+    g1 = y1*c1 + y2*s2,   g2 = y2*c2 - y1*s1
+(for HF's cos/sin, whose halves are equal, that is the rotation by -theta).
+
+One program handles POS_PER_PROG token positions; for each it reads the cos/sin row once and
+rotates all q heads and all k heads (GQA: their counts differ). Memory-bound: per position of
+b-byte elements it reads and writes (Hq + Hkv) * D * b and reads 2 * D cos/sin elements.
+q and k are taken through their strides, so the [B, H, S, D] views that HF attention makes with
+view(B, S, H, D).transpose(1, 2) need no copy. cos/sin are HF's per-position [B or 1, S, D]
+output, or a [max_pos, D] table indexed by position_ids [B or 1, S] (packed batches restart
+positions per sequence). cos/sin get no gradient (HF computes them without one).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_same, check_tensor, next_power_of_2
+
+_TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
+_MAX_POS_PER_PROG = 8
+_MAX_HEAD_ELEMENTS = 32768  # (Hq + Hkv) * D per position that one program's tile may hold
+
+
+@triton.jit
+def _rotate_heads(X, Y, x_off, y_off, stride_xh, stride_yh, n_heads, half, c1, c2, s1, s2, valid,
+                  BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    mask = ((h < n_heads)[:, None] & (d < half)[None, :]) & valid
+    x_ptr = X + x_off + h[:, None].to(tl.int64) * stride_xh + d[None, :]
+    y_ptr = Y + y_off + h[:, None].to(tl.int64) * stride_yh + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1[None, :] + x2 * s2[None, :]
+        o2 = x2 * c2[None, :] - x1 * s1[None, :]
+    else:
+        o1 = x1 * c1[None, :] - x2 * s1[None, :]
+        o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    tl.store(y_ptr, o1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + half, o2.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_rope_kernel(
+    Q, K, QO, KO, COS, SIN, POS,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s,
+    sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+    scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
+    n_pos, seq_len, n_q_heads, n_k_heads, half,
+    HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    d = tl.arange(0, BLOCK_HALF)
+    d_ok = d < half
+    for i in tl.static_range(POS_PER_PROG):
+        t = tl.program_id(0).to(tl.int64) * POS_PER_PROG + i  # flat position b * S + s
+        valid = t < n_pos
+        b = t // seq_len
+        s = t % seq_len
+        if HAS_POS:
+            row = tl.load(POS + b * spos_b + s * spos_s, mask=valid, other=0).to(tl.int64)
+            cos_off = row * scos_s
+            sin_off = row * ssin_s
+        else:
+            cos_off = b * scos_b + s * scos_s
+            sin_off = b * ssin_b + s * ssin_s
+        m = d_ok & valid
+        c1 = tl.load(COS + cos_off + d, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + cos_off + half + d, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + sin_off + d, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + sin_off + half + d, mask=m, other=0.0).to(tl.float32)
+        _rotate_heads(Q, QO, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s, sq_h, sqo_h, n_q_heads, half,
+                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HQ, BLOCK_HALF)
+        _rotate_heads(K, KO, b * sk_b + s * sk_s, b * sko_b + s * sko_s, sk_h, sko_h, n_k_heads, half,
+                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HK, BLOCK_HALF)
+
+
+def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, POS_PER_PROG, num_warps)."""
+    block_hq, block_hk = next_power_of_2(n_q_heads), next_power_of_2(n_k_heads)
+    block_half = next_power_of_2(head_dim // 2)
+    per_pos = (block_hq + block_hk) * block_half * 2
+    pos_per_prog = max(1, min(_MAX_POS_PER_PROG, _TILE_ELEMENTS // per_pos))
+    num_warps = 4 if per_pos <= 2048 else 8 if per_pos <= 8192 else 16
+    return block_hq, block_hk, block_half, pos_per_prog, num_warps
+
+
+def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -> None:
+    """Rotate q, k ([B, H, S, D], unit last stride) into q_out, k_out (or un-rotate when `backward`).
+
+    cos/sin: [Bc, S, D] with Bc in (1, B) when position_ids is None, else a [max_pos, D] table."""
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    n_k_heads = k.shape[1]
+    n_pos = batch * seq_len
+    if n_pos == 0:
+        return
+    if position_ids is None:
+        scos_b = cos.stride(0) if cos.shape[0] > 1 else 0
+        ssin_b = sin.stride(0) if sin.shape[0] > 1 else 0
+        scos_s, ssin_s, spos_b, spos_s, pos = cos.stride(1), sin.stride(1), 0, 0, cos
+    else:
+        scos_b, ssin_b, scos_s, ssin_s = 0, 0, cos.stride(0), sin.stride(0)
+        spos_b = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
+        spos_s, pos = position_ids.stride(1), position_ids
+    block_hq, block_hk, block_half, pos_per_prog, num_warps = _settings(n_q_heads, n_k_heads, head_dim)
+    _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](
+        q, k, q_out, k_out, cos, sin, pos,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
+        n_pos, seq_len, n_q_heads, n_k_heads, head_dim // 2,
+        HAS_POS=position_ids is not None, BACKWARD=backward, POS_PER_PROG=pos_per_prog,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rotate(q, k, cos, sin, position_ids, backward: bool):
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    # empty_like keeps the strides of a dense view, so a transposed input gives a transposed output.
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward)
+    return q_out, k_out
+
+
+class QKRopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids):
+        ctx.save_for_backward(cos, sin, position_ids)
+        return _rotate(q, k, cos, sin, position_ids, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin, position_ids = ctx.saved_tensors
+        dq, dk = _rotate(dq, dk, cos, sin, position_ids, backward=True)
+        return dq, dk, None, None, None
+
+
+def _check(q, k, cos, sin, position_ids) -> None:
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_same({"q": q, "k": k})
+    check_tensor("cos", cos, ndim=(2, 3))
+    check_tensor("sin", sin, ndim=(2, 3))
+    check_same({"q": q, "cos": cos, "sin": sin}, dtype=False)  # cos/sin are read in fp32 whatever their dtype
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq_len, head_dim):
+        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}; both are [B, heads, S, D] "
+                         "with the same B, S and D (only the head counts may differ)")
+    if head_dim % 2:
+        raise ValueError(f"q and k have head_dim {head_dim}; rotate_half needs an even head_dim")
+    if (n_q_heads + k.shape[1]) * head_dim > _MAX_HEAD_ELEMENTS:
+        raise ValueError(f"q and k have {n_q_heads} + {k.shape[1]} heads of {head_dim}; at most "
+                         f"{_MAX_HEAD_ELEMENTS} elements per position are supported")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}; they must match")
+    if cos.shape[-1] != head_dim:
+        raise ValueError(f"cos/sin have last dimension {cos.shape[-1]} but q and k have head_dim {head_dim}")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("cos/sin require grad, but fused_qk_rope gives them no gradient; pass them detached")
+    if cos.ndim == 3:
+        if position_ids is not None:
+            raise ValueError("position_ids was given with per-position cos/sin of shape [B, S, D]; pass either "
+                             "those, or a [max_pos, D] cos/sin table together with position_ids")
+        if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
+            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [1 or {batch}, {seq_len}, {head_dim}]")
+        return
+    if position_ids is None:
+        return
+    check_tensor("position_ids", position_ids, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_same({"q": q, "position_ids": position_ids}, dtype=False)
+    if position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [1 or {batch}, {seq_len}]")
+    if position_ids.numel():
+        lo, hi = torch.aminmax(position_ids)
+        if lo.item() < 0 or hi.item() >= cos.shape[0]:
+            raise ValueError(f"position_ids range over [{lo.item()}, {hi.item()}] but the cos/sin table has "
+                             f"{cos.shape[0]} rows")
+
+
+def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, Hq, S, D] and k [B, Hkv, S, D] by RoPE; returns (q_rot, k_rot) in their dtype.
+
+    cos/sin: HF's per-position [B or 1, S, D], or a [max_pos, D] table with `position_ids` [B or 1, S]
+    (omitted: positions 0..S-1)."""
+    _check(q, k, cos, sin, position_ids)
+    cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+    if cos.ndim == 2 and position_ids is None:
+        position_ids = torch.arange(q.shape[2], device=q.device).unsqueeze(0)
+        if q.shape[2] > cos.shape[0]:
+            raise ValueError(f"q and k have {q.shape[2]} positions but the cos/sin table has {cos.shape[0]} rows")
+    return QKRopeFunction.apply(q, k, cos, sin, position_ids)
