@@ -1,0 +1,53 @@
+"""LoRAConfig: the adapter settings, validated when made (the model-dependent checks run in apply_lora)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Every linear layer of the supported decoder blocks (Llama, Qwen2/3, Mistral): attention and MLP.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA / DoRA adapter settings.
+
+    rank: r of A [r, in] and B [out, r]. alpha: scale numerator; the update is (alpha / rank) * B A, or
+    (alpha / sqrt(rank)) * B A with `use_rslora`. dropout: on the adapter input; any value above 0 uses PEFT's
+    plain (unfused) forward. target_modules: module-name suffixes, e.g. "q_proj" matches
+    "model.layers.0.self_attn.q_proj". use_dora: weight-decomposed LoRA (nn.Linear layers only). fused: use the
+    fused autograd paths where they apply (dropout 0 in training, adapters active and unmerged).
+    """
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | tuple[str, ...] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    use_rslora: bool = False
+    use_dora: bool = False
+    fused: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        targets = list(self.target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"LoRAConfig.target_modules must be a non-empty list of module names such as "
+                f"{list(DEFAULT_TARGET_MODULES)}, got {self.target_modules!r}"
+            )
+        self.target_modules = targets
+        for name in ("use_rslora", "use_dora", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def scale(self) -> float:
+        """The factor s in W + s * B A."""
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)

@@ -1,0 +1,144 @@
+"""Route PEFT's LoRA layers through the fused autograd ops of chronicals.kernels.lora.
+
+PEFT's modules and parameter names stay in place (so saving stays PEFT's own format); only forwards change:
+- a SwiGLU MLP whose gate/up/down all carry adapters runs as one fused op (replacing HF's or a patched forward);
+- q/k/v (and gate/up, when the MLP as a whole cannot fuse) form a shared-input group: the first of them called
+  with a tensor computes all the group's outputs in one op and hands each sibling its output when the sibling is
+  called with that same tensor. So any attention forward (HF's, or chronicals.apply's) gets its q, k, v from one
+  fused op without being rewritten;
+- every other adapted linear (o_proj, ...) runs the fused single-projection op, or DoRA's.
+Each call checks that the fused path applies now (dropout 0 or eval mode, one active unmerged adapter, frozen
+nn.Linear base in the input's dtype, no autocast) and otherwise runs PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from chronicals.kernels.lora import dora_linear, lora_projections, lora_swiglu_mlp
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+_SILU_NAMES = ("SiLU", "SiLUActivation")
+
+
+def _adapter(module: PeftLoraLinear, x: torch.Tensor, *, dora: bool = False):
+    """(weight, bias, A, B, scale[, magnitude]) when the fused path applies to `module` for input `x`, else None."""
+    if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
+        return None
+    name = module.active_adapters[0]
+    if name not in module.lora_A or module.lora_bias[name] or module.fan_in_fan_out:
+        return None
+    if (name in module.lora_variant) != dora or (dora and name not in module.lora_magnitude_vector):
+        return None
+    if module.training and not isinstance(module.lora_dropout[name], nn.Identity):
+        return None
+    base = module.get_base_layer()
+    if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
+        return None
+    if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != x.dtype):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    args = (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
+    return (*args, module.lora_magnitude_vector[name].weight) if dora else args
+
+
+def _plain(module: nn.Module, x, *args, **kwargs):
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+def _linear_forward(self: PeftLoraLinear, x, *args, **kwargs):
+    if not args and not kwargs:
+        params = _adapter(self, x)
+        if params is not None:
+            return lora_projections(x, [params])[0]
+        params = _adapter(self, x, dora=True)
+        if params is not None:
+            return dora_linear(x, *params)
+    return _plain(self, x, *args, **kwargs)
+
+
+class SharedInputGroup:
+    """Sibling projections of one input, computed together by whichever sibling is called first."""
+
+    def __init__(self, modules: list[PeftLoraLinear]):
+        self.modules = modules
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, index: int, x, *args, **kwargs):
+        hit = self.pending.pop(index, None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        module = self.modules[index]
+        params = None if (args or kwargs) else [_adapter(m, x) for m in self.modules]
+        if params is None or any(p is None for p in params):
+            self.pending.clear()
+            return _linear_forward(module, x, *args, **kwargs)
+        outs = lora_projections(x, params)
+        self.pending = {j: (x, out) for j, out in enumerate(outs) if j != index}
+        return outs[index]
+
+
+def _grouped_forward(self: PeftLoraLinear, x, *args, **kwargs):
+    # The group lives on the module (not in a closure) so that copy.deepcopy of the model copies it too.
+    return self._chronicals_group(self._chronicals_group_index, x, *args, **kwargs)
+
+
+def _mlp_forward(self: nn.Module, x, *args, **kwargs):
+    params = None if (args or kwargs) else [_adapter(getattr(self, n), x) for n in MLP_PARTS]
+    if params is None or any(p is None for p in params):
+        return self._chronicals_unfused_forward(x, *args, **kwargs)
+    return lora_swiglu_mlp(x, *params)
+
+
+def _set_forward(module: nn.Module, fn) -> None:
+    module._chronicals_previous_forward = module.__dict__.get("forward")
+    module.forward = types.MethodType(fn, module)
+
+
+def install_fused(model: nn.Module) -> int:
+    """Route the model's PEFT LoRA layers through the fused ops; returns how many modules were rerouted."""
+    count = 0
+    grouped: set[int] = set()
+    for parent in model.modules():
+        kids = {n: getattr(parent, n, None) for n in (*MLP_PARTS, "q_proj", "k_proj", "v_proj")}
+        if all(isinstance(kids[n], PeftLoraLinear) for n in MLP_PARTS) and _is_silu(getattr(parent, "act_fn", None)):
+            parent._chronicals_unfused_forward = parent.forward
+            _set_forward(parent, _mlp_forward)
+            count += 1
+        for names in GROUPS:
+            members = [kids[n] for n in names]
+            if all(isinstance(m, PeftLoraLinear) for m in members):
+                group = SharedInputGroup(members)
+                for i, m in enumerate(members):
+                    m._chronicals_group, m._chronicals_group_index = group, i
+                    _set_forward(m, _grouped_forward)
+                    grouped.add(id(m))
+                count += len(members)
+    for module in model.modules():
+        if isinstance(module, PeftLoraLinear) and id(module) not in grouped:
+            _set_forward(module, _linear_forward)
+            count += 1
+    return count
+
+
+def remove_fused(model: nn.Module) -> None:
+    """Restore the forwards that install_fused replaced."""
+    for module in model.modules():
+        if "_chronicals_previous_forward" in module.__dict__:
+            previous = module.__dict__.pop("_chronicals_previous_forward")
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+            for attr in ("_chronicals_unfused_forward", "_chronicals_group", "_chronicals_group_index"):
+                module.__dict__.pop(attr, None)
+
+
+def _is_silu(act) -> bool:
+    return act is not None and type(act).__name__ in _SILU_NAMES

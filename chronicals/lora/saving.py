@@ -1,0 +1,44 @@
+"""Saving, loading and merging adapters, in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .fused import install_fused, remove_fused
+
+
+def _require_peft_model(model, what: str):
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"{what} takes the model returned by apply_lora (a peft.PeftModel), got {type(model).__name__}")
+
+
+def save_lora(model, directory: str | Path) -> Path:
+    """Write the adapters to `directory`; peft.PeftModel.from_pretrained(base, directory) loads them."""
+    _require_peft_model(model, "save_lora")
+    directory = Path(directory)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool = True, fused: bool = True):
+    """Load adapters saved by save_lora (or by PEFT) onto `base_model`; returns the peft.PeftModel."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no adapter_config.json; pass the directory save_lora wrote")
+    model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    if fused:
+        install_fused(model)
+    return model
+
+
+def merge_lora(model) -> nn.Module:
+    """Fold the adapters into the base weights; returns the plain base model (adapters removed)."""
+    _require_peft_model(model, "merge_lora")
+    remove_fused(model)
+    return model.merge_and_unload()
