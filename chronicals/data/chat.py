@@ -1,0 +1,58 @@
+"""Chat rows: render `messages` through the tokenizer's own chat template and find where each assistant turn sits
+in the rendered text, so that the loss is taken on assistant tokens only.
+
+Any template works, with or without `{% generation %}` markers: the text of the first k messages rendered with the
+generation prompt is the context an assistant reply k is conditioned on, and the text of the first k+1 messages
+ends with that reply (including the template's end-of-turn marker, which the model must learn to emit). This needs
+the template to be prefix-stable (rendering a conversation's beginning is a prefix of rendering all of it); a
+template that rewrites earlier turns is reported, not silently mis-masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+ROLES_TRAINED = ("assistant",)
+
+
+def check_messages(messages: Any, index: int) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise TypeError(f"row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts, "
+                        f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise TypeError(f"row {index}: messages[{turn}] must be a dict with a str 'role' and a str 'content'")
+        if not isinstance(message.get("content"), str):
+            raise TypeError(
+                f"row {index}: messages[{turn}]['content'] must be a str, got {type(message.get('content')).__name__}"
+            )
+    return [dict(m) for m in messages]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], index: int) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat_template, so 'messages' rows cannot be rendered; set tokenizer.chat_template "
+            "or give rows as 'text' or 'prompt'/'completion'"
+        )
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] not in ROLES_TRAINED:
+            continue
+        context = _render(tokenizer, messages[:turn], add_generation_prompt=True) if turn else ""
+        through = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        if not (through.startswith(context) and full.startswith(through)):
+            raise ValueError(
+                f"row {index}: the chat template is not prefix-stable (rendering the first {turn + 1} messages is not "
+                "a prefix of rendering them all), so the assistant tokens cannot be located; use a template that "
+                "renders earlier turns unchanged, or pre-render the rows as 'prompt'/'completion'"
+            )
+        spans.append((len(context), len(through)))
+    return full, spans
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,100 @@
+"""Row formats -> tokenized examples `{"input_ids", "labels"}` (labels aligned, `ignore_index` where no loss).
+
+- `text`: every token is a target; the tokenizer's own special tokens are added and eos is appended.
+- `prompt`/`completion`: loss on the completion (and the eos appended after it) only.
+- `messages`: rendered by the chat template; loss on assistant turns only (see chat.py).
+
+Every format is rendered to one string plus the character spans that carry loss, tokenized in batches with offset
+mappings (a fast tokenizer's Rust side does the work in parallel), and a token is a target when it starts inside a
+span. Tokenizing the whole string at once gives exactly the tokens the model sees at inference for that text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .chat import check_messages, render_chat
+
+FORMATS = ("text", "prompt_completion", "messages")
+COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+BATCH_SIZE = 1000
+
+
+def detect_format(columns: Sequence[str], format: str = "auto") -> str:
+    """The row format: given, or found from the columns (`messages`, then `prompt`+`completion`, then `text`)."""
+    if format == "auto":
+        for name in ("messages", "prompt_completion", "text"):
+            if all(c in columns for c in COLUMNS[name]):
+                return name
+        raise KeyError(
+            f"cannot tell the row format from the columns {sorted(columns)}: expected 'text', 'prompt' and "
+            "'completion', or 'messages' (rename the columns, or pass format= explicitly)"
+        )
+    if format not in FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    missing = [c for c in COLUMNS[format] if c not in columns]
+    if missing:
+        raise KeyError(f"format={format!r} needs column(s) {missing}, but the dataset has {sorted(columns)}")
+    return format
+
+
+def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str,
+                  ignore_index: int = -100) -> list[dict[str, list[int]]]:
+    """Tokenize every row of `format`; wrong types or empty fields raise, naming the row."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; loss masking needs offset mappings, which only "
+            "fast (Rust) tokenizers give: load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+    add_special = format != "messages"  # a chat template writes its own special tokens
+    eos = tokenizer.eos_token_id if format != "messages" else None
+    examples: list[dict[str, list[int]]] = []
+    batch: list[tuple[str, list[tuple[int, int]]]] = []
+    for index, row in enumerate(rows):
+        batch.append(_render(row, index, format, tokenizer))
+        if len(batch) == BATCH_SIZE:
+            examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
+            batch = []
+    if batch:
+        examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
+    return examples
+
+
+def _render(row: Mapping[str, Any], index: int, format: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    if not isinstance(row, Mapping):
+        raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
+    for column in COLUMNS[format]:
+        if column not in row or row[column] is None:
+            raise KeyError(f"row {index} has no {column!r} (format {format!r} needs {list(COLUMNS[format])})")
+    if format == "messages":
+        return render_chat(tokenizer, check_messages(row["messages"], index), index)
+    fields = [_text_field(row, column, index) for column in COLUMNS[format]]
+    if format == "text":
+        return fields[0], [(0, len(fields[0]))]
+    prompt, completion = fields
+    return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+
+
+def _text_field(row: Mapping[str, Any], column: str, index: int) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise TypeError(f"row {index}: {column!r} must be a str, got {type(value).__name__} ({value!r:.60})")
+    if not value:
+        raise ValueError(f"row {index}: {column!r} is empty; remove empty rows")
+    return value
+
+
+def _tokenize_batch(batch, tokenizer, add_special: bool, eos: int | None, ignore_index: int):
+    encoded = tokenizer(
+        [text for text, _ in batch], add_special_tokens=add_special, return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
+    examples = []
+    for (_, spans), ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"]):
+        labels = [t if any(a <= start < b for a, b in spans) else ignore_index for t, (start, _) in zip(ids, offsets)]
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+            labels = [*labels, eos]  # the model learns where a text or completion ends
+        examples.append({"input_ids": list(ids), "labels": labels})
+    return examples

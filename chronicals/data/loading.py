@@ -1,0 +1,111 @@
+"""Where rows come from: JSONL and Parquet files, Hugging Face `datasets` objects (or a saved dataset directory, or
+a hub name where the machine can reach the hub), and plain lists of dicts. Each source also gets a fingerprint that
+changes when its content does, the data half of the tokenization cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass
+class LoadedRows:
+    rows: Sequence[Mapping[str, Any]]  # a list of dicts or a datasets.Dataset: both index and iterate as dicts
+    columns: list[str]
+    fingerprint: str
+    description: str
+
+
+def load_rows(source: Any, split: str = "train") -> LoadedRows:
+    """Rows from a path (.jsonl/.json/.ndjson, .parquet, a `save_to_disk` directory), a hub dataset name, a
+    `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), or a list of dicts."""
+    if isinstance(source, (str, Path)):
+        return _load_path(source, split)
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise KeyError(f"split={split!r} is not in the DatasetDict; it has {sorted(source)}")
+        source = source[split]
+    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError(
+            "a streaming datasets.IterableDataset cannot be tokenized ahead of training and cached; "
+            "load it without streaming=True"
+        )
+    if isinstance(source, datasets.Dataset):
+        return LoadedRows(source, list(source.column_names), f"hf:{source._fingerprint}", "datasets.Dataset")
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        for index, row in enumerate(source):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
+        columns = list(source[0]) if source else []
+        digest = hashlib.sha256(json.dumps(list(source), sort_keys=True, default=repr).encode()).hexdigest()
+        return LoadedRows(list(source), columns, f"rows:{digest}", f"a list of {len(source)} rows")
+    raise TypeError(
+        f"dataset must be a path (.jsonl, .parquet, a saved dataset dir), a hub name, a datasets.Dataset or a list "
+        f"of dicts; got {type(source).__name__}"
+    )
+
+
+def _load_path(source: str | Path, split: str) -> LoadedRows:
+    path = Path(source).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            rows = _read_jsonl(path)
+        elif suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        else:
+            raise ValueError(f"dataset file {path} has suffix {suffix!r}; use .jsonl/.json/.ndjson or .parquet")
+        columns = list(rows[0]) if rows else []
+        return LoadedRows(rows, columns, f"file:{_file_digest(path)}", str(path))
+    import datasets
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+    elif isinstance(source, str) and not path.suffix and not source.startswith((".", "/", "~")):
+        try:
+            loaded = datasets.load_dataset(source, split=split)
+        except Exception as e:  # the hub is unreachable, or the name is wrong: say which source failed
+            raise FileNotFoundError(
+                f"dataset {source!r} is not a local file or directory, and loading it as a hub dataset failed: {e}"
+            ) from e
+    else:
+        raise FileNotFoundError(f"dataset path {path} does not exist")
+    return load_rows(loaded, split)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a .json file holding one array of rows
+        rows = json.loads(text)
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"{path}: row {index} is a {type(row).__name__}, expected a JSON object of columns")
+    return rows
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
