@@ -1,0 +1,26 @@
+"""When a patched module runs a Triton kernel and when it falls back to plain PyTorch.
+
+The kernels need a CUDA tensor (or TRITON_INTERPRET=1, set before import, which runs them on CPU for
+testing). Anywhere else (a CPU without the interpreter, a machine without Triton) the patched modules
+compute the same math as Hugging Face in plain PyTorch, so a patched model still runs and gives the
+same numbers; only the speed-up is lost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+
+import torch
+
+from chronicals.kernels._utils import INTERPRET
+
+
+@lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels_usable(t: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on tensor `t`."""
+    return (t.is_cuda or INTERPRET) and _triton_installed()

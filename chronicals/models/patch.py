@@ -1,0 +1,117 @@
+"""`apply` patches a Hugging Face model instance in place, one flag per optimization so that an ablation is a
+list of flag sets; `apply_to_classes` makes every model of a family created afterwards come out patched.
+
+Patching binds new forwards on the module instances (parameters, state dict and checkpoints are untouched):
+- rms_norm: every RMSNorm (Qwen3's q_norm/k_norm included) -> fused_rmsnorm, and each decoder layer's
+  residual add + post-attention norm -> fused_add_rmsnorm;
+- swiglu: each MLP's silu(gate) * up -> fused_swiglu;
+- rope: each attention's rotary embedding of q and k -> fused_qk_rope;
+- linear_cross_entropy: the causal-LM forward computes the training loss with fused_linear_cross_entropy and
+  returns no logits (HF's forward otherwise);
+- packed_attention: attn_implementation "chronicals_varlen" (chronicals.attention) plus a once-per-forward
+  step on the base model that validates or derives cu_seq_lens_q for packed batches.
+Where the kernels cannot run (a CPU without TRITON_INTERPRET) each patched forward computes HF's math in
+plain PyTorch (chronicals.models.dispatch).
+"""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+from .causal_lm import causal_lm_forward
+from .registry import family_for
+from .rms_norm import decoder_layer_forward, rms_norm_forward
+from .rope import rope_attention_forward
+from .swiglu import SILU_NAMES, swiglu_mlp_forward
+
+FLAGS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "packed_attention")
+
+# flag -> (class-name suffix, patched forward); a flag may patch several module kinds.
+_FORWARDS = {
+    "rms_norm": (("RMSNorm", rms_norm_forward), ("DecoderLayer", decoder_layer_forward)),
+    "swiglu": (("MLP", swiglu_mlp_forward),),
+    "rope": (("Attention", rope_attention_forward),),
+    "linear_cross_entropy": (("ForCausalLM", causal_lm_forward),),
+}
+
+
+def _causal_lm(model: nn.Module):
+    """The transformers model inside `model` (which may be a PEFT wrapper)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel) and hasattr(model, "model") and hasattr(model, "lm_head"):
+        return model
+    if hasattr(model, "get_base_model"):
+        return _causal_lm(model.get_base_model())
+    raise TypeError(f"chronicals.apply needs a Hugging Face causal LM (e.g. AutoModelForCausalLM), "
+                    f"got {type(model).__name__}")
+
+
+def _packed_batch_hook(module, args, kwargs):
+    from chronicals.attention import prepare_packed_batch
+
+    return args, prepare_packed_batch(kwargs)
+
+
+def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
+          linear_cross_entropy: bool = True, packed_attention: bool = True) -> nn.Module:
+    """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM, optionally PEFT-wrapped) in place.
+
+    Returns the same model. Patching twice is harmless; flags left False keep HF's behaviour for that part.
+    """
+    flags = dict(rms_norm=rms_norm, swiglu=swiglu, rope=rope, linear_cross_entropy=linear_cross_entropy,
+                 packed_attention=packed_attention)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"chronicals.apply: flag {name} must be True or False, got {value!r}")
+    lm = _causal_lm(model)
+    family = family_for(lm.config.model_type)
+    if swiglu and lm.config.hidden_act not in SILU_NAMES:
+        raise ValueError(f"swiglu=True fuses silu(gate) * up, but this model's hidden_act is "
+                         f"{lm.config.hidden_act!r}; pass swiglu=False")
+
+    targets = [(family.cls(suffix), forward) for flag, pairs in _FORWARDS.items() if flags[flag]
+               for suffix, forward in pairs]
+    for module in lm.modules():
+        for cls, forward in targets:
+            if isinstance(module, cls):
+                module.forward = types.MethodType(forward, module)
+
+    if packed_attention:
+        import chronicals.attention as attention
+
+        base = lm.model
+        if getattr(base, "_chronicals_packed_hook", None) is None:
+            base._chronicals_packed_hook = base.register_forward_pre_hook(_packed_batch_hook, with_kwargs=True)
+        lm.set_attn_implementation(attention.IMPLEMENTATION)
+
+    previous = getattr(lm, "chronicals_patches", {})
+    lm.chronicals_patches = {k: v or previous.get(k, False) for k, v in flags.items()}
+    return model
+
+
+def apply_to_classes(model_type: str, **flags):
+    """Patch every `model_type` causal LM created from now on (same flags as `apply`).
+
+    Wraps the family's ForCausalLM constructor so that each new instance is passed through `apply`, before
+    any weights are loaded into it. Returns a function that undoes this (models already created stay patched).
+    """
+    unknown = set(flags) - set(FLAGS)
+    if unknown:
+        raise TypeError(f"apply_to_classes: unknown flag(s) {', '.join(sorted(unknown))}; "
+                        f"flags are: {', '.join(FLAGS)}")
+    cls = family_for(model_type).cls("ForCausalLM")
+    original = cls.__init__
+
+    def patched_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        apply(self, **flags)
+
+    cls.__init__ = patched_init
+
+    def undo():
+        cls.__init__ = original
+
+    return undo

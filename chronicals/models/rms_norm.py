@@ -1,0 +1,53 @@
+"""Patched forwards for the `rms_norm` flag: every RMSNorm (Qwen3's per-head q/k norms included) and the
+decoder layer's residual add fused into the post-attention norm.
+
+HF's RMSNorm: y = w * (x / sqrt(mean(x^2) + eps)) with the statistics in fp32 and the normalised value cast
+back to the input dtype before the weight multiply; the kernels follow the same casting (docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import kernels_usable
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Llama's RMSNorm math, used where the kernels cannot run."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if kernels_usable(hidden_states):
+        from chronicals.kernels import fused_rmsnorm
+
+        return fused_rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+    return rms_norm_reference(hidden_states, self.weight, self.variance_epsilon)
+
+
+def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                          use_cache=False, position_embeddings=None, **kwargs):
+    """HF's pre-norm decoder layer with `residual + attn_out` and the post-attention RMSNorm in one kernel."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    norm = self.post_attention_layernorm
+    if kernels_usable(hidden_states):
+        from chronicals.kernels import fused_add_rmsnorm
+
+        # summed = attn_out + residual becomes the next residual; normed = RMSNorm(summed) feeds the MLP.
+        residual, hidden_states = fused_add_rmsnorm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+    else:
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    return residual + self.mlp(hidden_states)

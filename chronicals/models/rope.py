@@ -1,0 +1,52 @@
+"""Patched attention forward for the `rope` flag: HF's attention with the rotary embedding of q and k
+in one kernel (`fused_qk_rope`) instead of four elementwise passes each.
+
+Generic over the supported families: Qwen3's per-head `q_norm`/`k_norm` (applied before RoPE) and the
+`sliding_window` of Qwen2/Mistral are read from the module. Everything else (projections, KV cache,
+the attention implementation chosen in the config) is exactly HF's.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .dispatch import kernels_usable
+
+
+def rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                           past_key_values=None, **kwargs):
+    modeling = sys.modules[type(self).__module__]  # the family's own helpers: eager attention, reference RoPE
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    key = self.k_proj(hidden_states).view(hidden_shape)
+    if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    if kernels_usable(query):
+        from chronicals.kernels import fused_qk_rope
+
+        query, key = fused_qk_rope(query, key, cos, sin)
+    else:
+        query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
+
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                      modeling.eager_attention_forward)
+    out, weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=getattr(self, "sliding_window", None),
+        **kwargs,
+    )
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
