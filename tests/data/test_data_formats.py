@@ -1,0 +1,103 @@
+"""Row formats: what carries loss in text, prompt/completion and chat rows (assistant tokens only), and the errors
+for rows of the wrong shape."""
+
+import copy
+import types
+
+import pytest
+
+from chronicals.data import default_tokenizer, detect_format, tokenize_rows
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def trained_text(tok, example):
+    return tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What does assert do?"},
+    {"role": "assistant", "content": "It checks a condition."},
+    {"role": "user", "content": "And pass?"},
+    {"role": "assistant", "content": "Nothing at all."},
+]
+
+
+def test_chat_loss_on_assistant_tokens_only(tok):
+    (example,) = tokenize_rows([{"messages": CHAT}], tok, "messages")
+    assert tok.decode(example["input_ids"]) == tok.apply_chat_template(CHAT, tokenize=False)
+    # Exactly the two replies, each with its end-of-turn marker (the model must learn to stop), nothing else.
+    assert trained_text(tok, example) == "It checks a condition.<|im_end|>\nNothing at all.<|im_end|>\n"
+    for text in ("Be brief.", "What does assert do?", "And pass?", "assistant"):
+        assert text not in trained_text(tok, example)
+    # Labels are aligned token ids (the trainer shifts), not next tokens.
+    assert all(label == t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE)
+
+
+def test_chat_without_assistant_turn_has_no_label(tok):
+    (example,) = tokenize_rows([{"messages": CHAT[:2]}], tok, "messages")
+    assert set(example["labels"]) == {IGNORE}
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tok):
+    odd = copy.copy(tok)
+    odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="row 0: the chat template is not prefix-stable"):
+        tokenize_rows([{"messages": CHAT}], odd, "messages")
+    odd.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        tokenize_rows([{"messages": CHAT}], odd, "messages")
+
+
+def test_prompt_completion_loss_on_completion_and_eos(tok):
+    (example,) = tokenize_rows([{"prompt": "Q: what is pass?", "completion": " A: a null operation."}], tok,
+                               "prompt_completion")
+    assert trained_text(tok, example) == " A: a null operation.<|endoftext|>"
+    assert example["input_ids"][-1] == tok.eos_token_id
+
+
+def test_text_trains_on_every_token_and_ends_with_eos(tok):
+    (example,) = tokenize_rows([{"text": "The pass statement does nothing."}], tok, "text")
+    assert example["labels"] == example["input_ids"]
+    assert example["input_ids"][-1] == tok.eos_token_id
+
+
+def test_detect_format():
+    assert detect_format(["messages", "id"]) == "messages"
+    assert detect_format(["prompt", "completion", "text"]) == "prompt_completion"
+    assert detect_format(["text"]) == "text"
+    with pytest.raises(KeyError, match="cannot tell the row format from the columns \\['body'\\]"):
+        detect_format(["body"])
+    with pytest.raises(KeyError, match="needs column\\(s\\) \\['completion'\\]"):
+        detect_format(["prompt", "text"], "prompt_completion")
+    with pytest.raises(ValueError, match="format must be"):
+        detect_format(["text"], "chat")
+
+
+@pytest.mark.parametrize(
+    "rows, fmt, error, match",
+    [
+        ([{"text": "ok"}, {"text": 5}], "text", TypeError, "row 1: 'text' must be a str, got int"),
+        ([{"text": ""}], "text", ValueError, "row 0: 'text' is empty"),
+        ([{"text": "ok"}, {"body": "x"}], "text", KeyError, "row 1 has no 'text'"),
+        ([{"prompt": "a", "completion": None}], "prompt_completion", KeyError, "row 0 has no 'completion'"),
+        ([{"messages": "hello"}], "messages", TypeError, "row 0: 'messages' must be a non-empty list"),
+        ([{"messages": []}], "messages", TypeError, "an empty list"),
+        ([{"messages": [{"role": "user"}]}], "messages", TypeError, "messages\\[0\\]\\['content'\\] must be a str"),
+        ([{"messages": [["user", "hi"]]}], "messages", TypeError, "messages\\[0\\] must be a dict"),
+    ],
+)
+def test_bad_rows_name_the_row_and_field(tok, rows, fmt, error, match):
+    with pytest.raises(error, match=match):
+        tokenize_rows(rows, tok, fmt)
+
+
+def test_slow_tokenizer_is_refused():
+    with pytest.raises(TypeError, match="not a fast tokenizer"):
+        tokenize_rows([{"text": "hi"}], types.SimpleNamespace(is_fast=False), "text")

@@ -1,0 +1,115 @@
+"""prepare_dataset end to end: every input kind gives the same rows; bad data fails before training; the cache."""
+
+import json
+import warnings
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from chronicals.data import PackedCollator, PaddedCollator, default_tokenizer, load_rows, prepare_dataset
+
+ROWS = [
+    {"prompt": "Q: what does pass do?", "completion": " Nothing."},
+    {"prompt": "Q: what does assert do?", "completion": " It checks a condition."},
+    {"prompt": "Q: and del?", "completion": " It deletes a name."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_source_kind_gives_the_same_rows(tok, tmp_path):
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), parquet)
+    (tmp_path / "array.json").write_text(json.dumps(ROWS))
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    sources = [ROWS, write_jsonl(tmp_path / "rows.jsonl", ROWS), str(tmp_path / "array.json"), parquet, ds,
+               datasets.DatasetDict({"train": ds}), tmp_path / "saved"]
+    results = [prepare_dataset(s, tok, max_seq_length=64, use_cache=False) for s in sources]
+    assert all(r.format == "prompt_completion" for r in results)
+    assert all(r.rows == results[0].rows for r in results)
+    packed = results[0]
+    assert isinstance(packed.collator, PackedCollator) and len(packed.rows) == 1  # packing is on by default
+    assert packed.stats["packed_tokens"] == packed.stats["original_tokens"]
+    batch = packed.collator(packed.rows)
+    assert batch["num_label_tokens"] == packed.stats["label_tokens"] > 0
+    unpacked = prepare_dataset(ROWS, tok, max_seq_length=64, packing=False, use_cache=False)
+    assert isinstance(unpacked.collator, PaddedCollator) and len(unpacked.rows) == 3
+    assert unpacked.collator(unpacked.rows)["num_label_tokens"] == batch["num_label_tokens"]
+
+
+def test_cache_is_reused_and_keyed_by_content_and_tokenizer(tok, tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    first = prepare_dataset(data, tok, max_seq_length=64, cache_dir=tmp_path / "cache")
+    second = prepare_dataset(data, tok, max_seq_length=32, cache_dir=tmp_path / "cache")
+    assert not first.cache_hit and second.cache_hit and first.cache_file == second.cache_file
+    assert second.rows == prepare_dataset(data, tok, max_seq_length=32, use_cache=False).rows
+    write_jsonl(data, ROWS[:2])
+    changed = prepare_dataset(data, tok, max_seq_length=64, cache_dir=tmp_path / "cache")
+    assert not changed.cache_hit and changed.cache_file != first.cache_file
+    other = default_tokenizer()
+    other.chat_template = "{{ messages }}"
+    assert prepare_dataset(data, other, cache_dir=tmp_path / "cache").cache_file != changed.cache_file
+    changed.cache_file.write_bytes(b"damaged")
+    again = prepare_dataset(data, tok, max_seq_length=64, cache_dir=tmp_path / "cache")
+    assert not again.cache_hit and again.rows == changed.rows
+
+
+@pytest.mark.parametrize(
+    "source, kwargs, error, match",
+    [
+        ([], {}, ValueError, "is empty"),
+        ([{"body": "x"}], {}, KeyError, "cannot tell the row format"),
+        ([{"text": "ok"}], dict(format="messages"), KeyError, "needs column"),
+        ([{"text": 3}], {}, TypeError, "row 0: 'text' must be a str"),
+        ([{"text": "x" * 400}], dict(max_seq_length=8), ValueError, "every one of the 1 sequences is longer"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], {}, ValueError, "none of the 1 sequences has a label"),
+        (["just text"], {}, TypeError, "row 0 must be a dict"),
+        (42, {}, TypeError, "dataset must be a path"),
+        ("/nonexistent/rows.jsonl", {}, FileNotFoundError, "does not exist"),
+    ],
+)
+def test_bad_data_fails_before_training(tok, source, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        prepare_dataset(source, tok, use_cache=False, **kwargs)
+
+
+def test_bad_files(tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        load_rows(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        prepare_dataset(empty, tok, use_cache=False)
+    other = tmp_path / "rows.csv"
+    other.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="suffix '.csv'"):
+        load_rows(other)
+    with pytest.raises(KeyError, match="split='test' is not in the DatasetDict"):
+        load_rows(datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}), split="test")
+
+
+def test_truncation_is_warned_and_padded_path_needs_a_pad_token(tok):
+    rows = [{"text": "x " * 300}, {"text": "short text"}]
+    with pytest.warns(UserWarning, match="truncated"):
+        prepared = prepare_dataset(rows, tok, max_seq_length=16, use_cache=False)
+    assert prepared.stats["truncated_sequences"] == 1
+    no_pad = default_tokenizer()
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="tokenizer has no pad token"):
+        prepare_dataset(rows[1:], no_pad, packing=False, use_cache=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare_dataset(rows[1:], no_pad, use_cache=False).rows  # packing needs no pad token
