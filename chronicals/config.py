@@ -1,0 +1,274 @@
+"""The one configuration of a Chronicals run: a typed dataclass, validated when constructed, loadable from YAML
+with dotted `key=value` overrides (`chronicals train run.yaml learning_rate=1e-4 model_kwargs.num_hidden_layers=4`).
+
+Every optimization is one boolean field, so an ablation is a list of overrides. The defaults are a sensible
+single-GPU fine-tune; `demo_config()` is the CPU quick start that `chronicals train` runs with no config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "no"]
+DatasetFormat = Literal["auto", "text", "prompt_completion", "messages"]
+Overflow = Literal["truncate", "split"]
+NonFinite = Literal["stop", "skip"]
+Device = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the field and what it accepts."""
+
+
+@dataclass
+class ChronicalsConfig:
+    # Model: a preset name from chronicals.models.PRESETS, a local checkpoint directory, or a hub name.
+    model: str = "qwen2.5-0.5b"
+    # Overrides for a preset's transformers config (e.g. num_hidden_layers); ignored keys are an error there.
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer: "default" (the embedded one), or a path / hub name; None means the model's own when it has one.
+    tokenizer: Union[str, None] = None
+
+    # Data: a JSONL/Parquet file, a saved dataset directory, an HF dataset name, or "default" (the embedded text).
+    # Formats: "text", "prompt_completion" (loss on the completion), "messages" (chat; loss on assistant turns).
+    dataset: str = "default"
+    dataset_format: DatasetFormat = "auto"
+    dataset_split: str = "train"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    max_seq_length: int = 2048
+    overflow: Overflow = "truncate"  # a sequence over max_seq_length: cut it, or split it into several
+
+    # Optimisation.
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    warmup_steps: int = 0
+    lr_schedule: Schedule = "cosine"
+    min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    seed: int = 42
+
+    # Optimizations, one switch each.
+    use_flash_attention: bool = True
+    use_fused_kernels: bool = True
+    use_sequence_packing: bool = True
+    use_gradient_checkpointing: bool = False
+    activation_offload: bool = False
+    use_torch_compile: bool = False
+    use_8bit_optimizer: bool = False
+    mixed_precision: Precision = "auto"
+    use_fp8: bool = False
+
+    # LoRA.
+    use_lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    use_lora_plus: bool = False
+    lora_plus_ratio: float = 16.0
+
+    # Outputs, logging, checkpoints.
+    output_dir: str = "outputs/run"
+    logging_steps: int = 10  # console line every N steps; metrics.jsonl gets every step
+    save_steps: int = 0  # checkpoint every N steps; 0 saves only at the end (and on Ctrl-C)
+    save_total_limit: Union[int, None] = None  # keep only the newest N checkpoints
+    save_final_model: bool = True
+    resume_from_checkpoint: Union[str, None] = None  # a checkpoint directory, or "latest" in output_dir
+    tensorboard: bool = False
+    progress_bar: bool = True
+    on_nonfinite: NonFinite = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that step
+    device: Device = "auto"
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_values(self)
+
+    # ---- construction from files and overrides -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ChronicalsConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of field: value, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else "; see chronicals/config.py for the fields"
+                raise ConfigError(f"unknown config field {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: typing.Sequence[str] = (),
+                  base: ChronicalsConfig | None = None) -> ChronicalsConfig:
+        """Fields from the YAML file at `path` (or from `base`, default the class defaults, when None), then
+        `overrides` of the form `key=value` / `key.subkey=value`, values parsed as YAML scalars."""
+        values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {str(p)!r} does not exist")
+            loaded = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {str(p)!r} must hold a mapping of field: value")
+            values.update(loaded)
+        for item in overrides:
+            apply_override(values, item)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def demo_config(**changes) -> ChronicalsConfig:
+    """The quick start: a tiny Llama-shaped model trained from scratch on the embedded text, ~1 minute on 2 CPU
+    cores. The model's vocabulary is sized to the tokenizer when the model is built."""
+    values = dict(
+        model="tiny-llama", tokenizer="default", dataset="default", max_seq_length=128, overflow="split",
+        learning_rate=3e-3,
+        batch_size=8, max_steps=80, warmup_steps=8, lr_schedule="cosine", min_lr_ratio=0.1, output_dir="outputs/demo",
+        logging_steps=10, mixed_precision="auto", use_sequence_packing=True,
+    )
+    values.update(changes)
+    return ChronicalsConfig(**values)
+
+
+def apply_override(values: dict[str, Any], item: str) -> None:
+    """Apply one `key=value` (or `key.subkey=value`) override to a plain dict of config values."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. learning_rate=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key before '='")
+    # Parsed as YAML, so numbers, booleans, null and [lists] read as they would in the file.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.split(".")
+    target = values
+    for part in parts[:-1]:
+        nested = target.setdefault(part, {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a mapping, so it has no sub-keys")
+        target = nested
+    target[parts[-1]] = value
+
+
+# ---- validation --------------------------------------------------------------------------------------------------
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value, tp):
+    """Return `value` as type `tp` when it is one (ints are floats; YAML's float strings are floats), else raise."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config field {name!r} is {value!r}; valid values: {_describe(tp)}")
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        if isinstance(value, str) and item_tp is str:  # "q_proj,v_proj" from a command line
+            return [v.strip() for v in value.split(",") if v.strip()]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string (it wants 1.0e-4)
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"config field {name!r} must be {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_types(cfg: ChronicalsConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), hints[f.name]))
+
+
+def _check_values(cfg: ChronicalsConfig) -> None:
+    def need(ok: bool, name: str, rule: str):
+        if not ok:
+            raise ConfigError(f"config field {name!r} is {getattr(cfg, name)!r}; it must be {rule}")
+
+    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_seq_length", "logging_steps", "lora_rank"):
+        need(getattr(cfg, name) >= 1, name, "an integer >= 1")
+    for name in ("warmup_steps", "save_steps"):
+        need(getattr(cfg, name) >= 0, name, "an integer >= 0")
+    need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "-1 (use epochs) or an integer >= 1")
+    need(cfg.learning_rate > 0, "learning_rate", "> 0")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio", "between 0 and 1")
+    need(cfg.weight_decay >= 0, "weight_decay", ">= 0")
+    need(0.0 <= cfg.adam_beta1 < 1.0, "adam_beta1", "in [0, 1)")
+    need(0.0 <= cfg.adam_beta2 < 1.0, "adam_beta2", "in [0, 1)")
+    need(cfg.adam_epsilon > 0, "adam_epsilon", "> 0")
+    need(cfg.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 disables clipping)")
+    need(cfg.lora_alpha > 0, "lora_alpha", "> 0")
+    need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
+    need(cfg.lora_plus_ratio > 0, "lora_plus_ratio", "> 0")
+    need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "null or an integer >= 1")
+    need(bool(cfg.model.strip()), "model", "a preset name (e.g. 'tiny-llama'), a local path or a hub name")
+    need(bool(cfg.dataset.strip()), "dataset", "a file, a directory, a hub dataset name, or 'default'")
+    need(bool(cfg.output_dir.strip()), "output_dir", "a directory path")
+    if cfg.use_lora:
+        need(len(cfg.lora_target_modules) > 0, "lora_target_modules", "a non-empty list of module names")
+    if cfg.use_lora_plus and not cfg.use_lora:
+        raise ConfigError("config field 'use_lora_plus' is true but 'use_lora' is false; LoRA+ needs use_lora: true")
+    if cfg.activation_offload and not cfg.use_gradient_checkpointing:
+        raise ConfigError(
+            "config field 'activation_offload' is true but 'use_gradient_checkpointing' is false; offloading moves "
+            "the checkpointed activations, so set use_gradient_checkpointing: true as well"
+        )

@@ -1,0 +1,49 @@
+"""From prepared rows to optimizer steps: each epoch shuffle the rows with a generator seeded by (seed, epoch), cut
+them into micro-batches, give each rank its share and group `gradient_accumulation_steps` micro-batches into a step.
+
+Everything is a pure function of (rows, settings, epoch), so a resumed run re-creates the same order and
+skips to the saved position, and every rank agrees on the order without communicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import distributed
+from .distributed import DistEnv
+
+
+class StepPlan:
+    """`units` are packed rows or fitted sequences (prepare_training_data's rows); `collate` batches a list of
+    them. One micro-batch is `batch_size` units."""
+
+    def __init__(self, units: Sequence[Any], collate, *, batch_size: int, gradient_accumulation_steps: int,
+                 seed: int, env: DistEnv | None = None):
+        self.units = units
+        self.collate = collate
+        self.batch_size = batch_size
+        self.accumulation = gradient_accumulation_steps
+        self.seed = seed
+        self.env = env = env or DistEnv()
+        micro_batches = -(-len(units) // batch_size)
+        self.steps_per_epoch = micro_batches // env.world_size // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset gives {len(units)} rows, i.e. {micro_batches} micro-batch(es) of "
+                f"batch_size={batch_size}, too few for one optimizer step of "
+                f"gradient_accumulation_steps={self.accumulation} on {env.world_size} process(es); "
+                "lower batch_size or gradient_accumulation_steps, or add data"
+            )
+
+    def epoch_steps(self, epoch: int, start: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """This rank's optimizer steps of `epoch` from step `start` on; each is a list of collated micro-batches."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.units), generator=g).tolist()
+        groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        mine = distributed.shard(groups, self.env)
+        for step in range(start, self.steps_per_epoch):
+            chunk = mine[step * self.accumulation:(step + 1) * self.accumulation]
+            yield [self.collate([self.units[i] for i in group]) for group in chunk]

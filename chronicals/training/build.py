@@ -1,0 +1,166 @@
+"""What a config turns into before the loop runs: the tokenizer, the model (with every optimization the config
+switches on, applied in the one order that works), the optimizer and the autocast dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chronicals.config import ChronicalsConfig
+
+
+class SetupError(ValueError):
+    """The model, tokenizer or environment cannot run this config; the message says which field to change."""
+
+
+def autocast_dtype(cfg: ChronicalsConfig, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast over fp32 master weights, or None for plain fp32. "auto" is bf16 on a GPU that has it."""
+    mode = cfg.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mode == "fp16" and device.type != "cuda":
+        raise SetupError("config field 'mixed_precision' is 'fp16', which needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mode]
+
+
+def load_tokenizer(cfg: ChronicalsConfig):
+    from chronicals.data import default_tokenizer
+    from chronicals.models import PRESETS
+
+    name = cfg.tokenizer
+    if name is None:
+        name = "default" if cfg.model.lower() in PRESETS else cfg.model
+    if name == "default":
+        tok = default_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise SetupError(
+                f"config field 'tokenizer' ({name!r}) could not be loaded: {e}. Pass a local tokenizer directory, "
+                "a hub name (needs network access), or 'default' for the embedded one"
+            ) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions carry no loss, so any id works; eos is always present
+    if tok.pad_token_id is None:
+        raise SetupError(f"tokenizer {name!r} has neither a pad nor an eos token; add one before training")
+    return tok
+
+
+def load_model(cfg: ChronicalsConfig, tokenizer) -> nn.Module:
+    """A preset shape (random init, seeded, vocabulary at least the tokenizer's) or a checkpoint, in fp32."""
+    from chronicals.models import PRESETS, build_model
+
+    attn = "sdpa" if cfg.use_flash_attention else "eager"
+    name = cfg.model
+    if name.lower() in PRESETS:
+        overrides = dict(cfg.model_kwargs)
+        overrides.setdefault("vocab_size", max(PRESETS[name.lower()]["vocab_size"], len(tokenizer)))
+        try:
+            return build_model(name, seed=cfg.seed, attn_implementation=attn, dtype=torch.float32, **overrides)
+        except (TypeError, ValueError) as e:
+            raise SetupError(f"config field 'model_kwargs' ({cfg.model_kwargs!r}) does not fit preset {name!r}: {e}") \
+                from e
+    if cfg.model_kwargs:
+        raise SetupError("config field 'model_kwargs' only applies to preset models; remove it for a checkpoint")
+    try:
+        model = build_model(name, attn_implementation=attn, dtype=torch.float32)
+    except ValueError as e:  # transformers: an unrecognised model_type / architecture
+        raise SetupError(f"config field 'model' ({name!r}): {e}") from e
+    except OSError as e:
+        where = "the local directory" if Path(name).exists() else "a preset or a hub model"
+        raise SetupError(
+            f"config field 'model' ({name!r}) could not be loaded as {where}: {e}. Presets: {', '.join(PRESETS)}"
+        ) from e
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise SetupError(
+            f"the tokenizer has {len(tokenizer)} tokens but model {name!r} embeds only "
+            f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer (tokenizer: null)"
+        )
+    return model
+
+
+def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> nn.Module:
+    """Apply the optimizations the config switches on; returns the model to train (a PeftModel with LoRA)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise SetupError(f"the model ({type(model).__name__}) has no Hugging Face config; pass a transformers model")
+    if cfg.use_fused_kernels or cfg.use_sequence_packing:
+        import chronicals
+
+        if not hasattr(chronicals, "apply"):
+            raise SetupError("chronicals.apply (model patching) is not available in this install; set "
+                             "use_fused_kernels: false and use_sequence_packing: false")
+        fused = cfg.use_fused_kernels
+        try:
+            chronicals.apply(model, rms_norm=fused, swiglu=fused, rope=fused, linear_cross_entropy=fused,
+                             packed_attention=cfg.use_sequence_packing)
+        except ValueError as e:
+            raise SetupError(f"{e}; or set use_fused_kernels: false and use_sequence_packing: false to train it "
+                             "unpatched") from e
+    if cfg.use_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.to(device)
+    if cfg.use_fp8:
+        _convert_fp8(model, device)
+    if cfg.use_lora:
+        from chronicals.lora import LoRAConfig, apply_lora
+
+        lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_target_modules))
+        try:
+            model = apply_lora(model, lora)
+        except ValueError as e:
+            raise SetupError(f"LoRA settings (lora_rank / lora_target_modules) do not fit this model: {e}") from e
+        if autocast_dtype(cfg, device) is not None:
+            # Frozen base weights never see an optimizer, so they can live in the compute dtype; adapters stay fp32.
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(autocast_dtype(cfg, device))
+    return model
+
+
+def _convert_fp8(model: nn.Module, device: torch.device) -> None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise SetupError("config field 'use_fp8' needs a GPU with FP8 tensor cores (Hopper, Ada or newer); "
+                         "set use_fp8: false here")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise SetupError("config field 'use_fp8' needs torchao: pip install 'chronicals[fp8]'") from e
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        # The head stays in bf16 (its loss is sensitive), and FP8 GEMMs need dimensions divisible by 16.
+        return (isinstance(module, nn.Linear) and "lm_head" not in fqn
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
+
+
+def build_optimizer(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA); weight decay only on matrices. 8-bit Adam or LoRA+ groups when the config asks."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise SetupError("the model has no trainable parameters; check use_lora / lora_target_modules")
+    if cfg.use_lora_plus:
+        from chronicals.optimizers import create_lora_plus_optimizer
+
+        return create_lora_plus_optimizer(model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio,
+                                          weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          eps=cfg.adam_epsilon, eight_bit=cfg.use_8bit_optimizer)
+    groups = [
+        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if cfg.use_8bit_optimizer:
+        from chronicals.optimizers import Adam8bit
+
+        return Adam8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if device.type == "cuda" else {"foreach": True}))

@@ -1,0 +1,63 @@
+"""The training data as the trainer takes it: whatever `chronicals.data.prepare_dataset` reads (a path, a hub name,
+a datasets.Dataset, a list of row dicts; "default" for the embedded text), with the config's column names, or rows
+that are already tokenized (`input_ids`, optionally `labels`). Every data problem surfaces here as a DataError,
+before the first step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from chronicals.config import ChronicalsConfig
+from chronicals.data import PackedCollator, PaddedCollator, SequencePacker, default_dataset, fit_sequences
+from chronicals.data.loading import load_rows
+from chronicals.data.prepare import PreparedData, prepare_dataset
+
+
+class DataError(ValueError):
+    """The training data cannot be trained on; the message says what is wrong and where."""
+
+
+def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> PreparedData:
+    source = default_dataset() if isinstance(dataset, str) and dataset == "default" else dataset
+    what = repr(dataset) if isinstance(dataset, str) else type(dataset).__name__
+    try:
+        if _is_tokenized(source):
+            return _prepare_tokenized(source, tokenizer, cfg)
+        return prepare_dataset(_renamed(source, cfg), tokenizer, max_seq_length=cfg.max_seq_length,
+                               format=cfg.dataset_format, packing=cfg.use_sequence_packing, overflow=cfg.overflow,
+                               split=cfg.dataset_split)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise DataError(f"training data {what}: {message}") from e
+
+
+def _is_tokenized(source: Any) -> bool:
+    columns = getattr(source, "column_names", None)
+    if isinstance(columns, list):  # a datasets.Dataset
+        return "input_ids" in columns
+    return (isinstance(source, Sequence) and not isinstance(source, (str, bytes)) and len(source) > 0
+            and isinstance(source[0], Mapping) and "input_ids" in source[0])
+
+
+def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
+    """The rows with the config's column names mapped to the data layer's (text, prompt, completion, messages)."""
+    mapping = {cfg.text_column: "text", cfg.prompt_column: "prompt", cfg.completion_column: "completion",
+               cfg.messages_column: "messages"}
+    mapping = {old: new for old, new in mapping.items() if old != new}
+    if not mapping:
+        return source
+    loaded = load_rows(source, cfg.dataset_split)
+    if hasattr(loaded.rows, "rename_columns"):
+        return loaded.rows.rename_columns({o: n for o, n in mapping.items() if o in loaded.columns})
+    return [{mapping.get(k, k): v for k, v in row.items()} for row in loaded.rows]
+
+
+def _prepare_tokenized(rows: Sequence[Any], tokenizer, cfg: ChronicalsConfig) -> PreparedData:
+    pad_id = tokenizer.pad_token_id
+    if cfg.use_sequence_packing:
+        packer = SequencePacker(cfg.max_seq_length, pad_id, cfg.overflow)
+        return PreparedData(packer.pack(rows), PackedCollator(pad_id), "tokenized", packer.summary())
+    fitted, stats = fit_sequences(rows, cfg.max_seq_length, cfg.overflow)
+    units = [{"input_ids": ids, "labels": labels} for ids, labels in fitted]
+    return PreparedData(units, PaddedCollator(pad_id), "tokenized", {**vars(stats), "num_rows": len(units)})

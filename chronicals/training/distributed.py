@@ -1,0 +1,97 @@
+"""Process-group concerns, kept out of the trainer's loop: torchrun detection, process-group setup, the split of
+data across ranks, and the reductions the loop needs (the global valid-token count, metrics for logging).
+
+One process (no torchrun) is the world-size-1 case of the same code: every helper is then a no-op.
+Gradient reduction itself (FSDP2 / DDP wrapping) belongs to the wrapper that issue 10 adds; those wrappers
+AVERAGE gradients over ranks, so `loss_scale` tells the loop to multiply each rank's loss by world_size,
+which turns the average back into the sum the global token normalisation needs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.world_size)
+
+
+def detect() -> DistEnv:
+    """Rank, world size and local rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise RuntimeError(f"torchrun environment variables RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from e
+    if world < 1 or not 0 <= rank < world:
+        raise RuntimeError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def setup(env: DistEnv, device: torch.device) -> None:
+    """Join the process group (NCCL for CUDA, gloo for CPU) when launched by torchrun with more than one process."""
+    if not env.enabled or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=env.rank,
+                            world_size=env.world_size)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(env: DistEnv, requested: str) -> torch.device:
+    """The device this rank trains on: its local GPU under torchrun, else cuda:0 or cpu."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("config field 'device' is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device("cuda", env.local_rank if env.enabled else torch.cuda.current_device())
+
+
+def shard(items: list, env: DistEnv) -> list:
+    """This rank's share of `items` (same order on every rank): item i goes to rank i % world_size. The tail that
+    would leave ranks with unequal counts is dropped, so every rank runs the same number of steps."""
+    usable = len(items) - len(items) % env.world_size
+    return items[env.rank:usable:env.world_size]
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of `t` over ranks (in place; returns it). Identity on one process."""
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()

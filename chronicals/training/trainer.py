@@ -1,0 +1,288 @@
+"""ChronicalsTrainer: `ChronicalsTrainer(model, tokenizer, config).train(train_dataset)`.
+
+The loop is nanoGPT-shaped: a plan of optimizer steps (batches.py), `_train_step` for one step, then logging and
+checkpointing around it. One optimizer step = `gradient_accumulation_steps` micro-batches whose losses are each
+sum(token losses) / N, N = the valid label tokens of the WHOLE step (all micro-batches, all ranks), so the summed
+gradients equal those of one big batch exactly; the model computes that reduction when given
+`num_items_in_batch=N` (HF's loss and chronicals' fused loss both do).
+
+GPU-friendliness: batches are collated on the host (the token counts come from there, with no device sync),
+copied from pinned memory with non_blocking, and the only host syncs per step are one read of (loss, grad norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chronicals.config import ChronicalsConfig
+
+from . import checkpoint, distributed
+from .batches import StepPlan
+from .build import autocast_dtype, build_optimizer, prepare_model
+from .dataset import DataError, prepare_training_data
+from .flops import attention_flops, matmul_params, peak_flops
+from .logger import MetricsLogger
+from .offload import OffloadActivations
+from .schedule import build_scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a NaN or inf loss or gradient and the config says stop (on_nonfinite: stop)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: str | None = None
+    final_model: str | None = None
+
+
+class ChronicalsTrainer:
+    def __init__(self, model: nn.Module, tokenizer, config: ChronicalsConfig):
+        if not isinstance(config, ChronicalsConfig):
+            raise TypeError(f"config must be a chronicals.config.ChronicalsConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.env = distributed.detect()
+        self.device = distributed.device_for(self.env, config.device)
+        distributed.setup(self.env, self.device)
+        self.amp_dtype = autocast_dtype(config, self.device)
+        _seed_everything(config.seed)
+        self.model = prepare_model(model, config, self.device)
+        self.forward_model = torch.compile(self.model) if config.use_torch_compile else self.model
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.scheduler = None
+        self.last_checkpoint: Path | None = None
+        self._stop_requested = False
+        self._flops_per_token = (4 if config.use_lora else 6) * matmul_params(self.model)
+        mc = self.model.config
+        self._layers = mc.num_hidden_layers
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self._attn_dim = mc.num_attention_heads * head_dim
+        self._peak = peak_flops(self.device)
+
+    # ---- the run ---------------------------------------------------------------------------------------------------
+    def train(self, train_dataset) -> TrainResult:
+        cfg = self.config
+        data = prepare_training_data(train_dataset, self.tokenizer, cfg)
+        try:
+            plan = StepPlan(data.rows, data.collator, batch_size=cfg.batch_size, seed=cfg.seed, env=self.env,
+                            gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        except ValueError as e:
+            raise DataError(f"training data: {e}") from e
+        total = cfg.max_steps if cfg.max_steps > 0 else plan.steps_per_epoch * cfg.epochs
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=total,
+                                         schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
+        state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+        if cfg.resume_from_checkpoint:
+            path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
+            saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                               scheduler=self.scheduler, scaler=self.scaler)
+            state = {k: saved[k] for k in state}
+            self.last_checkpoint = path
+        out = Path(cfg.output_dir)
+        if self.env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        logger = MetricsLogger(out, total_steps=total, initial_step=state["step"], logging_steps=cfg.logging_steps,
+                               progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard, enabled=self.env.is_main)
+        logger.message(f"training {total} steps on {self.device} ({len(data.rows)} "
+                       f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
+                       f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
+        result = TrainResult(steps=state["step"])
+        self.model.train()
+        try:
+            with self._ctrl_c_saves(logger):
+                while state["step"] < total and not self._stop_requested:
+                    for micro_batches in plan.epoch_steps(state["epoch"], start=state["step_in_epoch"]):
+                        metrics = self._train_step(micro_batches, state["step"] + 1)
+                        state["step"] += 1
+                        state["step_in_epoch"] += 1
+                        metrics["epoch"] = state["epoch"]
+                        logger.log(metrics)
+                        result.losses.append(metrics["loss"])
+                        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
+                            self._save(state)
+                        if state["step"] >= total or self._stop_requested:
+                            break
+                    else:
+                        state["epoch"] += 1
+                        state["step_in_epoch"] = 0
+            result.steps = state["step"]
+            result.checkpoint = str(self._save(state))
+            if self._stop_requested:
+                result.interrupted = True
+                logger.message(f"stopped by Ctrl-C after step {state['step']}; checkpoint saved to "
+                               f"{result.checkpoint} (resume with resume_from_checkpoint={result.checkpoint})")
+            elif cfg.save_final_model:
+                result.final_model = str(self._export_final(out / "final"))
+                logger.message(f"done: {state['step']} steps, final loss {result.losses[-1]:.4f}; model in "
+                               f"{result.final_model}" if result.losses else f"done; model in {result.final_model}")
+        finally:
+            logger.close()
+        return result
+
+    # ---- one optimizer step ----------------------------------------------------------------------------------------
+    def _train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, Any]:
+        cfg = self.config
+        start = time.perf_counter()
+        local_tokens = sum(int(mb.pop("num_label_tokens")) for mb in micro_batches)
+        label_tokens = local_tokens
+        if self.env.enabled:  # one unavoidable sync: every rank must divide by the same global count
+            label_tokens = int(distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=self.device),
+                                                          self.env).item())
+        if label_tokens == 0:
+            raise DataError(f"step {step} has no label tokens on any rank; nothing to train on (check the masking)")
+        seq_lens = [n for mb in micro_batches for n in _sequence_lengths(mb)]
+        loss_sum = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            batch = {k: self._to_device(v) for k, v in mb.items()}
+            with self._autocast(), self._offload():
+                loss = self.forward_model(**batch, num_items_in_batch=label_tokens).loss
+            scaled = loss * self.env.loss_scale
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
+        distributed.all_reduce_sum(loss_sum, self.env)
+        loss_value, norm_value = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)]).tolist()
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = False
+        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.scaler is None):
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.on_nonfinite == "stop":
+                kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
+                        "no checkpoint was saved before it (set save_steps to keep one)")
+                raise NonFiniteError(
+                    f"step {step}: loss {loss_value}, gradient norm {norm_value} (not finite); stopping, and {kept}. "
+                    "Lower learning_rate, check the data, or set on_nonfinite: skip to skip such steps"
+                )
+            skipped = True
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update by itself when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        input_tokens = sum(seq_lens)
+        cuda = self.device.type == "cuda"
+        flops = self._flops_per_token * input_tokens + attention_flops(seq_lens, layers=self._layers,
+                                                                       attn_dim=self._attn_dim)
+        return {
+            "step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "label_tokens": label_tokens,
+            "tokens_per_s": label_tokens / elapsed, "step_time_s": elapsed, "skipped": skipped,
+            "mfu": flops / (elapsed * self._peak) if self._peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
+        }
+
+    # ---- helpers ---------------------------------------------------------------------------------------------------
+    def _to_device(self, v):
+        if not torch.is_tensor(v):
+            return v
+        if self.device.type == "cuda":
+            return v.pin_memory().to(self.device, non_blocking=True)
+        return v.to(self.device)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _offload(self):
+        if not self.config.activation_offload:
+            return contextlib.nullcontext()
+        return OffloadActivations(self.model, device=self.device)
+
+    def _save(self, state: dict[str, Any]) -> Path:
+        path = Path(self.config.output_dir) / f"checkpoint-{state['step']}"
+        if self.env.is_main:
+            path = checkpoint.save_checkpoint(
+                self.config.output_dir, state["step"], model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, scaler=self.scaler, export_model=self._export_files,
+                trainer_state={**state, "config": self.config.to_dict()}, keep=self.config.save_total_limit,
+            )
+        distributed.barrier(self.env)
+        self.last_checkpoint = path
+        return path
+
+    def _export_files(self, directory: Path) -> None:
+        """The user-facing files beside the weights: a PEFT adapter, or the model's config (the checkpoint's
+        model.safetensors then loads with from_pretrained)."""
+        if self.config.use_lora:
+            from chronicals.lora import save_lora
+
+            save_lora(self.model, directory)
+        else:
+            self.model.config.save_pretrained(directory)
+
+    def _export_final(self, directory: Path) -> Path:
+        if self.env.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.config.use_lora:
+                from chronicals.lora import save_lora
+
+                save_lora(self.model, directory)
+            else:
+                self.model.save_pretrained(directory, safe_serialization=True)
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(directory)
+        distributed.barrier(self.env)
+        return directory
+
+    @contextlib.contextmanager
+    def _ctrl_c_saves(self, logger: MetricsLogger):
+        """The first Ctrl-C lets the current step finish, then the loop saves a checkpoint and stops; a second one
+        aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            logger.message("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _sequence_lengths(batch: dict[str, Any]) -> list[int]:
+    """Real (non-padding) sequence lengths of a collated batch, for the attention FLOPs."""
+    if "cu_seq_lens_q" in batch:
+        return torch.diff(batch["cu_seq_lens_q"]).tolist()
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(dim=1).tolist()
+    return [batch["input_ids"].shape[-1]] * batch["input_ids"].shape[0]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
