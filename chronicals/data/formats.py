@@ -3,6 +3,7 @@
 - `text`: every token is a target; the tokenizer's own special tokens are added and eos is appended.
 - `prompt`/`completion`: loss on the completion (and the eos appended after it) only.
 - `messages`: rendered by the chat template; loss on assistant turns only (see chat.py).
+- `tokenized`: rows already hold `input_ids` (and optionally `labels`); they pass through untouched.
 
 Every format is rendered to one string plus the character spans that carry loss, tokenized in batches with offset
 mappings (a fast tokenizer's Rust side does the work in parallel), and a token is a target when it starts inside a
@@ -16,20 +17,21 @@ from typing import Any
 
 from .chat import check_messages, render_chat
 
-FORMATS = ("text", "prompt_completion", "messages")
-COLUMNS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+FORMATS = ("tokenized", "messages", "prompt_completion", "text")  # the order "auto" tries them in
+COLUMNS = {"tokenized": ("input_ids",), "messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+           "text": ("text",)}
 BATCH_SIZE = 1000
 
 
 def detect_format(columns: Sequence[str], format: str = "auto") -> str:
-    """The row format: given, or found from the columns (`messages`, then `prompt`+`completion`, then `text`)."""
+    """The row format: given, or found from the columns (`input_ids`, `messages`, `prompt`+`completion`, `text`)."""
     if format == "auto":
-        for name in ("messages", "prompt_completion", "text"):
+        for name in FORMATS:
             if all(c in columns for c in COLUMNS[name]):
                 return name
         raise KeyError(
             f"cannot tell the row format from the columns {sorted(columns)}: expected 'text', 'prompt' and "
-            "'completion', or 'messages' (rename the columns, or pass format= explicitly)"
+            "'completion', 'messages', or 'input_ids' (rename the columns, or pass format= explicitly)"
         )
     if format not in FORMATS:
         raise ValueError(f"format must be 'auto' or one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -41,7 +43,10 @@ def detect_format(columns: Sequence[str], format: str = "auto") -> str:
 
 def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str,
                   ignore_index: int = -100) -> list[dict[str, list[int]]]:
-    """Tokenize every row of `format`; wrong types or empty fields raise, naming the row."""
+    """Tokenize every row of `format`; wrong types or empty fields raise, naming the row. Tokenized rows are
+    returned as they are (the packer and collators validate their ids)."""
+    if format == "tokenized":
+        return rows
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"{type(tokenizer).__name__} is not a fast tokenizer; loss masking needs offset mappings, which only "

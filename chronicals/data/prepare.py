@@ -44,7 +44,8 @@ def prepare_dataset(
     pad_to_multiple_of: int | None = None,
     ignore_index: int = -100,
 ) -> PreparedData:
-    """Load `source` (see `load_rows`), tokenize it in `format` ("auto", "text", "prompt_completion", "messages"),
+    """Load `source` (see `load_rows`), tokenize it in `format` ("auto", "text", "prompt_completion", "messages", or
+    "tokenized" for rows that already hold `input_ids` and optionally `labels`),
     reusing the tokenization cache under `cache_dir` (default ~/.cache/chronicals), then fit it to `max_seq_length`
     and, with `packing` (the default), pack it with `SequencePacker`. The collator matches: `PackedCollator` for
     packed rows, `PaddedCollator` padding to the longest example otherwise."""
@@ -74,7 +75,7 @@ def prepare_dataset(
 
 
 def _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index):
-    if not use_cache:
+    if not use_cache or fmt == "tokenized":
         return tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index), None, False
     key = token_cache.cache_key(loaded.fingerprint, tokenizer, fmt, ignore_index)
     path = token_cache.cache_path(cache_dir or token_cache.default_cache_dir(), key)

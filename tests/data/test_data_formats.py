@@ -72,6 +72,7 @@ def test_detect_format():
     assert detect_format(["messages", "id"]) == "messages"
     assert detect_format(["prompt", "completion", "text"]) == "prompt_completion"
     assert detect_format(["text"]) == "text"
+    assert detect_format(["input_ids", "labels", "text"]) == "tokenized"
     with pytest.raises(KeyError, match="cannot tell the row format from the columns \\['body'\\]"):
         detect_format(["body"])
     with pytest.raises(KeyError, match="needs column\\(s\\) \\['completion'\\]"):

@@ -48,6 +48,14 @@ def test_every_source_kind_gives_the_same_rows(tok, tmp_path):
     assert unpacked.collator(unpacked.rows)["num_label_tokens"] == batch["num_label_tokens"]
 
 
+def test_pretokenized_rows_pass_through(tok):
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9]}]
+    for source in (rows, datasets.Dataset.from_list([rows[0], {**rows[1], "labels": None}])):
+        prepared = prepare_dataset(source, tok, max_seq_length=8)
+        assert prepared.format == "tokenized" and prepared.cache_file is None
+        assert prepared.rows == [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lens": [3, 2]}]
+
+
 def test_cache_is_reused_and_keyed_by_content_and_tokenizer(tok, tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     first = prepare_dataset(data, tok, max_seq_length=64, cache_dir=tmp_path / "cache")
