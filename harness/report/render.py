@@ -1,0 +1,112 @@
+"""`python -m harness report`: results files -> reports/figures, reports/tables and reports/REPORT.md.
+
+Nothing is re-run: every number comes from the rows. Speed, memory and MFU figures use ok rows only; every other row
+is listed in REPORT.md with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import document, figures, style, tables
+from .rows import ResultsError, latest, load, scenarios
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADINGS = {
+    "throughput": "throughput (higher is better)",
+    "memory": "peak memory (lower is better)",
+    "mfu": "model FLOPs utilisation (higher is better)",
+}
+CAPTIONS = {
+    "throughput": "Median real tokens/s per backend (whiskers: p20-p80; x: speedup over PyTorch/HF eager).",
+    "memory": "Peak memory per backend: PyTorch allocator and whole process (NVML).",
+    "mfu": "Model FLOPs utilisation against the datasheet peak and against the measured matmul ceiling.",
+}
+
+
+def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenarios") -> list[Path]:
+    """Write every figure (PNG + SVG), its table and REPORT.md under `out`; return the files written."""
+    rows = latest(load(results))
+    if not rows:
+        raise ResultsError(f"{', '.join(map(str, results))}: no result rows; run `python -m harness bench` first")
+    fig_dir, table_dir = out / "figures", out / "tables"
+    written: list[Path] = []
+    sections: list[document.Section] = []
+
+    def emit(section: document.Section, name: str, fig, table: str | None, caption: str) -> None:
+        if fig is not None:
+            written.extend(style.save(fig, fig_dir, name))
+            section.figures.append((f"figures/{name}.png", caption))
+        if table is not None:
+            written.append(_write(table_dir / f"{name}.md", f"{caption}\n\n{table}"))
+            section.tables.append((f"Table `tables/{name}.md`.", table))
+
+    for sc in scenarios(rows):
+        section = document.Section(sc)
+        for kind, metrics in figures.SPEED_MEMORY_PANELS.items():
+            emit(section, f"{kind}_{sc}", figures.bars(rows, sc, metrics, HEADINGS[kind]),
+                 tables.metrics_table(rows, sc, metrics), f"{sc}: {CAPTIONS[kind]}")
+        if sc == "ablation":
+            emit(section, "ablation_waterfall", figures.ablation_waterfall(rows), tables.ablation_table(rows),
+                 "Ablation: Chronicals' tokens/s as each optimization is switched on; each step's measured gain.")
+        if sc == "packing":
+            emit(section, "packing", figures.bars(rows, sc, ("packing_efficiency", "tokens_per_s"),
+                                                   "padded against packed batches"),
+                 tables.metrics_table(rows, sc, ("packing_efficiency", "tokens_per_s")),
+                 "Packing: share of processed tokens that are real, and real tokens/s, padded against packed.")
+        emit(section, f"loss_{sc}", figures.loss_curves(rows, sc), tables.loss_table(rows, sc),
+             f"{sc}: every backend's loss per step over the reference's (below: difference).")
+        if section.figures or section.tables:
+            sections.append(section)
+
+    headline = tables.headline_table(rows)
+    if headline is not None:
+        written.append(_write(table_dir / "headline.md", headline))
+    failures = tables.failures_table(rows)
+    if failures is not None:
+        written.append(_write(table_dir / "failures.md", failures))
+    report = out / "REPORT.md"
+    document.write(report, rows, _sources(results), sections, headline, failures, scenario_dir)
+    return [*written, report]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness report", description=__doc__.splitlines()[0])
+    p.add_argument("--results", nargs="+", type=Path, default=[ROOT / "reports" / "results"],
+                   help="results JSONL files or folders of them (default: reports/results)")
+    p.add_argument("--out", type=Path, default=ROOT / "reports",
+                   help="where figures/, tables/ and REPORT.md go (default: reports)")
+    p.add_argument("--scenarios", type=Path, default=ROOT / "scenarios",
+                   help="scenario TOML folder whose settings the report quotes (default: scenarios)")
+    args = p.parse_args(argv)
+    try:
+        written = render(args.results, args.out, args.scenarios)
+    except ResultsError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: wrote {len(written)} files; open {args.out / 'REPORT.md'}")
+    return 0
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _sources(results: list[Path]) -> list[Path]:
+    files = []
+    for path in map(Path, results):
+        files.extend(sorted(path.glob("*.jsonl")) if path.is_dir() else [path])
+    return [_relative(f) for f in files]
+
+
+def _relative(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(ROOT)
+    except ValueError:
+        return path
+
+

@@ -1,0 +1,146 @@
+"""Markdown tables holding the numbers behind every figure, plus the failures list and the headline comparison."""
+
+from __future__ import annotations
+
+from . import style, units
+from .figures import ablation_steps, loss_series, reference_curve, reference_run
+from .rows import Row, measured, variants
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(row: Row | None) -> str:
+    """A measured value in the shown unit, with its p20-p80 range when the row has one."""
+    if row is None:
+        return "-"
+    y = units.shown(row)
+    text = _num(y)
+    whisker = units.spread(row)
+    if whisker and whisker[0] != whisker[1]:
+        text += f" ({_num(whisker[0])}-{_num(whisker[1])})"
+    return text
+
+
+def metrics_table(rows: list[Row], scenario: str, metrics: tuple[str, ...]) -> str | None:
+    """One line per (variant, backend): each metric as median (p20-p80); tokens/s also as a speedup over the
+    reference. Runs that produced no number show their status."""
+    present = [m for m in metrics if measured(rows, m, scenario)]
+    if not present:
+        return None
+    got = {m: measured(rows, m, scenario) for m in present}
+    in_scenario = [r for r in rows if r.scenario == scenario]
+    header = ["variant", "backend"] + [f"{units.title(m)} [{units.unit(m)}]" for m in present]
+    if "tokens_per_s" in present:
+        header.append(f"speedup vs {style.REFERENCE_BACKEND}")
+    body = []
+    for v in variants(in_scenario):
+        for b in style.backend_order(r.backend for r in in_scenario if r.variant == v):
+            line = [v, b]
+            if not any((scenario, v, b) in got[m] for m in present):
+                status = next((r.status for r in in_scenario if r.variant == v and r.backend == b and not r.ok), None)
+                if status is None:
+                    continue  # this run only produced other metrics (e.g. loss), shown in their own table
+                line += [status] * len(present)
+            else:
+                line += [fmt(got[m].get((scenario, v, b))) for m in present]
+            if "tokens_per_s" in present:
+                line.append(_speedup(got["tokens_per_s"], scenario, v, b))
+            body.append(line)
+    return markdown(header, body)
+
+
+def ablation_table(rows: list[Row], scenario: str = "ablation", backend: str = "chronicals") -> str | None:
+    steps = ablation_steps(rows, scenario, backend)
+    if not steps:
+        return None
+    first = steps[0][1].value
+    body = [
+        [
+            v,
+            ", ".join(sorted(added)) or "-",
+            fmt(row),
+            f"{delta:+,.0f}" if i else "-",
+            f"{delta / steps[i - 1][1].value:+.1%}" if i else "-",
+            f"x{row.value / first:.3f}",
+        ]
+        for i, (v, row, delta, added) in enumerate(steps)
+    ]
+    header = ["variant", "flags added", "tokens/s (p20-p80)", "gain [tokens/s]", "gain", "cumulative"]
+    return markdown(header, body)
+
+
+def loss_table(rows: list[Row], scenario: str) -> str | None:
+    """Per curve: steps, first and last loss, and the largest distance from the reference curve."""
+    curves = loss_series(rows, scenario)
+    if not curves:
+        return None
+    body = []
+    for v in [v for v in variants([r for r in rows if r.scenario == scenario]) if v in curves]:
+        ref_name, ref_points = reference_curve(curves, v)
+        ref = dict(ref_points)
+        for b in style.backend_order(curves[v]):
+            points, failed = curves[v][b]
+            diffs = [(abs(x - ref[s]), s) for s, x in points if s in ref]
+            is_ref = b == ref_name and points == ref_points
+            worst = max(diffs) if diffs and not is_ref else None
+            body.append([
+                v, b, str(len(points)), f"{points[0][1]:.5f}", f"{points[-1][1]:.5f}",
+                "reference" if is_ref else (f"{worst[0]:.2e} (step {worst[1]})" if worst else "-"),
+                "failed verification" if failed else "ok",
+            ])
+    header = ["variant", "backend", "steps", "first loss", "last loss", "max abs diff vs reference", "status"]
+    return markdown(header, body)
+
+
+def failures_table(rows: list[Row]) -> str | None:
+    """Every run that did not finish ok, once, with the reason the runner gave."""
+    seen: dict[tuple, Row] = {}
+    for r in rows:
+        if not r.ok:
+            seen.setdefault((*r.run, r.status, r.reason), r)
+    if not seen:
+        return None
+    body = [[r.scenario, r.variant, r.backend, r.status, r.reason or "(no reason recorded)"] for r in seen.values()]
+    return markdown(["scenario", "variant", "backend", "status", "reason"], body)
+
+
+def headline_table(rows: list[Row], skip=("ablation", "packing")) -> str | None:
+    """The README's results table: tokens/s and peak memory of every backend, per scenario and variant, and
+    Chronicals' speedup over the reference and over the fastest other backend."""
+    tps = measured(rows, "tokens_per_s")
+    mem = measured(rows, "peak_mem_alloc_gib")
+    runs = [k for k in tps if k[0] not in skip]
+    if not runs:
+        return None
+    bs = style.backend_order(k[2] for k in runs)
+    body = []
+    for sc, v in dict.fromkeys((k[0], k[1]) for k in runs):
+        line = [sc, v]
+        for b in bs:
+            t, m = tps.get((sc, v, b)), mem.get((sc, v, b))
+            line.append(f"{_num(t.value)} / {_num(m.value)}" if t and m else (_num(t.value) if t else "-"))
+        mine = tps.get((sc, v, "chronicals"))
+        others = [r.value for (s2, v2, b), r in tps.items() if (s2, v2) == (sc, v) and b != "chronicals"]
+        line.append(_speedup(tps, sc, v, "chronicals"))
+        line.append(f"x{mine.value / max(others):.2f}" if mine and others else "-")
+        body.append(line)
+    header = ["scenario", "variant"] + [f"{style.label(b)} [tok/s / GiB]" for b in bs]
+    header += ["Chronicals vs PyTorch", "Chronicals vs best other"]
+    return markdown(header, body)
+
+
+def _speedup(tps: dict, scenario: str, variant: str, backend: str) -> str:
+    ref, mine = reference_run(tps, scenario, variant), tps.get((scenario, variant, backend))
+    return f"x{mine.value / ref.value:.2f}" if ref and mine else "-"
+
+
+def _num(x: float) -> str:
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"

@@ -1,0 +1,111 @@
+"""Report rendering from the small results fixture: every figure, its table and REPORT.md (issue 9)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from harness.__main__ import main as harness_main  # noqa: E402
+from harness.report import figures, style, tables, units  # noqa: E402
+from harness.report.render import render  # noqa: E402
+from harness.report.rows import latest, load  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "fixtures" / "results"
+SCENARIOS = ("h200-full", "h200-lora", "ablation", "packing")
+FIGURES = (
+    [f"{kind}_{sc}" for kind in ("throughput", "memory", "mfu") for sc in SCENARIOS]
+    + [f"loss_{sc}" for sc in ("h200-full", "h200-lora", "ablation")]
+    + ["ablation_waterfall", "packing"]
+)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    render([RESULTS], out, scenario_dir=out / "no-scenarios")
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return latest(load(RESULTS))
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_every_figure_is_written_as_png_and_svg_with_its_table(rendered, name):
+    png, svg = rendered / "figures" / f"{name}.png", rendered / "figures" / f"{name}.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "<svg" in svg.read_text()[:2000]
+    table = (rendered / "tables" / f"{name}.md").read_text()
+    assert table.count("\n|") >= 2  # caption, header, separator, at least one line of numbers
+
+
+def test_report_embeds_every_figure_and_states_the_method(rendered):
+    text = (rendered / "REPORT.md").read_text()
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in text
+    for needle in ("## Method", "ignore_index", "6N", "4N", "Warm-up", "median", "NVIDIA H200", "torch 2.11.0",
+                   "570.124.06", "## Headline"):
+        assert needle in text, needle
+
+
+def test_report_lists_every_failed_or_unavailable_run_with_its_reason(rendered, rows):
+    failures = (rendered / "REPORT.md").read_text().split("## Failed and unavailable runs")[1]
+    expected = {(r.scenario, r.backend, r.status, r.reason) for r in rows if not r.ok}
+    assert len(expected) == 4  # oom, unavailable, and a failed verification whose rows give two reasons
+    for scenario, backend, status, reason in expected:
+        assert any(all(x in line for x in (scenario, backend, status, reason)) for line in failures.splitlines())
+
+
+def test_speed_tables_use_ok_rows_only(rows):
+    table = tables.metrics_table(rows, "h200-lora", ("tokens_per_s",))
+    liger = next(line for line in table.splitlines() if "| liger |" in line)
+    assert "failed-verification" in liger and any(c.isdigit() for c in table) and "30,500" in table
+    assert "47,800" in table and "x1.57" in table  # chronicals over the torch reference
+
+
+def test_ablation_steps_follow_flag_count_not_file_order(rows, tmp_path):
+    shuffled = [json.loads(line) for line in (RESULTS / "ablation.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(shuffled)
+    path = tmp_path / "ablation.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in shuffled))
+    steps = figures.ablation_steps(latest(load(path)))
+    assert [v for v, *_ in steps] == ["baseline", "+rms_norm", "+swiglu", "+rope", "+linear_cross_entropy",
+                                      "+packed_attention"]
+    assert [d for _, _, d, _ in steps] == [0.0, 600.0, 800.0, 400.0, 6600.0, 600.0]
+    assert steps[4][3] == {"linear_cross_entropy"}
+    table = tables.ablation_table(latest(load(path)))
+    assert "+6,600" in table and "+24.2%" in table and "x1.353" in table
+
+
+def test_loss_table_measures_distance_from_the_reference(rows):
+    table = tables.loss_table(rows, "h200-lora")
+    liger = next(line for line in table.splitlines() if "| liger |" in line)
+    assert "failed verification" in liger and "3.3" in liger  # 11 steps x 0.003 drift = 3.3e-02
+    assert "reference" in next(line for line in table.splitlines() if "| torch |" in line)
+
+
+def test_ratios_are_shown_in_percent_whatever_unit_the_row_states(rows):
+    mfu = next(r for r in rows if r.metric == "mfu_datasheet" and r.backend == "chronicals")
+    assert units.shown(mfu) == pytest.approx(100 * mfu.value)
+    from dataclasses import replace
+
+    assert units.shown(replace(mfu, value=45.0, unit="%")) == 45.0
+
+
+def test_backend_colours_are_fixed_and_distinct():
+    known = ["torch", "torch_compile", "liger", "unsloth", "chronicals"]
+    assert len({style.colour(b) for b in known}) == 5
+    assert style.backend_order(["chronicals", "newpeer", "torch"]) == ["torch", "chronicals", "newpeer"]
+    assert style.colour("newpeer", ["newpeer"]) not in {style.colour(b) for b in known}
+
+
+def test_cli_renders_and_refuses_a_missing_results_path(tmp_path, capsys):
+    assert harness_main(["report", "--results", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    packing = RESULTS / "packing.jsonl"
+    assert harness_main(["report", "--results", str(packing), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "figures" / "packing.png").is_file() and (tmp_path / "REPORT.md").is_file()
