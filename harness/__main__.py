@@ -1,0 +1,34 @@
+"""`python -m harness SUBCOMMAND ...`: each subcommand is a module with `main(argv) -> int`, imported only when used.
+Adding a subcommand is one line in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "bench": "harness.bench",
+    "report": "harness.report",
+    "gate": "harness.gate",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS:
+        given = f"unknown subcommand {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
+        print(f"usage: python -m harness {{{','.join(SUBCOMMANDS)}}} ...\n{given}choose one of: "
+              f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    except ModuleNotFoundError as e:
+        if e.name != SUBCOMMANDS[argv[0]]:
+            raise
+        print(f"subcommand {argv[0]!r} is not available in this checkout ({e})", file=sys.stderr)
+        return 2
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The reference: Hugging Face eager with SDPA attention, nothing patched."""
+
+from __future__ import annotations
+
+from . import Backend, BuildSpec, Trainable, hf
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        return hf.trainable(hf.load_model(spec), spec)

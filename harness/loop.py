@@ -1,0 +1,88 @@
+"""The one training loop every backend runs: same batches, AdamW (fused on CUDA), same learning rate (no schedule),
+gradient clipping, per-step timing (CUDA events on the GPU, wall clock on CPU). Loss and gradient norm are read
+together once per step, after the step's end is recorded, so the read is not timed."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+from . import data
+from .backends import Trainable
+from .nvml import ProcessMemory
+from .weights import WeightSample
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        """Call after the step's results were read (which synchronises)."""
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end)
+        return (self._t1 - self._t0) * 1e3
+
+
+def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str, device: str, lr: float,
+          weight_decay: float, max_grad_norm: float, on_step=None) -> dict:
+    """Train on `steps` (each a list of token sequences) and return per-step records and memory peaks:
+    {"steps": [{"loss", "grad_norm", "time_ms", "label_tokens", "real_tokens", "processed_tokens"}],
+     "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed"}. `on_step(record)` sees each record."""
+    params = list(trainable.params)
+    if not params:
+        raise ValueError("the backend handed the optimizer no trainable parameters")
+    model = trainable.model
+    forward = trainable.forward or (lambda batch: model(**batch).loss)
+    collate = trainable.collate or partial(data.collate, layout=layout)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
+    sample = WeightSample(model)
+    nvml = ProcessMemory() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer = _Timer(device)
+    records = []
+    for sequences in steps:
+        batch = collate(sequences)
+        record = {"label_tokens": data.label_tokens(batch), "real_tokens": data.real_tokens(sequences),
+                  "processed_tokens": int(batch["input_ids"].numel())}
+        batch = data.to_device(batch, device)
+        timer.start()
+        loss = forward(batch)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.stop()
+        record["loss"], record["grad_norm"] = torch.stack(
+            [loss.detach().float().reshape(()), grad_norm.detach().float().to(loss.device)]).tolist()
+        record["time_ms"] = timer.elapsed_ms()
+        if nvml is not None:
+            nvml.sample()
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    return {
+        "steps": records,
+        "peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_mem_nvml_gib": nvml.peak if nvml is not None else None,
+        "weights_changed": sample.changed_fraction(),
+    }

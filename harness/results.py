@@ -1,0 +1,57 @@
+"""Result rows (docs/CONTRACTS.md, "Harness results"): JSONL, one row per (scenario, backend, variant, metric[, step]),
+appended and flushed to disk the moment a run ends, so a crash later in the matrix loses nothing. A run that
+produced no measurement (unavailable, crashed, timed out) gets one row with metric null carrying its status and
+reason."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .scenario import Run
+
+FIELDS = ("scenario", "backend", "variant", "flags", "status", "reason", "metric", "value", "unit", "p20", "p80",
+          "step", "provenance")
+
+
+def row(scenario: str, run: Run, status: str, reason: str, provenance: dict, metric: str | None = None,
+        value: float | None = None, unit: str = "", p20: float | None = None, p80: float | None = None,
+        step: int | None = None) -> dict:
+    """A contract row; a non-finite value (a diverged loss) is written as null, as JSON has no NaN."""
+    value, p20, p80 = (_finite(x) for x in (value, p20, p80))
+    return {"scenario": scenario, "backend": run.backend, "variant": run.variant, "flags": dict(run.flags),
+            "status": status, "reason": reason, "metric": metric, "value": value, "unit": unit, "p20": p20,
+            "p80": p80, "step": step, "provenance": provenance}
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def append(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> dict[str, dict[int, float]] | None:
+    """The reference run's per-step loss and grad_norm, read back from the results file (rows of this scenario
+    run, `run_id` in their provenance), or None when that run did not pass its own verification."""
+    curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}}
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if (r.get("scenario") == scenario and r.get("backend") == run.backend and r.get("variant") == run.variant
+                    and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"
+                    and r.get("metric") in curves and r.get("step") is not None):
+                curves[r["metric"]][r["step"]] = r["value"]
+    return curves if curves["loss"] else None

@@ -1,0 +1,197 @@
+"""Runs a scenario's matrix: the initial weights and the data are made once, then every run trains in its own
+subprocess (peers patch libraries globally) under the scenario's timeout. Each run's rows are verified and appended
+to the results file as soon as it ends; an unavailable backend, an out-of-memory error, a crash or a timeout is a
+row with its status and reason, and the matrix goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoint, data, metrics, results, verify
+from .backends import REGISTRY
+from .provenance import commit, now, versions
+from .scenario import Run, Scenario
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+UNITS = {"tokens_per_s": "tokens/s", "step_time_ms": "ms", "tflops": "TFLOP/s", "mfu_datasheet": "fraction",
+         "mfu_measured": "fraction", "peak_mem_alloc_gib": "GiB", "peak_mem_nvml_gib": "GiB",
+         "matmul_ceiling_tflops": "TFLOP/s", "packing_efficiency": "fraction", "loss": "nats/token",
+         "grad_norm": ""}
+
+
+@dataclass
+class Launched:
+    """What came back from a subprocess: its JSON result (None if it wrote none), whether it timed out, its log."""
+
+    result: dict | None
+    timed_out: bool
+    returncode: int | None
+    log_tail: str
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str
+    reason: str
+    speed: dict = field(default_factory=dict)  # metric -> metrics.Summary, ok runs only
+    rows: list[dict] = field(default_factory=list)
+
+
+def launch(module: str, args: list[str], timeout_s: float, env: dict, log_path: Path,
+           result_path: Path) -> Launched:
+    """Run `python -m module *args` in its own session; on timeout, kill its whole process group."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    result = None
+    if result_path.is_file():
+        with open(result_path, encoding="utf-8") as f:
+            result = json.load(f)
+    tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+    return Launched(result=result, timed_out=timed_out, returncode=proc.returncode, log_tail=tail)
+
+
+def child_env(scenario: Scenario) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    if scenario.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["TRITON_INTERPRET"] = "1"  # Triton kernels (Chronicals') run under the interpreter on CPU
+    return env
+
+
+def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], None] = print,
+                 launcher: Callable[..., Launched] = launch, logs_dir: Path | None = None) -> list[Outcome]:
+    """Run every cell of the matrix, reference first; returns the outcomes (rows are already on disk)."""
+    run_id = uuid.uuid4().hex[:12]
+    base = {"run_id": run_id, "scenario_file": scenario.path, "commit": commit(), "versions": versions(),
+            "host": platform.node()}
+    env = child_env(scenario)
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        tmp = Path(tmp)
+        logs = Path(logs_dir) if logs_dir else tmp
+        logs.mkdir(parents=True, exist_ok=True)
+        log(f"{scenario.name}: preparing initial weights ({scenario.model.label}, seed {scenario.seed}) and data")
+        ckpt = checkpoint.prepare(scenario, tmp)
+        cfg = checkpoint.config(ckpt)
+        t = scenario.train
+        steps = data.make_steps(scenario.data.kind, t.steps, t.batch_size, t.seq_len, scenario.data.min_len,
+                                cfg["vocab_size"], scenario.seed)
+        import torch
+
+        torch.save(steps, tmp / "data.pt")
+        shape = metrics.Shape.from_config(cfg)
+        flops = [metrics.step_flops(shape, [s.numel() for s in seqs], t.mode, t.lora_rank) for seqs in steps]
+        device = {"gpu": None, "driver": None, "cuda": None}
+        ceiling = None
+        if scenario.device == "cuda":
+            probe = launcher("harness.probe", [str(tmp / "probe.json")], min(scenario.timeout_s, 300), env,
+                             logs / "probe.log", tmp / "probe.json")
+            if probe.result:
+                ceiling = probe.result.pop("matmul_ceiling_tflops")
+                device = probe.result
+                log(f"{device['gpu']}: matmul ceiling {ceiling:.0f} TFLOP/s (bf16, 8192^3)")
+            else:
+                log(f"matmul ceiling probe failed; MFU vs measured ceiling omitted:\n{probe.log_tail}")
+        context = _Context(scenario, Path(out), run_id, base, device, ceiling, steps, flops)
+        for i, run in enumerate(scenario.ordered_runs(), 1):
+            job = {"target": REGISTRY[run.backend], "data": str(tmp / "data.pt"), "sys_path": sys.path,
+                   "build": {"checkpoint": str(ckpt), "model_type": cfg["model_type"], "device": scenario.device,
+                             "dtype": scenario.model.dtype, "mode": t.mode, "lora_rank": t.lora_rank,
+                             "lora_alpha": t.lora_alpha, "seq_len": t.seq_len, "seed": scenario.seed,
+                             "layout": run.layout, "flags": run.flags},
+                   "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}}
+            name = f"{i:02d}-{run.backend}-{run.variant}"
+            job_path, result_path = tmp / f"{name}.job.json", tmp / f"{name}.result.json"
+            job_path.write_text(json.dumps(job), encoding="utf-8")
+            log(f"[{i}/{len(scenario.runs)}] {run.backend} ({run.variant}, {run.layout}) ...")
+            launched = launcher("harness.worker", [str(job_path), str(result_path)], scenario.timeout_s, env,
+                                logs / f"{name}.log", result_path)
+            outcome = context.outcome(run, launched)
+            results.append(out, outcome.rows)
+            log(f"    {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
+            outcomes.append(outcome)
+    return outcomes
+
+
+@dataclass
+class _Context:
+    scenario: Scenario
+    out: Path
+    run_id: str
+    base: dict
+    device: dict
+    ceiling: float | None
+    steps: list
+    flops: list[float]
+
+    def outcome(self, run: Run, launched: Launched) -> Outcome:
+        sc = self.scenario
+        res = launched.result
+        if launched.timed_out:
+            status, reason = "timeout", f"no result within timeout_s = {sc.timeout_s:g} s"
+        elif res is None:
+            status = "crashed"
+            last = launched.log_tail.strip().splitlines()[-1:] or [""]
+            reason = f"the run's process exited with code {launched.returncode} and no result: {last[0]}"
+        else:
+            status, reason = res["status"], res["reason"]
+        records = (res or {}).get("steps", [])
+        if status == "ok":
+            reference = None
+            if run is not sc.reference_run:
+                reference = results.reference_curves(self.out, sc.name, self.run_id, sc.reference_run)
+                if reference is None:
+                    reference = {}
+                    status, reason = "failed-verification", (
+                        f"the reference run ({sc.reference}, {sc.reference_run.variant}) did not pass, so this "
+                        "run's loss and gradient norm cannot be checked")
+            if status == "ok":
+                failures = verify.check(records, res.get("weights_changed"), sc.train.steps, sc.verify, reference)
+                if failures:
+                    status, reason = "failed-verification", "; ".join(failures)
+        provenance = {**self.base, **self.device, **((res or {}).get("device") or {}), "time": now()}
+        outcome = Outcome(run=run, status=status, reason=reason)
+
+        def add(metric, value, p20=None, p80=None, step=None):
+            outcome.rows.append(results.row(sc.name, run, status, reason, provenance, metric, value,
+                                            UNITS[metric], p20, p80, step))
+
+        for i, r in enumerate(records):
+            add("loss", r["loss"], step=i)
+            add("grad_norm", r["grad_norm"], step=i)
+        if status == "ok":
+            warm = sc.train.warmup
+            outcome.speed = metrics.speed(records[warm:], self.flops[warm:], provenance.get("gpu"), self.ceiling)
+            for metric, s in outcome.speed.items():
+                add(metric, s.median, s.p20, s.p80)
+            for metric in ("peak_mem_alloc_gib", "peak_mem_nvml_gib"):
+                if res.get(metric) is not None:
+                    add(metric, res[metric])
+            if self.ceiling:
+                add("matmul_ceiling_tflops", self.ceiling)
+            if sc.data.kind != "fixed":
+                real = sum(s.numel() for seqs in self.steps for s in seqs)
+                add("packing_efficiency", real / sum(r["processed_tokens"] for r in records))
+        if not outcome.rows:
+            outcome.rows.append(results.row(sc.name, run, status, reason, provenance))
+        return outcome

@@ -1,0 +1,301 @@
+"""Scenarios: a TOML file describing one benchmark matrix (model, mode, batch, data, steps, backends and their
+variants), parsed into frozen dataclasses. Every field is checked here, before anything runs: a bad field gets an
+error naming the file, the field and the valid choices."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("cuda", "cpu")
+MODES = ("full", "lora")
+DATA_KINDS = ("fixed", "varlen", "text")
+DEFAULT_VARIANT = "default"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str | None  # a name from chronicals.models.PRESETS, or None when `path` is given
+    path: str | None  # a local checkpoint directory
+    dtype: str = "bfloat16"
+
+    @property
+    def label(self) -> str:
+        return self.preset or str(self.path)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    mode: str = "full"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    batch_size: int = 8
+    seq_len: int = 2048
+    steps: int = 20
+    warmup: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str = "fixed"  # fixed-length random tokens | variable-length random tokens | variable-length real text
+    min_len: int = 32  # shortest sequence of the variable-length kinds; the longest is train.seq_len
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    loss_rtol: float = 0.02  # |loss - reference| <= loss_rtol * reference, at every step
+    grad_norm_rtol: float = 0.10  # |grad_norm - reference| <= grad_norm_rtol * reference, at every step
+    min_weights_changed: float = 0.01  # fraction of sampled trainable weights that must differ after training
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the matrix: a backend with one set of optimization flags and one batch layout."""
+
+    backend: str
+    variant: str = DEFAULT_VARIANT
+    flags: dict[str, bool] = field(default_factory=dict)
+    layout: str = "padded"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    description: str
+    device: str
+    seed: int
+    reference: str
+    timeout_s: float
+    model: ModelSpec
+    train: TrainSpec
+    data: DataSpec
+    verify: VerifySpec
+    runs: tuple[Run, ...]
+
+    @property
+    def reference_run(self) -> Run:
+        return next(r for r in self.runs if r.backend == self.reference)
+
+    def ordered_runs(self) -> list[Run]:
+        """The reference's first run, then every other run in file order: the others are compared with it."""
+        ref = self.reference_run
+        return [ref] + [r for r in self.runs if r is not ref]
+
+
+TOP_FIELDS = ("name", "description", "device", "seed", "reference", "timeout_s", "backends", "model", "train", "data",
+              "verify", "variants")
+MODEL_FIELDS = ("preset", "path", "dtype")
+VARIANT_FIELDS = ("backend", "name", "flags", "layout")
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and validate a scenario file."""
+    path = Path(path)
+    if not path.is_file():
+        available = sorted(p.name for p in Path("scenarios").glob("*.toml")) if Path("scenarios").is_dir() else []
+        hint = f"; scenarios here: {', '.join(available)}" if available else ""
+        raise ScenarioError(f"{path}: no such scenario file{hint}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: not valid TOML ({e})") from None
+    return parse(raw, str(path))
+
+
+def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
+    """Validate a scenario given as a dict (the parsed TOML)."""
+    from chronicals.models.presets import PRESETS
+
+    from .backends import backend_class, backend_names
+
+    c = _Checker(source)
+    c.known(raw, TOP_FIELDS, "")
+    name = c.string(raw, "name", default=Path(source).stem)
+    device = c.choice(raw, "device", DEVICES, default="cuda")
+
+    m = c.table(raw, "model")
+    c.known(m, MODEL_FIELDS, "model.")
+    preset, ckpt = m.get("preset"), m.get("path")
+    if (preset is None) == (ckpt is None):
+        raise ScenarioError(f"{source}: [model] needs exactly one of 'preset' (a built-in shape: "
+                            f"{', '.join(sorted(PRESETS))}) or 'path' (a local checkpoint directory)")
+    if preset is not None:
+        preset = c.choice(m, "preset", tuple(sorted(PRESETS)), prefix="model.")
+    else:
+        ckpt = c.string(m, "path", prefix="model.")
+        if not Path(ckpt).is_dir():
+            raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, which is not a directory; give a local "
+                                "checkpoint saved with save_pretrained, or use 'preset'")
+    model = ModelSpec(preset=preset, path=ckpt, dtype=c.choice(m, "dtype", DTYPES, prefix="model.",
+                                                               default="bfloat16"))
+
+    t = c.table(raw, "train")
+    defaults = TrainSpec()
+    c.known(t, tuple(TrainSpec.__dataclass_fields__), "train.")
+    train = TrainSpec(
+        mode=c.choice(t, "mode", MODES, prefix="train.", default=defaults.mode),
+        lora_rank=c.integer(t, "lora_rank", 1, prefix="train.", default=defaults.lora_rank),
+        lora_alpha=c.integer(t, "lora_alpha", 1, prefix="train.", default=defaults.lora_alpha),
+        batch_size=c.integer(t, "batch_size", 1, prefix="train.", default=defaults.batch_size),
+        seq_len=c.integer(t, "seq_len", 2, prefix="train.", default=defaults.seq_len),
+        steps=c.integer(t, "steps", 1, prefix="train.", default=defaults.steps),
+        warmup=c.integer(t, "warmup", 0, prefix="train.", default=defaults.warmup),
+        lr=c.number(t, "lr", prefix="train.", default=defaults.lr, positive=True),
+        weight_decay=c.number(t, "weight_decay", prefix="train.", default=defaults.weight_decay),
+        max_grad_norm=c.number(t, "max_grad_norm", prefix="train.", default=defaults.max_grad_norm, positive=True),
+    )
+    if train.warmup >= train.steps:
+        raise ScenarioError(f"{source}: field 'train.warmup' ({train.warmup}) must be less than 'train.steps' "
+                            f"({train.steps}): at least one step must be timed")
+
+    d = c.table(raw, "data", required=False)
+    c.known(d, tuple(DataSpec.__dataclass_fields__), "data.")
+    data = DataSpec(kind=c.choice(d, "kind", DATA_KINDS, prefix="data.", default="fixed"),
+                    min_len=c.integer(d, "min_len", 2, prefix="data.", default=DataSpec.min_len))
+    if data.kind != "fixed" and data.min_len > train.seq_len:
+        raise ScenarioError(f"{source}: field 'data.min_len' ({data.min_len}) exceeds 'train.seq_len' "
+                            f"({train.seq_len})")
+
+    v = c.table(raw, "verify", required=False)
+    c.known(v, tuple(VerifySpec.__dataclass_fields__), "verify.")
+    vd = VerifySpec()
+    verify = VerifySpec(
+        loss_rtol=c.number(v, "loss_rtol", prefix="verify.", default=vd.loss_rtol, positive=True),
+        grad_norm_rtol=c.number(v, "grad_norm_rtol", prefix="verify.", default=vd.grad_norm_rtol, positive=True),
+        min_weights_changed=c.number(v, "min_weights_changed", prefix="verify.", default=vd.min_weights_changed),
+    )
+
+    names = backend_names()
+    backends = raw.get("backends")
+    if not isinstance(backends, list) or not backends or not all(isinstance(b, str) for b in backends):
+        raise ScenarioError(f"{source}: field 'backends' must be a non-empty list of backend names from: "
+                            f"{', '.join(names)}")
+    for b in backends:
+        if b not in names:
+            raise ScenarioError(f"{source}: field 'backends' names unknown backend {b!r}; choose from: "
+                                f"{', '.join(names)}")
+    if len(set(backends)) != len(backends):
+        raise ScenarioError(f"{source}: field 'backends' lists a backend twice: {backends}")
+
+    variants = raw.get("variants", [])
+    if not isinstance(variants, list) or not all(isinstance(x, dict) for x in variants):
+        raise ScenarioError(f"{source}: field 'variants' must be an array of tables ([[variants]])")
+    runs: list[Run] = []
+    for b in backends:
+        cls = backend_class(b)
+        mine = [x for x in variants if x.get("backend") == b]
+        for i, x in enumerate(mine or [{"backend": b}]):
+            where = f"variants[{variants.index(x)}]." if mine else ""
+            c.known(x, VARIANT_FIELDS, where)
+            flags = x.get("flags", {})
+            if not isinstance(flags, dict):
+                raise ScenarioError(f"{source}: field '{where}flags' must be a table of booleans")
+            for k, val in flags.items():
+                if k not in cls.FLAGS:
+                    valid = ", ".join(cls.FLAGS) or "none (this backend has no switchable optimizations)"
+                    raise ScenarioError(f"{source}: field '{where}flags' has unknown flag {k!r} for backend {b!r}; "
+                                        f"valid flags: {valid}")
+                if not isinstance(val, bool):
+                    raise ScenarioError(f"{source}: field '{where}flags.{k}' must be true or false, not {val!r}")
+            layout = c.choice(x, "layout", cls.LAYOUTS, prefix=where, default="padded")
+            if layout == "packed" and data.kind == "fixed":
+                raise ScenarioError(f"{source}: field '{where}layout' is 'packed' but data.kind is 'fixed' (every "
+                                    "sequence is seq_len long, nothing to pack); use data.kind 'varlen' or 'text'")
+            name_default = DEFAULT_VARIANT if not mine else f"variant{i}"
+            runs.append(Run(backend=b, variant=c.string(x, "name", prefix=where, default=name_default),
+                            flags={**cls.FLAGS, **flags}, layout=layout))
+    for i, x in enumerate(variants):
+        if x.get("backend") not in backends:
+            raise ScenarioError(f"{source}: field 'variants[{i}].backend' is {x.get('backend')!r}, which is not in "
+                                f"'backends' ({', '.join(backends)})")
+    seen = set()
+    for r in runs:
+        if (r.backend, r.variant) in seen:
+            raise ScenarioError(f"{source}: backend {r.backend!r} has two variants named {r.variant!r}")
+        seen.add((r.backend, r.variant))
+
+    reference = c.string(raw, "reference", default="torch")
+    if reference not in backends:
+        raise ScenarioError(f"{source}: field 'reference' is {reference!r}, which is not in 'backends' "
+                            f"({', '.join(backends)}); every run is verified against the reference's run")
+    return Scenario(
+        name=name, path=source, description=c.string(raw, "description", default=""), device=device,
+        seed=c.integer(raw, "seed", 0, default=0), reference=reference,
+        timeout_s=c.number(raw, "timeout_s", default=600.0, positive=True),
+        model=model, train=train, data=data, verify=verify, runs=tuple(runs),
+    )
+
+
+class _Checker:
+    """Field readers that raise ScenarioError naming the source file and the dotted field."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, name: str, message: str):
+        raise ScenarioError(f"{self.source}: field '{name}' {message}")
+
+    def known(self, table: dict, fields: tuple[str, ...], prefix: str):
+        for k in table:
+            if k not in fields:
+                self.fail(prefix + k, f"is not a scenario field; valid fields here: {', '.join(fields)}")
+
+    def table(self, raw: dict, name: str, required: bool = True) -> dict:
+        if name not in raw:
+            if required:
+                self.fail(name, f"is missing; add a [{name}] table")
+            return {}
+        if not isinstance(raw[name], dict):
+            self.fail(name, f"must be a table ([{name}])")
+        return raw[name]
+
+    def _get(self, t: dict, name: str, prefix: str, default: Any):
+        if name in t:
+            return t[name]
+        if default is _REQUIRED:
+            self.fail(prefix + name, "is missing")
+        return default
+
+    def string(self, t: dict, name: str, prefix: str = "", default: Any = None) -> str:
+        default = _REQUIRED if default is None else default
+        x = self._get(t, name, prefix, default)
+        if not isinstance(x, str):
+            self.fail(prefix + name, f"must be a string, not {x!r}")
+        return x
+
+    def choice(self, t: dict, name: str, choices: tuple[str, ...], prefix: str = "", default: Any = None) -> str:
+        x = self.string(t, name, prefix, default)
+        if x not in choices:
+            self.fail(prefix + name, f"is {x!r}; choose one of: {', '.join(choices)}")
+        return x
+
+    def integer(self, t: dict, name: str, minimum: int, prefix: str = "", default: Any = None) -> int:
+        x = self._get(t, name, prefix, _REQUIRED if default is None else default)
+        if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
+            self.fail(prefix + name, f"must be an integer >= {minimum}, not {x!r}")
+        return x
+
+    def number(self, t: dict, name: str, prefix: str = "", default: Any = None, positive: bool = False) -> float:
+        x = self._get(t, name, prefix, _REQUIRED if default is None else default)
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0 or (positive and x == 0):
+            self.fail(prefix + name, f"must be a {'positive' if positive else 'non-negative'} number, not {x!r}")
+        return float(x)
+
+
+_REQUIRED = object()

@@ -1,0 +1,49 @@
+"""Verification of every run, before any of its speed is reported. A run passes when, at every step, the gradient
+norm is finite and nonzero, the loss is finite, and the loss is taken over exactly the real tokens of the batch;
+when training changed the model's weights; and, for every run but the reference's, when its loss and gradient norm
+stay within the scenario's stated relative tolerances of the reference run's on the same data, step by step."""
+
+from __future__ import annotations
+
+import math
+
+from .scenario import VerifySpec
+
+
+def check(steps: list[dict], weights_changed: float | None, expected_steps: int, spec: VerifySpec,
+          reference: dict[str, dict[int, float]] | None = None) -> list[str]:
+    """The failures found (empty: verified). `reference` maps "loss" and "grad_norm" to {step: value}."""
+    failures: list[str] = []
+    if len(steps) != expected_steps:
+        failures.append(f"ran {len(steps)} of {expected_steps} steps")
+
+    def first(bad: list[int], what: str):
+        if bad:
+            more = f" (and {len(bad) - 1} more steps)" if len(bad) > 1 else ""
+            failures.append(f"step {bad[0]}: {what(bad[0])}{more}")
+
+    first([i for i, r in enumerate(steps) if not math.isfinite(r["grad_norm"])],
+          lambda i: f"gradient norm is {steps[i]['grad_norm']}")
+    first([i for i, r in enumerate(steps) if r["grad_norm"] == 0.0],
+          lambda i: "gradient norm is 0: no gradient reaches the trained weights")
+    first([i for i, r in enumerate(steps) if not math.isfinite(r["loss"])], lambda i: f"loss is {steps[i]['loss']}")
+    first([i for i, r in enumerate(steps) if r["label_tokens"] != r["real_tokens"]],
+          lambda i: f"the loss is taken over {steps[i]['label_tokens']} label tokens but the batch has "
+                    f"{steps[i]['real_tokens']} real tokens (padding or sequence starts counted as tokens)")
+    if weights_changed is not None and weights_changed < spec.min_weights_changed:
+        failures.append(f"weights did not change: {100 * weights_changed:.2f}% of sampled trainable weights moved "
+                        f"(at least {100 * spec.min_weights_changed:g}% required)")
+    if reference is not None:
+        for metric, rtol in (("loss", spec.loss_rtol), ("grad_norm", spec.grad_norm_rtol)):
+            ref = reference.get(metric, {})
+            bad = [i for i, r in enumerate(steps)
+                   if i not in ref or not abs(r[metric] - ref[i]) <= rtol * abs(ref[i])]
+            first(bad, lambda i, m=metric, t=rtol, ref=ref: _off(m, steps[i][m], ref.get(i), t))
+    return failures
+
+
+def _off(metric: str, value: float, ref: float | None, rtol: float) -> str:
+    if ref is None:
+        return f"the reference has no {metric} at this step"
+    rel = abs(value - ref) / abs(ref) if ref else math.inf
+    return f"{metric} {value:.6g} vs reference {ref:.6g}: relative difference {rel:.3g} > tolerance {rtol:g}"
