@@ -11,10 +11,29 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Pass as a constexpr to kernels that call tl.dot: upcast operands to fp32 under the interpreter.
 DOT_UPCAST: bool = INTERPRET
+
+# Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even), which
+# would double the rounding error that CPU tests see; `cast_rne` rounds the bits first there.
+_EMULATE_BF16_RNE = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """fp32 `x` -> `dtype`, rounded to nearest even on the GPU and under the interpreter alike."""
+    if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
+        # bf16 keeps the top 16 bits of an fp32: add half an ulp (minus one when the kept part is
+        # even, for ties to even), then clear the dropped bits, so the truncating cast is exact.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_SIZE = 65536 // 2  # largest row (elements) a single program handles in one block
@@ -46,7 +65,8 @@ def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, dty
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if t.ndim not in allowed:
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got shape {tuple(t.shape)}")
+            dims = " or ".join(map(str, allowed))
+            raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {names}")

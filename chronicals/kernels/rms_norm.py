@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same, check_tensor, next_power_of_2
+from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns; about this many elements keeps each
 # thread at 16 elements (two 16-byte loads of bf16) with enough rows in flight for short rows.
@@ -64,13 +64,13 @@ def _rms_norm_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty)
+        s = cast_rne(x + r, S.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     y = x * rstd[:, None] * w[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -107,7 +107,7 @@ def _rms_norm_bwd_kernel(
         dx = (g - xh * c[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xh
         tile += n_progs

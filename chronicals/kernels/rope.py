@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same, check_tensor, next_power_of_2
+from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
 
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
@@ -45,8 +45,8 @@ def _rotate_heads(X, Y, x_off, y_off, stride_xh, stride_yh, n_heads, half, c1, c
     else:
         o1 = x1 * c1[None, :] - x2 * s1[None, :]
         o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(y_ptr, o1.to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + half, o2.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr, cast_rne(o1, Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + half, cast_rne(o2, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same, check_tensor
+from ._utils import cast_rne, check_same, check_tensor
 
 # 4096 elements over 8 warps: 16 per thread, i.e. two 16-byte accesses per bf16 tensor.
 _BLOCK = 4096
@@ -28,7 +28,7 @@ def _swiglu_fwd_kernel(A, B, C, n, BLOCK: tl.constexpr):
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
     c = a * tl.sigmoid(a) * b
-    tl.store(C + offs, c.to(C.dtype.element_ty), mask=mask)
+    tl.store(C + offs, cast_rne(c, C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _swiglu_bwd_kernel(DC, A, B, DA, DB, n, BLOCK: tl.constexpr):
     # d silu / da = s + a * s * (1 - s) = s * (1 + a * (1 - s))
     da = dc * b * s * (1.0 + a * (1.0 - s))
     db = dc * silu
-    tl.store(DA + offs, da.to(DA.dtype.element_ty), mask=mask)
-    tl.store(DB + offs, db.to(DB.dtype.element_ty), mask=mask)
+    tl.store(DA + offs, cast_rne(da, DA.dtype.element_ty), mask=mask)
+    tl.store(DB + offs, cast_rne(db, DB.dtype.element_ty), mask=mask)
 
 
 def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,172 @@
+"""RMSNorm and fused add + RMSNorm against a float64 reference (tests/oracle.py)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from oracle import SLACK, assert_no_worse
+
+from chronicals.kernels import FusedRMSNorm, fused_add_rmsnorm, fused_rmsnorm
+
+DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def hf_rmsnorm(x, w, eps, offset):
+    """Hugging Face Llama's RMSNorm (stats in fp32, normalised x rounded to x's dtype, times the weight);
+    in float64 it is the ground truth."""
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+    xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((offset + w) * xn.to(x.dtype)).to(x.dtype)
+
+
+def make_input(shape, dtype, layout, device, gen):
+    """A tensor of `shape` that is contiguous, a column slice of a wider tensor, or a transposed view."""
+    if layout == "sliced":
+        return torch.randn(*shape[:-1], shape[-1] + 3, generator=gen, dtype=dtype).to(device)[..., : shape[-1]]
+    if layout == "transposed" and len(shape) >= 2:
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen, dtype=dtype).to(device).transpose(-1, -2)
+    return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+
+def grads(fn, inputs, upstream):
+    """Outputs and input gradients of fn(*inputs) for the given upstream gradients (None = output unused)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, upstream) if g is not None]
+    gs = torch.autograd.grad([o for o, _ in pairs], leaves, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+    return outs, gs
+
+
+def dx_slack(x, w, dy, eps, offset, dx_ref, dtype):
+    """Slack for dx = rstd * (g - xh * mean(g * xh)), g = dy * (offset + w): the difference cancels to
+    a residue of order eps / mean(x^2) when the row is short (hidden 1: g * (1 - xh^2)), so any fp32
+    evaluation errs by a few ulp of the cancelled terms, not of the result. Negligible for longer rows."""
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    terms = (dy.double() * (offset + w.double()) * rstd).norm() / dx_ref.norm().clamp_min(1e-300)
+    return SLACK[dtype] + 8 * 2.0**-24 * terms.item()
+
+
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 1100))
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), w_fp32=st.booleans(), offset=st.sampled_from([0.0, 1.0, 0.25]),
+       layout=st.sampled_from(["contiguous", "sliced", "transposed"]), leading3d=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+@example(shape=(1, 64), dtype=torch.bfloat16, w_fp32=False, offset=0.0, layout="contiguous", leading3d=False, seed=0)
+@example(shape=(9, 1), dtype=torch.float32, w_fp32=False, offset=0.0, layout="contiguous", leading3d=False, seed=1)
+# Block + 1: hidden one past a power of two, and rows one past the rows one tile holds (16 at 129).
+@example(shape=(17, 129), dtype=torch.float16, w_fp32=False, offset=1.0, layout="sliced", leading3d=False, seed=2)
+# More row tiles (20) than backward programs on CPU, so programs loop and dw partials add up.
+@example(shape=(77, 1000), dtype=torch.bfloat16, w_fp32=True, offset=0.0, layout="transposed", leading3d=True, seed=3)
+def test_rmsnorm_matches_float64(shape, dtype, w_fp32, offset, layout, leading3d, seed):
+    rows, hidden = shape
+    gen = torch.Generator().manual_seed(seed)
+    full = (2, rows, hidden) if leading3d else (rows, hidden)
+    x = make_input(full, dtype, layout, DEVICE, gen)
+    w_dtype = torch.float32 if w_fp32 else dtype
+    w = (torch.rand(hidden, generator=gen, dtype=torch.float32) + 0.5 - offset).to(DEVICE, w_dtype)
+    dy = torch.randn(full, generator=gen, dtype=torch.float32).to(DEVICE, dtype)
+    eps = 1e-6
+
+    (y,), (dx, dw) = grads(lambda a, b: fused_rmsnorm(a, b, eps=eps, offset=offset), (x, w), [dy])
+    (y_nat,), (dx_nat, dw_nat) = grads(lambda a, b: hf_rmsnorm(a, b, eps, offset), (x, w), [dy])
+    (y_ref,), (dx_ref, dw_ref) = grads(lambda a, b: hf_rmsnorm(a, b, eps, offset),
+                                       (x.double(), w.double()), [dy.double()])
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == w_dtype
+    assert_no_worse("y", y, y_nat.to(dtype), y_ref, dtype)
+    assert_no_worse("dx", dx, dx_nat, dx_ref, dtype, slack=dx_slack(x, w, dy, eps, offset, dx_ref, dtype))
+    assert_no_worse("dw", dw, dw_nat, dw_ref, dtype)
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), offset=st.sampled_from([0.0, 1.0]),
+       used=st.sampled_from(["both", "normed", "summed"]), layout=st.sampled_from(["contiguous", "sliced"]),
+       seed=st.integers(0, 2**31 - 1))
+@example(shape=(1, 1), dtype=torch.float32, offset=0.0, used="both", layout="contiguous", seed=0)
+@example(shape=(33, 127), dtype=torch.bfloat16, offset=1.0, used="both", layout="sliced", seed=1)
+def test_add_rmsnorm_matches_float64(shape, dtype, offset, used, layout, seed):
+    rows, hidden = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input((rows, hidden), dtype, layout, DEVICE, gen)
+    r = make_input((rows, hidden), dtype, "contiguous", DEVICE, gen)
+    w = (torch.rand(hidden, generator=gen) + 0.5 - offset).to(DEVICE, dtype)
+    ds = torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) if used != "normed" else None
+    dy = torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) if used != "summed" else None
+    eps = 1e-5
+
+    def unfused(a, b, c):
+        s = a + b
+        return s, hf_rmsnorm(s, c, eps, offset)
+
+    (s, y), (dx, dr, dw) = grads(lambda a, b, c: fused_add_rmsnorm(a, b, c, eps=eps, offset=offset), (x, r, w),
+                                 [ds, dy])
+    (s_nat, y_nat), (dx_nat, _, dw_nat) = grads(unfused, (x, r, w), [ds, dy])
+    ref_up = [g.double() if g is not None else None for g in (ds, dy)]
+    (s_ref, y_ref), (dx_ref, _, dw_ref) = grads(unfused, (x.double(), r.double(), w.double()), ref_up)
+    assert torch.equal(s, s_nat), "the sum must equal PyTorch's own add in the input dtype"
+    assert_no_worse("normed", y, y_nat, y_ref, dtype)
+    slack = dx_slack(s_ref, w, dy, eps, offset, dx_ref, dtype) if dy is not None else None
+    assert_no_worse("d hidden_states", dx, dx_nat, dx_ref, dtype, slack=slack)
+    assert torch.equal(dx, dr), "hidden_states and residual enter only through their sum"
+    if used == "summed":
+        assert dw is None or not dw.any()
+    else:
+        assert_no_worse("dw", dw, dw_nat, dw_ref, dtype)
+
+
+@pytest.mark.parametrize("hidden", [16384, 16385])
+def test_rmsnorm_large_hidden(hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(3, hidden, generator=gen).to(DEVICE, torch.bfloat16)
+    w = torch.rand(hidden, generator=gen).to(DEVICE, torch.bfloat16)
+    dy = torch.randn(3, hidden, generator=gen).to(DEVICE, torch.bfloat16)
+    (y,), (dx, dw) = grads(fused_rmsnorm, (x, w), [dy])
+    (y_nat,), (dx_nat, dw_nat) = grads(lambda a, b: hf_rmsnorm(a, b, 1e-6, 0.0), (x, w), [dy])
+    (y_ref,), (dx_ref, dw_ref) = grads(lambda a, b: hf_rmsnorm(a, b, 1e-6, 0.0), (x.double(), w.double()),
+                                       [dy.double()])
+    for name, out, nat, ref in [("y", y, y_nat, y_ref), ("dx", dx, dx_nat, dx_ref), ("dw", dw, dw_nat, dw_ref)]:
+        assert_no_worse(name, out, nat, ref, torch.bfloat16)
+
+
+def test_broadcast_upstream_gradient_and_frozen_weight():
+    # y.sum() sends back an expanded (stride-0) gradient; a frozen weight gets no dw.
+    x = torch.randn(2, 5, 48, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    w = torch.rand(48, device=DEVICE)
+    fused_rmsnorm(x, w).sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    hf_rmsnorm(x64, w.double(), 1e-6, 0.0).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_module_starts_at_unit_scale():
+    for offset in (0.0, 1.0):
+        norm = FusedRMSNorm(40, eps=1e-5, offset=offset, device=DEVICE)
+        x = torch.randn(3, 40, device=DEVICE)
+        torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+        assert "40, eps=1e-05" in repr(norm)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        fused_rmsnorm(x, torch.ones(2, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="last dimension of hidden_states"):
+        fused_rmsnorm(x, torch.ones(7, device=DEVICE))
+    with pytest.raises(TypeError, match="hidden_states has dtype int64"):
+        fused_rmsnorm(x.long(), w)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        fused_add_rmsnorm(x, x.half(), w)
+    with pytest.raises(ValueError, match="residual has shape"):
+        fused_add_rmsnorm(x, x[:2], w)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        fused_rmsnorm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="eps"):
+        fused_rmsnorm(x, w, eps=float("nan"))
+    with pytest.raises(ValueError, match="hidden sizes"):
+        fused_rmsnorm(torch.randn(1, 40000, device=DEVICE), torch.ones(40000, device=DEVICE))
