@@ -1,0 +1,285 @@
+"""Padding-free packed attention: the varlen kernel paths against a float64 per-sequence reference, the
+packed-batch layout and its validation, and (on tiny models) packed training equal to running each sequence
+alone. The last group also shows that the equality check catches the two bugs peers shipped."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import chronicals
+import chronicals.attention as attention
+from chronicals.attention import PackedLayout, check_layout, layout_from_position_ids, varlen_attention
+from chronicals.models import build_model
+from tests.conftest import DEVICE
+from tests.oracle import assert_no_worse
+
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def layout_of(lengths, device=DEVICE):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return PackedLayout(cu, max(lengths))
+
+
+def reference(q, k, v, lengths, scale, window):
+    """Dense per-sequence causal softmax attention with explicit masks, in q's dtype (float64 for the truth)."""
+    n_rep = q.shape[1] // k.shape[1]
+    outs, start = [], 0
+    for n in lengths:
+        qi = q[start:start + n].transpose(0, 1)
+        ki = k[start:start + n].repeat_interleave(n_rep, 1).transpose(0, 1)
+        vi = v[start:start + n].repeat_interleave(n_rep, 1).transpose(0, 1)
+        idx = torch.arange(n, device=q.device)
+        dist = idx[:, None] - idx[None, :]
+        allowed = (dist >= 0) & (dist < (window if window else n + 1))
+        scores = (qi @ ki.transpose(-1, -2)) * scale
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        outs.append((probs @ vi).transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 70), min_size=1, max_size=5),
+    heads=st.sampled_from([(2, 2), (4, 2), (6, 2), (4, 1)]),
+    head_dim=st.sampled_from([8, 24, 64]),
+    window=st.sampled_from([None, 1, 5, 33]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_varlen_attention_matches_float64_per_sequence_reference(lengths, heads, head_dim, window, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    total, (hq, hkv) = sum(lengths), heads
+    q64, k64, v64 = (torch.randn(total, h, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv))
+    grad_out = torch.randn(total, hq, head_dim, generator=gen, dtype=torch.float64)
+    scale = head_dim ** -0.5
+
+    def run(fn, dt):
+        leaves = [t.to(DEVICE, dt).requires_grad_() for t in (q64, k64, v64)]
+        out = fn(*leaves)
+        out.backward(grad_out.to(DEVICE, dt))
+        return [out, *(t.grad for t in leaves)]
+
+    ours = run(lambda q, k, v: varlen_attention(q, k, v, layout_of(lengths), scale=scale, sliding_window=window),
+               dtype)
+    native = run(lambda q, k, v: reference(q, k, v, lengths, scale, window), dtype)
+    truth = run(lambda q, k, v: reference(q, k, v, lengths, scale, window), torch.float64)
+    for name, o, n, t in zip(("out", "dq", "dk", "dv"), ours, native, truth):
+        assert_no_worse(name, o, n, t, dtype, factor=2.0)
+
+
+def test_backend_choice_and_bad_arguments():
+    assert attention.select_backend(torch.device("cpu"), torch.bfloat16) == "sdpa_loop"
+    q = torch.randn(10, 4, 8)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        varlen_attention(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), layout_of([10], "cpu"))
+    with pytest.raises(ValueError, match="unknown varlen attention backend 'magic'"):
+        varlen_attention(q, q, q, layout_of([10], "cpu"), backend="magic")
+    with pytest.raises(ValueError, match="sliding_window must be a positive"):
+        varlen_attention(q, q, q, layout_of([10], "cpu"), sliding_window=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout: derived from position_ids, or given by a collator and validated.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_layout_from_position_ids_splits_at_each_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1, 2]])
+    layout = layout_from_position_ids(pos)
+    assert layout.cu_seqlens.tolist() == [0, 3, 4, 8, 13, 16] and layout.cu_seqlens.dtype == torch.int32
+    assert layout.max_length == 5 and layout.num_sequences == 5
+
+
+@pytest.mark.parametrize("pos, message", [
+    ([[0, 1, 3, 4]], r"position_ids\[0, 2\] = 3 after position 1"),
+    ([[2, 3, 4, 5]], r"position_ids\[0, 0\] = 2 after the row start"),
+    ([[0, 1, 1, 2]], r"position_ids\[0, 2\] = 1 after position 1"),
+])
+def test_layout_rejects_positions_that_do_not_restart_and_count_up(pos, message):
+    with pytest.raises(ValueError, match=message):
+        layout_from_position_ids(torch.tensor(pos))
+
+
+def test_check_layout_accepts_a_collators_batch_and_rejects_bad_ones():
+    cu = torch.tensor([0, 3, 7, 9], dtype=torch.int32)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    assert check_layout(cu, 4, 9, pos).max_length == 4
+    assert check_layout(cu.long(), None, 9).cu_seqlens.dtype == torch.int32
+    with pytest.raises(ValueError, match="sequence 1 length 0"):
+        check_layout(torch.tensor([0, 3, 3, 9]), None, 9)
+    with pytest.raises(ValueError, match=r"position_ids disagree with cu_seq_lens_q: token 3 has position 3"):
+        check_layout(cu, None, 9, torch.arange(9)[None])
+    with pytest.raises(ValueError, match="must run from 0 to the number of tokens in the batch \\(10\\)"):
+        check_layout(cu, None, 10)
+    with pytest.raises(ValueError, match="max_length 3 is shorter than the longest packed sequence \\(4\\)"):
+        check_layout(cu, 3, 9)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        check_layout(cu.float(), None, 9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed training on tiny models: each sequence's loss and gradients equal those of the sequence run alone.
+# ---------------------------------------------------------------------------------------------------------------
+
+LENGTHS = [7, 12, 2, 9]
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
+
+
+def packed_model(name, **flags):
+    model = build_model(name, seed=0).to(DEVICE)
+    flags = {"rms_norm": False, "swiglu": False, "rope": False, "linear_cross_entropy": False, **flags}
+    return chronicals.apply(model, **flags).train()
+
+
+def sequences(vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).to(DEVICE) for n in LENGTHS]
+
+
+def packed_batch(seqs, target, with_positions=True, with_cu=True):
+    """One row holding all `seqs`; only sequence `target` carries labels (the rest are -100). As the packed-batch
+    convention says, each sequence's first label is -100, so no sequence predicts the next one's first token."""
+    labels = [torch.cat([s.new_tensor([-100]), s[1:]]) if i == target else torch.full_like(s, -100)
+              for i, s in enumerate(seqs)]
+    batch = {"input_ids": torch.cat(seqs)[None], "labels": torch.cat(labels)[None]}
+    if with_positions:
+        batch["position_ids"] = torch.cat([torch.arange(len(s), device=DEVICE) for s in seqs])[None]
+    if with_cu:
+        batch["cu_seq_lens_q"] = layout_of([len(s) for s in seqs]).cu_seqlens
+        batch["max_length_q"] = max(len(s) for s in seqs)
+    return batch
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def worst_mismatch(model, seqs, make_batch=packed_batch, **batch_options):
+    """Largest relative difference, over sequences, between a sequence's loss/gradients in the packed batch
+    and run alone (same normaliser: the sequence's own target count)."""
+    worst = 0.0
+    for i, seq in enumerate(seqs):
+        n_targets = len(seq) - 1
+        packed = loss_and_grads(model, {**make_batch(seqs, i, **batch_options), "num_items_in_batch": n_targets})
+        alone = loss_and_grads(model, {"input_ids": seq[None], "labels": seq[None], "num_items_in_batch": n_targets})
+        worst = max(worst, ((packed[0] - alone[0]).abs() / alone[0].abs()).item())
+        assert packed[1].keys() == alone[1].keys()
+        for name, g in alone[1].items():
+            worst = max(worst, ((packed[1][name] - g).norm() / g.norm().clamp(min=1e-30)).item())
+    return worst
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_sequence_loss_and_grads_equal_the_sequence_alone(name):
+    model = packed_model(name)
+    assert worst_mismatch(model, sequences(model.config.vocab_size)) < 1e-4
+
+
+def test_packed_batch_with_all_kernels_equals_sequences_alone():
+    pytest.importorskip("chronicals.kernels.rms_norm")
+    pytest.importorskip("chronicals.kernels.linear_cross_entropy")
+    model = chronicals.apply(build_model("tiny-qwen3", seed=0).to(DEVICE)).train()
+    assert worst_mismatch(model, sequences(model.config.vocab_size)[:2]) < 1e-4
+
+
+@pytest.mark.parametrize("options", [dict(with_cu=False), dict(with_positions=False)])
+def test_boundaries_from_either_position_ids_or_cu_seq_lens_alone(options):
+    model = packed_model("tiny-qwen2")
+    assert worst_mismatch(model, sequences(model.config.vocab_size), **options) < 1e-4
+
+
+def test_the_check_catches_cross_sequence_attention(monkeypatch):
+    # Bug 1: attention that ignores the boundaries (here: the whole row treated as one sequence).
+    model = packed_model("tiny-llama")
+    loop = attention.BACKENDS["sdpa_loop"]
+    whole_row = lambda q, k, v, layout, scale, left: loop(q, k, v, layout_of([q.shape[0]], q.device), scale, left)  # noqa: E731
+    monkeypatch.setitem(attention.BACKENDS, "sdpa_loop", whole_row)
+    assert worst_mismatch(model, sequences(model.config.vocab_size)) > 1e-2
+
+
+def test_the_check_catches_positions_that_do_not_restart():
+    # Bug 2: position_ids counting 0..T-1 over the packed row. With cu_seq_lens it is rejected outright; without,
+    # the row is one sequence, so attention crosses the boundaries and the losses/gradients differ.
+    model = packed_model("tiny-llama")
+    seqs = sequences(model.config.vocab_size)
+    batch = packed_batch(seqs, 1)
+    with pytest.raises(ValueError, match="position_ids disagree with cu_seq_lens_q"):
+        model(**{**batch, "position_ids": torch.arange(sum(LENGTHS), device=DEVICE)[None]})
+
+    def running_positions(seqs, target):
+        return {**packed_batch(seqs, target, with_cu=False),
+                "position_ids": torch.arange(sum(LENGTHS), device=DEVICE)[None]}
+
+    assert worst_mismatch(model, seqs, running_positions) > 1e-2
+
+
+def test_rope_sees_positions_restarted_per_sequence():
+    # RoPE is relative, so with isolated attention a non-restarted position shifts q and k alike and the output
+    # hardly moves: check the positions the rotary embedding is given instead.
+    model = packed_model("tiny-qwen3")
+    seen = []
+    model.model.rotary_emb.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
+    model(**packed_batch(sequences(model.config.vocab_size), 0, with_positions=False))
+    expected = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    assert torch.equal(seen[0].cpu(), expected)
+
+
+def test_packed_forward_builds_no_dense_mask(monkeypatch):
+    seen = []
+    original = attention.packed_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, kwargs.get("cu_seq_lens_q")))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.IMPLEMENTATION, spy)
+    model = packed_model("tiny-mistral")
+    model(**packed_batch(sequences(model.config.vocab_size), 0, with_cu=False))
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(mask is None and cu is not None for mask, cu in seen)
+
+
+def test_sliding_window_in_a_packed_batch():
+    # Mistral-style window shorter than the sequences: packed equals alone, and the window really limits attention.
+    model = build_model("tiny-mistral", seed=0, sliding_window=4).to(DEVICE)
+    model = chronicals.apply(model, rms_norm=False, swiglu=False, rope=False, linear_cross_entropy=False).train()
+    seqs = sequences(model.config.vocab_size)
+    assert worst_mismatch(model, seqs) < 1e-4
+    model.eval()
+    full = build_model("tiny-mistral", seed=0).to(DEVICE).eval()
+    assert not torch.allclose(model(input_ids=seqs[1][None]).logits, full(input_ids=seqs[1][None]).logits, atol=1e-3)
+    hf = build_model("tiny-mistral", seed=0, sliding_window=4, attn_implementation="eager").to(DEVICE).eval()
+    torch.testing.assert_close(model(input_ids=seqs[1][None]).logits, hf(input_ids=seqs[1][None]).logits)
+
+
+@pytest.mark.parametrize("batch_update, message", [
+    ({"cu_seq_lens_q": torch.tensor([0, 7, 7, 21, 30], dtype=torch.int32)}, "sequence 1 length 0"),
+    ({"position_ids": torch.arange(30)[None]}, "position_ids disagree with cu_seq_lens_q"),
+    ({"attention_mask": torch.cat([torch.ones(1, 25), torch.zeros(1, 5)], 1).long()}, "must not carry padding"),
+    ({"cu_seq_lens_k": torch.tensor([0, 30], dtype=torch.int32)}, "cu_seq_lens_k must equal cu_seq_lens_q"),
+])
+def test_bad_packed_batches_give_clear_errors(batch_update, message):
+    model = packed_model("tiny-llama")
+    batch = packed_batch(sequences(model.config.vocab_size), 0)
+    batch.update({k: v.to(DEVICE) for k, v in batch_update.items()})
+    with pytest.raises(ValueError, match=message):
+        model(**batch)
+
+
+def test_padded_batches_and_generation_keep_hf_behaviour():
+    model = packed_model("tiny-qwen2").eval()
+    hf = build_model("tiny-qwen2", seed=0).to(DEVICE).eval()
+    ids = torch.randint(0, 512, (2, 9), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               hf(input_ids=ids, attention_mask=mask).logits)
+    gen = dict(max_new_tokens=4, do_sample=False, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **gen), hf.generate(ids, **gen))
