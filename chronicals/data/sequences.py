@@ -8,6 +8,7 @@ is ever trained to predict the first token of the next sequence.
 
 from __future__ import annotations
 
+import array
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,9 +62,17 @@ def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Token
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{what} must be a list of int token ids, got {type(value).__name__}")
     value = list(value)
-    for t in value:
-        if type(t) is not int or (t < 0 and t != ignore_index):
-            raise TypeError(f"{what} must hold non-negative int token ids, found {t!r} ({type(t).__name__})")
+    # array.array converts in C: "Q" (unsigned) rejects non-ints and negatives in one pass; labels may also hold
+    # ignore_index, so they get the signed "q" and a min(). The slow scan only runs to name an offending entry.
+    try:
+        if ignore_index is None:
+            array.array("Q", value)
+        elif array.array("q", value) and min(value) < 0 and any(t < 0 and t != ignore_index for t in set(value)):
+            raise OverflowError
+    except (TypeError, OverflowError):
+        bad = next(t for t in value if type(t) is not int or (t != ignore_index and not 0 <= t < 1 << 63))
+        allowed = "non-negative int token ids" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise TypeError(f"{what} must hold {allowed}, found {bad!r} ({type(bad).__name__})") from None
     return value
 
 
@@ -95,7 +104,7 @@ def fit_sequences(
             ]
         for ids, labs in pieces:
             labs = [ignore_index, *labs[1:]]
-            if all(t == ignore_index for t in labs):
+            if labs.count(ignore_index) == len(labs):
                 stats.dropped_sequences += 1
                 stats.dropped_tokens += len(ids)
                 continue

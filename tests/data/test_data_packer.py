@@ -133,6 +133,8 @@ def test_overflow_is_counted_and_warned():
         ([[1, 2.0]], TypeError, "non-negative int"),
         ([[1, -3]], TypeError, "non-negative int"),
         ([{"input_ids": [1, 2], "labels": [1]}], ValueError, "aligned"),
+        ([{"input_ids": [1, 2], "labels": [-100, -5]}], TypeError, "or ignore_index=-100, found -5"),
+        ([[1, 2**70]], TypeError, "found 1180591620717411303424"),
     ],
 )
 def test_bad_input_gives_clear_errors(dataset, error, match):
