@@ -1,0 +1,151 @@
+"""Fused QK-RoPE against a float64 reference of Hugging Face's apply_rotary_pos_emb (tests/oracle.py)."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from oracle import assert_no_worse
+
+from chronicals.kernels import fused_qk_rope
+from chronicals.kernels.rope import _settings
+
+DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def hf_rope(q, k, cos, sin):
+    """HF apply_rotary_pos_emb with cos/sin [B or 1, S, D] (unsqueezed over heads)."""
+    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def packed_positions(batch, seq, gen):
+    """Positions that restart at 0 at random sequence boundaries, as in a packed batch."""
+    rows = []
+    for _ in range(batch):
+        pos, p = [], 0
+        for _ in range(seq):
+            p = 0 if torch.rand((), generator=gen) < 0.25 else p
+            pos.append(p)
+            p += 1
+        rows.append(pos)
+    return torch.tensor(rows)
+
+
+def rope_table(n_pos, head_dim, dtype, base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+
+
+def make_qk(batch, heads, seq, head_dim, dtype, hf_layout, gen):
+    """[B, H, S, D]: HF's view(B, S, H, D).transpose(1, 2) (non-contiguous), or contiguous."""
+    if hf_layout:
+        return torch.randn(batch, seq, heads, head_dim, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    return torch.randn(batch, heads, seq, head_dim, generator=gen).to(DEVICE, dtype)
+
+
+def rope_and_grads(fn, q, k, upstream):
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    q_rot, k_rot = fn(q, k)
+    dq, dk = torch.autograd.grad((q_rot, k_rot), (q, k), [g.to(q_rot.dtype) for g in upstream])
+    return q_rot, k_rot, dq, dk
+
+
+@st.composite
+def rope_cases(draw):
+    n_q = draw(st.integers(1, 6))
+    return dict(batch=draw(st.integers(1, 3)), seq=draw(st.integers(1, 9)), n_q=n_q, n_k=draw(st.integers(1, n_q)),
+                head_dim=2 * draw(st.integers(1, 20)), dtype=draw(st.sampled_from(DTYPES)),
+                cos_mode=draw(st.sampled_from(["per_batch", "shared", "table"])), cos_fp32=draw(st.booleans()),
+                hf_layout=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def case(**kw):
+    base = dict(batch=1, seq=1, n_q=1, n_k=1, head_dim=2, dtype=torch.float32, cos_mode="per_batch",
+                cos_fp32=False, hf_layout=True, seed=0)
+    return base | kw
+
+
+# One more position than a program handles, for Qwen2.5-0.5B's heads (14 q, 2 kv of 64).
+_PPP = _settings(14, 2, 64)[3]
+
+
+@given(c=rope_cases())
+@example(c=case())  # one position, one head each, head_dim 2
+@example(c=case(batch=1, seq=_PPP + 1, n_q=14, n_k=2, head_dim=64, dtype=torch.bfloat16, cos_mode="table"))
+@example(c=case(batch=2, seq=3, n_q=32, n_k=8, head_dim=128, dtype=torch.bfloat16, cos_mode="shared"))
+@example(c=case(batch=1, seq=2, n_q=64, n_k=8, head_dim=256, dtype=torch.float16, cos_fp32=True))  # 16384 q/pos
+@example(c=case(batch=3, seq=5, n_q=5, n_k=3, head_dim=18, dtype=torch.float16, hf_layout=False, cos_mode="table"))
+def test_qk_rope_matches_float64(c):
+    dtype = c["dtype"]
+    gen = torch.Generator().manual_seed(c["seed"])
+    b, s, d = c["batch"], c["seq"], c["head_dim"]
+    q = make_qk(b, c["n_q"], s, d, dtype, c["hf_layout"], gen)
+    k = make_qk(b, c["n_k"], s, d, dtype, c["hf_layout"], gen)
+    upstream = [torch.randn(q.shape, generator=gen).to(DEVICE, dtype),
+                torch.randn(k.shape, generator=gen).to(DEVICE, dtype)]
+    pos = packed_positions(b if c["cos_mode"] != "shared" else 1, s, gen).to(DEVICE)
+    cos_t, sin_t = rope_table(int(pos.max()) + 3, d, torch.float32 if c["cos_fp32"] else dtype)
+    cos, sin = cos_t[pos], sin_t[pos]  # HF's per-position [B or 1, S, D]
+    if c["cos_mode"] == "table":
+        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos_t, sin_t, position_ids=pos)
+    else:
+        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos, sin)
+
+    q_rot, k_rot, dq, dk = rope_and_grads(kernel, q, k, upstream)
+    nat = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos, sin), q, k, upstream)
+    ref = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos.double(), sin.double()), q.double(), k.double(),
+                         [g.double() for g in upstream])
+    assert q_rot.dtype == dtype and q_rot.shape == q.shape and k_rot.shape == k.shape
+    for name, out, n, r in zip(["q_rot", "k_rot", "dq", "dk"], (q_rot, k_rot, dq, dk), nat, ref):
+        assert_no_worse(name, out, n, r, dtype)
+
+
+def test_table_without_position_ids_uses_positions_from_zero():
+    gen = torch.Generator().manual_seed(0)
+    q = make_qk(2, 4, 6, 16, torch.float32, True, gen)
+    k = make_qk(2, 2, 6, 16, torch.float32, True, gen)
+    cos_t, sin_t = rope_table(10, 16, torch.float32)
+    q_rot, k_rot = fused_qk_rope(q, k, cos_t, sin_t)
+    q_ref, k_ref = hf_rope(q, k, cos_t[:6][None], sin_t[:6][None])
+    torch.testing.assert_close(q_rot, q_ref)
+    torch.testing.assert_close(k_rot, k_ref)
+
+
+def test_bad_input_names_the_argument():
+    q = torch.randn(1, 4, 5, 8, device=DEVICE)
+    k = torch.randn(1, 2, 5, 8, device=DEVICE)
+    cos, sin = rope_table(5, 8, torch.float32)
+    cos3, sin3 = cos[None], sin[None]
+    with pytest.raises(ValueError, match="q must have 4 dimensions"):
+        fused_qk_rope(q[0], k, cos3, sin3)
+    with pytest.raises(TypeError, match="k has dtype"):
+        fused_qk_rope(q, k.half(), cos3, sin3)
+    with pytest.raises(ValueError, match="k has shape"):
+        fused_qk_rope(q, k[:, :, :4], cos3, sin3)
+    with pytest.raises(ValueError, match="even head_dim"):
+        fused_qk_rope(q[..., :7], k[..., :7], cos3[..., :7], sin3[..., :7])
+    with pytest.raises(ValueError, match="cos/sin have last dimension"):
+        fused_qk_rope(q, k, cos3[..., :4], sin3[..., :4])
+    with pytest.raises(ValueError, match="but sin has"):
+        fused_qk_rope(q, k, cos3, sin)
+    with pytest.raises(ValueError, match="position_ids was given"):
+        fused_qk_rope(q, k, cos3, sin3, position_ids=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids range"):
+        fused_qk_rope(q, k, cos, sin, position_ids=torch.full((1, 5), 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="position_ids has dtype"):
+        fused_qk_rope(q, k, cos, sin, position_ids=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="cos/sin require grad"):
+        fused_qk_rope(q, k, cos3.requires_grad_(), sin3)
+    with pytest.raises(ValueError, match="sin is on meta"):
+        fused_qk_rope(q, k, cos3.detach(), torch.empty(1, 5, 8, device="meta"))
