@@ -188,6 +188,10 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the fused LoRA MLP backward overwrites its saved activations, so it runs once per "
+                               "forward (no retain_graph double backward); use LoRAConfig(fused=False) for that")
+        ctx.consumed = True
         x, e, g, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_ = ctx.saved_tensors
         sg, su, sd = ctx.scales
         x2 = x.reshape(-1, x.shape[-1])
@@ -196,7 +200,6 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         d_bd = (dy2.t() @ ha).mul_(sd)
         dh = dy2 @ wd
         dh.addmm_(gd, ad_)
-        # Consumes e and g: a retained second backward fails autograd's saved-tensor version check.
         h, de, dg = swiglu_backward_inplace(dh, e, g)
         d_ad = gd.t() @ h
         del h, dh

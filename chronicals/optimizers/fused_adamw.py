@@ -1,0 +1,48 @@
+"""FusedAdamW: AdamW whose update runs as PyTorch's fused multi-tensor kernel wherever PyTorch has one."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+
+def _tensors(params) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        if isinstance(p, dict):
+            out += list(p["params"])
+        elif isinstance(p, tuple):  # (name, tensor) pairs
+            out.append(p[1])
+        else:
+            out.append(p)
+    return out
+
+
+def fused_available(params) -> bool:
+    """True when every parameter is a floating tensor on one device type that has PyTorch's fused AdamW."""
+    tensors = _tensors(params)
+    types = {t.device.type for t in tensors}
+    return (
+        len(types) == 1
+        and types <= set(_get_fused_kernels_supported_devices())
+        and all(torch.is_floating_point(t) for t in tensors)
+    )
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """AdamW (decoupled weight decay). `fused=None` picks PyTorch's fused implementation when the parameters
+    allow it (CUDA, and CPU in recent PyTorch) and the foreach implementation otherwise; `fused=True` insists."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 *, fused: bool | None = None):
+        params = list(params)
+        if not params:
+            raise ValueError("FusedAdamW got no parameters; pass the model's trainable parameters")
+        available = fused_available(params)
+        if fused and not available:
+            devices = sorted({t.device.type for t in _tensors(params)})
+            raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters on {devices}; "
+                             "leave fused=None to fall back to the foreach implementation")
+        use_fused = available if fused is None else fused
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         fused=True if use_fused else None, foreach=None if use_fused else True)

@@ -1,0 +1,74 @@
+"""Small blocks with HF's module names, adapted by PEFT, in the three precisions the LoRA tests compare:
+float64 (the reference), all-native (PEFT's path with adapters in the native dtype: what plain PyTorch does),
+and ours (base in the native dtype, adapters fp32 as apply_lora keeps them, fused forwards installed)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from chronicals.lora import install_fused
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inter, bias=bias)
+        self.up_proj = nn.Linear(d, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, d, bias=bias)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QKVO(nn.Module):
+    """q, k, v of one input (as an attention forward calls them), then o over their concatenation."""
+
+    def __init__(self, d: int, dq: int, dkv: int, bias: bool = False):
+        super().__init__()
+        self.q_proj = nn.Linear(d, dq, bias=bias)
+        self.k_proj = nn.Linear(d, dkv, bias=bias)
+        self.v_proj = nn.Linear(d, dkv, bias=bias)
+        self.o_proj = nn.Linear(dq + 2 * dkv, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(torch.cat([q, k.tanh(), v], dim=-1))
+
+
+def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rslora: bool = False,
+            dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    """`block` with PEFT adapters on every linear, A and B both random (so the low-rank path matters)."""
+    targets = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_dora=dora,
+                     use_rslora=rslora, lora_dropout=dropout)
+    torch.manual_seed(seed)
+    model = inject_adapter_in_model(cfg, block)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def three_precisions(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(float64 reference, native-dtype PEFT path, ours) copies of an adapted block."""
+    ref = copy.deepcopy(model).double()
+    native = copy.deepcopy(model).to(dtype)
+    ours = copy.deepcopy(model).to(dtype)
+    for name, p in ours.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    install_fused(ours)
+    return ref, native, ours
+
+
+def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):
+    """Output, dX and every adapter gradient of `model` at input x (cast to `dtype`) and output grad dy."""
+    x = x.detach().to(dtype).requires_grad_(True)
+    y = model(x)
+    y.backward(dy.to(y.dtype))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return y, x.grad, grads

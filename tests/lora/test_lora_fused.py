@@ -1,0 +1,134 @@
+"""Fused LoRA ops against PEFT's own forward/backward: float64 PEFT is the reference, native-dtype PEFT the bar."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lora_blocks import MLP, QKVO, adapted, run, three_precisions
+from oracle import assert_no_worse
+
+from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
+
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+def _compare(model, x, dy, dtype, grad_fn_names):
+    ref, native, ours = three_precisions(model, dtype)
+    y_ref, dx_ref, g_ref = run(ref, x, dy, torch.float64)
+    y_nat, dx_nat, g_nat = run(native, x, dy, dtype)
+    y, dx, g = run(ours, x, dy, dtype)
+    # The fused ops really ran (not PEFT's path): their backward nodes are in the graph.
+    names = _graph_names(ours(x.to(dtype).requires_grad_(True)))
+    for name in grad_fn_names:
+        assert name in names, f"{name} not in the autograd graph: {sorted(names)}"
+    assert y.dtype == dtype
+    assert_no_worse("output", y, y_nat, y_ref, dtype)
+    assert_no_worse("dX", dx, dx_nat, dx_ref, dtype)
+    assert set(g) == set(g_ref)
+    for name in g_ref:
+        assert g[name].dtype == torch.float32, name  # adapters stay fp32, as apply_lora keeps them
+        assert_no_worse(f"d {name}", g[name], g_nat[name], g_ref[name], dtype)
+
+
+def _graph_names(t):
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack += [f for f, _ in fn.next_functions]
+    return names
+
+
+@given(
+    tokens=st.integers(1, 40), batch=st.integers(1, 2), d=st.integers(4, 40), inter=st.integers(4, 72),
+    rank=st.integers(1, 8), alpha=st.floats(0.5, 64), bias=st.booleans(), dtype=DTYPES, seed=st.integers(0, 99),
+)
+def test_fused_swiglu_mlp_matches_peft(tokens, batch, d, inter, rank, alpha, bias, dtype, seed):
+    rank = min(rank, d, inter)
+    torch.manual_seed(seed)
+    model = adapted(MLP(d, inter, bias=bias), rank, alpha, seed=seed)
+    x, dy = torch.randn(batch, tokens, d), torch.randn(batch, tokens, d)
+    _compare(model, x, dy, dtype, ["_LoRASwiGLUMLPBackward"])
+
+
+@given(
+    tokens=st.integers(1, 40), d=st.integers(4, 40), dq=st.integers(4, 40), dkv=st.integers(2, 24),
+    rank=st.integers(1, 8), alpha=st.floats(0.5, 64), bias=st.booleans(), dtype=DTYPES, seed=st.integers(0, 99),
+)
+def test_fused_qkv_and_o_match_peft(tokens, d, dq, dkv, rank, alpha, bias, dtype, seed):
+    rank = min(rank, d, dq, dkv)
+    torch.manual_seed(seed)
+    model = adapted(QKVO(d, dq, dkv, bias=bias), rank, alpha, seed=seed)
+    x, dy = torch.randn(tokens, d), torch.randn(tokens, d)
+    _compare(model, x, dy, dtype, ["_LoRAFanOutBackward"])
+
+
+def test_qkv_group_computes_once_and_hands_out_siblings():
+    model = adapted(QKVO(16, 16, 8), 4, 8.0)
+    _, _, ours = three_precisions(model, torch.float32)
+    calls = []
+    group = ours.q_proj._chronicals_group
+    original = group.__class__.__call__
+
+    def spy(self, index, x, *a, **k):
+        out = original(self, index, x, *a, **k)
+        calls.append((index, len(self.pending)))
+        return out
+
+    group.__class__.__call__ = spy
+    try:
+        ours(torch.randn(5, 16))
+    finally:
+        group.__class__.__call__ = original
+    # q computes all three and leaves k and v pending; k and v take theirs; nothing is left behind.
+    assert calls == [(0, 2), (1, 1), (2, 0)]
+
+
+def test_fused_path_falls_back_when_adapters_are_disabled():
+    model = adapted(MLP(12, 20), 4, 8.0)
+    _, native, ours = three_precisions(model, torch.float32)
+    x = torch.randn(3, 12)
+    for layer in (ours.gate_proj, ours.up_proj, ours.down_proj, native.gate_proj, native.up_proj, native.down_proj):
+        layer.enable_adapters(False)
+    names = _graph_names(ours(x.requires_grad_(True)))
+    assert "_LoRASwiGLUMLPBackward" not in names and "_LoRAFanOutBackward" not in names
+    torch.testing.assert_close(ours(x), native(x))
+
+
+def test_dropout_uses_peft_path_in_training_and_fused_path_in_eval():
+    model = adapted(MLP(12, 20), 4, 8.0, dropout=0.5)
+    _, native, ours = three_precisions(model, torch.float32)
+    x = torch.randn(3, 12, requires_grad=True)
+    assert "_LoRASwiGLUMLPBackward" not in _graph_names(ours.train()(x))
+    assert "_LoRASwiGLUMLPBackward" in _graph_names(ours.eval()(x))
+    torch.testing.assert_close(ours(x), native.eval()(x))
+
+
+def test_wrappers_reject_bad_inputs_with_clear_errors():
+    w, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="x has 5 features"):
+        lora_linear(torch.randn(3, 5), w, None, a, b, 1.0)
+    with pytest.raises(TypeError, match="weight dtype"):
+        lora_linear(torch.randn(3, 4, dtype=torch.bfloat16), w, None, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        lora_linear(torch.randn(3, 4), w, None, a, torch.randn(6, 3), 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(torch.randn(3, 4), w.requires_grad_(True), None, a, b, 1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        lora_projections(torch.randn(3, 4), [])
+    gate = (torch.randn(6, 4), None, a, b, 1.0)
+    with pytest.raises(ValueError, match="down"):
+        lora_swiglu_mlp(torch.randn(3, 4), gate, gate, (torch.randn(4, 5), None, torch.randn(2, 5),
+                                                          torch.randn(4, 2), 1.0))
+
+
+def test_second_backward_through_fused_mlp_is_refused():
+    model = adapted(MLP(8, 12), 2, 4.0)
+    _, _, ours = three_precisions(model, torch.float32)
+    y = ours(torch.randn(3, 8, requires_grad=True)).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        y.backward()
