@@ -114,18 +114,18 @@ class ChronicalsTrainer:
                 while state["step"] < total and not self._stop_requested:
                     for micro_batches in plan.epoch_steps(state["epoch"], start=state["step_in_epoch"]):
                         metrics = self._train_step(micro_batches, state["step"] + 1)
+                        metrics["epoch"] = state["epoch"]
                         state["step"] += 1
                         state["step_in_epoch"] += 1
-                        metrics["epoch"] = state["epoch"]
+                        if state["step_in_epoch"] == plan.steps_per_epoch:  # the position is the next step's
+                            state["epoch"] += 1
+                            state["step_in_epoch"] = 0
                         logger.log(metrics)
                         result.losses.append(metrics["loss"])
                         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
                             self._save(state)
                         if state["step"] >= total or self._stop_requested:
                             break
-                    else:
-                        state["epoch"] += 1
-                        state["step_in_epoch"] = 0
             result.steps = state["step"]
             result.checkpoint = str(self._save(state))
             if self._stop_requested:

@@ -1,0 +1,95 @@
+"""Checkpoints: resuming continues with the losses of an uninterrupted run; a crash mid-write never leaves a
+checkpoint that looks complete; Ctrl-C saves one before stopping."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from chronicals.training import ChronicalsTrainer, checkpoint
+
+from .helpers import config, rows, tiny_model, tokenizer
+
+
+def _train(tmp_path, data, **changes):
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
+    return trainer, trainer.train(data)
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    # 6 steps over 2 epochs (3 steps each), so resuming must also restore the data position within the order.
+    data = rows(24)
+    _, full = _train(tmp_path / "full", data, max_steps=6, batch_size=8, save_steps=0, lr_schedule="cosine",
+                     warmup_steps=2)
+    _, first = _train(tmp_path / "split", data, max_steps=6, batch_size=8, save_steps=2, save_total_limit=2,
+                      warmup_steps=2)
+    assert first.losses == full.losses  # same seed, same run
+    saved = [p.name for p in checkpoint.list_checkpoints(tmp_path / "split" / "run")]
+    assert saved == ["checkpoint-4", "checkpoint-6"]  # save_total_limit keeps the newest two
+    _, resumed = _train(tmp_path / "split", data, max_steps=6, batch_size=8, warmup_steps=2,
+                        resume_from_checkpoint=str(tmp_path / "split" / "run" / "checkpoint-4"))
+    assert resumed.losses == full.losses[4:]
+    metrics = [json.loads(line) for line in (tmp_path / "split" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_latest_and_missing_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        checkpoint.resolve("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory"):
+        checkpoint.resolve(str(tmp_path / "nope"), tmp_path)
+
+
+def test_crash_mid_write_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    trainer, _ = _train(tmp_path, rows(8), max_steps=2, batch_size=4, save_steps=1)
+    out = tmp_path / "run"
+    assert checkpoint.find_latest(out).name == "checkpoint-2"
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        if str(f).endswith("scheduler.pt"):
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer._save({"step": 3, "epoch": 0, "step_in_epoch": 3})
+    assert not (out / "checkpoint-3").exists()
+    assert (out / ".checkpoint-3.tmp").exists()
+    assert checkpoint.find_latest(out).name == "checkpoint-2"
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer._save({"step": 3, "epoch": 0, "step_in_epoch": 3})  # the next save cleans the debris up
+    assert checkpoint.find_latest(out).name == "checkpoint-3" and not (out / ".checkpoint-3.tmp").exists()
+
+
+def test_checkpoint_holds_model_optimizer_scheduler_rng_and_position(tmp_path):
+    _, result = _train(tmp_path, rows(8), max_steps=2, batch_size=4)
+    path = tmp_path / "run" / "checkpoint-2"
+    assert result.checkpoint == str(path)
+    names = {p.name for p in path.iterdir()}
+    assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pt",
+            "trainer_state.json"} <= names
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 1, 0)  # epoch 0 done: next is 1, 0
+    # The full fine-tune's checkpoint loads with transformers as it is.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=6, batch_size=2))
+    step = trainer._train_step
+
+    def interrupted_at_two(micro_batches, n):
+        out = step(micro_batches, n)
+        if n == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    trainer._train_step = interrupted_at_two
+    result = trainer.train(rows(16))
+    assert result.interrupted and result.steps == 2
+    assert checkpoint.find_latest(tmp_path / "run").name == "checkpoint-2"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
