@@ -57,10 +57,10 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
                      "of tokens/s on the same scenario and variant.\n\n" + headline)
     parts.append("## Method\n\n" + METHOD)
     parts.append("### Hardware and software\n\n" + _provenance(rows))
-    settings = _scenario_settings(scenarios(rows), scenario_dir)
+    settings = _scenario_settings(rows, scenario_dir)
     if settings:
-        parts.append("### Scenario settings\n\nTop-level settings of each scenario file (warm-up and timed steps, "
-                     "batch shape, model).\n\n" + settings)
+        parts.append("### Scenario settings\n\nAs in each `scenarios/<name>.toml`: model, batch shape, steps and "
+                     "`train.warmup` (the warm-up steps left out of every speed number).\n\n" + settings)
     parts.append("## Results\n")
     for s in sections:
         parts.append(f"### {s.title}\n")
@@ -75,30 +75,51 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
 
 
 def _provenance(rows: list[Row]) -> str:
-    """One line per scenario: device, commit, time span and versions, as the runner recorded them."""
+    """One line per scenario: device, measured matmul ceiling, commit, time span and versions, as recorded."""
     body = []
     for sc in scenarios(rows):
         prov = [r.provenance for r in rows if r.scenario == sc]
         first = prov[0]
         times = sorted(str(p["time"]) for p in prov if p.get("time"))
         versions = first.get("versions")
-        version_text = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else "-"
-        other = ", ".join(f"{k}={v}" for k, v in first.items() if k not in ("gpu", "commit", "time", "versions"))
+        # Packages that were not installed are recorded as null; the report names only what was there.
+        version_text = (", ".join(f"{k} {v}" for k, v in versions.items() if v is not None)
+                        if isinstance(versions, dict) else "-")
+        other = ", ".join(f"{k}={v}" for k, v in first.items()
+                          if k not in ("gpu", "commit", "time", "versions", "run_id") and v is not None)
+        ceiling = next((r.value for r in rows if r.scenario == sc and r.ok and r.metric == "matmul_ceiling_tflops"),
+                       None)
         body.append([
-            sc, str(first.get("gpu") or "cpu"), str(first.get("commit", "-")),
+            sc, str(first.get("gpu") or "cpu"), f"{ceiling:.0f}" if ceiling else "-", str(first.get("commit", "-")),
             f"{times[0]} .. {times[-1]}" if times else "-", version_text, other or "-",
         ])
-    return markdown(["scenario", "device", "commit", "time", "versions", "other"], body)
+    return markdown(["scenario", "device", "matmul ceiling [TFLOP/s]", "commit", "time", "versions", "other"], body)
 
 
-def _scenario_settings(names: list[str], scenario_dir: Path) -> str | None:
+def _scenario_settings(rows: list[Row], scenario_dir: Path) -> str | None:
+    """The settings of each scenario file: the one the runner recorded in the provenance when it is here, else
+    <scenario_dir>/<name>.toml."""
     body = []
-    for name in names:
-        path = scenario_dir / f"{name}.toml"
-        if not path.is_file():
+    for name in scenarios(rows):
+        recorded = next(r.provenance.get("scenario_file") for r in rows if r.scenario == name)
+        path = next((p for p in (Path(recorded or ""), scenario_dir / f"{name}.toml") if p.is_file()), None)
+        if path is None:
             continue
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        scalars = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-        body.append([name, ", ".join(f"{k}={v}" for k, v in scalars.items()) or "(all settings are per run)"])
+        body.append([name, ", ".join(_settings(data))])
     return markdown(["scenario", "settings"], body) if body else None
+
+
+def _settings(data: dict, prefix: str = "") -> list[str]:
+    """`key=value` for scalars and lists of scalars, tables flattened as `table.key`; the per-backend [[variants]]
+    are left out (their names and flags are in the rows and the tables above)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out += _settings(v, f"{prefix}{k}.")
+        elif isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+            out.append(f"{prefix}{k}=[{', '.join(map(str, v))}]")
+        elif not isinstance(v, list):
+            out.append(f"{prefix}{k}={v}")
+    return out

@@ -109,3 +109,12 @@ def test_cli_renders_and_refuses_a_missing_results_path(tmp_path, capsys):
     packing = RESULTS / "packing.jsonl"
     assert harness_main(["report", "--results", str(packing), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "figures" / "packing.png").is_file() and (tmp_path / "REPORT.md").is_file()
+
+
+def test_report_quotes_the_scenario_files_settings(tmp_path):
+    from harness.report.document import _scenario_settings
+
+    (tmp_path / "packing.toml").write_text('device = "cuda"\nbackends = ["torch", "chronicals"]\n'
+                                            '[train]\nwarmup = 5\nsteps = 25\n[[variants]]\nbackend = "chronicals"\n')
+    text = _scenario_settings(load(RESULTS / "packing.jsonl"), tmp_path)
+    assert "| packing | device=cuda, backends=[torch, chronicals], train.warmup=5, train.steps=25 |" in text
