@@ -42,7 +42,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], index: int) -> t
     for turn, message in enumerate(messages):
         if message["role"] not in ROLES_TRAINED:
             continue
-        context = _render(tokenizer, messages[:turn], add_generation_prompt=True) if turn else ""
+        if turn:
+            context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
+        else:
+            context = _opening(tokenizer, message, index)
         through = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         if not (through.startswith(context) and full.startswith(through)):
             raise ValueError(
@@ -56,3 +59,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], index: int) -> t
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+
+def _opening(tokenizer: Any, message: dict[str, str], index: int) -> str:
+    # What the template writes before a reply that opens the conversation (a default system prompt, the assistant
+    # header), which must not count as the reply. Transformers refuses to render an empty conversation, so the
+    # reply is rendered with a marker for its content and the text before the marker is taken.
+    marker = "\x00chronicals-reply\x00"
+    rendered = _render(tokenizer, [{**message, "content": marker}], add_generation_prompt=False)
+    if marker not in rendered:
+        raise ValueError(f"row {index}: the chat template does not render an assistant message's content verbatim, "
+                         "so the opening reply's tokens cannot be located")
+    return rendered[: rendered.index(marker)]

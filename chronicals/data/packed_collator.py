@@ -53,7 +53,7 @@ class PackedCollator:
                 labels[start] = self.ignore_index
                 start += n
             seq_lens += lens
-        num_label_tokens = sum(1 for t in labels if t != self.ignore_index)
+        num_label_tokens = len(labels) - labels.count(self.ignore_index)
         if num_label_tokens == 0:
             raise ValueError(
                 f"this batch of {len(features)} feature(s) has no label token (all labels are ignore_index); "
@@ -64,7 +64,9 @@ class PackedCollator:
             input_ids += [self.padding_token_id] * pad
             labels += [self.ignore_index] * pad
             seq_lens.append(pad)
-        position_ids = [p for n in seq_lens for p in range(n)]
+        position_ids: list[int] = []
+        for n in seq_lens:
+            position_ids += range(n)
         cu_seq_lens = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
         cu_seq_lens[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
         max_length = max(seq_lens)

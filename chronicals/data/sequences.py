@@ -63,12 +63,15 @@ def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Token
         raise TypeError(f"{what} must be a list of int token ids, got {type(value).__name__}")
     value = list(value)
     # array.array converts in C: "Q" (unsigned) rejects non-ints and negatives in one pass; labels may also hold
-    # ignore_index, so they get the signed "q" and a min(). The slow scan only runs to name an offending entry.
+    # ignore_index, so they get the signed "q" and a min() over the rest. The slow scan only runs to name the culprit.
     try:
         if ignore_index is None:
             array.array("Q", value)
-        elif array.array("q", value) and min(value) < 0 and any(t < 0 and t != ignore_index for t in set(value)):
-            raise OverflowError
+        elif array.array("q", value) and min(value) < 0:
+            distinct = set(value)
+            distinct.discard(ignore_index)
+            if distinct and min(distinct) < 0:
+                raise OverflowError
     except (TypeError, OverflowError):
         bad = next(t for t in value if type(t) is not int or (t != ignore_index and not 0 <= t < 1 << 63))
         allowed = "non-negative int token ids" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")

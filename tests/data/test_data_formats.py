@@ -40,6 +40,20 @@ def test_chat_loss_on_assistant_tokens_only(tok):
     assert all(label == t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE)
 
 
+def test_chat_default_system_prompt_is_not_trained(tok):
+    # Like Qwen's templates: a default system prompt when the conversation has none, also before an opening reply.
+    qwen_like = copy.copy(tok)
+    qwen_like.chat_template = (
+        "{% if messages | length == 0 or messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}" + tok.chat_template
+    )
+    opening = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi."},
+               {"role": "assistant", "content": "Bye."}]
+    (example,) = tokenize_rows([{"messages": opening}], qwen_like, "messages")
+    assert "You are helpful." in tok.decode(example["input_ids"])
+    assert trained_text(tok, example) == "Hello.<|im_end|>\nBye.<|im_end|>\n"
+
+
 def test_chat_without_assistant_turn_has_no_label(tok):
     (example,) = tokenize_rows([{"messages": CHAT[:2]}], tok, "messages")
     assert set(example["labels"]) == {IGNORE}
@@ -50,6 +64,9 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tok):
     odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ValueError, match="row 0: the chat template is not prefix-stable"):
         tokenize_rows([{"messages": CHAT}], odd, "messages")
+    odd.chat_template = "{% for m in messages %}{{ m['role'] }}{{ m['content'] | upper }}{% endfor %}"
+    with pytest.raises(ValueError, match="does not render an assistant message's content verbatim"):
+        tokenize_rows([{"messages": CHAT[2:]}], odd, "messages")
     odd.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         tokenize_rows([{"messages": CHAT}], odd, "messages")
