@@ -61,7 +61,6 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-
 def _opening(tokenizer: Any, message: dict[str, str], index: int) -> str:
     # What the template writes before a reply that opens the conversation (a default system prompt, the assistant
     # header), which must not count as the reply. Transformers refuses to render an empty conversation, so the

@@ -45,9 +45,9 @@ def prepare_dataset(
     ignore_index: int = -100,
 ) -> PreparedData:
     """Load `source` (see `load_rows`), tokenize it in `format` ("auto", "text", "prompt_completion", "messages", or
-    "tokenized" for rows that already hold `input_ids` and optionally `labels`),
-    reusing the tokenization cache under `cache_dir` (default ~/.cache/chronicals), then fit it to `max_seq_length`
-    and, with `packing` (the default), pack it with `SequencePacker`. The collator matches: `PackedCollator` for
+    "tokenized" for rows that already hold `input_ids` and optionally `labels`), reusing the tokenization cache under
+    `cache_dir` (default ~/.cache/chronicals), then fit it to `max_seq_length` and, with `packing` (the default),
+    pack it with `SequencePacker`. The collator matches: `PackedCollator` for
     packed rows, `PaddedCollator` padding to the longest example otherwise."""
     check_int("max_seq_length", max_seq_length, minimum=2)
     loaded = load_rows(source, split)
@@ -70,7 +70,7 @@ def prepare_dataset(
         # (num_label_tokens over their size) are where it is measured.
         stats = {**vars(fit), "num_rows": len(rows), "packed_tokens": sum(len(ids) for ids, _ in sequences)}
         collator = PaddedCollator(tokenizer.pad_token_id, None, pad_to_multiple_of, ignore_index)
-    stats["label_tokens"] = sum(1 for row in rows for t in row["labels"] if t != ignore_index)
+    stats["label_tokens"] = sum(len(row["labels"]) - row["labels"].count(ignore_index) for row in rows)
     return PreparedData(rows, collator, fmt, stats, cache_file, cache_hit)
 
 
