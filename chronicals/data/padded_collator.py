@@ -3,7 +3,7 @@ packing off and for the harness's padded-versus-packed comparison."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,11 @@ class PaddedCollator:
     def __call__(self, examples: Sequence[Any]) -> dict[str, Any]:
         if not examples:
             raise ValueError("PaddedCollator got an empty list of examples")
+        for index, example in enumerate(examples):
+            # A packed row here would let its sequences attend to each other; only PackedCollator keeps them apart.
+            if isinstance(example, Mapping) and len(example.get("seq_lens") or ()) > 1:
+                raise ValueError(f"example {index} is a packed row of several sequences; batch packed rows with "
+                                 "PackedCollator, or turn packing off")
         sequences = [as_sequence(example, index, self.ignore_index) for index, example in enumerate(examples)]
         longest = max(len(ids) for ids, _ in sequences)
         if self.max_length is not None and longest > self.max_length:

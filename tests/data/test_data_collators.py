@@ -80,5 +80,7 @@ def test_collator_bad_arguments():
         PackedCollator(pad_to_multiple_of=8)
     with pytest.raises(ValueError, match="seq_lens"):
         PackedCollator()([{"input_ids": [1, 2, 3], "seq_lens": [1, 1]}])
+    with pytest.raises(ValueError, match="packed row of several sequences"):
+        PaddedCollator(padding_token_id=0)([{"input_ids": [1, 2, 3], "seq_lens": [1, 2]}])
     with pytest.raises(ValueError, match="more than max_length=2"):
         PaddedCollator(padding_token_id=0, max_length=2)([[1, 2, 3]])
