@@ -94,7 +94,7 @@ def ablation_waterfall(rows: list[Row], scenario: str = "ablation", backend: str
                    label=f"{style.label(ref.backend)}: {style.short_number(ref.value)}")
         ax.legend(loc="upper left", fontsize=8, frameon=False)
     ticks = [f"{steps[0][0]}\n(start)"] + [_step_name(v, a) for v, _, _, a in steps[1:]]
-    ax.set_xticks(range(n + 1), ticks + ["all on"], fontsize=7)
+    ax.set_xticks(range(n + 1), ticks + [f"total\n({steps[-1][0]})"], fontsize=7)
     ax.set_ylabel(units.axis_label("tokens_per_s"))
     ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
     ax.set_title(f"{scenario}: {style.label(backend)} tokens/s, one optimization added per step")
