@@ -1,0 +1,110 @@
+"""Planted-fault backends, registered through the same interface as the real ones (harness.backends.register).
+Each is the reference backend with one classic bug; the harness must flag every one of them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from harness import data
+from harness.backends import Backend, BuildSpec, Trainable
+from harness.backends.torch import TorchBackend
+
+
+class ZeroGradBackend(TorchBackend):
+    """The loss is multiplied by zero before backward: every gradient is exactly zero."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        t.forward = lambda batch: t.model(**batch).loss * 0.0
+        return t
+
+
+class FrozenWeightsBackend(TorchBackend):
+    """The optimizer steps fp32 master copies whose updates are never copied back into the model: gradients look
+    healthy, the model never changes."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        masters = [p.detach().float().clone().requires_grad_(True) for p in t.params]
+
+        def hand_over(master):
+            def hook(p):
+                master.grad = p.grad.float()
+                p.grad = None
+            return hook
+
+        for p, m in zip(t.params, masters):
+            p.register_post_accumulate_grad_hook(hand_over(m))
+        t.params = masters
+        return t
+
+
+class PaddingAsTokensBackend(TorchBackend):
+    """Its collator sets labels = input_ids, padding included: the loss (and any count of its terms) takes the
+    padding as tokens."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+
+        def collate(sequences):
+            batch = data.collate(sequences, spec.layout)
+            batch["labels"] = batch["input_ids"].clone()
+            return batch
+
+        t.collate = collate
+        return t
+
+
+class DivergingBackend(TorchBackend):
+    """Its loss doubles every step."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        step = [0]
+
+        def forward(batch):
+            step[0] += 1
+            return t.model(**batch).loss * 2.0 ** (step[0] - 1)
+
+        t.forward = forward
+        return t
+
+
+class HardCrashBackend(Backend):
+    """The process dies without a word (as a segfault in a peer's extension would)."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        os._exit(3)
+
+
+class HangBackend(Backend):
+    """Never returns: the runner's timeout must end it."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        time.sleep(3600)
+
+
+class OutOfMemoryBackend(Backend):
+    def build(self, spec: BuildSpec) -> Trainable:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+
+FAKES = {
+    "fake_zero_grad": "ZeroGradBackend",
+    "fake_frozen": "FrozenWeightsBackend",
+    "fake_padding_tokens": "PaddingAsTokensBackend",
+    "fake_diverging": "DivergingBackend",
+    "fake_hard_crash": "HardCrashBackend",
+    "fake_hang": "HangBackend",
+    "fake_oom": "OutOfMemoryBackend",
+}
+
+
+def register_all():
+    from harness.backends import register
+
+    for name, cls in FAKES.items():
+        register(name, f"{__name__}:{cls}")

@@ -1,0 +1,77 @@
+"""The runner with a stand-in launcher (no subprocess): rows are on disk the moment each run ends, speed only for
+verified runs, a failed reference fails the runs compared with it; the worker turns an unavailable backend into its
+status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import scenario, worker
+from harness.runner import Launched, run_scenario
+
+RAW = {
+    "device": "cpu", "backends": ["torch", "liger", "unsloth"], "model": {"preset": "tiny-llama"},
+    "train": {"batch_size": 2, "seq_len": 16, "steps": 3, "warmup": 1},
+}
+
+
+def good_result(loss=(5.0, 4.9, 4.8)):
+    return {"status": "ok", "reason": "", "weights_changed": 0.5, "peak_mem_alloc_gib": None,
+            "steps": [{"loss": x, "grad_norm": 1.0, "time_ms": 10.0, "label_tokens": 30, "real_tokens": 30,
+                       "processed_tokens": 32} for x in loss]}
+
+
+class Launcher:
+    """Hands out canned results; on each call it records which runs' rows are already in the results file."""
+
+    def __init__(self, out, results):
+        self.out, self.results, self.seen = out, list(results), []
+
+    def __call__(self, module, args, timeout_s, env, log_path, result_path):
+        lines = self.out.read_text().splitlines() if self.out.exists() else []
+        self.seen.append(sorted({json.loads(x)["backend"] for x in lines}))
+        res = self.results.pop(0)
+        if isinstance(res, BaseException):
+            raise res
+        return Launched(result=res, timed_out=False, returncode=0, log_tail="")
+
+
+def test_rows_are_appended_as_each_run_ends(tmp_path):
+    out = tmp_path / "r.jsonl"
+    launcher = Launcher(out, [good_result(), good_result((5.0, 4.9, 6.0)), KeyboardInterrupt()])
+    with pytest.raises(KeyboardInterrupt):  # the matrix dies in the third run ...
+        run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None, launcher=launcher)
+    assert launcher.seen == [[], ["torch"], ["liger", "torch"]]  # ... and what ran before is on disk
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    by = {b: [r for r in rows if r["backend"] == b] for b in ("torch", "liger")}
+    assert {r["status"] for r in by["torch"]} == {"ok"}
+    assert {"tokens_per_s", "step_time_ms", "tflops", "loss", "grad_norm"} <= {r["metric"] for r in by["torch"]}
+    assert {r["status"] for r in by["liger"]} == {"failed-verification"}
+    assert "step 2: loss 6 vs reference 4.8" in by["liger"][0]["reason"]
+    assert {r["metric"] for r in by["liger"]} == {"loss", "grad_norm"}  # no speed for a failed run
+
+
+def test_a_failed_reference_fails_the_runs_compared_with_it(tmp_path):
+    out = tmp_path / "r.jsonl"
+    zero = good_result()
+    zero["steps"][1]["grad_norm"] = 0.0
+    outcomes = run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None,
+                            launcher=Launcher(out, [zero, good_result(), {"status": "unavailable", "reason": "x",
+                                                                          "steps": []}]))
+    assert [o.status for o in outcomes] == ["failed-verification", "failed-verification", "unavailable"]
+    assert "reference run (torch, default) did not pass" in outcomes[1].reason
+    assert [r["metric"] for r in json.loads("[" + ",".join(out.read_text().splitlines()) + "]")
+            if r["backend"] == "unsloth"] == [None]
+
+
+def test_worker_reports_an_unavailable_backend(tmp_path):
+    job = {"target": "harness.backends.liger:LigerBackend", "data": "unused", "optimizer": {},
+           "build": {"checkpoint": "unused", "model_type": "llama", "device": "cpu", "dtype": "float32",
+                     "mode": "full", "lora_rank": 8, "lora_alpha": 16, "seq_len": 16, "seed": 0, "layout": "padded",
+                     "flags": {}}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert worker.main([str(tmp_path / "job.json"), str(tmp_path / "res.json")]) == 0
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["status"] == "unavailable" and "CUDA GPU" in res["reason"] and res["device"]["gpu"] is None

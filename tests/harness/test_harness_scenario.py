@@ -1,0 +1,106 @@
+"""Scenario files: every shipped one loads; a bad backend, model, field or value is an error naming the file, the
+field and the valid choices; `bench` exits non-zero on a bad scenario and says plainly when it needs a GPU."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import bench, scenario
+from harness.scenario import ScenarioError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = {
+    "device": "cpu",
+    "backends": ["torch", "chronicals"],
+    "model": {"preset": "tiny-llama"},
+    "train": {"batch_size": 2, "seq_len": 32, "steps": 3, "warmup": 1},
+    "data": {"kind": "varlen"},
+    "variants": [{"backend": "chronicals", "name": "none", "flags": {"rms_norm": False}},
+                 {"backend": "chronicals", "name": "packed", "layout": "packed"}],
+}
+
+
+def bad(**changes):
+    raw = copy.deepcopy(GOOD)
+    for dotted, value in changes.items():
+        *path, key = dotted.split("__")
+        table = raw
+        for p in path:
+            table = table[p]
+        table[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_load(path):
+    sc = scenario.load(path)
+    assert sc.runs and sc.reference_run.backend == sc.reference
+    assert sc.ordered_runs()[0] is sc.reference_run
+
+
+def test_required_scenarios_exist():
+    names = {p.stem for p in (ROOT / "scenarios").glob("*.toml")}
+    assert {"smoke-cpu", "h200-full", "h200-lora", "ablation", "packing"} <= names
+
+
+def test_good_scenario_parses_runs_and_flags():
+    sc = scenario.parse(GOOD, "x.toml")
+    assert [(r.backend, r.variant, r.layout) for r in sc.runs] == [
+        ("torch", "default", "padded"), ("chronicals", "none", "padded"), ("chronicals", "packed", "packed")]
+    assert sc.runs[1].flags["rms_norm"] is False and sc.runs[1].flags["swiglu"] is True  # defaults filled in
+    assert sc.name == "x"
+
+
+@pytest.mark.parametrize("raw, words", [
+    (bad(backends=["torch", "tensorflow"]), ["'backends'", "'tensorflow'", "torch_compile", "unsloth"]),
+    (bad(model__preset="gpt-5"), ["'model.preset'", "'gpt-5'", "qwen2.5-0.5b", "llama-3.2-1b"]),
+    (bad(batchsize=8), ["'batchsize'", "valid fields", "train"]),
+    (bad(train__learning_rate=1.0), ["'train.learning_rate'", "valid fields", "lr"]),
+    (bad(train__mode="qlora"), ["'train.mode'", "'qlora'", "full, lora"]),
+    (bad(train__steps=0), ["'train.steps'", "integer >= 1"]),
+    (bad(train__warmup=3), ["'train.warmup'", "less than 'train.steps'"]),
+    (bad(data__kind="webtext"), ["'data.kind'", "fixed, varlen, text"]),
+    (bad(device="tpu"), ["'device'", "cuda, cpu"]),
+    (bad(reference="liger"), ["'reference'", "not in 'backends'"]),
+    (bad(variants=[{"backend": "chronicals", "flags": {"flash": True}}]), ["'flash'", "rms_norm", "valid flags"]),
+    (bad(variants=[{"backend": "torch", "flags": {"rms_norm": True}}]), ["'rms_norm'", "no switchable"]),
+    (bad(variants=[{"backend": "torch", "layout": "packed"}]), ["layout", "'packed'", "padded"]),
+    (bad(variants=[{"backend": "liger"}]), ["'variants[0].backend'", "not in 'backends'"]),
+    (bad(model={"preset": "tiny-llama", "path": "/x"}), ["exactly one of 'preset'", "'path'"]),
+])
+def test_bad_input_names_file_field_and_choices(raw, words):
+    with pytest.raises(ScenarioError) as e:
+        scenario.parse(raw, "scenarios/bad.toml")
+    assert str(e.value).startswith("scenarios/bad.toml: ")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ScenarioError, match="nope.toml: no such scenario file"):
+        scenario.load(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("backends = [\n")
+    with pytest.raises(ScenarioError, match="broken.toml: not valid TOML"):
+        scenario.load(broken)
+
+
+def test_bench_exits_nonzero_naming_file_and_field(tmp_path, capsys):
+    assert bench.main(["--scenario", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: no such scenario file" in capsys.readouterr().err
+    bad_file = tmp_path / "bad.toml"
+    bad_file.write_text('device = "cpu"\nbackends = ["torch", "jax"]\n[model]\npreset = "tiny-llama"\n[train]\n')
+    assert bench.main(["--scenario", str(bad_file)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "'backends'" in err and "'jax'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_says_plainly_when_a_gpu_scenario_has_no_gpu(capsys):
+    assert bench.main(["--scenario", str(ROOT / "scenarios" / "h200-full.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable CUDA GPU" in err and "smoke-cpu" in err and "Traceback" not in err
