@@ -64,7 +64,7 @@ def reference_run(found: dict, scenario: str, variant: str):
     return theirs[0] if len(theirs) == 1 else None
 
 
-def ablation_waterfall(rows: list[Row], scenario: str = "ablation", backend: str = "chronicals"):
+def ablation_waterfall(rows: list[Row], scenario: str, backend: str = "chronicals"):
     """Chronicals' tokens/s as its optimizations are switched on one at a time: the first bar is the variant with the
     fewest flags on, each next bar floats from the previous total and is labelled with its measured gain."""
     steps = ablation_steps(rows, scenario, backend)
@@ -108,7 +108,17 @@ def _step_name(variant: str, added: frozenset[str]) -> str:
     return f"{variant}\n(+{', '.join(sorted(added)) or 'no new flag'})"
 
 
-def ablation_steps(rows: list[Row], scenario: str = "ablation", backend: str = "chronicals"):
+def is_ablation(rows: list[Row], scenario: str, backend: str = "chronicals") -> bool:
+    """A scenario runs an ablation when the backend has measured variants with different sets of flags on."""
+    runs = [r for k, r in measured(rows, "tokens_per_s", scenario).items() if k[2] == backend]
+    return len({r.enabled_flags() for r in runs}) > 1
+
+
+def is_packing(rows: list[Row], scenario: str) -> bool:
+    return bool(measured(rows, "packing_efficiency", scenario))
+
+
+def ablation_steps(rows: list[Row], scenario: str, backend: str = "chronicals"):
     """[(variant, row, gain over the previous step in tokens/s, flags added)] ordered by how many flags are on
     (ties in the order the scenario lists them)."""
     got = [r for k, r in measured(rows, "tokens_per_s", scenario).items() if k[2] == backend]

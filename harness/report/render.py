@@ -48,14 +48,14 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
         for kind, metrics in figures.SPEED_MEMORY_PANELS.items():
             emit(section, f"{kind}_{sc}", figures.bars(rows, sc, metrics, HEADINGS[kind]),
                  tables.metrics_table(rows, sc, metrics), f"{sc}: {CAPTIONS[kind]}")
-        if sc == "ablation":
-            emit(section, "ablation_waterfall", figures.ablation_waterfall(rows), tables.ablation_table(rows),
-                 "Ablation: Chronicals' tokens/s as each optimization is switched on; each step's measured gain.")
-        if sc == "packing":
-            emit(section, "packing", figures.bars(rows, sc, ("packing_efficiency", "tokens_per_s"),
+        if figures.is_ablation(rows, sc):
+            emit(section, f"waterfall_{sc}", figures.ablation_waterfall(rows, sc), tables.ablation_table(rows, sc),
+                 f"{sc}: Chronicals' tokens/s as each optimization is switched on; each step's measured gain.")
+        if figures.is_packing(rows, sc):
+            emit(section, f"packing_{sc}", figures.bars(rows, sc, ("packing_efficiency", "tokens_per_s"),
                                                    "padded against packed batches"),
                  tables.metrics_table(rows, sc, ("packing_efficiency", "tokens_per_s")),
-                 "Packing: share of processed tokens that are real, and real tokens/s, padded against packed.")
+                 f"{sc}: share of processed tokens that are real, and real tokens/s, padded against packed.")
         emit(section, f"loss_{sc}", figures.loss_curves(rows, sc), tables.loss_table(rows, sc),
              f"{sc}: every backend's loss per step over the reference's (below: difference).")
         if section.figures or section.tables:

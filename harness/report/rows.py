@@ -72,11 +72,14 @@ def load(paths: list[Path] | Path) -> list[Row]:
 
 
 def latest(rows: list[Row]) -> list[Row]:
-    """One row per (scenario, variant, backend, metric, step): a run repeated later in a file replaces the earlier one,
-    since the runner appends rows as runs finish."""
+    """The newest measurement of every run. The runner appends, so a scenario run twice leaves both in the file: of
+    each (scenario, variant, backend), only the rows of its last `provenance.run_id` are kept (a run that crashed the
+    second time must not keep the first time's speed), then one row per (metric, step), the last."""
+    newest = {row.run: row.provenance.get("run_id") for row in rows}
     keep: dict[tuple, Row] = {}
     for row in rows:
-        keep[(*row.run, row.metric, row.step)] = row
+        if row.provenance.get("run_id") == newest[row.run]:
+            keep[(*row.run, row.metric, row.step)] = row
     return list(keep.values())
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import style, units
-from .figures import ablation_steps, loss_series, reference_curve, reference_run
+from .figures import ablation_steps, is_ablation, is_packing, loss_series, reference_curve, reference_run
 from .rows import Row, measured, variants
 
 
@@ -53,7 +53,7 @@ def metrics_table(rows: list[Row], scenario: str, metrics: tuple[str, ...]) -> s
     return markdown(header, body)
 
 
-def ablation_table(rows: list[Row], scenario: str = "ablation", backend: str = "chronicals") -> str | None:
+def ablation_table(rows: list[Row], scenario: str, backend: str = "chronicals") -> str | None:
     steps = ablation_steps(rows, scenario, backend)
     if not steps:
         return None
@@ -108,12 +108,14 @@ def failures_table(rows: list[Row]) -> str | None:
     return markdown(["scenario", "variant", "backend", "status", "reason"], body)
 
 
-def headline_table(rows: list[Row], skip=("ablation", "packing")) -> str | None:
+def headline_table(rows: list[Row]) -> str | None:
     """The README's results table: tokens/s and peak memory of every backend, per scenario and variant, and
-    Chronicals' speedup over the reference and over the fastest other backend."""
+    Chronicals' speedup over the reference and over the fastest other backend. Ablation and packing scenarios
+    compare Chronicals with itself and have their own tables."""
     tps = measured(rows, "tokens_per_s")
     mem = measured(rows, "peak_mem_alloc_gib")
-    runs = [k for k in tps if k[0] not in skip]
+    special = {sc for sc, _, _ in tps if is_ablation(rows, sc) or is_packing(rows, sc)}
+    runs = [k for k in tps if k[0] not in special]
     if not runs:
         return None
     bs = style.backend_order(k[2] for k in runs)

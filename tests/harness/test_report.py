@@ -18,7 +18,7 @@ SCENARIOS = ("h200-full", "h200-lora", "ablation", "packing")
 FIGURES = (
     [f"{kind}_{sc}" for kind in ("throughput", "memory", "mfu") for sc in SCENARIOS]
     + [f"loss_{sc}" for sc in ("h200-full", "h200-lora", "ablation")]
-    + ["ablation_waterfall", "packing"]
+    + ["waterfall_ablation", "packing_packing"]
 )
 
 
@@ -72,12 +72,12 @@ def test_ablation_steps_follow_flag_count_not_file_order(rows, tmp_path):
     random.Random(0).shuffle(shuffled)
     path = tmp_path / "ablation.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in shuffled))
-    steps = figures.ablation_steps(latest(load(path)))
+    steps = figures.ablation_steps(latest(load(path)), "ablation")
     assert [v for v, *_ in steps] == ["baseline", "+rms_norm", "+swiglu", "+rope", "+linear_cross_entropy",
                                       "+packed_attention"]
     assert [d for _, _, d, _ in steps] == [0.0, 600.0, 800.0, 400.0, 6600.0, 600.0]
     assert steps[4][3] == {"linear_cross_entropy"}
-    table = tables.ablation_table(latest(load(path)))
+    table = tables.ablation_table(latest(load(path)), "ablation")
     assert "+6,600" in table and "+24.2%" in table and "x1.353" in table
 
 
@@ -108,7 +108,7 @@ def test_cli_renders_and_refuses_a_missing_results_path(tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
     packing = RESULTS / "packing.jsonl"
     assert harness_main(["report", "--results", str(packing), "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "figures" / "packing.png").is_file() and (tmp_path / "REPORT.md").is_file()
+    assert (tmp_path / "figures" / "packing_packing.png").is_file() and (tmp_path / "REPORT.md").is_file()
 
 
 def test_report_quotes_the_scenario_files_settings(tmp_path):
@@ -118,3 +118,25 @@ def test_report_quotes_the_scenario_files_settings(tmp_path):
                                             '[train]\nwarmup = 5\nsteps = 25\n[[variants]]\nbackend = "chronicals"\n')
     text = _scenario_settings(load(RESULTS / "packing.jsonl"), tmp_path)
     assert "| packing | device=cuda, backends=[torch, chronicals], train.warmup=5, train.steps=25 |" in text
+
+
+def test_a_rerun_replaces_the_whole_earlier_run(tmp_path):
+    first = [json.loads(line) for line in (RESULTS / "packing.jsonl").read_text().splitlines()]
+    for r in first:
+        r["provenance"] = {**r["provenance"], "run_id": "first"}
+    crashed = {**first[0], "metric": None, "value": None, "unit": "", "p20": None, "p80": None, "step": None,
+               "status": "crashed", "reason": "exit code -9", "provenance": {**first[0]["provenance"], "run_id": "2nd"}}
+    path = tmp_path / "packing.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*first, crashed]))
+    torch_rows = [r for r in latest(load(path)) if r.backend == "torch"]
+    assert [(r.status, r.reason) for r in torch_rows] == [("crashed", "exit code -9")]
+    assert len([r for r in latest(load(path)) if r.backend == "chronicals"]) == len(first) - len(
+        [r for r in first if r["backend"] == "torch"])
+
+
+def test_headline_compares_backends_and_leaves_out_self_comparisons(rows):
+    table = tables.headline_table(rows)
+    assert "| h200-full | default |" in table and "| h200-lora | default |" in table
+    assert "ablation" not in table and "packing" not in table
+    full = next(line for line in table.splitlines() if "h200-full" in line)
+    assert "x1.64" in full and "x1.16" in full  # over PyTorch eager; over the fastest other (Liger, 29.8k)
