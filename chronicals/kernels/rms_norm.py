@@ -31,6 +31,7 @@ _TILE_ELEMENTS = 4096
 _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is happy with
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 4  # backward: resident programs per SM, each looping over row tiles
+_REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
 def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:
@@ -115,6 +116,22 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _dw_reduce_kernel(PARTIAL, DW, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dw[c] = sum over programs p of partial[p, c], summed in fp32 and rounded once to w's dtype
+    # (one launch instead of a torch sum plus a cast).
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    p = 0
+    while p < n_partials:
+        rows = p + tl.arange(0, BLOCK_P)
+        mask = (rows < n_partials)[:, None] & col_ok[None, :]
+        acc += tl.load(PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+        p += BLOCK_P
+    tl.store(DW + cols, cast_rne(tl.sum(acc, axis=0), DW.dtype.element_ty), mask=col_ok)
+
+
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """`t` as [rows, n_cols] with unit column stride, a view when possible (no copy)."""
     t2 = t.reshape(-1, n_cols)
@@ -160,7 +177,12 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
         n_rows, n_cols, n_tiles, offset,
         HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    if not compute_dw:
+        return dx, None
+    dw = torch.empty_like(weight)
+    _dw_reduce_kernel[(triton.cdiv(n_cols, _REDUCE_BLOCK_N),)](
+        dw_partial, dw, n_progs, n_cols, BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N, num_warps=4,
+    )
     return dx, dw
 
 

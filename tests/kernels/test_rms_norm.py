@@ -170,3 +170,15 @@ def test_bad_input_names_the_argument():
         fused_rmsnorm(x, w, eps=float("nan"))
     with pytest.raises(ValueError, match="hidden sizes"):
         fused_rmsnorm(torch.randn(1, 40000, device=DEVICE), torch.ones(40000, device=DEVICE))
+
+
+def test_dw_reduction_over_many_programs():
+    # On a GPU the backward has ~4 programs per SM (hundreds of dw partial rows); here only a few,
+    # so the reduction of partial rows is driven directly with more rows than one reduce tile.
+    from chronicals.kernels.rms_norm import _REDUCE_BLOCK_N, _REDUCE_BLOCK_P, _dw_reduce_kernel
+
+    partial = torch.randn(2 * _REDUCE_BLOCK_P + 3, 70, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    dw = torch.empty(70, dtype=torch.bfloat16, device=DEVICE)
+    _dw_reduce_kernel[(-(-70 // _REDUCE_BLOCK_N),)](partial, dw, partial.shape[0], 70,
+                                                    BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)
+    torch.testing.assert_close(dw.double(), partial.double().sum(0), rtol=2**-8, atol=1e-5)

@@ -1,0 +1,404 @@
+"""GPU benchmark of the RMSNorm, fused add + RMSNorm, SwiGLU and QK-RoPE kernels against PyTorch eager,
+torch.compile and Liger-Kernel, at Llama-3-8B and Qwen2.5-0.5B shapes (16384 tokens, bf16).
+
+    python3 benchmarks/kernels.py --out DIR [--quick]
+
+Per (model, op): every implementation is first checked against a float64 reference (relative
+error of each output and gradient; ours must be no worse than eager PyTorch's own error plus the
+tests' slack), then timed. Headline times replay CUDA graphs (GPU time, the host's launch overhead
+hidden as it is in a training step), rotating input copies so that no call finds its data in L2;
+`events_ms` is the plain per-call time with launch overhead, for reference. The backward time is
+(forward + backward) - forward. GB/s counts the bytes that must move, each once (see `_bytes`).
+The copy bandwidth of a 2 GiB device-to-device copy is measured in the same run; the targets are
+GB/s >= 80% of it and a time no slower than the fastest of eager, compile and Liger.
+Without CUDA it runs only the correctness checks, at tiny shapes under TRITON_INTERPRET=1.
+Writes DIR/kernels.json and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks._timing import bench_graph_ms, bench_ms, copy_bandwidth_gbs, l2_bytes  # noqa: E402
+from chronicals.kernels import fused_add_rmsnorm, fused_qk_rope, fused_rmsnorm, fused_swiglu  # noqa: E402
+
+MODELS = {
+    "llama-3-8b": dict(tokens=16384, hidden=4096, inter=14336, n_q=32, n_k=8, head_dim=128, eps=1e-5),
+    "qwen2.5-0.5b": dict(tokens=16384, hidden=896, inter=4864, n_q=14, n_k=2, head_dim=64, eps=1e-6),
+}
+TINY = {"tiny": dict(tokens=37, hidden=100, inter=300, n_q=4, n_k=2, head_dim=16, eps=1e-6)}
+SLACK = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}  # as tests/oracle.py
+PEERS = ("eager", "compile", "liger")
+
+
+# ---- reference (Hugging Face) implementations; in float64 they are the ground truth ----
+def hf_rmsnorm(x, w, eps):
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def hf_add_rmsnorm(x, r, w, eps):
+    s = x + r
+    return s, hf_rmsnorm(s, w, eps)
+
+
+def hf_swiglu(a, b):
+    return torch.nn.functional.silu(a) * b
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def hf_rope(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ---- the ops: inputs, implementations, bytes ----
+def _make_inputs(op, m, dtype, device, seed):
+    """(tensors, indices of those that get gradients). Llama-like magnitudes; packed positions."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    t, h = m["tokens"], m["hidden"]
+    if op == "rmsnorm":
+        return [rnd(t, h), torch.nn.Parameter(torch.rand(h, generator=g).to(device, dtype) + 0.5)], [0, 1]
+    if op == "add_rmsnorm":
+        w = torch.nn.Parameter(torch.rand(h, generator=g).to(device, dtype) + 0.5)
+        return [rnd(t, h), rnd(t, h), w], [0, 1, 2]
+    if op == "swiglu":
+        return [3 * rnd(t, m["inter"]), rnd(t, m["inter"])], [0, 1]
+    d = m["head_dim"]
+    q = rnd(1, t, m["n_q"], d).transpose(1, 2)  # HF: view(B, S, H, D).transpose(1, 2)
+    k = rnd(1, t, m["n_k"], d).transpose(1, 2)
+    pos = torch.arange(t, device=device) % 4096  # packed: positions restart every 4096 tokens
+    inv = 1.0 / 500000.0 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)[None]
+    return [q, k, emb.cos().to(dtype), emb.sin().to(dtype)], [0, 1]
+
+
+def _bytes(op, m, e):
+    """(forward, backward) bytes that must move, each counted once, for element size e."""
+    t, h, i = m["tokens"], m["hidden"], m["inter"]
+    if op == "rmsnorm":  # fwd: x -> y; bwd: x, dy -> dx; w read, dw written
+        return 2 * t * h * e + h * e, 3 * t * h * e + 2 * h * e
+    if op == "add_rmsnorm":  # fwd: x, r -> s, y; bwd: s, ds, dy -> d(x) (= d(r), one tensor)
+        return 4 * t * h * e + h * e, 4 * t * h * e + 2 * h * e
+    if op == "swiglu":  # fwd: a, b -> c; bwd: dc, a, b -> da, db
+        return 3 * t * i * e, 5 * t * i * e
+    qk = t * (m["n_q"] + m["n_k"]) * m["head_dim"] * e  # q and k, read and written, plus cos and sin
+    cs = 2 * t * m["head_dim"] * e
+    return 2 * qk + cs, 2 * qk + cs
+
+
+def _ours(op, eps):
+    return {
+        "rmsnorm": lambda x, w: fused_rmsnorm(x, w, eps=eps),
+        "add_rmsnorm": lambda x, r, w: fused_add_rmsnorm(x, r, w, eps=eps),
+        "swiglu": fused_swiglu,
+        "rope": fused_qk_rope,
+    }[op]
+
+
+def _eager(op, eps):
+    return {
+        "rmsnorm": lambda x, w: hf_rmsnorm(x, w, eps),
+        "add_rmsnorm": lambda x, r, w: hf_add_rmsnorm(x, r, w, eps),
+        "swiglu": hf_swiglu,
+        "rope": hf_rope,
+    }[op]
+
+
+def _liger(op, eps, example):
+    """Liger-Kernel's implementation as a function with our argument order and output order;
+    raises ImportError (or another error) when this Liger lacks it."""
+    if op == "rmsnorm":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
+    if op == "add_rmsnorm":
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+
+        x, r, w = example
+        module = LigerFusedAddRMSNorm(w.shape[0], eps=eps)
+        del module.weight  # the weight is passed in, as to the other implementations
+
+        def run(x_, r_, w_):
+            module.weight = w_
+            return module(x_, r_)
+
+        with torch.no_grad():  # which output is the sum? (Liger returns the norm first)
+            sum_first = torch.equal(run(x, r, w)[0], x + r)
+        return run if sum_first else (lambda x_, r_, w_: tuple(reversed(run(x_, r_, w_))))
+    if op == "swiglu":
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        return LigerSiLUMulFunction.apply
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return liger_rotary_pos_emb
+
+
+def _implementations(op, eps, example, device):
+    impls, missing = {"chronicals": _ours(op, eps), "eager": _eager(op, eps)}, {}
+    if device == "cuda":
+        impls["compile"] = torch.compile(_eager(op, eps), dynamic=False)
+        try:
+            impls["liger"] = _liger(op, eps, example)
+        except Exception as exc:  # a peer that is missing or lacks this op is skipped, not fatal
+            missing["liger"] = f"{type(exc).__name__}: {exc}"
+    return impls, missing
+
+
+# ---- correctness ----
+def _outputs_and_grads(fn, inputs, grad_idx, upstream):
+    leaves = [t.detach().clone().requires_grad_(i in grad_idx) for i, t in enumerate(inputs)]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    # clone: Liger's RMSNorm backward writes its result into the upstream gradient
+    grads = torch.autograd.grad(outs, [leaves[i] for i in grad_idx],
+                                [u.to(o.dtype).clone() for o, u in zip(outs, upstream)])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def _rel_err(x, ref):
+    x = x.double()
+    if not torch.isfinite(x).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom or 1.0)
+
+
+def check(op, m, impls, inputs, grad_idx, upstream, dtype):
+    """Relative error of every output and gradient of each implementation against float64.
+    Returns {impl: {"errors": {...}, "ok": bool}} where ok means: no worse than eager + slack."""
+    ref = _outputs_and_grads(_eager(op, m["eps"]), [t.double() for t in inputs], grad_idx,
+                             [u.double() for u in upstream])
+    results = {}
+    for name, fn in impls.items():
+        try:
+            got = _outputs_and_grads(fn, inputs, grad_idx, upstream)
+            results[name] = {"errors": [_rel_err(x, r) for x, r in zip(got, ref)]}
+        except Exception as exc:
+            results[name] = {"errors": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    native = results["eager"]["errors"]
+    for res in results.values():
+        errs = res["errors"]
+        res["ok"] = errs is not None and all(e <= n + SLACK[dtype] for e, n in zip(errs, native))
+    del ref
+    return results
+
+
+# ---- timing ----
+def _fwd_and_fwdbwd(fn, sets, grad_idx):
+    """Callables running forward, and forward + backward, cycling through the input sets."""
+    state = {"i": 0}
+
+    def pick():
+        state["i"] = (state["i"] + 1) % len(sets)
+        return sets[state["i"]]
+
+    def fwd():
+        inputs, _ = pick()
+        return fn(*inputs)
+
+    def fwd_bwd():
+        inputs, upstream = pick()
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, [inputs[i] for i in grad_idx], list(upstream))
+
+    return fwd, fwd_bwd
+
+
+def time_impl(fn, sets, grad_idx, quick):
+    fwd, fwd_bwd = _fwd_and_fwdbwd(fn, sets, grad_idx)
+    calls = len(sets) * max(1, (6 if quick else 20) // len(sets))
+    out = {}
+    for name, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        try:
+            out[name] = bench_graph_ms(f, calls=calls, replays=5 if quick else 10)
+        except Exception as exc:  # a peer that cannot be captured is timed per call instead
+            torch.cuda.synchronize()
+            out[name] = bench_ms(f) | {"graph_error": f"{type(exc).__name__}: {exc}"[:300]}
+        out[name]["events_ms"] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
+    return out
+
+
+def _provenance():
+    prov = {"torch": torch.__version__, "python": sys.version.split()[0],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import triton
+
+        prov["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        prov["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        prov["liger_kernel"] = None
+    if torch.cuda.is_available():
+        prov["gpu"] = torch.cuda.get_device_name()
+    try:
+        prov["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
+    except Exception:
+        prov["commit"] = None
+    return prov
+
+
+def run(models, dtype, device, quick, ops):
+    rows, checks = [], []
+    copy_gbs = copy_bandwidth_gbs() if device == "cuda" else None
+    e = torch.tensor([], dtype=dtype).element_size()
+    for model, m in models.items():
+        for op in ops:
+            inputs, grad_idx = _make_inputs(op, m, dtype, device, seed=0)
+            _needs_grad(inputs, grad_idx)
+            upstream_shapes = [o.shape for o in _tuple(_eager(op, m["eps"])(*inputs))]
+            g = torch.Generator(device="cpu").manual_seed(1)
+            upstream = [torch.randn(s, generator=g).to(device, dtype) for s in upstream_shapes]
+            impls, missing = _implementations(op, m["eps"], inputs, device)
+            result = check(op, m, impls, inputs, grad_idx, upstream, dtype)
+            for name, res in result.items():
+                checks.append({"model": model, "op": op, "impl": name, **res})
+            for name, reason in missing.items():
+                rows.append({"model": model, "op": op, "impl": name, "status": "unavailable", "reason": reason})
+            if device != "cuda":
+                continue
+            fwd_b, bwd_b = _bytes(op, m, e)
+            # Enough input copies that one pass over all of them (forward + backward) overflows L2 3x.
+            n_sets = max(1, math.ceil(3 * l2_bytes() / (fwd_b + bwd_b)))
+            sets = [(inputs, upstream)] + [
+                (_needs_grad(_make_inputs(op, m, dtype, device, seed=s)[0], grad_idx), [u.clone() for u in upstream])
+                for s in range(1, n_sets)
+            ]
+            for name, fn in impls.items():
+                if result[name].get("errors") is None:
+                    rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
+                                 "reason": result[name]["error"]})
+                    continue
+                try:
+                    t = time_impl(fn, sets, grad_idx, quick)
+                except Exception as exc:
+                    torch.cuda.synchronize()
+                    rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
+                                 "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                    continue
+                fwd_ms, fb_ms = t["fwd"]["ms"], t["fwd_bwd"]["ms"]
+                bwd_ms = max(fb_ms - fwd_ms, 1e-6)
+                for pas, ms, nbytes, timing in (("fwd", fwd_ms, fwd_b, t["fwd"]), ("bwd", bwd_ms, bwd_b, t["fwd_bwd"])):
+                    gbs = nbytes / (ms * 1e-3) / 1e9
+                    rows.append({"model": model, "op": op, "impl": name, "pass": pas, "status": "ok",
+                                 "ms": ms, "gb_per_s": gbs, "frac_of_copy": gbs / copy_gbs, "bytes": nbytes,
+                                 "method": timing["method"], "events_ms": timing["events_ms"],
+                                 "p20_ms": timing["p20_ms"], "p80_ms": timing["p80_ms"],
+                                 **({"graph_error": timing["graph_error"]} if "graph_error" in timing else {})})
+            del sets, inputs, upstream, impls
+            torch.cuda.empty_cache()
+    _judge(rows)
+    return {"copy_gb_per_s": copy_gbs, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "checks": checks}
+
+
+def _needs_grad(inputs, grad_idx):
+    for i in grad_idx:
+        inputs[i].requires_grad_(True)
+    return inputs
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _judge(rows):
+    """Mark each chronicals row with the two targets: >= 80% of copy bandwidth, and no slower than the
+    fastest peer (eager, compile, Liger) measured for the same model, op and pass."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        if r["impl"] != "chronicals":
+            continue
+        peers = [p["ms"] for p in ok if p["impl"] in PEERS and (p["model"], p["op"], p["pass"]) ==
+                 (r["model"], r["op"], r["pass"])]
+        r["fastest_peer_ms"] = min(peers) if peers else None
+        r["meets_bandwidth"] = r["frac_of_copy"] >= 0.8
+        r["meets_speed"] = bool(peers) and r["ms"] <= min(peers)
+
+
+def print_table(res):
+    if res["copy_gb_per_s"]:
+        print(f"\ncopy bandwidth: {res['copy_gb_per_s']:.0f} GB/s (read + write), dtype {res['dtype']}")
+    print("\ncorrectness (relative error vs float64 of each output and gradient; ok = no worse than eager + slack)")
+    for c in res["checks"]:
+        errs = " ".join(f"{e:.1e}" for e in c["errors"]) if c["errors"] else c.get("error", "")
+        print(f"  {c['model']:<13} {c['op']:<12} {c['impl']:<11} {'ok ' if c['ok'] else 'BAD'} {errs}")
+    ok = [r for r in res["rows"] if r["status"] == "ok"]
+    if ok:
+        print(f"\n{'model':<13} {'op':<12} {'pass':<4} " + " ".join(f"{n:>18}" for n in ("chronicals",) + PEERS)
+              + "   %copy  targets")
+        keys = sorted({(r["model"], r["op"], r["pass"]) for r in ok}, key=lambda k: (k[0], k[1], k[2] != "fwd"))
+        for key in keys:
+            cell = {r["impl"]: r for r in ok if (r["model"], r["op"], r["pass"]) == key}
+            cols = [f"{cell[n]['ms'] * 1e3:7.1f}us {cell[n]['gb_per_s']:5.0f}GB/s" if n in cell else f"{'-':>18}"
+                    for n in ("chronicals",) + PEERS]
+            ours = cell.get("chronicals", {})
+            targets = ("bw " + ("ok" if ours.get("meets_bandwidth") else "MISS") + ", speed "
+                       + ("ok" if ours.get("meets_speed") else "MISS")) if ours else ""
+            print(f"{key[0]:<13} {key[1]:<12} {key[2]:<4} " + " ".join(cols)
+                  + f"   {ours.get('frac_of_copy', float('nan')) * 100:5.1f}  {targets}")
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            print(f"  {r['model']} {r['op']} {r['impl']}: {r['status']} ({r['reason'][:120]})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="directory for kernels.json")
+    parser.add_argument("--quick", action="store_true", help="Llama-3-8B shapes only, fewer timed replays")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--ops", default="rmsnorm,add_rmsnorm,swiglu,rope", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = set(ops) - {"rmsnorm", "add_rmsnorm", "swiglu", "rope"}
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}")
+    if device == "cuda":
+        models = {"llama-3-8b": MODELS["llama-3-8b"]} if args.quick else MODELS
+    else:
+        print("no CUDA device: running the correctness checks at tiny shapes (TRITON_INTERPRET=1), no timing")
+        models = TINY
+    start = time.time()
+    res = run(models, dtype, device, args.quick, ops)
+    res["provenance"] = _provenance() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    print_table(res)
+    all_ok = all(c["ok"] for c in res["checks"] if c["impl"] == "chronicals")
+    print(f"\nwrote {args.out / 'kernels.json'} in {res['provenance']['wall_s']} s; "
+          f"chronicals correctness: {'ok' if all_ok else 'FAILED'}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
