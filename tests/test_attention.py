@@ -184,7 +184,8 @@ def test_packed_batch_with_all_kernels_equals_sequences_alone():
     pytest.importorskip("chronicals.kernels.rms_norm")
     pytest.importorskip("chronicals.kernels.linear_cross_entropy")
     model = chronicals.apply(build_model("tiny-qwen3", seed=0).to(DEVICE)).train()
-    assert worst_mismatch(model, sequences(model.config.vocab_size)[:2]) < 1e-4
+    seqs = sequences(model.config.vocab_size)
+    assert worst_mismatch(model, [seqs[0], seqs[2]]) < 1e-4  # two short sequences: the kernels are interpreted
 
 
 @pytest.mark.parametrize("options", [dict(with_cu=False), dict(with_positions=False)])

@@ -41,7 +41,7 @@ def _causal_lm(model: nn.Module):
     """The transformers model inside `model` (which may be a PEFT wrapper)."""
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel) and hasattr(model, "model") and hasattr(model, "lm_head"):
+    if isinstance(model, PreTrainedModel):
         return model
     if hasattr(model, "get_base_model"):
         return _causal_lm(model.get_base_model())

@@ -1,0 +1,195 @@
+"""`chronicals.apply` / `apply_to_classes`: patched and unpatched tiny models agree on the loss, the logits and
+every parameter gradient (kernels under the Triton interpreter, and the plain-PyTorch fallback); each flag
+patches only its own part; unsupported models and bad flags give clear errors."""
+
+import pytest
+import torch
+
+import chronicals
+from chronicals.models import build_model, causal_lm, rms_norm, rope, swiglu
+from chronicals.models.patch import FLAGS
+from tests.conftest import DEVICE
+
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
+ALL_OFF = {flag: False for flag in FLAGS}
+
+
+def needs_kernels():
+    for module in ("rms_norm", "swiglu", "rope", "linear_cross_entropy"):
+        pytest.importorskip(f"chronicals.kernels.{module}")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """The patched forwards as on a CPU without TRITON_INTERPRET: plain PyTorch math."""
+    for module in (rms_norm, swiglu, rope, causal_lm):
+        monkeypatch.setattr(module, "kernels_usable", lambda t: False)
+
+
+def pair(name, **flags):
+    reference = build_model(name, seed=0).to(DEVICE)
+    patched = chronicals.apply(build_model(name, seed=0).to(DEVICE), **flags)
+    return reference, patched
+
+
+def batch(vocab, seed=0, shape=(2, 11)):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, shape, generator=gen).to(DEVICE)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt that carries no loss
+    return ids, labels
+
+
+def assert_same_training_step(reference, patched, rtol=1e-5, shape=(2, 11), **kwargs):
+    """Training-mode loss and every parameter gradient agree; the patched model returns no logits when it
+    computes the loss with the fused linear cross-entropy."""
+    ids, labels = batch(reference.config.vocab_size, shape=shape)
+    losses, grads = [], []
+    for model in (reference, patched):
+        model.train().zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels, **kwargs)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[1], losses[0], rtol=rtol, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and grads[1][name] is not None, name
+        err = ((grads[1][name] - g).norm() / g.norm()).item()
+        assert err < 10 * rtol, f"{name}: gradient relative error {err:.2e}"
+    return out
+
+
+def assert_same_eval_outputs(reference, patched, shape=(2, 11)):
+    ids, labels = batch(reference.config.vocab_size, seed=1, shape=shape)
+    ref = reference.eval()(input_ids=ids, labels=labels)
+    out = patched.eval()(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+# Interpreted kernels are slow: one row of 13 tokens (more than one block of rows for no kernel, but the kernels'
+# own tests cover block edges) and the evaluation path on the family that exercises every kernel (Qwen3).
+KERNEL_SHAPE = (1, 13)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_all_flags_with_kernels_agree_with_hf(name):
+    needs_kernels()
+    reference, patched = pair(name)
+    out = assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+    assert out.logits is None
+    if name == "tiny-qwen3":
+        assert_same_eval_outputs(reference, patched, shape=KERNEL_SHAPE)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_all_flags_without_kernels_agree_with_hf(name, no_kernels):
+    reference, patched = pair(name)
+    assert assert_same_training_step(reference, patched).logits is None
+    assert_same_eval_outputs(reference, patched)
+
+
+@pytest.mark.parametrize("flag", [f for f in FLAGS if f != "packed_attention"])
+def test_each_flag_alone_agrees_and_patches_only_its_part(flag):
+    needs_kernels()
+    reference, patched = pair("tiny-qwen3", **{**ALL_OFF, flag: True})
+    out = assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+    assert (out.logits is None) == (flag == "linear_cross_entropy")
+    patched_kinds = {type(m).__name__.removeprefix("Qwen3") for m in patched.modules() if "forward" in vars(m)}
+    expected = {"rms_norm": {"RMSNorm", "DecoderLayer"}, "swiglu": {"MLP"}, "rope": {"Attention"},
+                "linear_cross_entropy": {"ForCausalLM"}}[flag]
+    assert patched_kinds == expected
+    assert patched.config._attn_implementation == "sdpa"
+    assert patched.chronicals_patches == {**ALL_OFF, flag: True}
+
+
+def test_packed_attention_flag_alone_only_changes_the_attention_implementation():
+    reference, patched = pair("tiny-llama", **{**ALL_OFF, "packed_attention": True})
+    assert patched.config._attn_implementation == "chronicals_varlen"
+    assert not [m for m in patched.modules() if "forward" in vars(m)]
+    assert_same_training_step(reference, patched)
+
+
+def test_num_items_in_batch_makes_the_loss_sum_over_that_count(no_kernels):
+    reference, patched = pair("tiny-llama")
+    # A micro-batch of a larger accumulated batch: HF's loss is sum / num_items_in_batch, and so is ours.
+    assert_same_training_step(reference, patched, num_items_in_batch=torch.tensor(37, device=DEVICE))
+
+
+def test_num_items_in_batch_with_the_fused_kernel():
+    needs_kernels()
+    reference, patched = pair("tiny-llama", **{**ALL_OFF, "linear_cross_entropy": True})
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE, num_items_in_batch=37)
+
+
+def test_tied_embeddings_stay_tied_and_train_together():
+    needs_kernels()
+    reference, patched = pair("tiny-qwen2", **{**ALL_OFF, "linear_cross_entropy": True})
+    assert patched.lm_head.weight is patched.model.embed_tokens.weight
+    # The shared weight's gradient (head + embedding) is among those compared.
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+
+
+def test_return_dict_false_gives_a_tuple(no_kernels):
+    _, patched = pair("tiny-llama")
+    ids, labels = batch(patched.config.vocab_size)
+    out = patched.train()(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0
+
+
+def test_generation_matches_hf(no_kernels):
+    reference, patched = pair("tiny-qwen3")
+    ids, _ = batch(reference.config.vocab_size, shape=(1, 6))
+    gen = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(patched.eval().generate(ids, **gen), reference.eval().generate(ids, **gen))
+
+
+def test_apply_to_classes_patches_models_created_afterwards(no_kernels):
+    undo = chronicals.apply_to_classes("mistral", rope=False, packed_attention=False)
+    try:
+        model = build_model("tiny-mistral", seed=0).to(DEVICE)
+    finally:
+        undo()
+    assert model.chronicals_patches == {**dict.fromkeys(FLAGS, True), "rope": False, "packed_attention": False}
+    reference = build_model("tiny-mistral", seed=0).to(DEVICE)
+    assert not hasattr(reference, "chronicals_patches")  # undone
+    assert assert_same_training_step(reference, model).logits is None
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match=r"cannot patch model_type 'gpt2'.*llama \(Llama 3.x\), qwen2 \(Qwen2 / "
+                                         r"Qwen2.5\), qwen3 \(Qwen3\), mistral \(Mistral\)"):
+        chronicals.apply(model)
+    with pytest.raises(ValueError, match="cannot patch model_type 'gpt2'"):
+        chronicals.apply_to_classes("gpt2")
+    with pytest.raises(TypeError, match="needs a Hugging Face causal LM"):
+        chronicals.apply(torch.nn.Linear(2, 2))
+
+
+def test_bad_flags_give_clear_errors():
+    model = build_model("tiny-llama", seed=0)
+    with pytest.raises(TypeError, match="flag rope must be True or False, got 'yes'"):
+        chronicals.apply(model, rope="yes")
+    with pytest.raises(TypeError, match="unknown flag\\(s\\) fused_everything"):
+        chronicals.apply_to_classes("llama", fused_everything=True)
+    gelu = build_model("tiny-llama", seed=0, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act is 'gelu'; pass swiglu=False"):
+        chronicals.apply(gelu)
+
+
+def test_peft_wrapped_model_is_patched_and_its_lora_head_keeps_hf_loss(no_kernels):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        config = LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "lm_head"], init_lora_weights=False)
+        return get_peft_model(build_model("tiny-llama", seed=0).to(DEVICE), config)
+
+    reference, patched = lora_model(), lora_model()
+    patched.load_state_dict(reference.state_dict())
+    chronicals.apply(patched)
+    # lm_head is LoRA-wrapped, so the loss takes HF's path (with logits) and still agrees.
+    assert assert_same_training_step(reference, patched).logits is not None
