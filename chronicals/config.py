@@ -147,7 +147,7 @@ def demo_config(**changes) -> ChronicalsConfig:
     values = dict(
         model="tiny-llama", tokenizer="default", dataset="default", max_seq_length=128, overflow="split",
         learning_rate=3e-3,
-        batch_size=8, max_steps=80, warmup_steps=8, lr_schedule="cosine", min_lr_ratio=0.1, output_dir="outputs/demo",
+        batch_size=8, max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1, output_dir="outputs/demo",
         logging_steps=10, mixed_precision="auto", use_sequence_packing=True,
     )
     values.update(changes)

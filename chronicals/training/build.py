@@ -142,25 +142,27 @@ def _convert_fp8(model: nn.Module, device: torch.device) -> None:
     convert_to_float8_training(model, module_filter_fn=eligible)
 
 
-def build_optimizer(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA); weight decay only on matrices. 8-bit Adam or LoRA+ groups when the config asks."""
+def build_optimizer(model: nn.Module, cfg: ChronicalsConfig) -> torch.optim.Optimizer:
+    """chronicals.optimizers' AdamW (PyTorch's fused kernel where it exists), or 8-bit Adam; weight decay only on
+    matrices; LoRA+ parameter groups (B matrices at lora_plus_ratio x the learning rate) when the config asks."""
+    from chronicals.optimizers import create_lora_plus_optimizer, create_optimizer
+
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise SetupError("the model has no trainable parameters; check use_lora / lora_target_modules")
-    if cfg.use_lora_plus:
-        from chronicals.optimizers import create_lora_plus_optimizer
-
-        return create_lora_plus_optimizer(model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio,
-                                          weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          eps=cfg.adam_epsilon, eight_bit=cfg.use_8bit_optimizer)
-    groups = [
-        {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    if cfg.use_8bit_optimizer:
-        from chronicals.optimizers import Adam8bit
-
-        return Adam8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    name = "adam8bit" if cfg.use_8bit_optimizer else "adamw_fused"
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        if cfg.use_lora_plus:
+            return create_lora_plus_optimizer(model, base_lr=cfg.learning_rate, lr_ratio=cfg.lora_plus_ratio,
+                                              weight_decay=cfg.weight_decay, optimizer=name, **kwargs)
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return create_optimizer(name, [g for g in groups if g["params"]], lr=cfg.learning_rate,
+                                weight_decay=cfg.weight_decay, **kwargs)
+    except (RuntimeError, ImportError) as e:
+        if not cfg.use_8bit_optimizer:
+            raise
+        raise SetupError(f"config field 'use_8bit_optimizer' is true but 8-bit Adam cannot run here: {e}") from e

@@ -66,7 +66,7 @@ class ChronicalsTrainer:
         _seed_everything(config.seed)
         self.model = prepare_model(model, config, self.device)
         self.forward_model = torch.compile(self.model) if config.use_torch_compile else self.model
-        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.scheduler = None

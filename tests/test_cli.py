@@ -1,0 +1,100 @@
+"""The command line: `chronicals train [CONFIG.yaml] [key=value ...]` trains end to end, and bad input ends in a
+one-line error with exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chronicals.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model_kwargs.hidden_size=32", "model_kwargs.intermediate_size=64", "model_kwargs.num_attention_heads=2",
+         "model_kwargs.num_key_value_heads=1", "progress_bar=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on shared cores: contended threads cost more than they give
+    yield
+    torch.set_num_threads(threads)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_without_config_trains_and_its_loss_falls(tmp_path, capsys):
+    # The quick start (no config file), shortened, with packing and the fused kernels off; see the next test.
+    out = tmp_path / "demo"
+    rc = main(["train", f"output_dir={out}", "max_steps=24", "warmup_steps=2", "use_fused_kernels=false", *SMALL])
+    assert rc == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert all(r["tokens_per_s"] > 0 and r["label_tokens"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert (out / "config.yaml").is_file()
+    assert "loss" in capsys.readouterr().out
+
+
+def test_yaml_config_with_chat_data_fused_kernels_packing_and_lora(tmp_path):
+    # Every optimization path that runs on CPU, through a config file, on a JSONL chat dataset with the config's own
+    # column name (Triton kernels under the interpreter, so the shapes stay tiny).
+    data = tmp_path / "chat.jsonl"
+    chats = [{"conversation": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                               {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(6)]
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny-qwen2\ntokenizer: default\ndataset: {data}\nmessages_column: conversation\n"
+                   f"max_seq_length: 64\nbatch_size: 1\nmax_steps: 2\nuse_lora: true\nlora_rank: 4\n"
+                   f"use_gradient_checkpointing: true\nactivation_offload: true\noutput_dir: {tmp_path / 'out'}\n")
+    rc = main(["train", str(cfg), *SMALL])
+    assert rc == 0
+    out = tmp_path / "out"
+    rows = _metrics(out)
+    assert len(rows) == 2
+    assert all(0 < r["label_tokens"] < 30 for r in rows)  # only the assistant turns carry loss
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["learning_rat=1"], "unknown config field 'learning_rat'; did you mean 'learning_rate'"),
+        (["lr_schedule=cosin"], "'lr_schedule' is 'cosin'; valid values: 'cosine' | 'linear' | 'constant'"),
+        (["missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["model=/nonexistent/model"], "config field 'model' ('/nonexistent/model') could not be loaded"),
+        (["dataset=/nonexistent.jsonl"], "training data '/nonexistent.jsonl'"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
+    rc = main(["train", *args, f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "chronicals", "train", "batch_size=0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "'batch_size' is 0; it must be an integer >= 1" in proc.stderr
+
+
+def test_example_configs_load_and_show_their_command():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    from chronicals.config import ChronicalsConfig
+
+    for path in configs:
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("# ") and "chronicals train" in path.read_text().split("\n\n")[0], path
+        ChronicalsConfig.from_yaml(path)
