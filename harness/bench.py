@@ -5,19 +5,41 @@ names the file and the field), and says plainly when a GPU scenario is run on a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from . import scenario as scenarios
+
+QUICK_TIMED = 5
+
+
+def narrowed(sc: scenarios.Scenario, only: list[str] | None, quick: bool) -> scenarios.Scenario:
+    """The scenario restricted to some backends (reference kept) and/or to fewer steps."""
+    if only:
+        known = {r.backend for r in sc.runs}
+        for b in only:
+            if b not in known:
+                raise scenarios.ScenarioError(f"--only names backend {b!r}, which {sc.path} does not run; its "
+                                              f"backends: {', '.join(sorted(known))}")
+        sc = dataclasses.replace(sc, runs=tuple(r for r in sc.runs if r.backend in {*only, sc.reference}))
+    if quick:
+        steps = min(sc.train.steps, sc.train.warmup + QUICK_TIMED)
+        sc = dataclasses.replace(sc, train=dataclasses.replace(sc.train, steps=steps))
+    return sc
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__)
     p.add_argument("--scenario", required=True, help="a scenario TOML file, e.g. scenarios/smoke-cpu.toml")
     p.add_argument("--out", help="results JSONL to append to (default: reports/results/<scenario name>.jsonl)")
+    p.add_argument("--only", help="comma-separated backends to run (the reference always runs: the others are "
+                                  "verified against it)")
+    p.add_argument("--quick", action="store_true", help=f"at most warm-up + {QUICK_TIMED} timed steps per run")
     args = p.parse_args(argv)
     try:
         sc = scenarios.load(args.scenario)
+        sc = narrowed(sc, args.only.split(",") if args.only else None, args.quick)
     except scenarios.ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

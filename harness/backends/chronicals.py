@@ -1,6 +1,6 @@
 """Chronicals: `chronicals.apply` patches the loaded HF model in place, each optimization switched by its own flag
-(an ablation lists flag sets); LoRA through `chronicals.lora.apply_lora`. It alone trains the packed layout: its
-varlen attention isolates the sequences of a packed row."""
+(an ablation lists flag sets); LoRA through `chronicals.lora.apply_lora` (flag fused_lora: its fused adapter
+paths; LoRA mode only). It alone trains the packed layout: its varlen attention isolates a packed row's sequences."""
 
 from __future__ import annotations
 
@@ -9,19 +9,22 @@ from . import Backend, BackendUnavailable, BuildSpec, Trainable, hf, require
 
 class ChronicalsBackend(Backend):
     name = "chronicals"
-    FLAGS = {"rms_norm": True, "swiglu": True, "rope": True, "linear_cross_entropy": True, "packed_attention": True}
+    FLAGS = {"rms_norm": True, "swiglu": True, "rope": True, "linear_cross_entropy": True, "packed_attention": True,
+             "fused_lora": True}
     LAYOUTS = ("padded", "packed")
 
     def build(self, spec: BuildSpec) -> Trainable:
         chronicals = require("chronicals", "chronicals")
         if not hasattr(chronicals, "apply"):
             raise BackendUnavailable("chronicals: chronicals.apply is not in this checkout yet")
-        model = chronicals.apply(hf.load_model(spec), **spec.flags)
-        if spec.mode == "lora":
+        flags = dict(spec.flags)
+        fused_lora = flags.pop("fused_lora")
+        model = chronicals.apply(hf.load_model(spec), **flags)
+        if spec.mode == "lora":  # after apply: the fused LoRA MLP replaces the patched MLP forward
             lora = require("chronicals.lora", "chronicals")
             import torch
 
             torch.manual_seed(spec.seed)
-            model = lora.apply_lora(model, lora.LoRAConfig(r=spec.lora_rank, alpha=spec.lora_alpha,
-                                                           target_modules=hf.LORA_TARGETS))
+            model = lora.apply_lora(model, lora.LoRAConfig(rank=spec.lora_rank, alpha=spec.lora_alpha,
+                                                           target_modules=hf.LORA_TARGETS, fused=fused_lora))
         return Trainable(model=model, params=[p for p in model.parameters() if p.requires_grad])

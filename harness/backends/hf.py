@@ -1,5 +1,6 @@
 """Loading shared by the Hugging Face-based backends: the scenario's checkpoint in its dtype on its device, and
-LoRA through PEFT on all seven projections, seeded so every backend starts from the same adapter weights."""
+LoRA through PEFT on all seven projections, seeded so every backend starts from the same adapter weights. Adapters
+stay in fp32 (PEFT's default, and chronicals.lora's) over the bf16 base weights."""
 
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ def add_lora(model, spec: BuildSpec):
     torch.manual_seed(spec.seed)
     cfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, bias="none",
                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    # Adapters in the model's dtype (PEFT would upcast them to fp32): the same precision for every backend.
-    return get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    return get_peft_model(model, cfg)
 
 
 def trainable(model, spec: BuildSpec) -> Trainable:

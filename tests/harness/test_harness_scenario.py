@@ -104,3 +104,12 @@ def test_bench_says_plainly_when_a_gpu_scenario_has_no_gpu(capsys):
     assert bench.main(["--scenario", str(ROOT / "scenarios" / "h200-full.toml")]) == 2
     err = capsys.readouterr().err
     assert "no usable CUDA GPU" in err and "smoke-cpu" in err and "Traceback" not in err
+
+
+def test_only_and_quick_narrow_a_scenario():
+    sc = scenario.load(ROOT / "scenarios" / "h200-full.toml")
+    small = bench.narrowed(sc, ["liger"], quick=True)
+    assert [r.backend for r in small.runs] == ["torch", "liger"]  # the reference stays
+    assert small.train.steps == small.train.warmup + bench.QUICK_TIMED
+    with pytest.raises(ScenarioError, match="--only names backend 'jax'"):
+        bench.narrowed(sc, ["jax"], quick=False)
