@@ -12,7 +12,9 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from .rows import Row, scenarios
+from .figures import is_ablation, is_packing, reference_run
+from .rows import Row, measured, scenarios
+from .style import label
 from .tables import markdown
 
 METHOD = """\
@@ -38,10 +40,17 @@ METHOD = """\
 
 
 @dataclass
+class Figure:
+    name: str  # file stem under figures/ and tables/
+    caption: str
+    drawn: bool  # False when only the table has something to show
+    table: str | None
+
+
+@dataclass
 class Section:
     title: str
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (relative path of the PNG, caption)
-    tables: list[tuple[str, str]] = field(default_factory=list)  # (caption, Markdown table)
+    items: list[Figure] = field(default_factory=list)
 
 
 def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Section], headline: str | None,
@@ -55,6 +64,7 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
     if headline:
         parts.append("## Headline\n\nMedian real tokens/s and peak allocated memory per backend; speedups are ratios "
                      "of tokens/s on the same scenario and variant.\n\n" + headline)
+        parts.append("".join(f"- {line}\n" for line in findings(rows)))
     parts.append("## Method\n\n" + METHOD)
     parts.append("### Hardware and software\n\n" + _provenance(rows))
     settings = _scenario_settings(rows, scenario_dir)
@@ -64,14 +74,42 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
     parts.append("## Results\n")
     for s in sections:
         parts.append(f"### {s.title}\n")
-        for png, caption in s.figures:
-            parts.append(f"![{caption}]({png})\n\n*{caption}* (SVG: `{Path(png).with_suffix('.svg')}`)\n")
-        for caption, table in s.tables:
-            parts.append(f"{caption}\n\n{table}")
+        for item in s.items:
+            if item.drawn:
+                parts.append(f"![{item.caption}](figures/{item.name}.png)\n\n"
+                             f"*{item.caption}* (SVG: `figures/{item.name}.svg`)\n")
+            else:
+                parts.append(f"*{item.caption}*\n")
+            if item.table:
+                parts.append(f"{item.table}\n(`tables/{item.name}.md`)\n")
     parts.append("## Failed and unavailable runs\n\n"
                  + (failures or "Every run finished and passed verification.\n"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def findings(rows: list[Row]) -> list[str]:
+    """One sentence per compared scenario and variant: Chronicals' speed and memory against the reference and the
+    fastest other backend, in numbers from the rows."""
+    tps, mem = measured(rows, "tokens_per_s"), measured(rows, "peak_mem_alloc_gib")
+    out = []
+    for sc, v, b in tps:
+        if b != "chronicals" or is_ablation(rows, sc) or is_packing(rows, sc):
+            continue
+        mine = tps[(sc, v, b)]
+        text = f"**{sc}** ({v}): Chronicals {mine.value:,.0f} tokens/s"
+        ref = reference_run(tps, sc, v)
+        if ref is not None:
+            text += f", x{mine.value / ref.value:.2f} {label(ref.backend)}"
+        others = [r for (s2, v2, b2), r in tps.items() if (s2, v2) == (sc, v) and b2 != b]
+        if others:
+            best = max(others, key=lambda r: r.value)
+            text += f" and x{mine.value / best.value:.2f} the fastest other verified backend ({label(best.backend)})"
+        m, m_ref = mem.get((sc, v, b)), mem.get((sc, v, ref.backend)) if ref is not None else None
+        if m is not None and m_ref is not None:
+            text += f"; peak memory {m.value:.1f} GiB against {m_ref.value:.1f} GiB"
+        out.append(text + ".")
+    return out
 
 
 def _provenance(rows: list[Row]) -> str:

@@ -38,12 +38,14 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
     def emit(section: document.Section, name: str, fig, table: str | None, caption: str) -> None:
         if fig is not None:
             written.extend(style.save(fig, fig_dir, name))
-            section.figures.append((f"figures/{name}.png", caption))
         if table is not None:
             written.append(_write(table_dir / f"{name}.md", f"{caption}\n\n{table}"))
-            section.tables.append((f"Table `tables/{name}.md`.", table))
+        if fig is not None or table is not None:
+            section.items.append(document.Figure(name, caption, fig is not None, table))
 
-    for sc in scenarios(rows):
+    # Backends compared first, then the ablation and packing studies, each group in file order.
+    special = {sc for sc in scenarios(rows) if figures.is_ablation(rows, sc) or figures.is_packing(rows, sc)}
+    for sc in sorted(scenarios(rows), key=lambda sc: sc in special):
         section = document.Section(sc)
         for kind, metrics in figures.SPEED_MEMORY_PANELS.items():
             emit(section, f"{kind}_{sc}", figures.bars(rows, sc, metrics, HEADINGS[kind]),
@@ -58,7 +60,7 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
                  f"{sc}: share of processed tokens that are real, and real tokens/s, padded against packed.")
         emit(section, f"loss_{sc}", figures.loss_curves(rows, sc), tables.loss_table(rows, sc),
              f"{sc}: every backend's loss per step over the reference's (below: difference).")
-        if section.figures or section.tables:
+        if section.items:
             sections.append(section)
 
     headline = tables.headline_table(rows)
