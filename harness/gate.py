@@ -10,6 +10,7 @@ Exit status: 0 pass, 1 regression, 2 refused (bad input, no baseline, another GP
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -152,7 +153,9 @@ def make_golden(rows: list[Row], scenario: str) -> dict:
         curves.setdefault(variant, {})[backend] = {str(s): x for s, x in sorted(points.items())}
     if not curves:
         raise ResultsError(f"scenario '{scenario}' has no ok per-step loss rows to make golden values from")
-    return {"scenario": scenario, "provenance": _first(rows, scenario).provenance, "losses": curves}
+    provenance = _first(rows, scenario).provenance
+    return {"scenario": scenario, "provenance": provenance, "losses": curves,
+            "scenario_sha256": _scenario_digest(provenance)}
 
 
 def gate(results: list[Path], baseline_path: Path, golden_dir: Path, tol: Tolerances) -> tuple[list[Check], list[str]]:
@@ -164,6 +167,10 @@ def gate(results: list[Path], baseline_path: Path, golden_dir: Path, tol: Tolera
         for sc in scenarios(rows):
             golden = _read(_golden_file(golden_dir, sc), "golden losses")
             notes += _version_notes(_first(rows, sc).provenance, golden["provenance"])
+            digest = _scenario_digest(_first(rows, sc).provenance)
+            if digest and golden.get("scenario_sha256") and digest != golden["scenario_sha256"]:
+                notes.append(f"{_first(rows, sc).provenance['scenario_file']} changed since the golden losses were "
+                             "recorded; if that change is intended, re-record them with --update-baseline")
             checks += compare_golden(rows, golden, tol)
             expected |= {(sc, v, b) for v, per in golden["losses"].items() for b in per}
     else:
@@ -288,6 +295,15 @@ def _loss_curves(rows: list[Row]) -> dict[tuple[str, str], dict[int, float]]:
 def _status_note(rows, sc, variant, backend) -> str:
     r = next((r for r in rows if r.run == (sc, variant, backend) and not r.ok), None)
     return f" ({r.status}: {r.reason})" if r else ""
+
+
+def _scenario_digest(provenance: dict) -> str | None:
+    """SHA-256 of the scenario file the runner recorded, when it is here: a changed file explains changed losses."""
+    name = provenance.get("scenario_file")
+    path = Path(name) if name else None
+    if path is not None and not path.is_absolute():
+        path = ROOT / path
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
 
 
 def _version_notes(now: dict, then: dict) -> list[str]:

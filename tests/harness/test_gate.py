@@ -200,3 +200,16 @@ def test_bad_row_names_file_line_and_field(tmp_path):
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ResultsError, match=r"bad\.jsonl:2: field 'status' is 'fine'"):
         load(bad)
+
+
+def test_a_changed_scenario_file_is_named_as_the_likely_cause(tmp_path, capsys):
+    scenario = tmp_path / "smoke-cpu.toml"
+    scenario.write_text("[train]\nsteps = 8\n")
+    results = _planted(tmp_path, CPU_RESULTS, lambda r: r["provenance"].update(scenario_file=str(scenario)))
+    golden = tmp_path / "golden"
+    assert gate.main(["--results", str(results), "--golden", str(golden), "--update-baseline"]) == 0
+    assert gate.main(["--results", str(results), "--golden", str(golden)]) == 0
+    assert "changed since" not in capsys.readouterr().out
+    scenario.write_text("[train]\nsteps = 4\n")
+    assert gate.main(["--results", str(results), "--golden", str(golden)]) == 0
+    assert f"{scenario} changed since the golden losses were recorded" in capsys.readouterr().out
