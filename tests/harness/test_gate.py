@@ -180,6 +180,14 @@ def test_missing_loss_steps_fail(golden, tmp_path, capsys):
     assert "steps 7 missing" in capsys.readouterr().out
 
 
+def test_extra_loss_steps_fail(golden, tmp_path, capsys):
+    extra = {**_rows(CPU_RESULTS)[0], "step": 8}
+    planted = tmp_path / "longer.jsonl"
+    planted.write_text(CPU_RESULTS.read_text() + json.dumps(extra) + "\n")
+    assert gate.main(["--results", str(planted), "--golden", str(golden)]) == 1
+    assert "steps 8 not in the golden curve" in capsys.readouterr().out
+
+
 def test_missing_golden_is_refused_with_the_fix(tmp_path, capsys):
     assert gate.main(["--results", str(CPU_RESULTS), "--golden", str(tmp_path)]) == 2
     err = capsys.readouterr().err
