@@ -1,0 +1,1 @@
+"""GPU benchmark scripts (run with python3 benchmarks/<name>.py --out DIR)."""

@@ -140,11 +140,11 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="but sin has"):
         fused_qk_rope(q, k, cos3, sin)
     with pytest.raises(ValueError, match="position_ids was given"):
-        fused_qk_rope(q, k, cos3, sin3, position_ids=torch.zeros(1, 5, dtype=torch.long))
+        fused_qk_rope(q, k, cos3, sin3, position_ids=torch.zeros(1, 5, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="position_ids range"):
-        fused_qk_rope(q, k, cos, sin, position_ids=torch.full((1, 5), 5, dtype=torch.long))
+        fused_qk_rope(q, k, cos, sin, position_ids=torch.full((1, 5), 5, dtype=torch.long, device=DEVICE))
     with pytest.raises(TypeError, match="position_ids has dtype"):
-        fused_qk_rope(q, k, cos, sin, position_ids=torch.zeros(1, 5))
+        fused_qk_rope(q, k, cos, sin, position_ids=torch.zeros(1, 5, device=DEVICE))
     with pytest.raises(ValueError, match="cos/sin require grad"):
         fused_qk_rope(q, k, cos3.requires_grad_(), sin3)
     with pytest.raises(ValueError, match="sin is on meta"):
