@@ -49,6 +49,13 @@ def _num_programs(device: torch.device, n_tiles: int) -> int:
 
 
 @triton.jit
+def _load_tile(PTR, rows, stride, cols, mask):
+    # Each element is read once per pass: evict_first keeps it from displacing reused data in L2.
+    ptrs = PTR + rows[:, None] * stride + cols[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
@@ -62,9 +69,9 @@ def _rms_norm_fwd_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_tile(X, rows, stride_x, cols, mask)
     if HAS_RESIDUAL:
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = _load_tile(R, rows, stride_r, cols, mask)
         s = cast_rne(x + r, S.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
@@ -99,15 +106,15 @@ def _rms_norm_bwd_kernel(
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(X, rows, stride_x, cols, mask)
+        dy = _load_tile(DY, rows, stride_dy, cols, mask)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xh = x * rstd[:, None]
         g = dy * w[None, :]
         c = tl.sum(g * xh, axis=1) / n_cols
         dx = (g - xh * c[:, None]) * rstd[:, None]
         if HAS_DS:
-            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += _load_tile(DS, rows, stride_ds, cols, mask)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xh

@@ -37,8 +37,8 @@ def _rotate_heads(X, Y, x_off, y_off, stride_xh, stride_yh, n_heads, half, c1, c
     mask = ((h < n_heads)[:, None] & (d < half)[None, :]) & valid
     x_ptr = X + x_off + h[:, None].to(tl.int64) * stride_xh + d[None, :]
     y_ptr = Y + y_off + h[:, None].to(tl.int64) * stride_yh + d[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if BACKWARD:
         o1 = x1 * c1[None, :] + x2 * s2[None, :]
         o2 = x2 * c2[None, :] - x1 * s1[None, :]

@@ -25,8 +25,8 @@ _NUM_WARPS = 8
 def _swiglu_fwd_kernel(A, B, C, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     c = a * tl.sigmoid(a) * b
     tl.store(C + offs, cast_rne(c, C.dtype.element_ty), mask=mask)
 
@@ -35,9 +35,9 @@ def _swiglu_fwd_kernel(A, B, C, n, BLOCK: tl.constexpr):
 def _swiglu_bwd_kernel(DC, A, B, DA, DB, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    dc = tl.load(DC + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    dc = tl.load(DC + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    a = tl.load(A + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     s = tl.sigmoid(a)
     silu = a * s
     # d silu / da = s + a * s * (1 - s) = s * (1 + a * (1 - s))
