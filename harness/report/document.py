@@ -54,7 +54,7 @@ class Section:
 
 
 def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Section], headline: str | None,
-          failures: str | None, scenario_dir: Path) -> None:
+          overview: bool, failures: str | None, scenario_dir: Path) -> None:
     parts = ["# Chronicals on one GPU: throughput, memory and correctness against its peers\n"]
     parts.append(
         "Rendered by `nox -s report` from the results files below, without re-running anything. "
@@ -65,6 +65,10 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
         parts.append("## Headline\n\nMedian real tokens/s and peak allocated memory per backend; speedups are ratios "
                      "of tokens/s on the same scenario and variant.\n\n" + headline)
         parts.append("".join(f"- {line}\n" for line in findings(rows)))
+    if overview:
+        parts.append("![Speedup over PyTorch/HF eager](figures/speedup_overview.png)\n\n*Every backend's median "
+                     "tokens/s over PyTorch/HF eager's on the same scenario; runs that failed verification or did not "
+                     "finish have no bar.* (SVG: `figures/speedup_overview.svg`)\n")
     parts.append("## Method\n\n" + METHOD)
     parts.append("### Hardware and software\n\n" + _provenance(rows))
     settings = _scenario_settings(rows, scenario_dir)

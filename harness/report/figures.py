@@ -8,7 +8,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from . import style, units
-from .rows import Row, measured, variants
+from .rows import DEFAULT_VARIANT, Row, measured, variants
 
 SPEED_MEMORY_PANELS = {
     "throughput": ("tokens_per_s",),
@@ -51,6 +51,38 @@ def bars(rows: list[Row], scenario: str, metrics: tuple[str, ...], heading: str)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the value labels
     _legend(fig, all_bs)
     fig.suptitle(f"{scenario}: {heading}", fontsize=11)
+    return fig
+
+
+def speedup_overview(rows: list[Row]):
+    """The headline in one picture: every backend's tokens/s over the reference's, per compared scenario (ablation
+    and packing scenarios compare Chronicals with itself and are left to their own figures)."""
+    tps = measured(rows, "tokens_per_s")
+    groups = [(sc, v) for sc, v in dict.fromkeys((k[0], k[1]) for k in tps)
+              if not (is_ablation(rows, sc) or is_packing(rows, sc)) and reference_run(tps, sc, v) is not None]
+    if not groups:
+        return None
+    shown = [r for r in rows if (r.scenario, r.variant) in groups]
+    bs = style.backend_order(r.backend for r in shown)
+    width = 0.8 / len(bs)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.5 * len(bs) * len(groups)), 3.8))
+    for j, (sc, v) in enumerate(groups):
+        ref = reference_run(tps, sc, v)
+        for i, b in enumerate(bs):
+            row, x = tps.get((sc, v, b)), j + (i - (len(bs) - 1) / 2) * width
+            if row is None:
+                _mark_missing(ax, x, [r for r in shown if r.scenario == sc], v, b)
+            else:
+                y = row.value / ref.value
+                ax.bar(x, y, width, color=style.colour(b, bs))
+                ax.annotate(f"x{y:.2f}", (x, y), xytext=(0, 2), textcoords="offset points", ha="center",
+                            fontsize=7)
+    ax.axhline(1.0, color=style.colour(style.REFERENCE_BACKEND), lw=1, ls="--")
+    ax.set_xticks(range(len(groups)), [sc if v == DEFAULT_VARIANT else f"{sc}\n{v}" for sc, v in groups])
+    ax.set_ylabel(f"Speedup over {style.label(style.REFERENCE_BACKEND)} (x, tokens/s ratio)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+    ax.set_title("Throughput relative to PyTorch/HF eager (verified runs; others show their status)")
+    _legend(fig, bs)
     return fig
 
 

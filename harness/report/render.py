@@ -66,11 +66,14 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
     headline = tables.headline_table(rows)
     if headline is not None:
         written.append(_write(table_dir / "headline.md", headline))
+    overview = figures.speedup_overview(rows)
+    if overview is not None:
+        written.extend(style.save(overview, fig_dir, "speedup_overview"))
     failures = tables.failures_table(rows)
     if failures is not None:
         written.append(_write(table_dir / "failures.md", failures))
     report = out / "REPORT.md"
-    document.write(report, rows, _sources(results), sections, headline, failures, scenario_dir)
+    document.write(report, rows, _sources(results), sections, headline, overview is not None, failures, scenario_dir)
     return [*written, report]
 
 
