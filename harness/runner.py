@@ -75,6 +75,8 @@ def child_env(scenario: Scenario) -> dict:
     if scenario.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["TRITON_INTERPRET"] = "1"  # Triton kernels (Chronicals') run under the interpreter on CPU
+    else:
+        env.pop("TRITON_INTERPRET", None)  # inherited from a CPU test session, it would time the interpreter
     return env
 
 
