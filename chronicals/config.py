@@ -18,10 +18,12 @@ import yaml
 
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "no"]
+ParamDtype = Literal["auto", "float32", "bfloat16"]
 DatasetFormat = Literal["auto", "text", "prompt_completion", "messages"]
 Overflow = Literal["truncate", "split"]
 NonFinite = Literal["stop", "skip"]
 Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["auto", "fsdp2", "ddp", "none"]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,7 +77,11 @@ class ChronicalsConfig:
     activation_offload: bool = False
     use_torch_compile: bool = False
     use_8bit_optimizer: bool = False
-    mixed_precision: Precision = "auto"
+    mixed_precision: Precision = "auto"  # autocast dtype; "auto" is bf16 on a GPU that has it, else fp32
+    # Weights: "auto" keeps trainable weights in fp32 (master weights) and frozen ones in the autocast dtype;
+    # "bfloat16" holds every weight in bf16 (half the weight, gradient and optimizer memory; updates are rounded
+    # to bf16, so prefer it for LoRA-free runs only at learning rates well above bf16's resolution).
+    param_dtype: ParamDtype = "auto"
     use_fp8: bool = False
 
     # LoRA.
@@ -98,6 +104,13 @@ class ChronicalsConfig:
     progress_bar: bool = True
     on_nonfinite: NonFinite = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that step
     device: Device = "auto"
+
+    # Several GPUs (launched with torchrun): "auto" is FSDP2 for a full fine-tune and DDP for LoRA; "none" is
+    # only for one process. See docs/MULTI_GPU.md.
+    distributed_strategy: Strategy = "auto"
+    # Rows per optimizer step over all processes; when set it replaces batch_size, which becomes
+    # global_batch_size / (processes x gradient_accumulation_steps) and must come out whole.
+    global_batch_size: Union[int, None] = None
 
     def __post_init__(self):
         _check_types(self)
@@ -260,6 +273,8 @@ def _check_values(cfg: ChronicalsConfig) -> None:
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
     need(cfg.lora_plus_ratio > 0, "lora_plus_ratio", "> 0")
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "null or an integer >= 1")
+    need(cfg.global_batch_size is None or cfg.global_batch_size >= 1, "global_batch_size",
+         "null or an integer >= 1")
     need(bool(cfg.model.strip()), "model", "a preset name (e.g. 'tiny-llama'), a local path or a hub name")
     need(bool(cfg.dataset.strip()), "dataset", "a file, a directory, a hub dataset name, or 'default'")
     need(bool(cfg.output_dir.strip()), "output_dir", "a directory path")
@@ -267,6 +282,11 @@ def _check_values(cfg: ChronicalsConfig) -> None:
         need(len(cfg.lora_target_modules) > 0, "lora_target_modules", "a non-empty list of module names")
     if cfg.use_lora_plus and not cfg.use_lora:
         raise ConfigError("config field 'use_lora_plus' is true but 'use_lora' is false; LoRA+ needs use_lora: true")
+    if cfg.param_dtype == "bfloat16" and cfg.mixed_precision in ("no", "fp16"):
+        raise ConfigError(
+            f"config field 'param_dtype' is 'bfloat16' but 'mixed_precision' is {cfg.mixed_precision!r}; "
+            "bf16 weights need mixed_precision: bf16 (or auto)"
+        )
     if cfg.activation_offload and not cfg.use_gradient_checkpointing:
         raise ConfigError(
             "config field 'activation_offload' is true but 'use_gradient_checkpointing' is false; offloading moves "

@@ -117,12 +117,20 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
             model = apply_lora(model, lora)
         except ValueError as e:
             raise SetupError(f"LoRA settings (lora_rank / lora_target_modules) do not fit this model: {e}") from e
-        if autocast_dtype(cfg, device) is not None:
-            # Frozen base weights never see an optimizer, so they can live in the compute dtype; adapters stay fp32.
-            for p in model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(autocast_dtype(cfg, device))
+    _cast_weights(model, cfg, device)
     return model
+
+
+def _cast_weights(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> None:
+    """Frozen weights never see an optimizer, so they live in the compute dtype; trainable ones stay fp32 master
+    weights unless param_dtype says bfloat16."""
+    compute = autocast_dtype(cfg, device)
+    if cfg.param_dtype == "bfloat16" and compute != torch.bfloat16:
+        raise SetupError("config field 'param_dtype' is 'bfloat16' but this device computes in "
+                         f"{compute or 'fp32'}; use param_dtype: auto here")
+    for p in model.parameters():
+        if cfg.param_dtype == "bfloat16" or (compute is not None and cfg.param_dtype == "auto" and not p.requires_grad):
+            p.data = p.data.to(compute)
 
 
 def _convert_fp8(model: nn.Module, device: torch.device) -> None:

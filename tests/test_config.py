@@ -1,0 +1,81 @@
+"""ChronicalsConfig: typed fields validated at construction (errors name the field and the valid values), YAML
+loading, dotted key=value overrides."""
+
+import dataclasses
+
+import pytest
+
+from chronicals.config import ChronicalsConfig, ConfigError, apply_override, demo_config
+
+SEED_FIELDS = ["learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps", "warmup_steps",
+               "use_flash_attention", "use_fused_kernels", "use_sequence_packing", "use_gradient_checkpointing",
+               "use_torch_compile", "use_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+               "use_lora_plus", "lora_plus_ratio", "use_8bit_optimizer", "activation_offload", "mixed_precision",
+               "use_fp8", "epochs", "lr_schedule", "seed", "max_seq_length", "output_dir", "logging_steps",
+               "save_steps", "max_grad_norm", "model", "dataset", "dataset_format", "text_column", "prompt_column",
+               "messages_column", "resume_from_checkpoint"]
+
+
+def test_has_the_documented_fields():
+    names = {f.name for f in dataclasses.fields(ChronicalsConfig)}
+    assert set(SEED_FIELDS) <= names
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr_schedule": "cosin"}, "'lr_schedule' is 'cosin'; valid values: 'cosine' | 'linear' | 'constant'"),
+        ({"mixed_precision": "bf32"}, "'mixed_precision' is 'bf32'; valid values: 'auto' | 'bf16' | 'fp16' | 'no'"),
+        ({"batch_size": 0}, "'batch_size' is 0; it must be an integer >= 1"),
+        ({"batch_size": 2.5}, "'batch_size' must be int, got 2.5"),
+        ({"use_lora": "yes"}, "'use_lora' must be bool, got 'yes'"),
+        ({"learning_rate": -1.0}, "'learning_rate' is -1.0; it must be > 0"),
+        ({"learning_rate": "fast"}, "'learning_rate' must be float, got 'fast'"),
+        ({"lora_dropout": 1.0}, "'lora_dropout' is 1.0; it must be in [0, 1)"),
+        ({"max_steps": 0}, "'max_steps' is 0; it must be -1 (use epochs) or an integer >= 1"),
+        ({"use_lora_plus": True}, "LoRA+ needs use_lora: true"),
+        ({"activation_offload": True}, "set use_gradient_checkpointing: true as well"),
+        ({"use_lora": True, "lora_target_modules": []}, "'lora_target_modules' is []"),
+        ({"learnin_rate": 1e-3}, "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(values, message):
+    with pytest.raises(ConfigError) as info:
+        ChronicalsConfig.from_dict(values)
+    assert message in str(info.value)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny-qwen2\nlearning_rate: 1e-4\nlora_target_modules: [q_proj, v_proj]\n"
+                    "model_kwargs:\n  num_hidden_layers: 3\n")
+    cfg = ChronicalsConfig.from_yaml(path, ["batch_size=4", "use_lora=true", "model_kwargs.hidden_size=32",
+                                            "resume_from_checkpoint=null", "lr_schedule=linear"])
+    assert cfg.model == "tiny-qwen2" and cfg.learning_rate == 1e-4  # YAML 1.1's "1e-4" string becomes a float
+    assert cfg.batch_size == 4 and cfg.use_lora is True and cfg.lr_schedule == "linear"
+    assert cfg.model_kwargs == {"num_hidden_layers": 3, "hidden_size": 32}
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.resume_from_checkpoint is None
+    assert ChronicalsConfig.from_yaml(None) == ChronicalsConfig()
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    assert ChronicalsConfig.from_yaml(again) == cfg  # to_yaml round-trips
+
+
+def test_override_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        apply_override({}, "learning_rate")
+    with pytest.raises(ConfigError, match="'model' is not a mapping"):
+        apply_override({"model": "x"}, "model.sub=1")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        ChronicalsConfig.from_yaml(listing)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ChronicalsConfig.from_yaml(tmp_path / "none.yaml")
+
+
+def test_comma_list_from_the_command_line_and_demo_defaults():
+    cfg = ChronicalsConfig.from_yaml(None, ["lora_target_modules=q_proj, v_proj"])
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    demo = demo_config()
+    assert demo.model == "tiny-llama" and demo.output_dir == "outputs/demo" and demo.max_steps <= 100
