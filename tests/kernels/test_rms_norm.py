@@ -182,3 +182,27 @@ def test_dw_reduction_over_many_programs():
     _dw_reduce_kernel[(-(-70 // _REDUCE_BLOCK_N),)](partial, dw, partial.shape[0], 70,
                                                     BLOCK_P=_REDUCE_BLOCK_P, BLOCK_N=_REDUCE_BLOCK_N)
     torch.testing.assert_close(dw.double(), partial.double().sum(0), rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_llama_shape_and_int64_offsets_on_gpu():
+    # 16384 x 4096: hundreds of backward programs and dw partial rows, as in training. Then rows whose
+    # element offsets pass 2^31, checked on the last rows against PyTorch.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16384, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.rand(4096, device="cuda", generator=gen, dtype=torch.bfloat16) + 0.5
+    dy = torch.randn_like(x)
+    (y,), (dx, dw) = grads(fused_rmsnorm, (x, w), [dy])
+    (y_nat,), (dx_nat, dw_nat) = grads(lambda a, b: hf_rmsnorm(a, b, 1e-6, 0.0), (x, w), [dy])
+    (y_ref,), (dx_ref, dw_ref) = grads(lambda a, b: hf_rmsnorm(a, b, 1e-6, 0.0), (x.double(), w.double()),
+                                       [dy.double()])
+    for name, out, nat, ref in [("y", y, y_nat, y_ref), ("dx", dx, dx_nat, dx_ref), ("dw", dw, dw_nat, dw_ref)]:
+        assert_no_worse(name, out, nat, ref, torch.bfloat16)
+    del x, dy, y, dx, y_nat, dx_nat, y_ref, dx_ref
+
+    rows = 2**31 // 4096 + 3
+    big = torch.randn(rows, 4096, device="cuda", generator=gen, dtype=torch.bfloat16)
+    y = fused_rmsnorm(big, w)
+    tail = big[-5:]
+    assert_no_worse("y tail", y[-5:], hf_rmsnorm(tail, w, 1e-6, 0.0), hf_rmsnorm(tail.double(), w.double(), 1e-6, 0.0),
+                    torch.bfloat16)

@@ -70,3 +70,21 @@ def test_bad_input_names_the_argument():
         fused_swiglu([1.0], x)
     with pytest.raises(ValueError, match="up is on meta"):
         fused_swiglu(x, torch.empty(4, 8, device="meta"))
+
+
+@pytest.mark.gpu
+def test_int64_offsets_on_gpu():
+    # More than 2^31 elements: the last block's offsets only fit in int64.
+    n = 2**31 + 4099
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_(True)
+    b = torch.randn(n, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_(True)
+    c = fused_swiglu(a, b)
+    dc = torch.ones_like(c)
+    da, db = torch.autograd.grad(c, (a, b), dc)
+    tail = slice(n - 5000, n)
+    a_t, b_t = a.detach()[tail].double().requires_grad_(True), b.detach()[tail].double().requires_grad_(True)
+    c_t = reference(a_t, b_t)
+    da_t, db_t = torch.autograd.grad(c_t, (a_t, b_t), torch.ones_like(c_t))
+    for got, want in ((c, c_t), (da, da_t), (db, db_t)):
+        torch.testing.assert_close(got.detach()[tail].double(), want.detach(), rtol=1e-2, atol=1e-2)
