@@ -1,9 +1,9 @@
 """When a patched module runs a Triton kernel and when it falls back to plain PyTorch.
 
 The kernels need a CUDA tensor (or TRITON_INTERPRET=1, set before import, which runs them on CPU for
-testing). Anywhere else (a CPU without the interpreter, a machine without Triton) the patched modules
-compute the same math as Hugging Face in plain PyTorch, so a patched model still runs and gives the
-same numbers; only the speed-up is lost.
+testing) in float32, bfloat16 or float16. Anywhere else (a CPU without the interpreter, a machine without
+Triton, a float64 model) the patched modules compute the same math as Hugging Face in plain PyTorch, so a
+patched model still runs and gives the same numbers; only the speed-up is lost.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from chronicals.kernels._utils import INTERPRET
+from chronicals.kernels._utils import INTERPRET, SUPPORTED_DTYPES
 
 
 @lru_cache(maxsize=1)
@@ -22,5 +22,5 @@ def _triton_installed() -> bool:
 
 
 def kernels_usable(t: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on tensor `t`."""
-    return (t.is_cuda or INTERPRET) and _triton_installed()
+    """True when the Triton kernels can run on tensor `t` (a float64 model, say, keeps PyTorch's math)."""
+    return (t.is_cuda or INTERPRET) and t.dtype in SUPPORTED_DTYPES and _triton_installed()
