@@ -75,13 +75,14 @@ def hf_rope(q, k, cos, sin):
 # ---- the ops: inputs, implementations, bytes ----
 def _make_inputs(op, m, dtype, device, seed):
     """(tensors, indices of those that get gradients). Llama-like magnitudes; packed positions."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype)
+    weight = lambda n: torch.nn.Parameter((torch.rand(n, generator=g, device=device) + 0.5).to(dtype))
     t, h = m["tokens"], m["hidden"]
     if op == "rmsnorm":
-        return [rnd(t, h), torch.nn.Parameter(torch.rand(h, generator=g).to(device, dtype) + 0.5)], [0, 1]
+        return [rnd(t, h), weight(h)], [0, 1]
     if op == "add_rmsnorm":
-        w = torch.nn.Parameter(torch.rand(h, generator=g).to(device, dtype) + 0.5)
+        w = weight(h)
         return [rnd(t, h), rnd(t, h), w], [0, 1, 2]
     if op == "swiglu":
         return [3 * rnd(t, m["inter"]), rnd(t, m["inter"])], [0, 1]
@@ -276,8 +277,8 @@ def run(models, dtype, device, quick, ops):
             inputs, grad_idx = _make_inputs(op, m, dtype, device, seed=0)
             _needs_grad(inputs, grad_idx)
             upstream_shapes = [o.shape for o in _tuple(_eager(op, m["eps"])(*inputs))]
-            g = torch.Generator(device="cpu").manual_seed(1)
-            upstream = [torch.randn(s, generator=g).to(device, dtype) for s in upstream_shapes]
+            g = torch.Generator(device=device).manual_seed(1)
+            upstream = [torch.randn(s, generator=g, device=device).to(dtype) for s in upstream_shapes]
             impls, missing = _implementations(op, m["eps"], inputs, device)
             result = check(op, m, impls, inputs, grad_idx, upstream, dtype)
             for name, res in result.items():
@@ -287,8 +288,8 @@ def run(models, dtype, device, quick, ops):
             if device != "cuda":
                 continue
             fwd_b, bwd_b = _bytes(op, m, e)
-            # Enough input copies that one pass over all of them (forward + backward) overflows L2 3x.
-            n_sets = max(1, math.ceil(3 * l2_bytes() / (fwd_b + bwd_b)))
+            # Enough input copies that a pass over all of them moves 3x the L2 size: no call finds its data there.
+            n_sets = max(1, math.ceil(3 * l2_bytes() / min(fwd_b, bwd_b)))
             sets = [(inputs, upstream)] + [
                 (_needs_grad(_make_inputs(op, m, dtype, device, seed=s)[0], grad_idx), [u.clone() for u in upstream])
                 for s in range(1, n_sets)
