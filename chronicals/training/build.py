@@ -62,7 +62,7 @@ def load_model(cfg: ChronicalsConfig, tokenizer) -> nn.Module:
         overrides.setdefault("vocab_size", max(PRESETS[name.lower()]["vocab_size"], len(tokenizer)))
         try:
             return build_model(name, seed=cfg.seed, attn_implementation=attn, dtype=torch.float32, **overrides)
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # transformers' config validators raise their own (non-ValueError) error types
             raise SetupError(f"config field 'model_kwargs' ({cfg.model_kwargs!r}) does not fit preset {name!r}: {e}") \
                 from e
     if cfg.model_kwargs:

@@ -93,3 +93,26 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
     assert result.interrupted and result.steps == 2
     assert checkpoint.find_latest(tmp_path / "run").name == "checkpoint-2"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_lora_checkpoint_is_a_peft_adapter_and_resumes_exactly(tmp_path):
+    data = rows(16)
+    lora = dict(use_lora=True, lora_rank=4, lora_alpha=8.0, learning_rate=5e-3, max_steps=4, batch_size=4)
+    _, full = _train(tmp_path / "full", data, **lora)
+    _, first = _train(tmp_path / "split", data, save_steps=2, **lora)
+    ckpt = tmp_path / "split" / "run" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"} <= {
+        p.name for p in ckpt.iterdir()}
+    _, resumed = _train(tmp_path / "split", data, resume_from_checkpoint="latest", **lora)
+    assert first.losses == full.losses
+    # "latest" is checkpoint-4 (the end of the first run): nothing is left to train.
+    assert resumed.losses == [] and resumed.steps == 4
+    _, again = _train(tmp_path / "split", data, resume_from_checkpoint=str(ckpt), **lora)
+    assert again.losses == full.losses[2:]
+
+
+def test_resume_with_other_lora_settings_is_refused(tmp_path):
+    data = rows(8)
+    _train(tmp_path, data, max_steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="saved with different LoRA settings"):
+        _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, lora_rank=4, resume_from_checkpoint="latest")

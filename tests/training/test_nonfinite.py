@@ -49,3 +49,12 @@ def test_nan_skip_leaves_the_weights_unchanged_and_continues(tmp_path):
     result = trainer.train(rows(16))
     assert result.steps == 3
     assert seen == [(False, False), (True, True), (False, False)]
+
+
+def test_a_step_without_label_tokens_is_an_error(tmp_path):
+    from chronicals.training import DataError
+
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path))
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.full((1, 3), -100), "num_label_tokens": 0}
+    with pytest.raises(DataError, match="step 7 has no label tokens"):
+        trainer._train_step([batch], 7)

@@ -1,0 +1,92 @@
+"""Bad data and models fail with clear errors before the first training step."""
+
+import json
+
+import pytest
+
+from chronicals.config import ChronicalsConfig
+from chronicals.data import default_tokenizer
+from chronicals.training import ChronicalsTrainer, DataError, SetupError
+from chronicals.training.build import load_model, load_tokenizer, prepare_model
+
+from .helpers import config, rows, tiny_model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def _fails_before_training(tmp_path, data, tok, match, **changes):
+    trainer = ChronicalsTrainer(tiny_model(), tok, config(tmp_path, **changes))
+    with pytest.raises(DataError, match=match):
+        trainer.train(data)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ([], "is empty"),
+        ([{"question": "a", "answer": "b"}], r"cannot tell the row format from the columns \['answer', 'question'\]"),
+        ([{"text": 17}], "row 0"),
+        ([{"messages": "hello"}], "row 0"),
+        ([{"input_ids": ["a", "b"]}], "example 0 input_ids must hold non-negative int token ids"),
+        ([{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}], "none of the 1 sequences has a label token"),
+    ],
+    ids=["empty", "missing-columns", "text-not-a-string", "messages-not-a-list", "ids-not-ints", "no-labels"],
+)
+def test_bad_rows(tmp_path, tok, data, match):
+    _fails_before_training(tmp_path, data, tok, match)
+
+
+def test_every_sequence_over_the_limit(tmp_path, tok):
+    data = [{"input_ids": list(range(2, 60))} for _ in range(3)]
+    _fails_before_training(tmp_path, data, tok, "every one of the 3 sequences is longer than max_seq_length=32")
+
+
+def test_format_named_in_config_needs_its_columns(tmp_path, tok):
+    _fails_before_training(tmp_path, [{"text": "hello there"}], tok, r"needs column\(s\) \['prompt', 'completion'\]",
+                           dataset_format="prompt_completion")
+
+
+def test_missing_file(tmp_path, tok):
+    _fails_before_training(tmp_path, str(tmp_path / "none.jsonl"), tok, "none.jsonl")
+
+
+def test_too_few_rows_for_one_step(tmp_path):
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, batch_size=4,
+                                                                  gradient_accumulation_steps=4))
+    with pytest.raises(DataError, match="too few for one optimizer step of gradient_accumulation_steps=4"):
+        trainer.train(rows(8))
+
+
+def test_unknown_model_type(tmp_path):
+    bad = tmp_path / "weird-model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
+    cfg = ChronicalsConfig(model=str(bad), tokenizer="default", device="cpu")
+    with pytest.raises(SetupError, match="config field 'model'.*no-such-arch"):
+        load_model(cfg, load_tokenizer(cfg))
+
+
+def test_architecture_chronicals_cannot_patch(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    cfg = config(tmp_path, use_fused_kernels=True)
+    with pytest.raises(SetupError, match="gpt2.*use_fused_kernels: false"):
+        prepare_model(model, cfg, __import__("torch").device("cpu"))
+
+
+def test_model_kwargs_that_do_not_fit_the_preset():
+    cfg = ChronicalsConfig(model="tiny-llama", tokenizer="default", model_kwargs={"num_attention_heads": 3})
+    with pytest.raises(SetupError, match="model_kwargs"):
+        load_model(cfg, load_tokenizer(cfg))
+
+
+def test_trainer_rejects_wrong_argument_types(tmp_path):
+    with pytest.raises(TypeError, match="config must be a chronicals.config.ChronicalsConfig"):
+        ChronicalsTrainer(tiny_model(), tokenizer(), {"learning_rate": 1})
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ChronicalsTrainer("tiny-llama", tokenizer(), config(tmp_path))

@@ -1,0 +1,49 @@
+"""Chat rows train only on assistant turns (through the config's column names); the LR schedule's shape."""
+
+import pytest
+import torch
+
+from chronicals.config import ChronicalsConfig
+from chronicals.data import default_tokenizer
+from chronicals.training.dataset import prepare_training_data
+from chronicals.training.schedule import build_scheduler, lr_factor
+
+
+def test_chat_rows_carry_loss_only_on_assistant_turns():
+    tok = default_tokenizer()
+    chats = [{"dialog": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Blue is one."}]}]
+    cfg = ChronicalsConfig(messages_column="dialog", max_seq_length=128, use_sequence_packing=False)
+    data = prepare_training_data(chats, tok, cfg)
+    (row,) = data.rows
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    text = tok.decode(trained)
+    assert "Blue is one." in text
+    assert "Name a colour" not in text and "Be brief" not in text
+    assert [label for label in row["labels"] if label != -100] == trained
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_warmup_then_decay(schedule):
+    f = [lr_factor(s, warmup_steps=4, total_steps=20, schedule=schedule, min_lr_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert all(x == 1.0 for x in f[4:])
+    else:
+        assert all(a >= b for a, b in zip(f[4:], f[5:]))  # never rises after warmup
+        assert f[20] == pytest.approx(0.1)  # ends at min_lr_ratio
+        mid = 4 + 8
+        assert f[mid] == pytest.approx(0.55)  # halfway: cosine and linear both at the midpoint
+
+
+def test_scheduler_drives_the_optimizer():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=4, schedule="linear", min_lr_ratio=0.0)
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.5, 1.0, 1.0, 0.5])

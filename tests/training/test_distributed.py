@@ -1,0 +1,38 @@
+"""torchrun environment detection and the split of data across ranks."""
+
+import pytest
+
+from chronicals.training import distributed
+from chronicals.training.distributed import DistEnv
+
+
+def test_detect_reads_torchrun_env(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = distributed.detect()
+    assert (env.rank, env.world_size, env.local_rank, env.is_main, env.enabled) == (3, 4, 1, False, True)
+    assert env.loss_scale == 4.0
+
+
+def test_detect_without_torchrun_is_one_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detect() == DistEnv(0, 1, 0)
+
+
+def test_detect_rejects_inconsistent_env(monkeypatch):
+    monkeypatch.setenv("RANK", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(RuntimeError, match="RANK=4, WORLD_SIZE=4"):
+        distributed.detect()
+
+
+@pytest.mark.parametrize("n, world", [(10, 3), (9, 3), (7, 2), (5, 1)])
+def test_shard_splits_without_duplication_and_evenly(n, world):
+    items = list(range(n))
+    shards = [distributed.shard(items, DistEnv(r, world, r)) for r in range(world)]
+    flat = [x for s in shards for x in s]
+    assert len(set(flat)) == len(flat)  # no item on two ranks
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
+    assert len(flat) == n - n % world  # only the uneven tail is left out
