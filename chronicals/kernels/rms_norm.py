@@ -246,7 +246,9 @@ def _check(hidden_states, weight, eps, offset, residual=None) -> None:
         tensors["residual"] = residual
     # weight may be in another dtype (fp32 master weights): it is read in fp32 either way.
     check_same(tensors, dtype=False)
-    if hidden_states.ndim == 0 or hidden_states.shape[-1] != weight.shape[0]:
+    if hidden_states.ndim == 0:
+        raise ValueError("hidden_states must have at least one dimension (..., hidden), got a 0-d tensor")
+    if hidden_states.shape[-1] != weight.shape[0]:
         raise ValueError(f"weight has {weight.shape[0]} elements but the last dimension of hidden_states "
                          f"(shape {tuple(hidden_states.shape)}) must equal it")
     if not 1 <= weight.shape[0] <= _MAX_BLOCK_N:

@@ -166,6 +166,8 @@ def test_bad_input_names_the_argument():
         fused_add_rmsnorm(x, x[:2], w)
     with pytest.raises(ValueError, match="weight is on meta"):
         fused_rmsnorm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="hidden_states must have at least one dimension"):
+        fused_rmsnorm(torch.tensor(1.0, device=DEVICE), torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="eps"):
         fused_rmsnorm(x, w, eps=float("nan"))
     with pytest.raises(ValueError, match="hidden sizes"):
