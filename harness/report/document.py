@@ -19,23 +19,27 @@ from .tables import markdown
 
 METHOD = """\
 - **One loop for every backend.** A backend only builds the model and names the parameters to train; the data, the
-  optimizer, the training loop and the timing belong to the harness (`harness/loop.py`), so all backends do the same
-  work per step.
-- **Tokens counted.** Only label tokens that are neither padding nor `ignore_index` (-100) count: tokens/s is real
-  training tokens per second, so padding never inflates a number (this is what separates padded from packed runs).
-- **FLOP convention.** 6N FLOPs per counted token for full fine-tuning and 4N for LoRA (frozen weights get no weight
-  gradient), N = parameters in the matmuls, plus causal attention (half of the full score and value matmuls);
-  recomputation (activation checkpointing) is not counted. MFU is stated twice: against the GPU's datasheet dense
-  BF16 peak and against a matmul ceiling measured on the same GPU in the same session.
-- **Timing.** CUDA events around each optimizer step. Warm-up steps are excluded (they include `torch.compile` and
-  Triton autotuning, which can take minutes); every number is the median of the timed steps, with the 20th and 80th
-  percentiles as the range (whiskers in the figures, parentheses in the tables).
+  optimizer, the training loop and the timing belong to the harness (`harness/loop.py`), and each run is its own
+  subprocess from the same initial weights and batches, so all backends do the same work per step.
+- **Tokens counted.** A token counts when it is a loss term: a label after the causal shift that is neither padding
+  nor `ignore_index` (-100). Tokens/s is real training tokens per second, counted by the harness from the data, so
+  padding never inflates a number (this is what separates padded from packed runs).
+- **FLOP convention** (`harness/metrics.py`). Model FLOPs per step, recomputation never counted. N = parameters of
+  every linear layer, `lm_head` included: 6N per counted token for full fine-tuning; for LoRA 4N for the frozen
+  weights (no weight gradient) plus 6 N_lora for the adapters. Attention adds 6 L^2 H_q d_head per layer and
+  sequence of L tokens (QK^T and PV, halved for the causal mask, training = 3x forward); padding is not counted.
+  MFU is stated twice: against the GPU's datasheet dense BF16 peak (989 TFLOP/s for an H200) and against a bf16
+  matmul ceiling measured on the same GPU at the start of the same scenario run.
+- **Timing.** CUDA events around each optimizer step (wall clock on CPU). The first `train.warmup` steps are left
+  out (they include `torch.compile` and Triton autotuning); every number is the median of the timed steps, with the
+  20th and 80th percentiles as the range (whiskers in the figures, parentheses in the tables).
 - **Memory.** Peak allocated by PyTorch's caching allocator (`peak_mem_alloc_gib`) and peak of the whole process as
-  NVML sees it (`peak_mem_nvml_gib`, includes the allocator's cache, CUDA context and workspaces).
-- **Verification before speed.** Each run's gradients, weight update and loss are checked against the reference; a
-  run that fails is drawn in no speed or memory figure and is listed under *Failed and unavailable runs* with its
-  reason. Loss curves of failed runs are still drawn (dashed) so the divergence can be seen.
-- **Repeated runs.** When a results file holds the same run twice, the later rows (the newer run) are used.
+  NVML sees it (`peak_mem_nvml_gib`: includes the allocator's cache, the CUDA context and workspaces).
+- **Verification before speed.** Every run's per-step loss and gradient norm are checked against the reference
+  run's (`verify.loss_rtol`, `verify.grad_norm_rtol` of the scenario) and its weights must have changed; a run that
+  fails is drawn in no speed or memory figure and is listed under *Failed and unavailable runs* with its reason.
+  Loss curves of failed runs are still drawn (dashed) so the divergence can be seen.
+- **Repeated runs.** When a results file holds the same run twice, only the newer run's rows are used.
 """
 
 

@@ -47,7 +47,7 @@ def test_report_embeds_every_figure_and_states_the_method(rendered):
     text = (rendered / "REPORT.md").read_text()
     for name in FIGURES:
         assert f"](figures/{name}.png)" in text
-    for needle in ("## Method", "ignore_index", "6N", "4N", "Warm-up", "median", "NVIDIA H200", "torch 2.11.0",
+    for needle in ("## Method", "ignore_index", "6N", "4N", "train.warmup", "median", "NVIDIA H200", "torch 2.11.0",
                    "570.124.06", "## Headline", "Chronicals 34,500 tokens/s, x1.64 PyTorch/HF (eager) and x1.16"):
         assert needle in text, needle
 
