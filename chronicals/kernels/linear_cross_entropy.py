@@ -72,7 +72,8 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
         # m starts at -inf and s at 0, so the first rescale is 0 · exp(-inf) = 0, never NaN.
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-        target += tl.sum(tl.where(cols == local_label, z, 0.0), axis=0)
+        # `mask` too: a label just past this block can sit in the tile's padding (masked to -inf).
+        target += tl.sum(tl.where((cols == local_label) & mask, z, 0.0), axis=0)
         start += BLOCK_V
     tl.store(max_ptr + row, m)
     tl.store(sumexp_ptr + row, s)

@@ -1,0 +1,226 @@
+"""Fused linear cross-entropy against a float64 reference (loss, d(hidden), d(weight), d(bias)).
+
+Under TRITON_INTERPRET=1 (CPU) shapes stay small but odd: N, d and V are not powers of two, V is not
+a multiple of the vocabulary block, and blocks are narrower than V so the online log-sum-exp merges
+several of them. The native-dtype PyTorch computation of the same loss sets each error bound.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from oracle import assert_no_worse
+
+from chronicals.kernels import fused_cross_entropy, fused_linear_cross_entropy
+from chronicals.kernels import linear_cross_entropy as lce
+
+DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
+IGNORE = -100
+
+
+def torch_loss(hidden, weight, bias, labels, *, reduction="mean", normalizer=None, softcap=None, z_loss_weight=0.0,
+               ignore_index=IGNORE):
+    """The loss as plain PyTorch computes it in the inputs' dtype (float64 inputs give the reference)."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = labels != ignore_index
+    rows = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if z_loss_weight:
+        rows = rows + z_loss_weight * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
+
+
+def make_inputs(n, d, v, dtype, seed, *, bias=False, ignore="some"):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(d))
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    if ignore == "some":
+        labels[torch.rand(n, generator=g) < 0.3] = IGNORE
+    elif ignore == "all":
+        labels[:] = IGNORE
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)
+    return cast(hidden), cast(weight), cast(b), labels.to(DEVICE)
+
+
+def losses_and_grads(fn, hidden, weight, bias, labels, upstream, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    loss = fn(leaves[0], leaves[1], leaves[2] if bias is not None else None, labels, **kw)
+    grads = torch.autograd.grad(loss, leaves, upstream.to(loss.dtype).expand_as(loss))
+    return (loss, *grads)
+
+
+def kernel(hidden, weight, bias, labels, **kw):
+    return fused_linear_cross_entropy(hidden, weight, labels, bias, **kw)
+
+
+def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.randn(hidden.shape[0] if kw.get("reduction") == "none" else (), generator=g).to(DEVICE)
+    ref_kw = {k: v for k, v in kw.items() if k != "vocab_chunk"}
+    out = losses_and_grads(kernel, hidden, weight, bias, labels, upstream, **kw)
+    native = losses_and_grads(torch_loss, hidden, weight, bias, labels, upstream, **ref_kw)
+    as64 = lambda t: None if t is None else t.double()
+    ref = losses_and_grads(torch_loss, as64(hidden), as64(weight), as64(bias), labels, upstream.double(), **ref_kw)
+    for name, o, nat, r in zip(("loss", "d_hidden", "d_weight", "d_bias"), out, native, ref):
+        assert torch.isfinite(o).all(), f"{name} has non-finite values"
+        assert_no_worse(name, o.float(), nat.float(), r, dtype)
+
+
+# At least 3 rows and columns: with fewer elements one bf16 rounding more or less swings the relative
+# error norm past the slack; the 1-row / 1-column edges are checked in fp32 below.
+@given(
+    n=st.integers(3, 40),
+    d=st.integers(3, 24),
+    v=st.integers(2, 150),
+    chunk=st.sampled_from([7, 16, 33, None]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignore=st.sampled_from(["none", "some"]),
+    bias=st.booleans(),
+    softcap=st.sampled_from([None, 4.0]),
+    z_loss_weight=st.sampled_from([0.0, 1e-2]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_float64_reference(n, d, v, chunk, dtype, reduction, ignore, bias, softcap, z_loss_weight, seed):
+    hidden, weight, b, labels = make_inputs(n, d, v, dtype, seed, bias=bias, ignore=ignore)
+    check_against_reference(hidden, weight, b, labels, dtype, reduction=reduction, softcap=softcap,
+                            z_loss_weight=z_loss_weight, vocab_chunk=chunk)
+
+
+@pytest.mark.parametrize("n, d, v", [(1, 1, 2), (1, 5, 9), (6, 1, 17)])
+def test_single_row_or_column_edges(n, d, v):
+    hidden, weight, bias, labels = make_inputs(n, d, v, torch.float32, n + d + v, bias=True, ignore="none")
+    check_against_reference(hidden, weight, bias, labels, torch.float32, vocab_chunk=4)
+
+
+def test_blocks_wider_than_one_program_step(monkeypatch):
+    # A vocabulary block of 37 columns walked 8 at a time: the in-kernel loop and its ragged tail.
+    monkeypatch.setattr(lce, "MAX_BLOCK_V", 8)
+    hidden, weight, bias, labels = make_inputs(19, 13, 83, torch.float32, 3, bias=True)
+    check_against_reference(hidden, weight, bias, labels, torch.float32, vocab_chunk=37, softcap=3.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch_is_zero_not_nan(reduction):
+    hidden, weight, bias, labels = make_inputs(9, 5, 21, torch.bfloat16, 0, bias=True, ignore="all")
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], reduction=reduction, vocab_chunk=8)
+    loss.sum().backward()
+    assert torch.equal(loss.float(), torch.zeros_like(loss.float()))
+    for t in leaves:
+        assert torch.equal(t.grad.float(), torch.zeros_like(t.grad.float()))
+
+
+def test_normalizer_makes_accumulation_equal_one_batch():
+    # Two micro-batches with different valid counts, each normalised by the total count, sum to the
+    # gradient of the whole batch's mean; a per-micro-batch mean would not.
+    hidden, weight, _, labels = make_inputs(30, 11, 47, torch.float32, 5)
+    labels[:4] = IGNORE
+    total = int((labels != IGNORE).sum())
+    whole = [t.clone().requires_grad_() for t in (hidden, weight)]
+    fused_linear_cross_entropy(whole[0], whole[1], labels, vocab_chunk=16).backward()
+    parts = [t.clone().requires_grad_() for t in (hidden, weight)]
+    for rows, norm in ((slice(0, 12), total), (slice(12, 30), torch.tensor(float(total)))):
+        fused_linear_cross_entropy(parts[0][rows], parts[1], labels[rows], normalizer=norm, vocab_chunk=16).backward()
+    torch.testing.assert_close(parts[0].grad, whole[0].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts[1].grad, whole[1].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_random_tokens_give_ln_vocab_and_no_hidden_shift():
+    # An uninformed model (tiny hidden states) scores random next tokens at ln(V).
+    v = 97
+    hidden, weight, _, labels = make_inputs(64, 16, v, torch.float32, 7, ignore="none")
+    loss = fused_linear_cross_entropy(hidden * 1e-3, weight, labels)
+    assert abs(loss.item() - math.log(v)) < 0.02, loss.item()
+    # A "copy" model (hidden = its input token's embedding, tied lm_head) scores ~0 only when labels
+    # equal the inputs: the function compares row t with label t, with no shift of its own.
+    tokens = torch.randint(0, v, (2, 33), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    embedding = torch.eye(v, 16 * 8, device=DEVICE)[:, :v] * 30.0
+    copy_hidden = embedding[tokens]
+    assert fused_cross_entropy(copy_hidden, embedding, tokens, chunk_size=32).item() < 1e-3
+    shifted = fused_cross_entropy(copy_hidden[:, :-1], embedding, tokens[:, 1:], chunk_size=32).item()
+    assert shifted > math.log(v), shifted
+
+
+def test_seed_call_matches_mean_over_valid_targets():
+    hidden, weight, _, labels = make_inputs(3 * 11, 9, 40, torch.float32, 2)
+    loss = fused_cross_entropy(hidden.view(3, 11, 9), weight, labels.view(3, 11), chunk_size=16)
+    expected = F.cross_entropy(hidden.double() @ weight.double().t(), labels, ignore_index=IGNORE)
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_tied_weight_accumulates_both_gradients():
+    # lm_head tied to the embedding: the parameter's gradient is the lookup's plus the loss's.
+    hidden_, weight, _, labels = make_inputs(14, 6, 25, torch.float32, 9)
+    tokens = labels.clamp(min=0)
+    grads = []
+    for fn in (kernel, torch_loss):
+        shared = weight.double().clone().requires_grad_() if fn is torch_loss else weight.clone().requires_grad_()
+        h = shared[tokens] * 0.5 + hidden_.to(shared.dtype)
+        fn(h, shared, None, labels).backward()
+        grads.append(shared.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weight_and_constant_hidden():
+    hidden, weight, _, labels = make_inputs(12, 7, 30, torch.float32, 4)
+    h = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(h, weight, labels, vocab_chunk=8).backward()  # weight frozen (LoRA)
+    h_ref = hidden.double().requires_grad_()
+    torch_loss(h_ref, weight.double(), None, labels).backward()
+    torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=1e-5, atol=1e-6)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, labels, vocab_chunk=8).backward()  # hidden needs no gradient
+    w_ref = weight.double().requires_grad_()
+    torch_loss(hidden.double(), w_ref, None, labels).backward()
+    torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=1e-6)
+    assert fused_linear_cross_entropy(hidden, weight, labels).requires_grad is False
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(hidden=torch.zeros(4, 6)), "weight must be"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), "labels must have one entry"),
+        (dict(labels=torch.tensor([0, 1, 10, 2])), r"labels must lie in \[0, 10\)"),
+        (dict(labels=torch.tensor([0, 1, -1, 2])), "ignore_index"),
+        (dict(labels=torch.zeros(4)), "labels has dtype"),
+        (dict(weight=torch.zeros(10, 5, dtype=torch.float16)), "weight has dtype"),
+        (dict(bias=torch.zeros(9)), "bias must have 10 entries"),
+        (dict(reduction="avg"), "reduction must be one of"),
+        (dict(reduction="sum", normalizer=8), "normalizer replaces the mean"),
+        (dict(normalizer=0), "normalizer must be a positive"),
+        (dict(softcap=0.0), "softcap must be"),
+        (dict(z_loss_weight=-1.0), "z_loss_weight"),
+        (dict(vocab_chunk=0), "vocab_chunk"),
+    ],
+)
+def test_bad_input_names_the_argument(change, message):
+    args = dict(hidden=torch.zeros(4, 5), weight=torch.zeros(10, 5), labels=torch.zeros(4, dtype=torch.long),
+                bias=None)
+    args.update(change)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises((ValueError, TypeError), match=message):
+        fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("bias"),
+                                   **args)
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_block_sizes():
+    # Default vocabulary blocks (1024+ wide, MAX_BLOCK_V-wide program steps) on a bf16 shape with V
+    # not a multiple of the block.
+    hidden, weight, bias, labels = make_inputs(777, 256, 5003, torch.bfloat16, 11, bias=True)
+    check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4)
