@@ -66,7 +66,8 @@ def rope_cases(draw):
     n_q = draw(st.integers(1, 6))
     return dict(batch=draw(st.integers(1, 3)), seq=draw(st.integers(1, 9)), n_q=n_q, n_k=draw(st.integers(1, n_q)),
                 head_dim=2 * draw(st.integers(1, 20)), dtype=draw(st.sampled_from(DTYPES)),
-                cos_mode=draw(st.sampled_from(["per_batch", "shared", "table"])), cos_fp32=draw(st.booleans()),
+                cos_mode=draw(st.sampled_from(["per_batch", "shared", "table", "table_shared"])),
+                cos_fp32=draw(st.booleans()),
                 hf_layout=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -85,7 +86,8 @@ _PPP = _settings(14, 2, 64)[3]
 @example(c=case(batch=1, seq=_PPP + 1, n_q=14, n_k=2, head_dim=64, dtype=torch.bfloat16, cos_mode="table"))
 @example(c=case(batch=2, seq=3, n_q=32, n_k=8, head_dim=128, dtype=torch.bfloat16, cos_mode="shared"))
 @example(c=case(batch=1, seq=2, n_q=64, n_k=8, head_dim=256, dtype=torch.float16, cos_fp32=True))  # 16384 q/pos
-@example(c=case(batch=3, seq=5, n_q=5, n_k=3, head_dim=18, dtype=torch.float16, hf_layout=False, cos_mode="table"))
+@example(c=case(batch=3, seq=5, n_q=5, n_k=3, head_dim=18, dtype=torch.float16, hf_layout=False,
+                cos_mode="table_shared"))
 def test_qk_rope_matches_float64(c):
     dtype = c["dtype"]
     gen = torch.Generator().manual_seed(c["seed"])
@@ -94,10 +96,10 @@ def test_qk_rope_matches_float64(c):
     k = make_qk(b, c["n_k"], s, d, dtype, c["hf_layout"], gen)
     upstream = [torch.randn(q.shape, generator=gen).to(DEVICE, dtype),
                 torch.randn(k.shape, generator=gen).to(DEVICE, dtype)]
-    pos = packed_positions(b if c["cos_mode"] != "shared" else 1, s, gen).to(DEVICE)
+    pos = packed_positions(1 if c["cos_mode"].endswith("shared") else b, s, gen).to(DEVICE)
     cos_t, sin_t = rope_table(int(pos.max()) + 3, d, torch.float32 if c["cos_fp32"] else dtype)
     cos, sin = cos_t[pos], sin_t[pos]  # HF's per-position [B or 1, S, D]
-    if c["cos_mode"] == "table":
+    if c["cos_mode"].startswith("table"):
         kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos_t, sin_t, position_ids=pos)
     else:
         kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos, sin)
