@@ -164,7 +164,7 @@ def test_unchanged_cpu_losses_pass(golden, capsys):
 @pytest.mark.parametrize("shift, expected", [(1e-3, 1), (2e-5, 0)])
 def test_drifted_loss_curve_fails(golden, tmp_path, capsys, shift, expected):
     def drift(row):
-        if _is(row, "chronicals", "loss") and row["step"] >= 5:
+        if _is(row, "chronicals", "loss") and row["step"] >= 2:
             row["value"] += shift
 
     planted = _planted(tmp_path, CPU_RESULTS, drift)
@@ -175,9 +175,9 @@ def test_drifted_loss_curve_fails(golden, tmp_path, capsys, shift, expected):
 
 
 def test_missing_loss_steps_fail(golden, tmp_path, capsys):
-    planted = _planted(tmp_path, CPU_RESULTS, lambda r: False if _is(r, "torch", "loss") and r["step"] == 7 else None)
+    planted = _planted(tmp_path, CPU_RESULTS, lambda r: False if _is(r, "torch", "loss") and r["step"] == 3 else None)
     assert gate.main(["--results", str(planted), "--golden", str(golden)]) == 1
-    assert "steps 7 missing" in capsys.readouterr().out
+    assert "steps 3 missing" in capsys.readouterr().out
 
 
 def test_extra_loss_steps_fail(golden, tmp_path, capsys):
@@ -221,3 +221,9 @@ def test_a_changed_scenario_file_is_named_as_the_likely_cause(tmp_path, capsys):
     scenario.write_text("[train]\nsteps = 4\n")
     assert gate.main(["--results", str(results), "--golden", str(golden)]) == 0
     assert f"{scenario} changed since the golden losses were recorded" in capsys.readouterr().out
+
+
+def test_the_committed_golden_file_is_what_ci_gates_against():
+    golden = gate._read(gate.ROOT / "reports" / "golden" / "smoke-cpu.json", "golden losses")
+    assert golden["scenario"] == "smoke-cpu" and golden["provenance"]["gpu"] is None
+    assert {"torch", "chronicals"} <= set(golden["losses"]["default"])
