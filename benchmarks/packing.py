@@ -156,8 +156,10 @@ def gqa_facts(device) -> dict:
 
     from torch.nn.attention.varlen import varlen_attn
 
+    dev = torch.device(device, torch.cuda.current_device())
     return {"varlen_attn_has_enable_gqa": "enable_gqa" in inspect.signature(varlen_attn).parameters,
-            "varlen_attn_gqa_native": attention._torch_varlen_gqa_native(torch.device(device))}
+            "varlen_attn_gqa_native": attention._torch_varlen_gqa_native(dev),
+            "varlen_attn_gqa_mode_used": attention._torch_varlen_gqa_mode(dev)}
 
 
 # ---- 2. attention-only timing ------------------------------------------------------------------------------------
@@ -175,7 +177,8 @@ def time_attention(lengths, quick) -> list[dict]:
     rep = lambda x: x.detach().repeat_interleave(hq // hkv, 1).requires_grad_()  # noqa: E731
     kr, vr = rep(k), rep(v)
     dense = lambda x: x.detach().view(rows_dense, ROW, x.shape[1], d).transpose(1, 2).requires_grad_()  # noqa: E731
-    qd, kd, vd, gd = dense(q), dense(k), dense(v), dense(grad)
+    qd, kd, vd = dense(q), dense(k), dense(v)
+    gd = grad.view(rows_dense, ROW, hq, d).transpose(1, 2)
     kdr, vdr = dense(kr), dense(vr)
 
     def fwd_bwd(fn, inputs, g_out):
@@ -263,9 +266,7 @@ def batches(lengths, vocab, device):
 
 def time_training(lengths, quick) -> tuple[list[dict], list[dict]]:
     device = "cuda"
-    with torch.device(device):
-        model = build_model("qwen2.5-0.5b", seed=0, dtype=torch.bfloat16)
-    chronicals.apply(model).train()
+    model = chronicals.apply(build_model("qwen2.5-0.5b", seed=0, dtype=torch.bfloat16).to(device)).train()
     model.config.use_cache = False
     packed, padded, real_tokens = batches(lengths, model.config.vocab_size, device)
     with torch.no_grad():  # same weights, same sequences: both layouts must give the same mean loss

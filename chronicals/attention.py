@@ -126,30 +126,42 @@ def _torch_varlen(q, k, v, layout, scale, left):
     cu, m = layout.cu_seqlens, layout.max_length
     extra = {}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        mode = _torch_varlen_gqa_mode(q.device)
+        if mode == "flag":
             extra["enable_gqa"] = True
-        elif not _torch_varlen_gqa_native(q.device):
+        elif mode == "repeat":
             k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // v.shape[1])
     return varlen_attn(q, k, v, cu, cu, m, m, scale=scale, window_size=(left, 0), **extra)
 
 
 @cache
+def _torch_varlen_gqa_mode(device: torch.device) -> str:
+    """How this torch's varlen_attn takes fewer K/V heads than Q heads: "flag" (it has `enable_gqa`), "native"
+    (older ones: no flag, but FlashAttention shares the heads itself), or "repeat" (K/V must be repeated)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return "flag"
+    return "native" if _torch_varlen_gqa_native(device) else "repeat"
+
+
 def _torch_varlen_gqa_native(device: torch.device) -> bool:
     """Whether this torch's varlen_attn (older ones have no `enable_gqa`) gives fewer kv heads than q heads the
     same forward and backward as repeating them. FlashAttention supports it natively, the wrapper may not."""
     from torch.nn.attention.varlen import varlen_attn
 
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(13, h, 64, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
-               for h in (4, 2, 2))
-    cu = torch.tensor([0, 5, 13], device=device, dtype=torch.int32)
-    try:
-        native = varlen_attn(q, k, v, cu, cu, 8, 8, window_size=(-1, 0))
-        grads_native = torch.autograd.grad(native.float().square().sum(), (q, k, v))
-    except (RuntimeError, ValueError):
-        return False
-    repeated = varlen_attn(q, _repeat_kv(k, 2), _repeat_kv(v, 2), cu, cu, 8, 8, window_size=(-1, 0))
-    grads_repeated = torch.autograd.grad(repeated.float().square().sum(), (q, k, v))
+    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from an eval forward
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(13, h, 64, device=device, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+                   for h in (4, 2, 2))
+        cu = torch.tensor([0, 5, 13], device=device, dtype=torch.int32)
+        try:
+            native = varlen_attn(q, k, v, cu, cu, 8, 8, window_size=(-1, 0))
+            grads_native = torch.autograd.grad(native.float().square().sum(), (q, k, v))
+        except (RuntimeError, ValueError):
+            return False
+        repeated = varlen_attn(q, _repeat_kv(k, 2), _repeat_kv(v, 2), cu, cu, 8, 8, window_size=(-1, 0))
+        grads_repeated = torch.autograd.grad(repeated.float().square().sum(), (q, k, v))
     return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
                for a, b in zip((native, *grads_native), (repeated, *grads_repeated)))
 

@@ -59,7 +59,8 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
           linear_cross_entropy: bool = True, packed_attention: bool = True) -> nn.Module:
     """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM, optionally PEFT-wrapped) in place.
 
-    Returns the same model. Patching twice is harmless; flags left False keep HF's behaviour for that part.
+    Returns the same model. Flags left False keep HF's behaviour for that part; applying again can add patches,
+    never remove them (build a fresh model for a different flag set).
     """
     flags = dict(rms_norm=rms_norm, swiglu=swiglu, rope=rope, linear_cross_entropy=linear_cross_entropy,
                  packed_attention=packed_attention)

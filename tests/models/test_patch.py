@@ -193,3 +193,12 @@ def test_peft_wrapped_model_is_patched_and_its_lora_head_keeps_hf_loss(no_kernel
     chronicals.apply(patched)
     # lm_head is LoRA-wrapped, so the loss takes HF's path (with logits) and still agrees.
     assert assert_same_training_step(reference, patched).logits is not None
+
+
+def test_import_chronicals_stays_cheap():
+    import subprocess
+    import sys
+
+    # `apply` / `apply_to_classes` resolve on first use; a bare import loads neither torch nor transformers.
+    code = "import sys, chronicals; print(' '.join(m for m in ('torch', 'transformers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == ""
