@@ -58,7 +58,6 @@ class Backend:
     """Base of every backend. FLAGS: the switchable optimizations and their defaults (an ablation is a list of flag
     sets); LAYOUTS: the batch layouts it can train on."""
 
-    name = "base"
     FLAGS: dict[str, bool] = {}
     LAYOUTS: tuple[str, ...] = ("padded",)
 

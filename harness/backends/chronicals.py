@@ -8,7 +8,6 @@ from . import Backend, BackendUnavailable, BuildSpec, Trainable, hf, require
 
 
 class ChronicalsBackend(Backend):
-    name = "chronicals"
     FLAGS = {"rms_norm": True, "swiglu": True, "rope": True, "linear_cross_entropy": True, "packed_attention": True,
              "fused_lora": True}
     LAYOUTS = ("padded", "packed")

@@ -14,7 +14,6 @@ PATCHES = {
 
 
 class LigerBackend(Backend):
-    name = "liger"
 
     def build(self, spec: BuildSpec) -> Trainable:
         if spec.device != "cuda":

@@ -6,7 +6,6 @@ from . import Backend, BuildSpec, Trainable, hf
 
 
 class TorchBackend(Backend):
-    name = "torch"
 
     def build(self, spec: BuildSpec) -> Trainable:
         return hf.trainable(hf.load_model(spec), spec)

@@ -7,7 +7,6 @@ from . import Backend, BuildSpec, Trainable, hf
 
 
 class TorchCompileBackend(Backend):
-    name = "torch_compile"
 
     def build(self, spec: BuildSpec) -> Trainable:
         import torch

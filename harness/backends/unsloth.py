@@ -9,7 +9,6 @@ from . import Backend, BackendUnavailable, BuildSpec, Trainable, hf, require
 
 
 class UnslothBackend(Backend):
-    name = "unsloth"
 
     def build(self, spec: BuildSpec) -> Trainable:
         if spec.device != "cuda":
