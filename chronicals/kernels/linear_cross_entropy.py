@@ -1,26 +1,31 @@
 """Fused linear cross-entropy: CE(hidden @ weightᵀ + bias, labels) without the [N, V] logits.
 
-The vocabulary is processed in blocks of `vocab_chunk` columns. Only one [N, vocab_chunk] block of
-logits exists at a time; it comes from one cuBLAS matmul and is consumed by a Triton kernel.
+Only one block of logits exists at a time; it comes from one cuBLAS matmul (fp32 accumulation
+inside) and is consumed by two Triton row kernels, in fp32:
+  statistics:  z ← cap·tanh(z / cap) when softcapped; a row-wise online log-sum-exp keeps (m, s)
+               with lse = m + log s, and the target logit is picked out of the block holding the label.
+  gradient:    the block is overwritten in place by
+               dz_ij = g_i · (p_ij · (1 + 2 w_z lse_i) - [j == y_i]) · (1 - tanh²)  [tanh: softcap only]
+               with p_ij = exp(z_ij - lse_i) and g_i the row's gradient (0 for ignored rows).
+Per-row loss:  ℓ_i = lse_i - z_{i,y_i} + w_z · lse_i²   (0 where y_i == ignore_index)
 
-Forward, per block c:   z = hidden @ W_cᵀ (+ b_c), optionally softcapped z ← cap·tanh(z / cap);
-                        a row-wise online log-sum-exp keeps (m, s) with lse = m + log s, and the
-                        target logit is picked out of the block that holds the label.
-Per-row loss:           ℓ_i = lse_i - z_{i,y_i} + w_z · lse_i²        (0 where y_i == ignore_index)
-Backward, per block c:  the logits are recomputed and overwritten in place by
-                        dz_ij = g_i · (p_ij · (1 + 2 w_z lse_i) - [j == y_i]) · (1 - tanh²)  [tanh: softcap only]
-                        with p_ij = exp(z_ij - lse_i) and g_i the row's incoming gradient; then
-                        dW_c = dzᵀ @ hidden      (complete for its rows: written once, no accumulation)
-                        dH  += dz @ W_c          (fp32 accumulator, O(N·d))
-                        db_c = Σ_i dz_i          (fp32)
-So the extra memory is one logits block (N·vocab_chunk in the input dtype) plus an fp32 [N, d]
-accumulator and O(N) row statistics; the work is 8·N·d·V FLOPs (2 forward, 6 backward incl. recompute).
+Two ways to cut the logits (`strategy`):
+  "vocab" [N, chunk] column blocks. Forward folds each block into the running (m, s); backward
+          recomputes each block, then dW_c = dzᵀ @ hidden (rows of dW written once) and
+          dH += dz @ W_c (fp32 accumulator). Extra memory: N·chunk (input dtype) + 4·N·d bytes + O(N).
+          Work: 8·N·d·V FLOPs (2 forward, 2 recompute, 4 gradients).
+  "rows"  [chunk, V] row blocks, whole rows, so each block's lse is final at once and the gradients
+          are formed in the forward pass (a scalar loss's gradient is known up to the incoming scalar,
+          applied in backward): dH rows written once, dW += dzᵀ @ h in fp32.
+          Extra memory: chunk·V (input dtype) + 4·V·d bytes + O(N). Work: 6·N·d·V FLOPs.
 `labels` are aligned with `hidden` rows: the caller shifts them (position t predicts token t + 1).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,6 +34,10 @@ import triton.language as tl
 from ._utils import check_same, check_tensor, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
+STRATEGIES = ("auto", "vocab", "rows")
+# What "auto" picks for scalar losses; the H200 benchmark (benchmarks/linear_cross_entropy.py) decides.
+DEFAULT_STRATEGY = "vocab"
+DEFAULT_ROW_CHUNK = 4096
 # Widest column block a program holds at once; a logits block wider than this is walked in steps.
 MAX_BLOCK_V = 4096
 
@@ -110,54 +119,87 @@ def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, ro
 
 
 def _block_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
-    """A contiguous [n_rows, n_cols] view at the start of `buffer` (the last block may be narrower)."""
+    """A contiguous [n_rows, n_cols] view at the start of `buffer` (the last block may be smaller)."""
     return buffer.view(-1)[: n_rows * n_cols].view(n_rows, n_cols)
 
 
-def _block_logits(hidden, weight, v_start, v_end, buffer):
-    block = _block_view(buffer, hidden.shape[0], v_end - v_start)
-    torch.mm(hidden, weight[v_start:v_end].t(), out=block)
-    return block
+@functools.cache
+def _fp32_out_matmul_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether cuBLAS can add a bf16/fp16 product straight into an fp32 tensor here (torch >= 2.8)."""
+    a = torch.ones(2, 2, device=device, dtype=dtype)
+    acc = torch.ones(2, 2, device=device, dtype=torch.float32)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 3.0).all())
 
 
-def _row_statistics(hidden, weight, bias, labels, softcap, vocab_chunk, block_v):
-    """Per-row log-sum-exp and target logit over the whole vocabulary, in fp32."""
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, the product summed in fp32 inside the matmul."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _fp32_out_matmul_works(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # the product rounds once to a's dtype before the fp32 sum
+        acc.add_(a @ b)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    strategy: str  # "vocab": vocabulary blocks, backward recomputes; "rows": row blocks, gradients in forward
+    chunk: int  # vocabulary columns ("vocab") or rows ("rows") per block
+    block_v: int  # columns a Triton program holds at once
+    softcap: float | None
+    z_loss_weight: float
+
+
+def _lse_launch(block, bias, v_start, labels, m, s, target, plan):
+    _block_lse_kernel[(block.shape[0],)](
+        block, block.stride(0), bias if bias is not None else block, labels, m, s, target,
+        v_start, block.shape[1], float(plan.softcap or 1.0),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
+    )
+
+
+def _grad_launch(block, bias, v_start, labels, lse, row_grad, plan):
+    _block_grad_kernel[(block.shape[0],)](
+        block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
+        v_start, block.shape[1], float(plan.softcap or 1.0), plan.z_loss_weight,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
+    )
+
+
+def _vocab_blocked_statistics(hidden, weight, bias, labels, plan):
+    """Per-row log-sum-exp and target logit (fp32), one [N, chunk] logits block at a time."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     m = torch.full((n_rows,), float("-inf"), device=hidden.device, dtype=torch.float32)
     s = torch.zeros_like(m)
     target = torch.zeros_like(m)
-    buffer = torch.empty(n_rows * min(vocab_chunk, vocab), device=hidden.device, dtype=hidden.dtype)
-    for v_start in range(0, vocab, vocab_chunk):
-        v_end = min(v_start + vocab_chunk, vocab)
-        block = _block_logits(hidden, weight, v_start, v_end, buffer)
-        _block_lse_kernel[(n_rows,)](
-            block, block.stride(0), bias if bias is not None else block, labels, m, s, target,
-            v_start, v_end - v_start, float(softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v,
-        )
+    buffer = torch.empty(n_rows * min(plan.chunk, vocab), device=hidden.device, dtype=hidden.dtype)
+    for v_start in range(0, vocab, plan.chunk):
+        v_end = min(v_start + plan.chunk, vocab)
+        block = torch.mm(hidden, weight[v_start:v_end].t(), out=_block_view(buffer, n_rows, v_end - v_start))
+        _lse_launch(block, bias, v_start, labels, m, s, target, plan)
     return m + torch.log(s), target
 
 
-def _gradients(hidden, weight, bias, labels, lse, row_grad, softcap, z_loss_weight, vocab_chunk, block_v,
-               need_hidden, need_weight, need_bias):
+def _vocab_blocked_gradients(hidden, weight, bias, labels, lse, row_grad, plan, need_hidden, need_weight,
+                             need_bias):
+    """Backward by vocabulary blocks: dW rows are written once; dH sums over blocks in fp32."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
-    buffer = torch.empty(n_rows * min(vocab_chunk, vocab), device=hidden.device, dtype=hidden.dtype)
-    for v_start in range(0, vocab, vocab_chunk):
-        v_end = min(v_start + vocab_chunk, vocab)
-        block = _block_logits(hidden, weight, v_start, v_end, buffer)
-        _block_grad_kernel[(n_rows,)](
-            block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
-            v_start, v_end - v_start, float(softcap or 1.0), float(z_loss_weight),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block_v,
-        )
+    buffer = torch.empty(n_rows * min(plan.chunk, vocab), device=hidden.device, dtype=hidden.dtype)
+    for v_start in range(0, vocab, plan.chunk):
+        v_end = min(v_start + plan.chunk, vocab)
+        block = torch.mm(hidden, weight[v_start:v_end].t(), out=_block_view(buffer, n_rows, v_end - v_start))
+        _grad_launch(block, bias, v_start, labels, lse, row_grad, plan)
         if need_weight:
             torch.mm(block.t(), hidden, out=grad_weight[v_start:v_end])
         if need_hidden:
-            # bf16/fp16 products (fp32 inside the matmul) summed across blocks in fp32.
-            grad_hidden.add_(block @ weight[v_start:v_end])
+            _accumulate_product(grad_hidden, block, weight[v_start:v_end])
         if need_bias:
             grad_bias[v_start:v_end] = block.sum(0, dtype=torch.float32)
     return (
@@ -167,46 +209,84 @@ def _gradients(hidden, weight, bias, labels, lse, row_grad, softcap, z_loss_weig
     )
 
 
+def _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, need_hidden, need_weight,
+                                  need_bias):
+    """Loss statistics and gradients in one pass over [chunk, V] logits blocks (6·N·d·V FLOPs).
+
+    Each block holds whole rows, so its log-sum-exp is final before its gradient is formed: dH rows
+    are written once; dW and db sum over row blocks in fp32.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    m = torch.full((n_rows,), float("-inf"), device=hidden.device, dtype=torch.float32)
+    s = torch.zeros_like(m)
+    target = torch.zeros_like(m)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+    grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
+    buffer = torch.empty(min(plan.chunk, n_rows) * vocab, device=hidden.device, dtype=hidden.dtype)
+    for r0 in range(0, n_rows, plan.chunk):
+        rows = slice(r0, min(r0 + plan.chunk, n_rows))
+        h = hidden[rows]
+        block = torch.mm(h, weight.t(), out=_block_view(buffer, h.shape[0], vocab))
+        _lse_launch(block, bias, 0, labels[rows], m[rows], s[rows], target[rows], plan)
+        lse = m[rows] + torch.log(s[rows])
+        _grad_launch(block, bias, 0, labels[rows], lse, row_grad[rows], plan)
+        if need_hidden:
+            torch.mm(block, weight, out=grad_hidden[rows])
+        if need_weight:
+            _accumulate_product(grad_weight, block.t(), h)
+        if need_bias:
+            grad_bias += block.sum(0, dtype=torch.float32)
+    lse = m + torch.log(s)
+    grads = (
+        grad_hidden,
+        grad_weight.to(weight.dtype) if need_weight else None,
+        grad_bias.to(bias.dtype) if need_bias else None,
+    )
+    return lse, target, grads
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                vocab_chunk):
-        block_v = min(next_power_of_2(min(vocab_chunk, weight.shape[0])), MAX_BLOCK_V)
-        lse, target = _row_statistics(hidden, weight, bias, labels, softcap, vocab_chunk, block_v)
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer, plan):
         valid = labels != ignore_index
-        row_loss = torch.where(valid, lse - target + z_loss_weight * lse * lse, 0.0)
         if reduction == "mean":
             # An all-ignored batch gives 0, not 0/0: the count is clamped to 1 (the sum is 0 anyway).
             denominator = valid.sum().clamp(min=1).float() if normalizer is None else normalizer
-            loss = row_loss.sum() / denominator
         else:
-            denominator = None
-            loss = row_loss.sum() if reduction == "sum" else row_loss
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
-        ctx.denominator = denominator
-        ctx.settings = (reduction, softcap, z_loss_weight, vocab_chunk, block_v)
-        return loss
+            denominator = 1.0
+        needs = ctx.needs_input_grad[:3]
+        ctx.plan, ctx.reduction, ctx.denominator = plan, reduction, denominator
+        if plan.strategy == "rows" and any(needs):
+            # The loss is a scalar, so each row's gradient is known now up to the incoming scalar.
+            row_grad = torch.where(valid, 1.0 / denominator, 0.0)
+            lse, target, grads = _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, *needs)
+            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        else:
+            lse, target = _vocab_blocked_statistics(hidden, weight, bias, labels, plan)
+            ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
+        row_loss = torch.where(valid, lse - target + plan.z_loss_weight * lse * lse, 0.0)
+        if reduction == "none":
+            return row_loss
+        return row_loss.sum() / denominator
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, bias, labels, lse, valid = ctx.saved_tensors
-        reduction, softcap, z_loss_weight, vocab_chunk, block_v = ctx.settings
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if not (need_hidden or need_weight or need_bias):
-            return (None,) * 10
+        needs = ctx.needs_input_grad[:3]
+        if not any(needs):
+            return (None,) * 8
         grad_loss = grad_loss.float()
-        if reduction == "mean":
-            grad_loss = grad_loss / ctx.denominator
-        row_grad = torch.where(valid, grad_loss.expand(valid.shape), 0.0).contiguous()
-        grad_hidden, grad_weight, grad_bias = _gradients(
-            hidden, weight, bias, labels, lse, row_grad, softcap, z_loss_weight, vocab_chunk, block_v,
-            need_hidden, need_weight, need_bias,
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        if ctx.plan.strategy == "rows":
+            grads = [g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, needs)]
+            return (*grads, None, None, None, None, None)
+        hidden, weight, bias, labels, lse, valid = ctx.saved_tensors
+        row_grad = torch.where(valid, (grad_loss / ctx.denominator).expand(valid.shape), 0.0).contiguous()
+        grads = _vocab_blocked_gradients(hidden, weight, bias, labels, lse, row_grad, ctx.plan, *needs)
+        return (*grads, None, None, None, None, None)
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  vocab_chunk):
+                  strategy, chunk):
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
@@ -239,8 +319,13 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if not z_loss_weight >= 0:
         raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight!r}")
-    if vocab_chunk is not None and (not isinstance(vocab_chunk, int) or vocab_chunk < 1):
-        raise ValueError(f"vocab_chunk must be a positive int or None, got {vocab_chunk!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "rows" and reduction == "none":
+        raise ValueError("strategy='rows' forms gradients in the forward pass, which needs a scalar loss; "
+                         "use reduction='mean' or 'sum', or strategy='vocab'")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if n_rows:
         bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
         if bool(bad.any()):
@@ -248,31 +333,46 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
                              f"found {labels[bad][:5].tolist()}")
 
 
+def _make_plan(n_rows, hidden_size, vocab, reduction, softcap, z_loss_weight, strategy, chunk) -> _Plan:
+    if strategy == "auto":
+        strategy = DEFAULT_STRATEGY if reduction != "none" else "vocab"
+    if strategy == "vocab":
+        chunk = min(chunk or default_vocab_chunk(n_rows, hidden_size, vocab), vocab)
+        block_v = min(next_power_of_2(chunk), MAX_BLOCK_V)
+    else:
+        chunk = chunk or DEFAULT_ROW_CHUNK
+        block_v = min(next_power_of_2(vocab), MAX_BLOCK_V)
+    return _Plan(strategy, chunk, block_v, None if softcap is None else float(softcap), float(z_loss_weight))
+
+
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                                reduction: str = "mean", normalizer=None, softcap: float | None = None,
-                               z_loss_weight: float = 0.0, vocab_chunk: int | None = None):
+                               z_loss_weight: float = 0.0, strategy: str = "auto", chunk: int | None = None):
     """Cross-entropy of `hidden [N, d] @ weight[V, d]ᵀ (+ bias [V])` against `labels [N]`, in fp32.
 
     `labels` are aligned with the rows of `hidden` (shift them before calling). Rows labelled
     `ignore_index` contribute nothing. `reduction="mean"` divides by the number of valid labels, or
     by `normalizer` (a number or 0-d tensor: the valid-token count over all gradient-accumulation
     micro-batches) when given; an all-ignored batch gives 0. `softcap` applies cap·tanh(z/cap) to the
-    logits (Gemma); `z_loss_weight` adds w·lse² per valid row. `vocab_chunk` sets how many vocabulary
-    columns of logits exist at once (memory N·vocab_chunk); None picks `default_vocab_chunk`.
-    Gradients flow to hidden, weight and bias; a frozen weight or hidden skips its matmul.
+    logits (Gemma); `z_loss_weight` adds w·lse² per valid row.
+    Gradients flow to hidden, weight and bias; a frozen weight or a hidden without grad skips its matmul.
+
+    `strategy` picks how the [N, V] logits are cut: "vocab" holds [N, chunk] column blocks and
+    recomputes them in backward (8·N·d·V FLOPs; extra memory N·chunk + fp32 N·d); "rows" holds
+    [chunk, V] row blocks and forms the gradients during the forward pass (6·N·d·V FLOPs; extra memory
+    chunk·V + fp32 V·d; scalar losses only). "auto" uses DEFAULT_STRATEGY, or "vocab" for
+    reduction="none". `chunk` None picks the default block for the strategy.
     """
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  vocab_chunk)
-    if vocab_chunk is None:
-        vocab_chunk = default_vocab_chunk(*hidden.shape, weight.shape[0])
+                  strategy, chunk)
+    plan = _make_plan(*hidden.shape, weight.shape[0], reduction, softcap, z_loss_weight, strategy, chunk)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32)
     elif normalizer is not None:
         normalizer = float(normalizer)
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(),
-        ignore_index, reduction, normalizer, None if softcap is None else float(softcap), float(z_loss_weight),
-        vocab_chunk,
+        ignore_index, reduction, normalizer, plan,
     )
 
 
@@ -280,7 +380,7 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 
     `targets [B, N]` are aligned with the hidden positions (no shift inside). `chunk_size` is the
-    vocabulary block width (see `fused_linear_cross_entropy`'s `vocab_chunk`).
+    vocabulary block width (strategy "vocab" of `fused_linear_cross_entropy`).
     """
     check_tensor("hidden_states", hidden_states, ndim=3)
     check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -289,5 +389,5 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
                          f"got {tuple(targets.shape)}")
     return fused_linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
-        ignore_index=ignore_index, vocab_chunk=chunk_size,
+        ignore_index=ignore_index, strategy="vocab", chunk=chunk_size,
     )

@@ -69,7 +69,7 @@ def kernel(hidden, weight, bias, labels, **kw):
 def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     g = torch.Generator().manual_seed(1)
     upstream = torch.randn(hidden.shape[0] if kw.get("reduction") == "none" else (), generator=g).to(DEVICE)
-    ref_kw = {k: v for k, v in kw.items() if k != "vocab_chunk"}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("strategy", "chunk")}
     out = losses_and_grads(kernel, hidden, weight, bias, labels, upstream, **kw)
     native = losses_and_grads(torch_loss, hidden, weight, bias, labels, upstream, **ref_kw)
     as64 = lambda t: None if t is None else t.double()
@@ -85,6 +85,7 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     n=st.integers(3, 40),
     d=st.integers(3, 24),
     v=st.integers(2, 150),
+    strategy=st.sampled_from(["vocab", "rows"]),
     chunk=st.sampled_from([7, 16, 33, None]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     reduction=st.sampled_from(["mean", "sum", "none"]),
@@ -94,47 +95,58 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     z_loss_weight=st.sampled_from([0.0, 1e-2]),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_reference(n, d, v, chunk, dtype, reduction, ignore, bias, softcap, z_loss_weight, seed):
+def test_matches_float64_reference(n, d, v, strategy, chunk, dtype, reduction, ignore, bias, softcap, z_loss_weight,
+                                   seed):
+    if reduction == "none":
+        strategy = "vocab"  # "rows" needs a scalar loss (checked in test_bad_input_names_the_argument)
     hidden, weight, b, labels = make_inputs(n, d, v, dtype, seed, bias=bias, ignore=ignore)
     check_against_reference(hidden, weight, b, labels, dtype, reduction=reduction, softcap=softcap,
-                            z_loss_weight=z_loss_weight, vocab_chunk=chunk)
+                            z_loss_weight=z_loss_weight, strategy=strategy, chunk=chunk)
 
 
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
 @pytest.mark.parametrize("n, d, v", [(1, 1, 2), (1, 5, 9), (6, 1, 17)])
-def test_single_row_or_column_edges(n, d, v):
+def test_single_row_or_column_edges(n, d, v, strategy):
     hidden, weight, bias, labels = make_inputs(n, d, v, torch.float32, n + d + v, bias=True, ignore="none")
-    check_against_reference(hidden, weight, bias, labels, torch.float32, vocab_chunk=4)
+    check_against_reference(hidden, weight, bias, labels, torch.float32, strategy=strategy, chunk=4)
 
 
-def test_blocks_wider_than_one_program_step(monkeypatch):
-    # A vocabulary block of 37 columns walked 8 at a time: the in-kernel loop and its ragged tail.
+@pytest.mark.parametrize("strategy, chunk", [("vocab", 37), ("rows", 7)])
+def test_blocks_wider_than_one_program_step(monkeypatch, strategy, chunk):
+    # Rows of 37 (or all 83) columns walked 8 at a time: the in-kernel loop and its ragged tail.
     monkeypatch.setattr(lce, "MAX_BLOCK_V", 8)
     hidden, weight, bias, labels = make_inputs(19, 13, 83, torch.float32, 3, bias=True)
-    check_against_reference(hidden, weight, bias, labels, torch.float32, vocab_chunk=37, softcap=3.0)
+    check_against_reference(hidden, weight, bias, labels, torch.float32, strategy=strategy, chunk=chunk,
+                            softcap=3.0, z_loss_weight=1e-2)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_batch_is_zero_not_nan(reduction):
+@pytest.mark.parametrize("reduction, strategy",
+                         [("mean", "vocab"), ("mean", "rows"), ("sum", "rows"), ("none", "auto")])
+def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
     hidden, weight, bias, labels = make_inputs(9, 5, 21, torch.bfloat16, 0, bias=True, ignore="all")
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], reduction=reduction, vocab_chunk=8)
+    loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], reduction=reduction,
+                                      strategy=strategy, chunk=4)
     loss.sum().backward()
     assert torch.equal(loss.float(), torch.zeros_like(loss.float()))
     for t in leaves:
         assert torch.equal(t.grad.float(), torch.zeros_like(t.grad.float()))
 
 
-def test_normalizer_makes_accumulation_equal_one_batch():
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_normalizer_makes_accumulation_equal_one_batch(strategy):
     # Two micro-batches with different valid counts, each normalised by the total count, sum to the
     # gradient of the whole batch's mean; a per-micro-batch mean would not.
     hidden, weight, _, labels = make_inputs(30, 11, 47, torch.float32, 5)
     labels[:4] = IGNORE
     total = int((labels != IGNORE).sum())
     whole = [t.clone().requires_grad_() for t in (hidden, weight)]
-    fused_linear_cross_entropy(whole[0], whole[1], labels, vocab_chunk=16).backward()
+    fused_linear_cross_entropy(whole[0], whole[1], labels, strategy=strategy, chunk=16).backward()
     parts = [t.clone().requires_grad_() for t in (hidden, weight)]
     for rows, norm in ((slice(0, 12), total), (slice(12, 30), torch.tensor(float(total)))):
-        fused_linear_cross_entropy(parts[0][rows], parts[1], labels[rows], normalizer=norm, vocab_chunk=16).backward()
+        loss = fused_linear_cross_entropy(parts[0][rows], parts[1], labels[rows], normalizer=norm, strategy=strategy,
+                                          chunk=16)
+        loss.backward()
     torch.testing.assert_close(parts[0].grad, whole[0].grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts[1].grad, whole[1].grad, rtol=1e-5, atol=1e-6)
 
@@ -175,15 +187,16 @@ def test_tied_weight_accumulates_both_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_weight_and_constant_hidden():
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_frozen_weight_and_constant_hidden(strategy):
     hidden, weight, _, labels = make_inputs(12, 7, 30, torch.float32, 4)
     h = hidden.clone().requires_grad_()
-    fused_linear_cross_entropy(h, weight, labels, vocab_chunk=8).backward()  # weight frozen (LoRA)
+    fused_linear_cross_entropy(h, weight, labels, strategy=strategy, chunk=8).backward()  # weight frozen (LoRA)
     h_ref = hidden.double().requires_grad_()
     torch_loss(h_ref, weight.double(), None, labels).backward()
     torch.testing.assert_close(h.grad.double(), h_ref.grad, rtol=1e-5, atol=1e-6)
     w = weight.clone().requires_grad_()
-    fused_linear_cross_entropy(hidden, w, labels, vocab_chunk=8).backward()  # hidden needs no gradient
+    fused_linear_cross_entropy(hidden, w, labels, strategy=strategy, chunk=8).backward()  # hidden needs no gradient
     w_ref = weight.double().requires_grad_()
     torch_loss(hidden.double(), w_ref, None, labels).backward()
     torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=1e-6)
@@ -205,7 +218,9 @@ def test_frozen_weight_and_constant_hidden():
         (dict(normalizer=0), "normalizer must be a positive"),
         (dict(softcap=0.0), "softcap must be"),
         (dict(z_loss_weight=-1.0), "z_loss_weight"),
-        (dict(vocab_chunk=0), "vocab_chunk"),
+        (dict(chunk=0), "chunk must be"),
+        (dict(strategy="cols"), "strategy must be one of"),
+        (dict(strategy="rows", reduction="none"), "needs a scalar loss"),
     ],
 )
 def test_bad_input_names_the_argument(change, message):
