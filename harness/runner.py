@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import checkpoint, data, metrics, results, verify
 from .backends import REGISTRY
 from .provenance import commit, now, versions
@@ -98,8 +100,6 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
         t = scenario.train
         steps = data.make_steps(scenario.data.kind, t.steps, t.batch_size, t.seq_len, scenario.data.min_len,
                                 cfg["vocab_size"], scenario.seed)
-        import torch
-
         torch.save(steps, tmp / "data.pt")
         shape = metrics.Shape.from_config(cfg)
         flops = [metrics.step_flops(shape, [s.numel() for s in seqs], t.mode, t.lora_rank) for seqs in steps]
@@ -116,15 +116,10 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
                 log(f"matmul ceiling probe failed; MFU vs measured ceiling omitted:\n{probe.log_tail}")
         context = _Context(scenario, Path(out), run_id, base, device, ceiling, steps, flops)
         for i, run in enumerate(scenario.ordered_runs(), 1):
-            job = {"target": REGISTRY[run.backend], "data": str(tmp / "data.pt"), "sys_path": sys.path,
-                   "build": {"checkpoint": str(ckpt), "model_type": cfg["model_type"], "device": scenario.device,
-                             "dtype": scenario.model.dtype, "mode": t.mode, "lora_rank": t.lora_rank,
-                             "lora_alpha": t.lora_alpha, "seq_len": t.seq_len, "seed": scenario.seed,
-                             "layout": run.layout, "flags": run.flags},
-                   "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}}
             name = f"{i:02d}-{run.backend}-{run.variant}"
             job_path, result_path = tmp / f"{name}.job.json", tmp / f"{name}.result.json"
-            job_path.write_text(json.dumps(job), encoding="utf-8")
+            job_path.write_text(json.dumps(_job(scenario, run, ckpt, cfg["model_type"], tmp / "data.pt")),
+                                encoding="utf-8")
             log(f"[{i}/{len(scenario.runs)}] {run.backend} ({run.variant}, {run.layout}) ...")
             launched = launcher("harness.worker", [str(job_path), str(result_path)], scenario.timeout_s, env,
                                 logs / f"{name}.log", result_path)
@@ -133,6 +128,18 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
             log(f"    {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
             outcomes.append(outcome)
     return outcomes
+
+
+def _job(scenario: Scenario, run: Run, ckpt: Path, model_type: str, data_path: Path) -> dict:
+    """What a worker needs: the backend's import target, the build spec, the data file and the optimizer settings.
+    The parent's sys.path travels too, so a backend registered from anywhere the parent can import is found."""
+    t = scenario.train
+    return {"target": REGISTRY[run.backend], "data": str(data_path), "sys_path": sys.path,
+            "build": {"checkpoint": str(ckpt), "model_type": model_type, "device": scenario.device,
+                      "dtype": scenario.model.dtype, "mode": t.mode, "lora_rank": t.lora_rank,
+                      "lora_alpha": t.lora_alpha, "seq_len": t.seq_len, "seed": scenario.seed, "layout": run.layout,
+                      "flags": run.flags},
+            "optimizer": {"lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm}}
 
 
 @dataclass
