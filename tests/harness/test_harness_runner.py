@@ -75,3 +75,21 @@ def test_worker_reports_an_unavailable_backend(tmp_path):
     assert worker.main([str(tmp_path / "job.json"), str(tmp_path / "res.json")]) == 0
     res = json.loads((tmp_path / "res.json").read_text())
     assert res["status"] == "unavailable" and "CUDA GPU" in res["reason"] and res["device"]["gpu"] is None
+
+
+def test_gpu_rows_carry_the_probe_mfu_and_memory(tmp_path):
+    out = tmp_path / "r.jsonl"
+    probe = {"gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0", "matmul_ceiling_tflops": 780.0}
+    res = {**good_result(), "peak_mem_alloc_gib": 12.5, "peak_mem_nvml_gib": 14.0}
+    raw = {**RAW, "device": "cuda", "backends": ["torch"]}
+    outcomes = run_scenario(scenario.parse(raw, "s.toml"), out, log=lambda m: None,
+                            launcher=Launcher(out, [probe, res]))
+    rows = {r["metric"]: r for r in map(json.loads, out.read_text().splitlines()) if r["step"] is None}
+    assert outcomes[0].status == "ok"
+    assert rows["matmul_ceiling_tflops"]["value"] == 780.0
+    assert rows["mfu_measured"]["value"] == pytest.approx(rows["tflops"]["value"] / 780.0)
+    assert rows["mfu_datasheet"]["value"] == pytest.approx(rows["tflops"]["value"] / 989.0)
+    assert (rows["peak_mem_alloc_gib"]["value"], rows["peak_mem_nvml_gib"]["value"]) == (12.5, 14.0)
+    assert rows["tokens_per_s"]["value"] == pytest.approx(30 / 0.010)  # real tokens over step time
+    assert {k: rows["tflops"]["provenance"][k] for k in ("gpu", "driver", "cuda")} == {
+        "gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0"}
