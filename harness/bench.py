@@ -32,7 +32,8 @@ def narrowed(sc: scenarios.Scenario, only: list[str] | None, quick: bool) -> sce
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__)
     p.add_argument("--scenario", required=True, help="a scenario TOML file, e.g. scenarios/smoke-cpu.toml")
-    p.add_argument("--out", help="results JSONL to append to (default: reports/results/<scenario name>.jsonl)")
+    p.add_argument("--out", help="results JSONL to append to, or a folder for <scenario name>.jsonl "
+                                 "(default: reports/results/<scenario name>.jsonl)")
     p.add_argument("--only", help="comma-separated backends to run (the reference always runs: the others are "
                                   "verified against it)")
     p.add_argument("--quick", action="store_true", help=f"at most warm-up + {QUICK_TIMED} timed steps per run")
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                   "(torch.cuda.is_available() is False). Run it on a GPU host, or run a CPU scenario such as "
                   "scenarios/smoke-cpu.toml.", file=sys.stderr)
             return 2
-    out = Path(args.out or f"reports/results/{sc.name}.jsonl")
+    out = Path(args.out or "reports/results")
+    if out.is_dir() or args.out is None or args.out.endswith("/"):
+        out = out / f"{sc.name}.jsonl"
     from .runner import run_scenario
     from .summary import table
 

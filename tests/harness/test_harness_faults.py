@@ -93,3 +93,18 @@ def test_timeout_is_a_row(tmp_path):
     outcomes = run_scenario(sc, out, log=lambda m: None)
     assert [o.status for o in outcomes] == ["timeout"]
     assert [(r["status"], r["reason"]) for r in rows_of(out)] == [("timeout", "no result within timeout_s = 3 s")]
+
+
+def test_bench_cli_writes_into_a_folder_and_prints_the_table_last(tmp_path, capsys):
+    from harness import bench
+
+    toml = tmp_path / "cli.toml"
+    toml.write_text('device = "cpu"\nbackends = ["fake_oom"]\nreference = "fake_oom"\n[model]\npreset = "tiny-llama"\n'
+                    "[train]\nbatch_size = 1\nseq_len = 8\nsteps = 2\nwarmup = 1\n")
+    assert bench.main(["--scenario", str(toml), "--out", f"{tmp_path}/"]) == 0
+    rows = rows_of(tmp_path / "cli.jsonl")
+    assert [(r["backend"], r["status"]) for r in rows] == [("fake_oom", "oom")]
+    last = capsys.readouterr().out.strip().splitlines()
+    assert last[-2].split()[:3] == ["backend", "variant", "status"] and last[-1].split()[:3] == [
+        "fake_oom", "default", "oom"]
+    assert (tmp_path / "cli-logs" / "01-fake_oom-default.log").is_file()
