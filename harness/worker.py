@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         where = traceback.extract_tb(e.__traceback__)[-1]
         result.update(status=status, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                            f"(at {where.filename}:{where.lineno})", traceback=tb[-4000:])
-    result["device"] = device_info(job["build"]["device"])
+    try:
+        result["device"] = device_info(job["build"]["device"])
+    except Exception as e:  # a broken CUDA context must not cost the result; the runner has the probe's device info
+        print(f"device info unavailable: {e}", file=sys.stderr)
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
     return 0
