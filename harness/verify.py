@@ -17,7 +17,7 @@ def check(steps: list[dict], weights_changed: float | None, expected_steps: int,
     if len(steps) != expected_steps:
         failures.append(f"ran {len(steps)} of {expected_steps} steps")
 
-    def first(bad: list[int], what: str):
+    def first(bad: list[int], what):
         if bad:
             more = f" (and {len(bad) - 1} more steps)" if len(bad) > 1 else ""
             failures.append(f"step {bad[0]}: {what(bad[0])}{more}")
@@ -30,7 +30,9 @@ def check(steps: list[dict], weights_changed: float | None, expected_steps: int,
     first([i for i, r in enumerate(steps) if r["label_tokens"] != r["real_tokens"]],
           lambda i: f"the loss is taken over {steps[i]['label_tokens']} label tokens but the batch has "
                     f"{steps[i]['real_tokens']} real tokens (padding or sequence starts counted as tokens)")
-    if weights_changed is not None and weights_changed < spec.min_weights_changed:
+    if weights_changed is None:
+        failures.append("the weight change was not measured")
+    elif weights_changed < spec.min_weights_changed:
         failures.append(f"weights did not change: {100 * weights_changed:.2f}% of sampled trainable weights moved "
                         f"(at least {100 * spec.min_weights_changed:g}% required)")
     if reference is not None:
