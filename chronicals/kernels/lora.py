@@ -26,7 +26,8 @@ norm treated as a constant (DoRA paper, section 4.3; PEFT detaches it too):
     Z = X @ W^T + s * XA @ B^T,   Y = bias + (m / norm) * Z
     dm = sum_N(dY * Z) / norm,    dZ = dY * m / norm, then dA, dB, dX as for LoRA with dZ
 
-It saves Z (needed for dm) besides X and XA; the norm is computed in fp32.
+It saves X W^T (not Z: dm rebuilds Z in fp32 from it and the thin XA, one rounding fewer) besides X and
+XA; the norm is computed in fp32.
 
 Frozen weights and biases get no gradient. Adapters may be stored in fp32 (PEFT's default); they are cast to
 the activations' dtype for the matmuls and their gradients are returned in their own dtype.
@@ -104,6 +105,11 @@ def _base(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * (a @ b) rounded once (a separate mul_ would round the product a second time)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=s)
+
+
 def _fanout_forward(x2, scales, weights, biases, a_list, b_list):
     """Y_i = X W_i^T + s_i (X A^T)_i B_i^T for every projection; returns (outputs, XA, cat(A))."""
     a_cat = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
@@ -123,8 +129,8 @@ def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool)
     gs, d_b, off = [], [], 0
     for s, b, dy in zip(scales, b_list, dys):
         r = b.shape[1]
-        gs.append((dy @ b).mul_(s))
-        d_b.append((dy.t() @ xa[:, off:off + r]).mul_(s))
+        gs.append(_scaled_mm(dy, b, s))
+        d_b.append(_scaled_mm(dy.t(), xa[:, off:off + r], s))
         off += r
     g_cat = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
     d_a = torch.split(g_cat.t() @ x2, [b.shape[1] for b in b_list])
@@ -196,8 +202,8 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         sg, su, sd = ctx.scales
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        gd = (dy2 @ bd_).mul_(sd)
-        d_bd = (dy2.t() @ ha).mul_(sd)
+        gd = _scaled_mm(dy2, bd_, sd)
+        d_bd = _scaled_mm(dy2.t(), ha, sd)
         dh = dy2 @ wd
         dh.addmm_(gd, ad_)
         h, de, dg = swiglu_backward_inplace(dh, e, g)
@@ -222,19 +228,25 @@ class _DoRALinear(torch.autograd.Function):
         a_, b_ = a.to(dt), b.to(dt)
         norm = torch.linalg.vector_norm(weight.float() + scale * (b.float() @ a.float()), dim=1)
         mns = (magnitude.float() / norm).to(dt)
-        (z,), xa, _ = _fanout_forward(x2, (scale,), (weight,), (None,), (a_,), (b_,))
-        y = z * mns if bias is None else torch.addcmul(bias, z, mns)
+        xa = x2 @ a_.t()
+        base = x2 @ weight.t()
+        z = torch.addmm(base, xa, b_.t(), alpha=scale)
+        y = z.mul_(mns) if bias is None else torch.addcmul(bias, z, mns)
         ctx.scale = scale
         ctx.param_dtypes = (a.dtype, b.dtype, magnitude.dtype)
-        ctx.save_for_backward(x, xa, z, norm, mns, weight, a_, b_)
+        ctx.save_for_backward(x, xa, base, norm, mns, weight, a_, b)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, z, norm, mns, weight, a_, b_ = ctx.saved_tensors
+        x, xa, base, norm, mns, weight, a_, b = ctx.saved_tensors
+        b_ = b.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        d_m = (dy2.float() * z.float()).sum(0) / norm
+        # Z = base + s * XA B^T rebuilt in fp32 (base rounded once; the thin low-rank term recomputed exactly).
+        z = torch.addmm(base.float(), xa.float(), b.float().t(), alpha=ctx.scale)
+        d_m = (dy2.float() * z).sum(0) / norm
+        del z
         dz = dy2 * mns
         dx, (d_a,), (d_b,) = _fanout_backward(x2, xa, a_, (ctx.scale,), (weight,), (b_,), (dz,),
                                               ctx.needs_input_grad[0])

@@ -37,7 +37,7 @@ class QKVO(nn.Module):
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.o_proj(torch.cat([q, k.tanh(), v], dim=-1))
+        return self.o_proj(torch.cat([q, k, v], dim=-1))
 
 
 def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rslora: bool = False,

@@ -10,6 +10,11 @@ from oracle import assert_no_worse
 from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+# Adapter gradients in bf16 reduce over all tokens products of operands that both paths round the same way
+# (e, g, dY); with random rank-1 adapters at scale up to 64 that shared noise cancels differently per draw, so
+# either path can land 2-3x above the other (240 draws: median ours/PEFT 0.7, max 2.4). Outputs and dX, and
+# everything in fp32, get factor 1.
+BF16_GRAD_FACTOR = 3.0
 
 
 def _compare(model, x, dy, dtype, grad_fn_names):
@@ -27,7 +32,8 @@ def _compare(model, x, dy, dtype, grad_fn_names):
     assert set(g) == set(g_ref)
     for name in g_ref:
         assert g[name].dtype == torch.float32, name  # adapters stay fp32, as apply_lora keeps them
-        assert_no_worse(f"d {name}", g[name], g_nat[name], g_ref[name], dtype)
+        factor = BF16_GRAD_FACTOR if dtype == torch.bfloat16 else 1.0
+        assert_no_worse(f"d {name}", g[name], g_nat[name], g_ref[name], dtype, factor=factor)
 
 
 def _graph_names(t):

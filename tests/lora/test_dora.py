@@ -1,0 +1,35 @@
+"""Fused DoRA against PEFT's DoRA (outputs, dX, dA, dB and d magnitude), float64 PEFT as the reference."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from lora_blocks import MLP, QKVO, adapted
+from test_lora_fused import _compare
+
+from chronicals.kernels.lora import dora_linear
+
+
+@given(
+    tokens=st.integers(1, 40), d=st.integers(4, 40), dq=st.integers(4, 40), dkv=st.integers(2, 24),
+    rank=st.integers(1, 8), alpha=st.floats(0.5, 64), bias=st.booleans(), rslora=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99),
+)
+def test_fused_dora_matches_peft_dora(tokens, d, dq, dkv, rank, alpha, bias, rslora, dtype, seed):
+    rank = min(rank, d, dq, dkv)
+    torch.manual_seed(seed)
+    model = adapted(QKVO(d, dq, dkv, bias=bias), rank, alpha, dora=True, rslora=rslora, seed=seed)
+    assert all("lora_magnitude_vector" in n for n, p in model.named_parameters() if p.ndim == 1 and p.requires_grad)
+    x, dy = torch.randn(tokens, d), torch.randn(tokens, d)
+    _compare(model, x, dy, dtype, ["_DoRALinearBackward"])
+
+
+def test_dora_in_an_mlp_runs_per_projection():
+    model = adapted(MLP(12, 20), 3, 6.0, dora=True)
+    _compare(model, torch.randn(2, 5, 12), torch.randn(2, 5, 12), torch.bfloat16, ["_DoRALinearBackward"])
+
+
+def test_dora_linear_rejects_a_magnitude_of_the_wrong_size():
+    w, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="magnitude shape"):
+        dora_linear(torch.randn(3, 4), w, None, a, b, 1.0, torch.ones(4))
