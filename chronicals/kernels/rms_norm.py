@@ -23,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of_2
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns; about this many elements keeps each
 # thread at 16 elements (two 16-byte loads of bf16) with enough rows in flight for short rows.
 _TILE_ELEMENTS = 4096
 _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is happy with
 _MAX_BLOCK_N = 32768
-_PROGRAMS_PER_SM = 4  # backward: resident programs per SM, each looping over row tiles
+_PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
+_PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
 _REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
@@ -41,6 +42,15 @@ def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     tile = block_m * block_n
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
     return block_m, block_n, num_warps
+
+
+def _bwd_stages(block_m: int, block_n: int, n_streams: int, elem_bytes: int) -> int:
+    """Software-pipeline depth of the backward loop (0: the interpreter's while loop). Each extra
+    stage holds one tile of every streamed input in shared memory; keep that within the budget."""
+    if INTERPRET:
+        return 0
+    per_stage = block_m * block_n * n_streams * elem_bytes
+    return max((s for s in (3, 2, 1) if (s - 1) * per_stage <= _PREFETCH_BYTES), default=1)
 
 
 def _num_programs(device: torch.device, n_tiles: int) -> int:
@@ -83,42 +93,59 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows, n_cols,
+                       tile, cols, col_ok, w, dw_acc,
+                       HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr):
+    # With xh = x * rstd and g = dy * (offset + w):
+    #   dx = rstd * (g - xh * sum(g * xh) / H)   (+ ds, the gradient reaching the stored sum s)
+    #   dw += dy * xh   (this program's partial sum over its rows)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = _load_tile(X, rows, stride_x, cols, mask)
+    dy = _load_tile(DY, rows, stride_dy, cols, mask)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    xh = x * rstd[:, None]
+    g = dy * w[None, :]
+    c = tl.sum(g * xh, axis=1) / n_cols
+    dx = (g - xh * c[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx += _load_tile(DS, rows, stride_ds, cols, mask)
+    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        dw_acc += dy * xh
+    return dw_acc
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DW_PARTIAL,
     stride_dy, stride_ds, stride_x, stride_dx,
     n_rows, n_cols, n_tiles, offset,
     HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    # With xh = x * rstd and g = dy * (offset + w):
-    #   dx = rstd * (g - xh * sum(g * xh) / H)   (+ ds, the gradient reaching the stored sum s)
-    #   dw = sum over rows of dy * xh
-    # Each program loops over row tiles pid, pid + P, ... and keeps its own fp32 dw partial; the
-    # P partial rows are summed afterwards (deterministic, no atomics).
+    # Each program loops over row tiles pid, pid + P, ... keeping its own fp32 dw partial row; the
+    # P partial rows are summed afterwards by _dw_reduce_kernel (deterministic, no atomics).
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    tile = pid
-    # A while loop, not range(): the interpreter cannot index with its 1-element scalars (numpy 2.4).
-    while tile < n_tiles:
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_tile(X, rows, stride_x, cols, mask)
-        dy = _load_tile(DY, rows, stride_dy, cols, mask)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xh = x * rstd[:, None]
-        g = dy * w[None, :]
-        c = tl.sum(g * xh, axis=1) / n_cols
-        dx = (g - xh * c[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += _load_tile(DS, rows, stride_ds, cols, mask)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
-        if COMPUTE_DW:
-            dw_acc += dy * xh
-        tile += n_progs
+    if NUM_STAGES == 0:
+        # Interpreter: a while loop, since it cannot run range() over its 1-element scalars (numpy 2.4).
+        tile = pid
+        while tile < n_tiles:
+            dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
+                                        n_cols, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M)
+            tile += n_progs
+    else:
+        # GPU: a pipelined loop. The next tiles' loads stream into shared memory (cp.async) while this
+        # one is reduced, so more bytes are in flight than the registers of ~2 programs per SM hold.
+        for tile in tl.range(pid, n_tiles, n_progs, num_stages=NUM_STAGES):
+            dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
+                                        n_cols, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M)
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -183,6 +210,7 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
         dy2.stride(0), ds_arg.stride(0), x2.stride(0), dx.stride(0),
         n_rows, n_cols, n_tiles, offset,
         HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        NUM_STAGES=_bwd_stages(block_m, block_n, 3 if ds2 is not None else 2, x2.element_size()),
     )
     if not compute_dw:
         return dx, None

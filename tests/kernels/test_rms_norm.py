@@ -175,7 +175,7 @@ def test_bad_input_names_the_argument():
 
 
 def test_dw_reduction_over_many_programs():
-    # On a GPU the backward has ~4 programs per SM (hundreds of dw partial rows); here only a few,
+    # On a GPU the backward has 2 programs per SM (hundreds of dw partial rows); here only a few,
     # so the reduction of partial rows is driven directly with more rows than one reduce tile.
     from chronicals.kernels.rms_norm import _REDUCE_BLOCK_N, _REDUCE_BLOCK_P, _dw_reduce_kernel
 
