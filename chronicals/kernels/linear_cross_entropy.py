@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "vocab", "rows")
@@ -53,6 +53,16 @@ def default_vocab_chunk(n_rows: int, hidden_size: int, vocab_size: int) -> int:
 def _tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits ±1 when exp overflows to inf or underflows to 0.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    # Round-to-nearest-even of fp32 to bf16 precision on the bits: add 0x7FFF plus the lowest kept bit,
+    # then clear the 16 dropped bits. The interpreter's own fp32 -> bf16 cast truncates (the GPU's rounds
+    # to nearest), which biases every gradient towards zero by ~2^-9.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -92,7 +102,8 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
 @triton.jit
 def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, row_grad_ptr,
                        v_start, n_cols, softcap, z_loss_weight,
-                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+                       ROUND_BF16: tl.constexpr):
     # One program per row, in place: logits block -> dz = g·(p·(1 + 2·w_z·lse) - onehot)·dcap.
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
@@ -114,6 +125,8 @@ def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, ro
         dz = g * (p * p_coef - tl.where(cols == local_label, 1.0, 0.0))
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)  # d(cap·tanh(x/cap))/dx
+        if ROUND_BF16:
+            dz = _round_to_bf16(dz)
         tl.store(row_ptr + cols, dz.to(logits_ptr.dtype.element_ty), mask=mask)
         start += BLOCK_V
 
@@ -167,6 +180,7 @@ def _grad_launch(block, bias, v_start, labels, lse, row_grad, plan):
         block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
         v_start, block.shape[1], float(plan.softcap or 1.0), plan.z_loss_weight,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
+        ROUND_BF16=INTERPRET and block.dtype == torch.bfloat16,
     )
 
 
