@@ -72,6 +72,7 @@ class ChronicalsTrainer:
         self.scheduler = None
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
+        self._step_clock: float | None = None  # when the current step began, its batches' collation included
         self._flops_per_token = (4 if config.use_lora else 6) * matmul_params(self.model)
         mc = self.model.config
         self._layers = mc.num_hidden_layers
@@ -110,6 +111,7 @@ class ChronicalsTrainer:
         result = TrainResult(steps=state["step"])
         self.model.train()
         try:
+            self._step_clock = time.perf_counter()
             with self._ctrl_c_saves(logger):
                 while state["step"] < total and not self._stop_requested:
                     for micro_batches in plan.epoch_steps(state["epoch"], start=state["step_in_epoch"]):
@@ -126,6 +128,7 @@ class ChronicalsTrainer:
                             self._save(state)
                         if state["step"] >= total or self._stop_requested:
                             break
+                        self._step_clock = time.perf_counter()  # the next step's time includes collating it
             result.steps = state["step"]
             result.checkpoint = str(self._save(state))
             if self._stop_requested:
@@ -143,7 +146,7 @@ class ChronicalsTrainer:
     # ---- one optimizer step ----------------------------------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, Any]:
         cfg = self.config
-        start = time.perf_counter()
+        start = self._step_clock if self._step_clock is not None else time.perf_counter()
         local_tokens = sum(int(mb.pop("num_label_tokens")) for mb in micro_batches)
         label_tokens = local_tokens
         if self.env.enabled:  # one unavoidable sync: every rank must divide by the same global count
