@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of_2
 
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
@@ -84,14 +84,35 @@ def _qk_rope_kernel(
                       c1, c2, s1, s2, valid, BACKWARD, BLOCK_HK, BLOCK_HALF)
 
 
-def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, POS_PER_PROG, num_warps)."""
+def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, POS_PER_PROG); the last is the interpreter's (the GPU tunes it)."""
     block_hq, block_hk = next_power_of_2(n_q_heads), next_power_of_2(n_k_heads)
     block_half = next_power_of_2(head_dim // 2)
-    per_pos = (block_hq + block_hk) * block_half * 2
-    pos_per_prog = max(1, min(_MAX_POS_PER_PROG, _TILE_ELEMENTS // per_pos))
-    num_warps = 4 if per_pos <= 2048 else 8 if per_pos <= 8192 else 16
-    return block_hq, block_hk, block_half, pos_per_prog, num_warps
+    pos_per_prog = max(1, min(_MAX_POS_PER_PROG, _TILE_ELEMENTS // _per_position(block_hq, block_hk, block_half)))
+    return block_hq, block_hk, block_half, pos_per_prog
+
+
+def _per_position(block_hq: int, block_hk: int, block_half: int) -> int:
+    return (block_hq + block_hk) * block_half * 2
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the warp counts that give each thread 8..64 elements of one position (fewer leaves the
+    threads idle, more spills registers); else the one nearest 32."""
+    per_pos = _per_position(kwargs["BLOCK_HQ"], kwargs["BLOCK_HK"], kwargs["BLOCK_HALF"])
+    per_thread = lambda c: per_pos / (32 * c.num_warps)
+    kept = [c for c in configs if 8 <= per_thread(c) <= 64]
+    return kept or [min(configs, key=lambda c: abs(per_thread(c) - 32))]
+
+
+# On the GPU the launch is tuned once per head counts, head_dim, dtype and direction: warps and
+# positions per program decide how many programs fit on an SM (registers), so how many bytes are
+# in flight. Tuning reruns the kernel, which is safe: it writes only its outputs.
+_qk_rope_tuned = triton.autotune(
+    configs=[triton.Config({"POS_PER_PROG": p}, num_warps=w) for p in (1, 2) for w in (1, 2, 4, 8, 16)],
+    key=["n_q_heads", "n_k_heads", "half", "HAS_POS", "BACKWARD"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_qk_rope_kernel)
 
 
 def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -> None:
@@ -111,16 +132,20 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
         scos_b, ssin_b, scos_s, ssin_s = 0, 0, cos.stride(0), sin.stride(0)
         spos_b = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
         spos_s, pos = position_ids.stride(1), position_ids
-    block_hq, block_hk, block_half, pos_per_prog, num_warps = _settings(n_q_heads, n_k_heads, head_dim)
-    _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](
+    block_hq, block_hk, block_half, pos_per_prog = _settings(n_q_heads, n_k_heads, head_dim)
+    args = (
         q, k, q_out, k_out, cos, sin, pos,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
         n_pos, seq_len, n_q_heads, n_k_heads, head_dim // 2,
-        HAS_POS=position_ids is not None, BACKWARD=backward, POS_PER_PROG=pos_per_prog,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, num_warps=num_warps,
     )
+    blocks = dict(HAS_POS=position_ids is not None, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+                  BLOCK_HALF=block_half)
+    if INTERPRET:
+        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks)
+    else:
+        _qk_rope_tuned[lambda meta: (triton.cdiv(n_pos, meta["POS_PER_PROG"]),)](*args, **blocks)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
