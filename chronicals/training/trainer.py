@@ -28,7 +28,7 @@ from torch import nn
 
 from chronicals.config import ChronicalsConfig
 
-from . import checkpoint, distributed
+from . import checkpoint, dist_checkpoint, distributed, export, parallel
 from .batches import StepPlan
 from .build import autocast_dtype, build_optimizer, prepare_model
 from .dataset import DataError, prepare_training_data
@@ -65,7 +65,10 @@ class ChronicalsTrainer:
         self.amp_dtype = autocast_dtype(config, self.device)
         _seed_everything(config.seed)
         self.model = prepare_model(model, config, self.device)
-        self.forward_model = torch.compile(self.model) if config.use_torch_compile else self.model
+        self.strategy = parallel.resolve_strategy(config, self.env)
+        self.forward_model = parallel.wrap(self.model, self.strategy, self.env, self.device, self.amp_dtype)
+        if config.use_torch_compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -84,8 +87,9 @@ class ChronicalsTrainer:
     def train(self, train_dataset) -> TrainResult:
         cfg = self.config
         data = prepare_training_data(train_dataset, self.tokenizer, cfg)
+        batch_size = parallel.micro_batch_size(cfg, self.env)
         try:
-            plan = StepPlan(data.rows, data.collator, batch_size=cfg.batch_size, seed=cfg.seed, env=self.env,
+            plan = StepPlan(data.rows, data.collator, batch_size=batch_size, seed=cfg.seed, env=self.env,
                             gradient_accumulation_steps=cfg.gradient_accumulation_steps)
         except ValueError as e:
             raise DataError(f"training data: {e}") from e
@@ -95,8 +99,13 @@ class ChronicalsTrainer:
         state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
-            saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                               scheduler=self.scheduler, scaler=self.scaler)
+            dist_checkpoint.check_resumable(path, self.env, self.strategy)
+            if self.strategy == "fsdp2":
+                saved = dist_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer,
+                                                     scheduler=self.scheduler)
+            else:
+                saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler, scaler=self.scaler)
             state = {k: saved[k] for k in state}
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
@@ -156,16 +165,17 @@ class ChronicalsTrainer:
             raise DataError(f"step {step} has no label tokens on any rank; nothing to train on (check the masking)")
         seq_lens = [n for mb in micro_batches for n in _sequence_lengths(mb)]
         loss_sum = torch.zeros((), device=self.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             batch = {k: self._to_device(v) for k, v in mb.items()}
-            with self._autocast(), self._offload():
+            with self._autocast(), self._offload(), \
+                    parallel.gradient_sync(self.forward_model, sync=i == len(micro_batches) - 1):
                 loss = self.forward_model(**batch, num_items_in_batch=label_tokens).loss
             scaled = loss * self.env.loss_scale
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm or float("inf"))
+        grad_norm = parallel.clip_grad_norm(self.trainable, cfg.max_grad_norm or float("inf"))
         distributed.all_reduce_sum(loss_sum, self.env)
         loss_value, norm_value = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)]).tolist()
         lr = self.scheduler.get_last_lr()[0]
@@ -219,11 +229,18 @@ class ChronicalsTrainer:
 
     def _save(self, state: dict[str, Any]) -> Path:
         path = Path(self.config.output_dir) / f"checkpoint-{state['step']}"
-        if self.env.is_main:
+        trainer_state = {**state, "world_size": self.env.world_size, "config": self.config.to_dict()}
+        if self.strategy == "fsdp2":  # every rank writes its shards
+            path = dist_checkpoint.save_sharded(
+                self.config.output_dir, state["step"], model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, trainer_state=trainer_state, env=self.env,
+                keep=self.config.save_total_limit,
+            )
+        elif self.env.is_main:
             path = checkpoint.save_checkpoint(
                 self.config.output_dir, state["step"], model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, scaler=self.scaler, export_model=self._export_files,
-                trainer_state={**state, "config": self.config.to_dict()}, keep=self.config.save_total_limit,
+                trainer_state=trainer_state, keep=self.config.save_total_limit,
             )
         distributed.barrier(self.env)
         self.last_checkpoint = path
@@ -240,6 +257,9 @@ class ChronicalsTrainer:
             self.model.config.save_pretrained(directory)
 
     def _export_final(self, directory: Path) -> Path:
+        if self.strategy == "fsdp2":  # the shards are gathered into one model (a collective)
+            return export.export_sharded(self.model, directory, env=self.env, lora=self.config.use_lora,
+                                         tokenizer=self.tokenizer)
         if self.env.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             if self.config.use_lora:

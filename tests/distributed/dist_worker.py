@@ -1,0 +1,159 @@
+"""What each process runs in the multi-process tests: small trainer runs whose losses, gradient norms and
+observations are returned as plain data.
+
+`spawn(world_size, tmp_path)` starts `world_size` gloo processes on 127.0.0.1 that each run `all_runs` and write
+their results to JSON; the test compares rank 0's with a one-process run (spawned the same way) of the same
+global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+VOCAB = 96
+
+
+def tokenizer():
+    return SimpleNamespace(pad_token_id=0, eos_token_id=1)
+
+
+def rows(n: int = 32, seed: int = 0):
+    """Tokenized rows of varied lengths with a masked prefix, so ranks hold different numbers of label tokens."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(6, 24)
+        ids = [rng.randrange(2, VOCAB) for _ in range(length)]
+        cut = rng.randint(1, length - 3)
+        out.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return out
+
+
+def model(name: str = "tiny-qwen2"):
+    from chronicals.models import build_model
+
+    # tiny-qwen2 ties the embedding and the lm_head, the case where both must sit in FSDP2's root unit.
+    return build_model(name, seed=0, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, num_key_value_heads=1, dtype=torch.float32)
+
+
+def config(output_dir: Path, **changes):
+    from chronicals.config import ChronicalsConfig
+
+    values = dict(model="tiny-qwen2", output_dir=str(output_dir), learning_rate=1e-2, global_batch_size=8,
+                  max_steps=3, max_seq_length=32, use_fused_kernels=True, use_sequence_packing=False,
+                  progress_bar=False, logging_steps=1000, mixed_precision="no", device="cpu", seed=0,
+                  save_final_model=False)
+    values.update(changes)
+    return ChronicalsConfig(**values)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def full_fine_tune(out: Path) -> dict:
+    """FSDP2 (on several processes) full fine-tune with the fused loss; checkpoint at step 2, export at the end.
+    Records the type and shape of the lm_head weight that the fused loss is handed, and whether any module
+    met a sharded (DTensor) parameter in its own forward."""
+    import chronicals.models.causal_lm as causal_lm
+    from chronicals.training import ChronicalsTrainer
+
+    seen, sharded_in_forward = [], []
+    original = causal_lm.linear_cross_entropy_loss
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append([type(weight).__name__, list(weight.shape)])
+        return original(hidden, weight, *args, **kwargs)
+
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, save_steps=2, save_final_model=True))
+
+    def check(module, args):
+        sharded_in_forward.extend(type(module).__name__ for p in module.parameters(recurse=False)
+                                  if type(p).__name__ == "DTensor")
+
+    hooks = [m.register_forward_pre_hook(check) for m in trainer.model.modules()]
+    causal_lm.linear_cross_entropy_loss = spy
+    try:
+        result = trainer.train(rows())
+    finally:
+        causal_lm.linear_cross_entropy_loss = original
+        for h in hooks:
+            h.remove()
+    rows_ = metrics(out)
+    return {"strategy": trainer.strategy, "losses": result.losses, "grad_norms": [r["grad_norm"] for r in rows_],
+            "label_tokens": [r["label_tokens"] for r in rows_], "lm_head_seen": seen,
+            "sharded_in_forward": sorted(set(sharded_in_forward)), "final_model": result.final_model}
+
+
+def resume(out: Path) -> dict:
+    """Continue the run above from its step-2 checkpoint, with the same number of processes."""
+    from chronicals.training import ChronicalsTrainer
+
+    trainer = ChronicalsTrainer(model(), tokenizer(),
+                                config(out, resume_from_checkpoint=str(out / "checkpoint-2")))
+    return {"losses": trainer.train(rows()).losses}
+
+
+def lora(out: Path, strategy: str = "auto") -> dict:
+    """LoRA ("auto" picks DDP on several processes) with two micro-batches per step (DDP's no_sync path), or
+    with FSDP2 and the adapter gathered and exported at the end."""
+    import chronicals.lora.apply as lora_apply
+    from chronicals.training import ChronicalsTrainer
+
+    # PEFT's own LoRA layers: what is checked here is the data parallelism around them; the fused LoRA ops are
+    # compared with PEFT in tests/lora (their CPU fallback without the Triton interpreter is not, see the report).
+    install_fused = lora_apply.install_fused
+    lora_apply.install_fused = lambda model: 0
+    try:
+        trainer = ChronicalsTrainer(model(), tokenizer(),
+                                    config(out, use_lora=True, lora_rank=4, learning_rate=1e-2,
+                                           gradient_accumulation_steps=2, distributed_strategy=strategy,
+                                           save_final_model=strategy == "fsdp2"))
+    finally:
+        lora_apply.install_fused = install_fused
+    result = trainer.train(rows())
+    return {"strategy": trainer.strategy, "losses": result.losses,
+            "grad_norms": [r["grad_norm"] for r in metrics(out)], "final_model": result.final_model}
+
+
+def all_runs(root: Path) -> dict:
+    return {"full": full_fine_tune(root / "full"), "resume": resume(root / "full"), "lora": lora(root / "lora"),
+            "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2")}
+
+
+def _worker(rank: int, world_size: int, port: int, root: str) -> None:
+    # Without Triton's interpreter the patched model computes the kernels' math in PyTorch (fast on CPU); the
+    # fused loss is still handed the lm_head weight exactly as on a GPU, which is what is checked here.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="0")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        results = all_runs(Path(root) / "runs")
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(world_size: int, root: Path) -> list[dict]:
+    """Run `all_runs` on `world_size` gloo processes; returns each rank's results."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_worker, args=(world_size, free_port(), str(root)), nprocs=world_size, start_method="spawn")
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,84 @@
+"""Choosing and checking the data-parallel setup, without starting processes: the strategy "auto" picks, the
+batch split over ranks, and the clear errors for input that cannot work."""
+
+import json
+
+import pytest
+
+from chronicals.config import ChronicalsConfig, ConfigError
+from chronicals.training import SetupError, dist_checkpoint, parallel
+from chronicals.training.distributed import DistEnv
+
+ONE, TWO = DistEnv(), DistEnv(rank=0, world_size=2, local_rank=0)
+
+
+def cfg(**changes):
+    return ChronicalsConfig(model="tiny-llama", device="cpu", **changes)
+
+
+def test_auto_is_fsdp2_for_full_fine_tuning_ddp_for_lora_and_none_for_one_process():
+    assert parallel.resolve_strategy(cfg(), TWO) == "fsdp2"
+    assert parallel.resolve_strategy(cfg(use_lora=True), TWO) == "ddp"
+    assert parallel.resolve_strategy(cfg(use_lora=True, distributed_strategy="fsdp2"), TWO) == "fsdp2"
+    assert parallel.resolve_strategy(cfg(distributed_strategy="ddp"), TWO) == "ddp"
+    for strategy in ("auto", "fsdp2", "ddp", "none"):  # one process runs as it always did
+        assert parallel.resolve_strategy(cfg(distributed_strategy=strategy), ONE) == "none"
+
+
+def test_fsdp2_on_a_torch_without_it_is_refused(monkeypatch):
+    monkeypatch.setattr(parallel, "fully_shard_api", lambda: None)
+    with pytest.raises(SetupError, match=r"'distributed_strategy' asks for FSDP2.*torch >= 2.6.*'ddp'"):
+        parallel.resolve_strategy(cfg(distributed_strategy="fsdp2"), TWO)
+    assert parallel.resolve_strategy(cfg(distributed_strategy="ddp"), TWO) == "ddp"
+
+
+def test_strategy_none_on_several_processes_and_fp16_fsdp2_are_refused():
+    with pytest.raises(SetupError, match=r"'distributed_strategy' is 'none' but 2 processes"):
+        parallel.resolve_strategy(cfg(distributed_strategy="none"), TWO)
+    with pytest.raises(SetupError, match=r"'mixed_precision' is 'fp16'.*use 'bf16'"):
+        parallel.resolve_strategy(cfg(mixed_precision="fp16"), TWO)
+
+
+def test_global_batch_is_split_over_ranks_and_accumulation():
+    assert parallel.micro_batch_size(cfg(batch_size=8), TWO) == 8  # batch_size is per rank when no global size
+    assert parallel.micro_batch_size(cfg(global_batch_size=16, gradient_accumulation_steps=2), TWO) == 4
+    assert parallel.micro_batch_size(cfg(global_batch_size=16, gradient_accumulation_steps=2), ONE) == 8
+    with pytest.raises(SetupError, match=r"'global_batch_size' is 10.*2 process\(es\) x gradient_accumulation_steps="
+                                         r"2 do not divide; use a multiple of 4"):
+        parallel.micro_batch_size(cfg(global_batch_size=10, gradient_accumulation_steps=2), TWO)
+
+
+def test_config_fields_are_validated():
+    with pytest.raises(ConfigError, match="'distributed_strategy'.*'fsdp2'"):
+        cfg(distributed_strategy="zero3")
+    with pytest.raises(ConfigError, match="'global_batch_size'.*>= 1"):
+        cfg(global_batch_size=0)
+
+
+def test_decoder_blocks_are_found_by_class_name():
+    from chronicals.models import build_model
+
+    model = build_model("tiny-llama", seed=0, vocab_size=64)
+    assert [type(b).__name__ for b in parallel.decoder_blocks(model)] == ["LlamaDecoderLayer"] * 2
+    model._no_split_modules = []
+    with pytest.raises(SetupError, match="no decoder blocks.*distributed_strategy: ddp"):
+        parallel.decoder_blocks(model)
+
+
+def test_resume_needs_the_same_world_size_and_layout(tmp_path):
+    path = tmp_path / "checkpoint-4"
+    path.mkdir()
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 4}))
+    with pytest.raises(SetupError, match=r"saved by 4 process\(es\) but this run has 2.*nproc_per_node=4"):
+        dist_checkpoint.check_resumable(path, TWO, "fsdp2")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2}))
+    with pytest.raises(SetupError, match="holds whole weights.*'fsdp2'.*resume with the strategy it was saved with"):
+        dist_checkpoint.check_resumable(path, TWO, "fsdp2")
+    dist_checkpoint.check_resumable(path, TWO, "ddp")
+    (path / dist_checkpoint.SHARDS).mkdir()
+    with pytest.raises(SetupError, match="holds FSDP2 shards.*'ddp'"):
+        dist_checkpoint.check_resumable(path, TWO, "ddp")
+    dist_checkpoint.check_resumable(path, TWO, "fsdp2")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4}))  # saved before multi-GPU support
+    with pytest.raises(SetupError, match=r"saved by 1 process\(es\)"):
+        dist_checkpoint.check_resumable(path, TWO, "fsdp2")

@@ -1,0 +1,97 @@
+"""Two gloo processes on CPU train the tiny model as one process does with the same global batch (FSDP2 for the
+full fine-tune, DDP for LoRA), the fused loss sees the whole lm_head, a 2-rank checkpoint resumes, and the
+gathered export loads with from_pretrained.
+
+Tolerance: losses and gradient norms within 1e-4 relative. Both runs are fp32 and compute the same sums; they
+differ only in summation order (two half-batches reduced over ranks vs one batch), a ~1e-7 effect.
+"""
+
+import dist_worker
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    ranks = dist_worker.spawn(2, root / "two")
+    (one,) = dist_worker.spawn(1, root / "one")
+    return ranks, one, root
+
+
+def test_fsdp2_losses_match_one_process(runs):
+    ranks, one, _ = runs
+    two = ranks[0]["full"]
+    assert two["strategy"] == "fsdp2" and one["full"]["strategy"] == "none"
+    assert two["label_tokens"] == one["full"]["label_tokens"]  # the same global batches, split in two
+    assert two["losses"] == pytest.approx(one["full"]["losses"], rel=1e-4)
+    assert two["grad_norms"] == pytest.approx(one["full"]["grad_norms"], rel=1e-4)
+    assert ranks[1]["full"]["losses"] == two["losses"]  # logged values are reduced, so every rank agrees
+    assert one["full"]["losses"][0] != pytest.approx(one["full"]["losses"][-1], rel=1e-3)  # it did train
+
+
+def test_fused_loss_sees_the_whole_lm_head_under_fsdp2(runs):
+    ranks, _, _ = runs
+    for rank in ranks:
+        seen = rank["full"]["lm_head_seen"]
+        assert seen, "the fused loss path never ran"
+        # [V, d] as a plain tensor: FSDP2 gathered the root unit (embedding + tied lm_head), not a [V/2, d] shard.
+        assert all(kind != "DTensor" and shape == [dist_worker.VOCAB, 32] for kind, shape in seen), seen
+        assert rank["full"]["sharded_in_forward"] == []
+
+
+def test_two_rank_checkpoint_resumes_to_the_same_loss(runs):
+    ranks, _, _ = runs
+    full, resumed = ranks[0]["full"], ranks[0]["resume"]
+    assert len(resumed["losses"]) == 1  # only step 3 runs after checkpoint-2
+    assert resumed["losses"][0] == pytest.approx(full["losses"][2], rel=1e-5)
+
+
+def test_export_gathers_one_loadable_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    ranks, one, root = runs
+    exported = AutoModelForCausalLM.from_pretrained(ranks[0]["full"]["final_model"])
+    reference = AutoModelForCausalLM.from_pretrained(one["full"]["final_model"])
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # re-tied
+    ref = reference.state_dict()
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_ddp_lora_with_accumulation_matches_one_process(runs):
+    ranks, one, _ = runs
+    assert ranks[0]["lora"]["strategy"] == "ddp"
+    assert ranks[0]["lora"]["losses"] == pytest.approx(one["lora"]["losses"], rel=1e-4)
+    assert ranks[0]["lora"]["grad_norms"] == pytest.approx(one["lora"]["grad_norms"], rel=1e-4)
+
+
+def test_fsdp2_lora_matches_and_exports_a_peft_adapter(runs):
+    from peft import PeftModel
+
+    ranks, one, _ = runs
+    two = ranks[0]["lora_fsdp2"]
+    assert two["strategy"] == "fsdp2"
+    assert two["losses"] == pytest.approx(one["lora_fsdp2"]["losses"], rel=1e-4)
+    loaded = PeftModel.from_pretrained(dist_worker.model(), two["final_model"])
+    reference = PeftModel.from_pretrained(dist_worker.model(), one["lora_fsdp2"]["final_model"])
+    adapters = {n: p for n, p in reference.named_parameters() if "lora_" in n}
+    assert adapters
+    for name, value in loaded.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(value, adapters[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert any(v.abs().sum() > 0 for n, v in adapters.items() if "lora_B" in n)  # training moved the adapters
+
+
+def test_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path):
+    from chronicals.training import ChronicalsTrainer, SetupError
+
+    ranks, _, root = runs
+    checkpoint = root / "two" / "runs" / "full" / "checkpoint-2"
+    trainer = ChronicalsTrainer(dist_worker.model(), dist_worker.tokenizer(),
+                                dist_worker.config(tmp_path, resume_from_checkpoint=str(checkpoint)))
+    with pytest.raises(SetupError, match=r"saved by 2 process\(es\) but this run has 1.*nproc_per_node=2"):
+        trainer.train(dist_worker.rows())
