@@ -239,7 +239,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
 
     batch, _, q_len, head_dim = query.shape
     if cu_seq_lens_q is not None:
-        layout = PackedLayout(cu_seq_lens_q, max_length_q)
+        if max_length_q is None:  # no collator int and no `chronicals.apply` hook: read it (a sync per layer)
+            max_length_q = int(cu_seq_lens_q.diff().max())
+        layout = PackedLayout(cu_seq_lens_q, int(max_length_q))
     elif attention_mask is None and sliding_window is not None and q_len == key.shape[2] and q_len > sliding_window:
         # One sequence per row with a window shorter than the row: SDPA would need a dense banded mask.
         layout = PackedLayout(torch.arange(0, batch * q_len + 1, q_len, device=query.device, dtype=torch.int32), q_len)

@@ -284,3 +284,14 @@ def test_padded_batches_and_generation_keep_hf_behaviour():
                                hf(input_ids=ids, attention_mask=mask).logits)
     gen = dict(max_new_tokens=4, do_sample=False, attention_mask=mask, pad_token_id=0)
     assert torch.equal(model.generate(ids, **gen), hf.generate(ids, **gen))
+
+
+def test_attn_implementation_alone_isolates_sequences_given_cu_seq_lens():
+    # Without `chronicals.apply` (no once-per-forward hook): the registered implementation still reads the
+    # boundaries, working out max_length itself.
+    model = build_model("tiny-llama", seed=0, attn_implementation=attention.IMPLEMENTATION).to(DEVICE).eval()
+    seqs = sequences(model.config.vocab_size)[:2]
+    batch = packed_batch(seqs, 0)
+    del batch["max_length_q"], batch["labels"]
+    packed = model(**batch).logits[0]
+    torch.testing.assert_close(packed[len(seqs[0]):], model(input_ids=seqs[1][None]).logits[0])
