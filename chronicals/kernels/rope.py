@@ -105,6 +105,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: abs(per_thread(c) - 32))]
 
 
+_TUNE_MIN_POSITIONS = 1024  # smaller calls (tests, short batches) take a fixed choice instead of tuning
 # On the GPU the launch is tuned once per head counts, head_dim, dtype and direction: warps and
 # positions per program decide how many programs fit on an SM (registers), so how many bytes are
 # in flight. Tuning reruns the kernel, which is safe: it writes only its outputs.
@@ -142,8 +143,11 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
     )
     blocks = dict(HAS_POS=position_ids is not None, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
                   BLOCK_HALF=block_half)
-    if INTERPRET:
-        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks)
+    if INTERPRET or n_pos < _TUNE_MIN_POSITIONS:
+        per_pos = _per_position(block_hq, block_hk, block_half)
+        num_warps = min(16, max(1, next_power_of_2(per_pos // 2048 + 1)))  # ~32 elements per thread
+        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks,
+                                                             num_warps=num_warps)
     else:
         _qk_rope_tuned[lambda meta: (triton.cdiv(n_pos, meta["POS_PER_PROG"]),)](*args, **blocks)
 

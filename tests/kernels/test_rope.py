@@ -151,3 +151,26 @@ def test_bad_input_names_the_argument():
         fused_qk_rope(q, k, cos3.requires_grad_(), sin3)
     with pytest.raises(ValueError, match="sin is on meta"):
         fused_qk_rope(q, k, cos3.detach(), torch.empty(1, 5, 8, device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_q,n_k,head_dim", [(32, 8, 128), (14, 2, 64)])
+def test_model_shapes_on_gpu_tuned_launch(n_q, n_k, head_dim):
+    # 2 x 2048 positions: large enough for the autotuned launch (small calls take a fixed config).
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2048, n_q, head_dim, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 2048, n_k, head_dim, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+    upstream = [torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16),
+                torch.randn(k.shape, generator=gen).to("cuda", torch.bfloat16)]
+    pos = torch.arange(2048, device="cuda").repeat(2, 1) % 1000  # packed: restarts at 0
+    cos_t, sin_t = rope_table(1000, head_dim, torch.bfloat16)
+    cos_t, sin_t = cos_t.cuda(), sin_t.cuda()
+    cos, sin = cos_t[pos], sin_t[pos]
+    for kernel in (lambda q_, k_: fused_qk_rope(q_, k_, cos, sin),
+                   lambda q_, k_: fused_qk_rope(q_, k_, cos_t, sin_t, position_ids=pos)):
+        got = rope_and_grads(kernel, q, k, upstream)
+        nat = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos, sin), q, k, upstream)
+        ref = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos.double(), sin.double()), q.double(), k.double(),
+                             [g.double() for g in upstream])
+        for name, out, n, r in zip(["q_rot", "k_rot", "dq", "dk"], got, nat, ref):
+            assert_no_worse(name, out, n, r, torch.bfloat16)
