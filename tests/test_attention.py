@@ -295,3 +295,19 @@ def test_attn_implementation_alone_isolates_sequences_given_cu_seq_lens():
     del batch["max_length_q"], batch["labels"]
     packed = model(**batch).logits[0]
     torch.testing.assert_close(packed[len(seqs[0]):], model(input_ids=seqs[1][None]).logits[0])
+
+
+def test_several_packed_rows():
+    # [2, T]: each row holds its own sequences; boundaries come from position_ids (row starts included).
+    model = packed_model("tiny-qwen3").eval()
+    seqs = sequences(model.config.vocab_size)  # lengths 7, 12, 2, 9: two rows of 19, [7 + 12] and [2 + 9 + 8]
+    extra = torch.randint(0, model.config.vocab_size, (8,), device=DEVICE)
+    rows = [[seqs[0], seqs[1]], [seqs[2], seqs[3], extra]]
+    ids = torch.stack([torch.cat(r) for r in rows])
+    pos = torch.stack([torch.cat([torch.arange(len(s), device=DEVICE) for s in r]) for r in rows])
+    logits = model(input_ids=ids, position_ids=pos).logits
+    for b, row in enumerate(rows):
+        start = 0
+        for s in row:
+            torch.testing.assert_close(logits[b, start:start + len(s)], model(input_ids=s[None]).logits[0])
+            start += len(s)

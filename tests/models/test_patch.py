@@ -202,3 +202,9 @@ def test_import_chronicals_stays_cheap():
     # `apply` / `apply_to_classes` resolve on first use; a bare import loads neither torch nor transformers.
     code = "import sys, chronicals; print(' '.join(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == ""
+
+
+def test_gradient_checkpointing_keeps_the_patched_forwards(no_kernels):
+    reference, patched = pair("tiny-qwen2")
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_training_step(reference, patched)
