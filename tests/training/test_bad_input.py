@@ -90,3 +90,17 @@ def test_trainer_rejects_wrong_argument_types(tmp_path):
         ChronicalsTrainer(tiny_model(), tokenizer(), {"learning_rate": 1})
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         ChronicalsTrainer("tiny-llama", tokenizer(), config(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"use_fp8": True}, "'use_fp8' needs a GPU with FP8 tensor cores"),
+        ({"use_8bit_optimizer": True}, "'use_8bit_optimizer' is true but 8-bit Adam cannot run here"),
+        ({"mixed_precision": "fp16"}, "'mixed_precision' is 'fp16', which needs a CUDA GPU"),
+        ({"param_dtype": "bfloat16", "mixed_precision": "auto"}, "'param_dtype' is 'bfloat16' but this device"),
+    ],
+)
+def test_gpu_only_features_are_refused_clearly_on_cpu(tmp_path, changes, match):
+    with pytest.raises(SetupError, match=match):
+        ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
