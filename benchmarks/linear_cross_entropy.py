@@ -72,7 +72,7 @@ def _compiled_chunk_step():
         target = logits.gather(1, safe_y[:, None]).squeeze(1)
         loss = torch.where(valid, lse - target, 0.0).sum()
         grad = torch.exp(logits - lse[:, None])
-        grad = grad - F.one_hot(safe_y, logits.shape[1]).to(grad.dtype)
+        grad = grad - (torch.arange(logits.shape[1], device=y.device) == safe_y[:, None]).to(grad.dtype)
         grad = (grad * torch.where(valid, row_scale, 0.0)[:, None]).to(h.dtype)
         return loss, grad @ w, grad.t() @ h
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2, row_block_settings
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "vocab", "rows")
@@ -163,24 +163,30 @@ class _Plan:
     strategy: str  # "vocab": vocabulary blocks, backward recomputes; "rows": row blocks, gradients in forward
     chunk: int  # vocabulary columns ("vocab") or rows ("rows") per block
     block_v: int  # columns a Triton program holds at once
+    num_warps: int
     softcap: float | None
     z_loss_weight: float
 
 
 def _lse_launch(block, bias, v_start, labels, m, s, target, plan):
+    if block.shape[0] == 0:
+        return
     _block_lse_kernel[(block.shape[0],)](
         block, block.stride(0), bias if bias is not None else block, labels, m, s, target,
         v_start, block.shape[1], float(plan.softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
+        num_warps=plan.num_warps,
     )
 
 
 def _grad_launch(block, bias, v_start, labels, lse, row_grad, plan):
+    if block.shape[0] == 0:
+        return
     _block_grad_kernel[(block.shape[0],)](
         block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
         v_start, block.shape[1], float(plan.softcap or 1.0), plan.z_loss_weight,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
-        ROUND_BF16=INTERPRET and block.dtype == torch.bfloat16,
+        ROUND_BF16=INTERPRET and block.dtype == torch.bfloat16, num_warps=plan.num_warps,
     )
 
 
@@ -274,8 +280,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if plan.strategy == "rows" and any(needs):
             # The loss is a scalar, so each row's gradient is known now up to the incoming scalar.
             row_grad = torch.where(valid, 1.0 / denominator, 0.0)
-            lse, target, grads = _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, *needs)
-            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+            lse, target, ctx.grads = _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan,
+                                                                   *needs)
         else:
             lse, target = _vocab_blocked_statistics(hidden, weight, bias, labels, plan)
             ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
@@ -291,8 +297,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             return (None,) * 8
         grad_loss = grad_loss.float()
         if ctx.plan.strategy == "rows":
-            grads = [g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, needs)]
-            return (*grads, None, None, None, None, None)
+            # The gradients were formed in forward; scaling them in place and handing them over (not
+            # keeping a copy) saves their memory, so a second backward through this graph cannot work.
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("fused_linear_cross_entropy(strategy='rows') supports one backward per "
+                                   "forward; use strategy='vocab' to backward twice (retain_graph=True)")
+            return (*(g.mul_(grad_loss) if g is not None else None for g in grads), None, None, None, None, None)
         hidden, weight, bias, labels, lse, valid = ctx.saved_tensors
         row_grad = torch.where(valid, (grad_loss / ctx.denominator).expand(valid.shape), 0.0).contiguous()
         grads = _vocab_blocked_gradients(hidden, weight, bias, labels, lse, row_grad, ctx.plan, *needs)
@@ -347,16 +358,21 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
                              f"found {labels[bad][:5].tolist()}")
 
 
-def _make_plan(n_rows, hidden_size, vocab, reduction, softcap, z_loss_weight, strategy, chunk) -> _Plan:
+def _make_plan(n_rows, hidden_size, vocab, reduction, softcap, z_loss_weight, strategy, chunk, grad_wanted) -> _Plan:
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY if reduction != "none" else "vocab"
+    if not grad_wanted:  # no backward will come: the forward-only statistics pass is all that is needed
+        strategy = "vocab"
+        chunk = None
     if strategy == "vocab":
         chunk = min(chunk or default_vocab_chunk(n_rows, hidden_size, vocab), vocab)
         block_v = min(next_power_of_2(chunk), MAX_BLOCK_V)
     else:
         chunk = chunk or DEFAULT_ROW_CHUNK
         block_v = min(next_power_of_2(vocab), MAX_BLOCK_V)
-    return _Plan(strategy, chunk, block_v, None if softcap is None else float(softcap), float(z_loss_weight))
+    num_warps = row_block_settings(block_v)[1]
+    return _Plan(strategy, chunk, block_v, num_warps, None if softcap is None else float(softcap),
+                 float(z_loss_weight))
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
@@ -379,7 +395,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     """
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
                   strategy, chunk)
-    plan = _make_plan(*hidden.shape, weight.shape[0], reduction, softcap, z_loss_weight, strategy, chunk)
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    plan = _make_plan(*hidden.shape, weight.shape[0], reduction, softcap, z_loss_weight, strategy, chunk, grad_wanted)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32)
     elif normalizer is not None:

@@ -203,6 +203,15 @@ def test_frozen_weight_and_constant_hidden(strategy):
     assert fused_linear_cross_entropy(hidden, weight, labels).requires_grad is False
 
 
+def test_rows_strategy_refuses_a_second_backward():
+    hidden, weight, _, labels = make_inputs(5, 4, 11, torch.float32, 0)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, labels, strategy="rows")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -234,8 +243,10 @@ def test_bad_input_names_the_argument(change, message):
 
 
 @pytest.mark.gpu
-def test_gpu_realistic_block_sizes():
-    # Default vocabulary blocks (1024+ wide, MAX_BLOCK_V-wide program steps) on a bf16 shape with V
-    # not a multiple of the block.
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_gpu_realistic_block_sizes(strategy):
+    # Default vocabulary blocks (1024+ wide, MAX_BLOCK_V-wide program steps) or 300-row blocks, on a
+    # bf16 shape with V and N not multiples of the block; on CUDA the fp32-output matmul accumulates.
     hidden, weight, bias, labels = make_inputs(777, 256, 5003, torch.bfloat16, 11, bias=True)
-    check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4)
+    check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4,
+                            strategy=strategy, chunk=None if strategy == "vocab" else 300)
