@@ -72,3 +72,16 @@ def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype)
     y.backward(dy.to(y.dtype))
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return y, x.grad, grads
+
+
+def graph_names(t: torch.Tensor) -> set[str]:
+    """Class names of every autograd node behind `t` (to see which path ran)."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack += [f for f, _ in fn.next_functions]
+    return names

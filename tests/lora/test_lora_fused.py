@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_blocks import MLP, QKVO, adapted, run, three_precisions
+from lora_blocks import MLP, QKVO, adapted, graph_names, run, three_precisions
 from oracle import assert_no_worse
 
 from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
@@ -23,7 +23,7 @@ def _compare(model, x, dy, dtype, grad_fn_names):
     y_nat, dx_nat, g_nat = run(native, x, dy, dtype)
     y, dx, g = run(ours, x, dy, dtype)
     # The fused ops really ran (not PEFT's path): their backward nodes are in the graph.
-    names = _graph_names(ours(x.to(dtype).requires_grad_(True)))
+    names = graph_names(ours(x.to(dtype).requires_grad_(True)))
     for name in grad_fn_names:
         assert name in names, f"{name} not in the autograd graph: {sorted(names)}"
     assert y.dtype == dtype
@@ -34,18 +34,6 @@ def _compare(model, x, dy, dtype, grad_fn_names):
         assert g[name].dtype == torch.float32, name  # adapters stay fp32, as apply_lora keeps them
         factor = BF16_GRAD_FACTOR if dtype == torch.bfloat16 else 1.0
         assert_no_worse(f"d {name}", g[name], g_nat[name], g_ref[name], dtype, factor=factor)
-
-
-def _graph_names(t):
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack += [f for f, _ in fn.next_functions]
-    return names
 
 
 @given(
@@ -99,7 +87,7 @@ def test_fused_path_falls_back_when_adapters_are_disabled():
     x = torch.randn(3, 12)
     for layer in (ours.gate_proj, ours.up_proj, ours.down_proj, native.gate_proj, native.up_proj, native.down_proj):
         layer.enable_adapters(False)
-    names = _graph_names(ours(x.requires_grad_(True)))
+    names = graph_names(ours(x.requires_grad_(True)))
     assert "_LoRASwiGLUMLPBackward" not in names and "_LoRAFanOutBackward" not in names
     torch.testing.assert_close(ours(x), native(x))
 
@@ -108,8 +96,8 @@ def test_dropout_uses_peft_path_in_training_and_fused_path_in_eval():
     model = adapted(MLP(12, 20), 4, 8.0, dropout=0.5)
     _, native, ours = three_precisions(model, torch.float32)
     x = torch.randn(3, 12, requires_grad=True)
-    assert "_LoRASwiGLUMLPBackward" not in _graph_names(ours.train()(x))
-    assert "_LoRASwiGLUMLPBackward" in _graph_names(ours.eval()(x))
+    assert "_LoRASwiGLUMLPBackward" not in graph_names(ours.train()(x))
+    assert "_LoRASwiGLUMLPBackward" in graph_names(ours.eval()(x))
     torch.testing.assert_close(ours(x), native.eval()(x))
 
 

@@ -1,0 +1,109 @@
+"""apply_lora on a real (tiny) Llama: the fused model matches PEFT's own, bad configs fail before training."""
+
+import copy
+
+import pytest
+import torch
+from lora_blocks import graph_names
+from peft import get_peft_model
+
+from chronicals.lora import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, peft_config
+from chronicals.models import build_model
+
+
+def _tiny(dtype=torch.float32):
+    return build_model("tiny-llama", dtype=dtype, seed=0)
+
+
+def _randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_fused_model_matches_peft_logits_and_gradients(use_rslora):
+    cfg = LoRAConfig(rank=8, alpha=16, use_rslora=use_rslora)
+    base = _tiny()
+    ours = apply_lora(copy.deepcopy(base), cfg)
+    _randomize_b(ours)
+    ref = get_peft_model(base, peft_config(cfg, task_type="CAUSAL_LM"))
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(0))
+    logits, grads = _loss_and_grads(ours, ids)
+    ref_logits, ref_grads = _loss_and_grads(ref, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    names = graph_names(ours(input_ids=ids).logits)
+    assert {"_LoRASwiGLUMLPBackward", "_LoRAFanOutBackward"} <= names
+    expected = 16 / 8 ** 0.5 if use_rslora else 16 / 8
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(expected)
+    assert cfg.scale == pytest.approx(expected)
+
+
+def test_documented_use_with_dropout_trains_on_the_plain_path():
+    targets = ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = apply_lora(_tiny(), LoRAConfig(rank=64, alpha=16, dropout=0.05, target_modules=targets))
+    ids = torch.randint(0, 512, (2, 11))
+    out = model(input_ids=ids, labels=ids)
+    assert "_LoRASwiGLUMLPBackward" not in graph_names(out.loss)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = LoRAConfig(rank=4, alpha=8)
+    plain = apply_lora(_tiny(), cfg)
+    _randomize_b(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.enable_input_require_grads()
+    ckpt.train()
+    ids = torch.randint(0, 512, (2, 13))
+    _, g1 = _loss_and_grads(plain, ids)
+    _, g2 = _loss_and_grads(ckpt, ids)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_default_targets_are_every_linear_layer_of_the_block():
+    model = apply_lora(_tiny(), LoRAConfig())
+    layer = model.base_model.model.model.layers[1]
+    for name in DEFAULT_TARGET_MODULES:
+        owner = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+        assert hasattr(getattr(owner, name), "lora_A"), name
+    assert not hasattr(model.base_model.model.lm_head, "lora_A")
+
+
+def test_bad_configs_fail_before_training_with_clear_errors():
+    with pytest.raises(ValueError, match=r"target_modules entry 'qkv' matches no module.*q_proj"):
+        apply_lora(_tiny(), LoRAConfig(target_modules=["q_proj", "qkv"]))
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"rank=40 is larger than layer .*k_proj.*at most 32"):
+        apply_lora(_tiny(), LoRAConfig(rank=40))
+    with pytest.raises(ValueError, match="Embedding: DoRA supports only torch.nn.Linear"):
+        apply_lora(_tiny(), LoRAConfig(rank=4, use_dora=True, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ValueError, match="dropout"):
+        LoRAConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        LoRAConfig(target_modules=[])
+    with pytest.raises(TypeError, match="LoRAConfig"):
+        apply_lora(_tiny(), {"rank": 8})
+    model = apply_lora(_tiny(), LoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="already carries LoRA adapters"):
+        apply_lora(model.base_model.model, LoRAConfig(rank=4))

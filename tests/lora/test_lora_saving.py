@@ -1,0 +1,73 @@
+"""Saving in PEFT's format, loading in PEFT with identical logits, and merging into the base weights."""
+
+import json
+
+import pytest
+import torch
+from lora_blocks import graph_names
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from chronicals.lora import LoRAConfig, apply_lora, load_lora, merge_lora, save_lora
+from chronicals.models import build_model
+
+IDS = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def _trained(cfg):
+    model = apply_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # as if trained: B nonzero, magnitudes moved
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_saved_adapters_load_in_peft_with_identical_logits(tmp_path, use_dora):
+    model = _trained(LoRAConfig(rank=4, alpha=8, use_dora=use_dora))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    save_lora(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_dora"] is use_dora
+    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert use_dora == ("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector" in keys)
+
+    peft_model = PeftModel.from_pretrained(build_model("tiny-llama", dtype=torch.float32, seed=0), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
+        reloaded = load_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), tmp_path).eval()
+        assert torch.equal(reloaded(input_ids=IDS).logits, logits)
+    assert any(p.requires_grad for p in reloaded.parameters())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_gives_identical_logits_and_a_plain_model(use_dora):
+    model = _trained(LoRAConfig(rank=4, alpha=8, use_dora=use_dora))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        merged = merge_lora(model)
+        assert not any("lora" in n for n, _ in merged.named_modules())
+        assert not any(k.startswith("_chronicals") for m in merged.modules() for k in m.__dict__)
+        out = merged(input_ids=IDS).logits
+    torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+
+
+def test_load_and_save_reject_wrong_inputs(tmp_path):
+    with pytest.raises(TypeError, match="apply_lora"):
+        save_lora(build_model("tiny-llama", seed=0), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_lora(build_model("tiny-llama", seed=0), tmp_path / "missing")
+
+
+def test_fused_forward_is_used_after_loading(tmp_path):
+    save_lora(_trained(LoRAConfig(rank=4, alpha=8)), tmp_path)
+    model = load_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), tmp_path).train()
+    assert "_LoRASwiGLUMLPBackward" in graph_names(model(input_ids=IDS).logits)
