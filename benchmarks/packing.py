@@ -163,11 +163,12 @@ def gqa_facts(device) -> dict:
 
 
 # ---- 2. attention-only timing ------------------------------------------------------------------------------------
-def time_attention(lengths, quick) -> list[dict]:
-    from benchmarks._timing import bench_ms
+def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
+    if bench_ms is None:
+        from benchmarks._timing import bench_ms
 
     hq, hkv, d = HEADS
-    total, dtype, dev = sum(lengths), torch.bfloat16, "cuda"
+    total, dtype = sum(lengths), torch.bfloat16
     rows_dense = total // ROW
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(total, h, d, device=dev, dtype=dtype, generator=g, requires_grad=True)
@@ -264,9 +265,8 @@ def batches(lengths, vocab, device):
     return move(packed), move(padded), sum(lengths) - len(lengths)
 
 
-def time_training(lengths, quick) -> tuple[list[dict], list[dict]]:
-    device = "cuda"
-    model = chronicals.apply(build_model("qwen2.5-0.5b", seed=0, dtype=torch.bfloat16).to(device)).train()
+def time_training(lengths, quick, preset="qwen2.5-0.5b", device="cuda") -> tuple[list[dict], list[dict]]:
+    model = chronicals.apply(build_model(preset, seed=0, dtype=torch.bfloat16).to(device)).train()
     model.config.use_cache = False
     packed, padded, real_tokens = batches(lengths, model.config.vocab_size, device)
     with torch.no_grad():  # same weights, same sequences: both layouts must give the same mean loss
