@@ -21,14 +21,12 @@ def _first_step_grads(tmp_path, **changes):
     return captured, result.losses[0]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_four_micro_batches_of_two_equal_one_batch_of_eight(tmp_path, packing):
-    if packing:
-        pytest.importorskip("chronicals.attention", reason="packed attention not available")
-    big, big_loss = _first_step_grads(tmp_path / "a", batch_size=8, gradient_accumulation_steps=1,
-                                      use_sequence_packing=packing)
-    small, small_loss = _first_step_grads(tmp_path / "b", batch_size=2, gradient_accumulation_steps=4,
-                                          use_sequence_packing=packing)
+@pytest.mark.parametrize("packing, fused", [(False, False), (True, False), (True, True)],
+                         ids=["padded", "packed", "packed-fused-kernels"])
+def test_four_micro_batches_of_two_equal_one_batch_of_eight(tmp_path, packing, fused):
+    flags = dict(use_sequence_packing=packing, use_fused_kernels=fused)
+    big, big_loss = _first_step_grads(tmp_path / "a", batch_size=8, gradient_accumulation_steps=1, **flags)
+    small, small_loss = _first_step_grads(tmp_path / "b", batch_size=2, gradient_accumulation_steps=4, **flags)
     assert small_loss == pytest.approx(big_loss, rel=1e-5)
     for name, g in big.items():
         torch.testing.assert_close(small[name], g, rtol=1e-4, atol=1e-7, msg=name)
