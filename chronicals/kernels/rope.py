@@ -85,7 +85,7 @@ def _qk_rope_kernel(
 
 
 def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, POS_PER_PROG); the last is the interpreter's (the GPU tunes it)."""
+    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, POS_PER_PROG); the last for untuned launches (interpreter, small calls)."""
     block_hq, block_hk = next_power_of_2(n_q_heads), next_power_of_2(n_k_heads)
     block_half = next_power_of_2(head_dim // 2)
     pos_per_prog = max(1, min(_MAX_POS_PER_PROG, _TILE_ELEMENTS // _per_position(block_hq, block_hk, block_half)))
