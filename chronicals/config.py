@@ -70,13 +70,13 @@ class ChronicalsConfig:
     seed: int = 42
 
     # Optimizations, one switch each.
-    use_flash_attention: bool = True
-    use_fused_kernels: bool = True
-    use_sequence_packing: bool = True
+    use_flash_attention: bool = True  # SDPA (FlashAttention kernels on GPU); false: eager attention
+    use_fused_kernels: bool = True  # RMSNorm, SwiGLU, RoPE, linear cross-entropy and LoRA as fused Triton ops
+    use_sequence_packing: bool = True  # padding-free rows with varlen attention; false: padded batches
     use_gradient_checkpointing: bool = False
-    activation_offload: bool = False
+    activation_offload: bool = False  # checkpointed activations to pinned CPU memory, copies overlapped
     use_torch_compile: bool = False
-    use_8bit_optimizer: bool = False
+    use_8bit_optimizer: bool = False  # bitsandbytes 8-bit AdamW (CUDA); else fused AdamW
     mixed_precision: Precision = "auto"  # autocast dtype; "auto" is bf16 on a GPU that has it, else fp32
     # Weights: "auto" keeps trainable weights in fp32 (master weights) and frozen ones in the autocast dtype;
     # "bfloat16" holds every weight in bf16 (half the weight, gradient and optimizer memory; updates are rounded

@@ -112,7 +112,7 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
         from chronicals.lora import LoRAConfig, apply_lora
 
         lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules))
+                          target_modules=list(cfg.lora_target_modules), fused=cfg.use_fused_kernels)
         try:
             model = apply_lora(model, lora)
         except ValueError as e:
