@@ -35,13 +35,16 @@ def load_config(args: list[str]) -> ChronicalsConfig:
 
 
 def train(cfg: ChronicalsConfig):
-    from chronicals.training import ChronicalsTrainer
+    from chronicals.training import ChronicalsTrainer, distributed
     from chronicals.training.build import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer)
     trainer = ChronicalsTrainer(model, tokenizer, cfg)
-    return trainer.train(cfg.dataset)
+    try:
+        return trainer.train(cfg.dataset)
+    finally:
+        distributed.teardown(trainer.env)  # under torchrun: leave the process group cleanly, error or not
 
 
 def main(argv: list[str] | None = None) -> int:

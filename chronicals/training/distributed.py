@@ -86,12 +86,6 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
