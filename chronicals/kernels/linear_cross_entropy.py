@@ -35,8 +35,11 @@ from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2, row_bl
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "vocab", "rows")
-# What "auto" picks for scalar losses; the H200 benchmark (benchmarks/linear_cross_entropy.py) decides.
-DEFAULT_STRATEGY = "vocab"
+# What "auto" picks for scalar losses when a backward will follow: "rows" does 6·N·d·V FLOPs against
+# "vocab"'s 8; the H200 benchmark (benchmarks/linear_cross_entropy.py) times both and decides.
+DEFAULT_STRATEGY = "rows"
+# 4096 rows: 2-4 row blocks at 8-16k tokens, so the fp32 dW update (V·d per block) stays a few % of
+# the time, at chunk·V·2 bytes of logits (1.2 GB at V = 152k).
 DEFAULT_ROW_CHUNK = 4096
 # Widest column block a program holds at once; a logits block wider than this is walked in steps.
 MAX_BLOCK_V = 4096
@@ -241,7 +244,10 @@ def _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, 
     s = torch.zeros_like(m)
     target = torch.zeros_like(m)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+    # One block writes dW once, in the weight's dtype; several sum into an fp32 accumulator.
+    one_block = 0 < n_rows <= plan.chunk
+    if need_weight:
+        grad_weight = torch.empty_like(weight) if one_block else torch.zeros_like(weight, dtype=torch.float32)
     grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
     buffer = torch.empty(min(plan.chunk, n_rows) * vocab, device=hidden.device, dtype=hidden.dtype)
     for r0 in range(0, n_rows, plan.chunk):
@@ -253,7 +259,9 @@ def _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, 
         _grad_launch(block, bias, 0, labels[rows], lse, row_grad[rows], plan)
         if need_hidden:
             torch.mm(block, weight, out=grad_hidden[rows])
-        if need_weight:
+        if need_weight and one_block:
+            torch.mm(block.t(), h, out=grad_weight)
+        elif need_weight:
             _accumulate_product(grad_weight, block.t(), h)
         if need_bias:
             grad_bias += block.sum(0, dtype=torch.float32)
@@ -358,7 +366,15 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
                              f"found {labels[bad][:5].tolist()}")
 
 
-def _make_plan(n_rows, hidden_size, vocab, reduction, softcap, z_loss_weight, strategy, chunk, grad_wanted) -> _Plan:
+def default_row_chunk(n_rows: int, hidden_size: int, element_size: int) -> int:
+    """All rows in one block when that holds no more memory than DEFAULT_ROW_CHUNK-row blocks plus the
+    fp32 dW accumulator they need (N·V·e <= chunk·V·e + 4·V·d bytes); else DEFAULT_ROW_CHUNK rows."""
+    accumulator_rows = 4 * hidden_size // element_size if element_size < 4 else 0
+    return max(n_rows, 1) if n_rows <= DEFAULT_ROW_CHUNK + accumulator_rows else DEFAULT_ROW_CHUNK
+
+
+def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_loss_weight, strategy, chunk,
+               grad_wanted) -> _Plan:
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY if reduction != "none" else "vocab"
     if not grad_wanted:  # no backward will come: the forward-only statistics pass is all that is needed
@@ -368,7 +384,7 @@ def _make_plan(n_rows, hidden_size, vocab, reduction, softcap, z_loss_weight, st
         chunk = min(chunk or default_vocab_chunk(n_rows, hidden_size, vocab), vocab)
         block_v = min(next_power_of_2(chunk), MAX_BLOCK_V)
     else:
-        chunk = chunk or DEFAULT_ROW_CHUNK
+        chunk = chunk or default_row_chunk(n_rows, hidden_size, element_size)
         block_v = min(next_power_of_2(vocab), MAX_BLOCK_V)
     num_warps = row_block_settings(block_v)[1]
     return _Plan(strategy, chunk, block_v, num_warps, None if softcap is None else float(softcap),
@@ -390,13 +406,15 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     `strategy` picks how the [N, V] logits are cut: "vocab" holds [N, chunk] column blocks and
     recomputes them in backward (8·N·d·V FLOPs; extra memory N·chunk + fp32 N·d); "rows" holds
     [chunk, V] row blocks and forms the gradients during the forward pass (6·N·d·V FLOPs; extra memory
-    chunk·V + fp32 V·d; scalar losses only). "auto" uses DEFAULT_STRATEGY, or "vocab" for
-    reduction="none". `chunk` None picks the default block for the strategy.
+    chunk·V + fp32 V·d unless one block holds all rows; scalar losses only). "auto" uses
+    DEFAULT_STRATEGY, or "vocab" for reduction="none" and when no gradient is wanted. `chunk` None picks
+    the strategy's default block (`default_vocab_chunk`, `default_row_chunk`).
     """
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
                   strategy, chunk)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    plan = _make_plan(*hidden.shape, weight.shape[0], reduction, softcap, z_loss_weight, strategy, chunk, grad_wanted)
+    plan = _make_plan(*hidden.shape, weight.shape[0], hidden.element_size(), reduction, softcap, z_loss_weight,
+                      strategy, chunk, grad_wanted)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32)
     elif normalizer is not None:
@@ -411,7 +429,8 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 
     `targets [B, N]` are aligned with the hidden positions (no shift inside). `chunk_size` is the
-    vocabulary block width (strategy "vocab" of `fused_linear_cross_entropy`).
+    block size of `fused_linear_cross_entropy`'s default strategy: tokens per block for "rows",
+    vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own).
     """
     check_tensor("hidden_states", hidden_states, ndim=3)
     check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
@@ -420,5 +439,5 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
                          f"got {tuple(targets.shape)}")
     return fused_linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
-        ignore_index=ignore_index, strategy="vocab", chunk=chunk_size,
+        ignore_index=ignore_index, chunk=chunk_size,
     )

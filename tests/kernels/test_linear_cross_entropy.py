@@ -134,6 +134,15 @@ def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["vocab", "rows"])
+def test_empty_batch(strategy):
+    h = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(7, 5, device=DEVICE, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long, device=DEVICE), strategy=strategy)
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, 5) and not w.grad.any()
+
+
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
 def test_normalizer_makes_accumulation_equal_one_batch(strategy):
     # Two micro-batches with different valid counts, each normalised by the total count, sum to the
     # gradient of the whole batch's mean; a per-micro-batch mean would not.
