@@ -1,0 +1,120 @@
+"""FusedAdamW and Adam8bit: same updates as the reference, state dict round trip, clear errors."""
+
+import io
+
+import pytest
+import torch
+
+from chronicals.optimizers import Adam8bit, FusedAdamW, create_lora_plus_optimizer, create_optimizer
+
+
+def _params(device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in ((7, 5), (5,), (3, 11))]
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+
+
+def _saved_and_loaded(state_dict):
+    """The state dict after a trip through torch.save / torch.load, as a checkpoint takes it (a plain
+    load_state_dict of the live dict would share the moment tensors between the two optimizers)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _run(opt, params, steps, start=0):
+    for i in range(start, start + steps):
+        _grads(params, i)
+        opt.step()
+
+
+def test_fused_adamw_uses_the_fused_kernel_and_matches_adamw():
+    ours, ref = _params(), _params()
+    opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"] is True  # PyTorch has a fused AdamW for CPU tensors too
+    _run(opt, ours, 5)
+    _run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False), ref, 5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.01),
+    lambda ps: create_optimizer("adamw", ps, lr=1e-2, weight_decay=0.01),
+])
+def test_state_dict_round_trip_continues_identically(make):
+    params = _params()
+    opt = make(params)
+    _run(opt, params, 3)
+    state = _saved_and_loaded(opt.state_dict())
+    twin = [p.detach().clone().requires_grad_(True) for p in params]
+    opt_twin = make(twin)
+    opt_twin.load_state_dict(state)
+    _run(opt, params, 3, start=3)
+    _run(opt_twin, twin, 3, start=3)
+    for a, b in zip(params, twin):
+        assert torch.equal(a, b)
+
+
+def test_lora_plus_state_dict_round_trip_keeps_group_learning_rates():
+    from chronicals.lora import LoRAConfig, apply_lora
+    from chronicals.models import build_model
+
+    def make():
+        return apply_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), LoRAConfig(rank=2, alpha=4))
+
+    model, twin = make(), make()
+    opt = create_lora_plus_optimizer(model, base_lr=1e-3, lr_ratio=16)
+    ids = torch.randint(0, 512, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    twin.load_state_dict(model.state_dict())
+    opt_twin = create_lora_plus_optimizer(twin, base_lr=5.0, lr_ratio=2)  # overwritten by the load
+    opt_twin.load_state_dict(_saved_and_loaded(opt.state_dict()))
+    assert [g["lr"] for g in opt_twin.param_groups] == [g["lr"] for g in opt.param_groups]
+    for m in (model, twin):
+        m.zero_grad()
+        m(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt_twin.step()
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_bad_optimizer_inputs_fail_clearly():
+    with pytest.raises(ValueError, match="no fused AdamW for parameters on \\['meta'\\]"):
+        FusedAdamW([torch.zeros(2, device="meta", requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="got no parameters"):
+        FusedAdamW([])
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'.*adamw_fused"):
+        create_optimizer("lion", _params(), lr=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is present")
+def test_adam8bit_without_a_gpu_says_so():
+    with pytest.raises(RuntimeError, match="Adam8bit needs a CUDA GPU"):
+        Adam8bit(_params(), lr=1e-3)
+
+
+@pytest.mark.gpu
+def test_adam8bit_on_gpu_steps_and_round_trips():
+    pytest.importorskip("bitsandbytes")
+    params = [torch.randn(256, 512, device="cuda", requires_grad=True)]
+    opt = create_optimizer("adam8bit", params, lr=1e-3, weight_decay=0.01)
+    before = params[0].detach().clone()
+    _run(opt, params, 3)
+    assert not torch.equal(before, params[0])
+    twin = [params[0].detach().clone().requires_grad_(True)]
+    opt_twin = Adam8bit(twin, lr=1e-3, weight_decay=0.01)
+    opt_twin.load_state_dict(_saved_and_loaded(opt.state_dict()))
+    _run(opt, params, 2, start=3)
+    _run(opt_twin, twin, 2, start=3)
+    torch.testing.assert_close(params[0], twin[0])
+    with pytest.raises(ValueError, match="move the model to CUDA"):
+        Adam8bit(_params(), lr=1e-3)
