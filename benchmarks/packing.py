@@ -87,7 +87,7 @@ def available_backends(device) -> list[str]:
     names = ["sdpa_loop"]
     if device == "cuda":
         names = [b for b in ("flash_attn", "torch_varlen") if attention._installed(
-            "flash_attn" if b == "flash_attn" else "torch.nn.attention.varlen")] + names
+            "flash_attn" if b == "flash_attn" else "torch.nn.attention.varlen")] + ["cudnn_varlen"] + names
     return names
 
 
@@ -107,11 +107,20 @@ def check_attention(device, dtype, lengths) -> list[dict]:
     truth = run(lambda q, k, v: per_sequence_attention(q, k, v, lengths), torch.float64)
     native = run(lambda q, k, v: per_sequence_attention(q, k, v, lengths), dtype)
     rows = []
+    default = attention.select_backend(torch.device(device), dtype)
     for backend in available_backends(device):
-        ours = run(lambda q, k, v, b=backend: varlen_attention(q, k, v, layout_of(lengths, device), backend=b), dtype)
+        gate = backend == default  # the path models take gates the exit code; the others are information
+        try:
+            ours = run(lambda q, k, v, b=backend: varlen_attention(q, k, v, layout_of(lengths, device), backend=b),
+                       dtype)
+        except Exception as exc:
+            rows.append({"check": f"varlen {backend}", "error": float("nan"), "bound": float("nan"), "ok": False,
+                         "gate": gate, "reason": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
         for name, o, n, t in zip(("out", "dq", "dk", "dv"), ours, native, truth):
             e, bound = rel_err(o, t), 2 * rel_err(n, t) + SLACK[dtype]
-            rows.append({"check": f"varlen {backend} {name}", "error": e, "bound": bound, "ok": e <= bound})
+            rows.append({"check": f"varlen {backend} {name}", "error": e, "bound": bound, "ok": e <= bound,
+                         "gate": gate})
     return rows
 
 
@@ -191,12 +200,17 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
                                                   (qd, kd, vd), gd),
         "dense causal SDPA (K/V repeated)": fwd_bwd(lambda a, b, c: sdpa(a, b, c, is_causal=True), (qd, kdr, vdr), gd),
     }
+    # Which SDPA kernel the dense time comes from (FlashAttention-2 vs cuDNN): the varlen paths are FA2.
+    for kernel in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(torch.nn.attention.SDPBackend, kernel)
+        variants[f"dense causal SDPA ({kernel.lower()} only, K/V repeated)"] = fwd_bwd(
+            lambda a, b, c, be=backend: _with_sdpa_backend(be, sdpa, a, b, c), (qd, kdr, vdr), gd)
     for backend in available_backends(dev):
         if backend == "sdpa_loop" and quick:
             continue
         variants[f"packed {backend}"] = fwd_bwd(
             lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, k, v), grad)
-        if backend != "sdpa_loop":
+        if backend in ("torch_varlen", "flash_attn"):
             variants[f"packed {backend} (K/V repeated)"] = fwd_bwd(
                 lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, kr, vr), grad)
     results = []
@@ -209,6 +223,11 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
         if r.get("ms") and dense_ms:
             r["vs_dense"] = r["ms"] / dense_ms
     return results
+
+
+def _with_sdpa_backend(backend, sdpa, q, k, v):
+    with torch.nn.attention.sdpa_kernel(backend):
+        return sdpa(q, k, v, is_causal=True)
 
 
 def _timed(name, fn, bench_ms, quick) -> dict:
@@ -336,11 +355,14 @@ def print_table(res):
             print(f"  {r['variant']:<20} {r['tokens_per_s']:10.0f} tok/s  {r['step_ms']:8.1f} ms  "
                   f"({r['tokens_in_batch']} tokens in batch)  peak {r['peak_mem_alloc_gib']:.1f} GiB")
         print(f"  packed / padded real tokens/s: x{t['rows'][0]['speedup_vs_padded']:.2f}")
-    bad = [c for c in res["checks"] if not c["ok"]]
-    print(f"\ncorrectness: {len(res['checks']) - len(bad)}/{len(res['checks'])} checks ok; GQA facts: "
+    gated = [c for c in res["checks"] if c.get("gate", True)]
+    print(f"\ncorrectness: {sum(c['ok'] for c in gated)}/{len(gated)} checks ok; GQA facts: "
           f"{ {k: v for k, v in facts.items() if k != 'default_backend'} }")
-    for c in bad:
-        print(f"  FAILED {c['check']}: error {c['error']:.3e} > bound {c['bound']:.3e}")
+    for c in res["checks"]:
+        if not c["ok"]:
+            label = "FAILED" if c.get("gate", True) else "(not the default path) failed"
+            detail = c.get("reason") or f"error {c['error']:.3e} > bound {c['bound']:.3e}"
+            print(f"  {label} {c['check']}: {detail}")
 
 
 def main(argv=None):
@@ -380,7 +402,7 @@ def main(argv=None):
     (args.out / "packing.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out / 'packing.json'} in {res['provenance']['wall_s']} s")
     print_table(res)
-    return 0 if all(c["ok"] for c in res["checks"]) else 1
+    return 0 if all(c["ok"] for c in res["checks"] if c.get("gate", True)) else 1
 
 
 if __name__ == "__main__":
