@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs the GPU work on an H200 host in one call, stage by stage, each under its own time limit, so one failing
+# stage costs only itself. Results land in $OUT/res (JSON/JSONL per stage, a log per stage) and are packed into
+# $OUT/res.tgz (the device tool brings back few files). Usage, from the repo root:
+#   source .gpu-carry/unpack.sh; bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
+# Stages: tests, kernels, lce, packing, lora, trainer, full, lora-matrix, ablation, packing-matrix.
+set -uo pipefail
+quick=()
+[ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
+res="${OUT:-/tmp/out}/res"; mkdir -p "$res"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+pip_install() { python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD:${PYTHONPATH:-}"; }
+pip_install
+stage() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$res/$name.log" 2>&1
+  local rc=$?
+  printf '%-16s rc=%-4s %4ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$res/stages.txt"
+}
+for spec in "$@"; do
+  name=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=240
+  case $name in
+    tests) stage tests "$limit" env CHRONICALS_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -x \
+             -p no:cacheprovider tests/kernels tests/lora tests/models tests/test_attention.py tests/training ;;
+    kernels) stage kernels "$limit" python3 benchmarks/kernels.py --out "$res" "${quick[@]}" ;;
+    lce) stage lce "$limit" python3 benchmarks/linear_cross_entropy.py --out "$res" "${quick[@]}" ;;
+    packing) stage packing "$limit" python3 benchmarks/packing.py --out "$res" "${quick[@]}" ;;
+    lora) stage lora "$limit" python3 benchmarks/lora_step.py --out "$res" "${quick[@]}" ;;
+    trainer) stage trainer "$limit" python3 benchmarks/trainer.py --out "$res" "${quick[@]}" ;;
+    full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${quick[@]}" ;;
+    lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${quick[@]}" ;;
+    ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${quick[@]}" ;;
+    packing-matrix) stage packing-matrix "$limit" python3 -m harness bench --scenario scenarios/packing.toml --out "$res/packing.jsonl" "${quick[@]}" ;;
+    *) echo "unknown stage $name" | tee -a "$res/stages.txt" ;;
+  esac
+done
+tar czf "${OUT:-/tmp/out}/res.tgz" -C "$res" .
+cat "$res/stages.txt"
+for f in "$res"/*.log; do echo "== $f"; tail -n 6 "$f"; done
