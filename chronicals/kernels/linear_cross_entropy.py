@@ -410,6 +410,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     DEFAULT_STRATEGY, or "vocab" for reduction="none" and when no gradient is wanted. `chunk` None picks
     the strategy's default block (`default_vocab_chunk`, `default_row_chunk`).
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # As autocast would run the lm_head matmul: in its low-precision dtype (the casts stay on the
+        # autograd graph, so fp32 master weights still receive their gradient).
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
                   strategy, chunk)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

@@ -49,6 +49,8 @@ def make_inputs(n, d, v, dtype, seed, *, bias=False, ignore="some"):
     labels = torch.randint(0, v, (n,), generator=g)
     if ignore == "some":
         labels[torch.rand(n, generator=g) < 0.3] = IGNORE
+    elif ignore == "prefix":  # a masked prompt: the first half of the rows
+        labels[: n // 2] = IGNORE
     elif ignore == "all":
         labels[:] = IGNORE
     cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)
@@ -89,7 +91,7 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     chunk=st.sampled_from([7, 16, 33, None]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     reduction=st.sampled_from(["mean", "sum", "none"]),
-    ignore=st.sampled_from(["none", "some"]),
+    ignore=st.sampled_from(["none", "some", "prefix"]),
     bias=st.booleans(),
     softcap=st.sampled_from([None, 4.0]),
     z_loss_weight=st.sampled_from([0.0, 1e-2]),
@@ -194,6 +196,17 @@ def test_tied_weight_accumulates_both_gradients():
         fn(h, shared, None, labels).backward()
         grads.append(shared.grad.double())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_runs_in_its_dtype_and_reaches_fp32_weights():
+    hidden, weight, _, labels = make_inputs(10, 6, 23, torch.float32, 8)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(*leaves, labels, chunk=4)
+    loss.backward()
+    expected = fused_linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels, chunk=4)
+    assert loss.item() == expected.item()
+    assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("strategy", ["vocab", "rows"])
