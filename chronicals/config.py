@@ -104,6 +104,9 @@ class ChronicalsConfig:
     progress_bar: bool = True
     on_nonfinite: NonFinite = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that step
     device: Device = "auto"
+    # Intra-op threads on a CPU run (None: PyTorch's default). Tiny models train faster on 1: with more, the
+    # threads' synchronisation costs more than the split work saves.
+    cpu_threads: Union[int, None] = None
 
     # Several GPUs (launched with torchrun): "auto" is FSDP2 for a full fine-tune and DDP for LoRA; "none" is
     # only for one process. See docs/MULTI_GPU.md.
@@ -161,7 +164,7 @@ def demo_config(**changes) -> ChronicalsConfig:
         model="tiny-llama", tokenizer="default", dataset="default", max_seq_length=128, overflow="split",
         learning_rate=3e-3,
         batch_size=8, max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1, output_dir="outputs/demo",
-        logging_steps=10, mixed_precision="auto", use_sequence_packing=True,
+        logging_steps=10, mixed_precision="auto", use_sequence_packing=True, cpu_threads=1,
     )
     values.update(changes)
     return ChronicalsConfig(**values)
@@ -273,6 +276,7 @@ def _check_values(cfg: ChronicalsConfig) -> None:
     need(0.0 <= cfg.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
     need(cfg.lora_plus_ratio > 0, "lora_plus_ratio", "> 0")
     need(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "null or an integer >= 1")
+    need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "cpu_threads", "null or an integer >= 1")
     need(cfg.global_batch_size is None or cfg.global_batch_size >= 1, "global_batch_size",
          "null or an integer >= 1")
     need(bool(cfg.model.strip()), "model", "a preset name (e.g. 'tiny-llama'), a local path or a hub name")

@@ -61,6 +61,8 @@ class ChronicalsTrainer:
         self.tokenizer = tokenizer
         self.env = distributed.detect()
         self.device = distributed.device_for(self.env, config.device)
+        if self.device.type == "cpu" and config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         distributed.setup(self.env, self.device)
         self.amp_dtype = autocast_dtype(config, self.device)
         _seed_everything(config.seed)
