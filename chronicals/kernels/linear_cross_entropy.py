@@ -284,7 +284,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             denominator = 1.0
         needs = ctx.needs_input_grad[:3]
-        ctx.plan, ctx.reduction, ctx.denominator = plan, reduction, denominator
+        ctx.plan, ctx.denominator = plan, denominator
         if plan.strategy == "rows" and any(needs):
             # The loss is a scalar, so each row's gradient is known now up to the incoming scalar.
             row_grad = torch.where(valid, 1.0 / denominator, 0.0)
