@@ -116,7 +116,9 @@ class ChronicalsTrainer:
             (out / "config.yaml").write_text(cfg.to_yaml())
         logger = MetricsLogger(out, total_steps=total, initial_step=state["step"], logging_steps=cfg.logging_steps,
                                progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard, enabled=self.env.is_main)
-        logger.message(f"training {total} steps on {self.device} ({len(data.rows)} "
+        where = f"{self.env.world_size} processes ({self.strategy}, {self.device.type})" if self.env.enabled \
+            else str(self.device)
+        logger.message(f"training {total} steps on {where} ({len(data.rows)} "
                        f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
         result = TrainResult(steps=state["step"])
