@@ -68,7 +68,8 @@ def run_variant(name: str, settings: dict, *, steps: int, out_dir: Path, cuda: b
     try:
         cfg = ChronicalsConfig(**settings)
         tok = load_tokenizer(cfg)
-        model = load_model(cfg, tok)
+        with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: seconds, not a minute per 1B model
+            model = load_model(cfg, tok)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
