@@ -207,11 +207,12 @@ def time_ms(fn, h, w, y, quick):
     return bench_ms(call, warmup_ms=50 if quick else 100, rep_ms=250 if quick else 500)
 
 
-def run_shape(shape, dims, config_set, device, quick):
+def run_shape(shape, dims, config_set, device, quick, rows, save):
+    """Appends one row per implementation to `rows`, calling save() after each (a time limit that
+    stops the run keeps what is done)."""
     n, d, v = dims["n"], dims["d"], dims["v"]
     h, w, y = make_inputs(n, d, v, device)
     ref = reference(h, w, y)
-    rows = []
     eager_err = None
     for name, (variant, fn, executed) in implementations(config_set, device).items():
         row = {"shape": shape, **dims, "impl": name, "variant": variant, "status": "ok", "reason": ""}
@@ -244,7 +245,7 @@ def run_shape(shape, dims, config_set, device, quick):
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return rows
+            save()
 
 
 def summarize(rows):
@@ -330,23 +331,27 @@ def main(argv=None):
     shapes = SHAPES if device == "cuda" else TINY
     config_set = "tiny" if device != "cuda" else ("quick" if args.quick else "full")
     rows = []
-    for shape, dims in shapes.items():
-        rows += run_shape(shape, dims, config_set, device, args.quick)
-    summary = summarize(rows)
-    result = {
-        "conventions": {
-            "tflops_useful": "6*N*d*V / time (forward 2, backward 4)",
-            "tflops_executed": "FLOPs each implementation runs / time; ours 'vocab' 8*N*d*V (recompute)",
-            "peak_extra_mib": "max_memory_allocated during fwd+bwd - memory before - bytes of d(hidden), d(weight)",
-            "rel_err": "||x - ref|| / ||ref|| against fp32 (TF32 off); verified if <= eager bf16 error + 4e-3",
-        },
-        "rows": rows, "summary": summary,
-        "provenance": provenance() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)},
-    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "linear_cross_entropy.json").write_text(json.dumps(result, indent=1))
-    print_table(rows, summary)
-    print(f"\nwrote {args.out / 'linear_cross_entropy.json'} in {result['provenance']['wall_s']} s")
+    prov = provenance() | {"argv": sys.argv[1:]}
+
+    def save():
+        result = {
+            "conventions": {
+                "tflops_useful": "6*N*d*V / time (forward 2, backward 4)",
+                "tflops_executed": "FLOPs each implementation runs / time; ours 'vocab' 8*N*d*V (recompute)",
+                "peak_extra_mib": "max_memory_allocated during fwd+bwd - memory before - bytes of d(hidden), "
+                                  "d(weight)",
+                "rel_err": "||x - ref|| / ||ref|| against fp32 (TF32 off); verified if <= eager bf16 error + 4e-3",
+            },
+            "rows": rows, "summary": summarize(rows),
+            "provenance": prov | {"wall_s": round(time.time() - start, 1)},
+        }
+        (args.out / "linear_cross_entropy.json").write_text(json.dumps(result, indent=1))
+
+    for shape, dims in shapes.items():
+        run_shape(shape, dims, config_set, device, args.quick, rows, save)
+    print_table(rows, summarize(rows))
+    print(f"\nwrote {args.out / 'linear_cross_entropy.json'} in {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

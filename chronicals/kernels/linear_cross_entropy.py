@@ -346,8 +346,11 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         if reduction != "mean":
             raise ValueError(f"normalizer replaces the mean's denominator; it needs reduction='mean', "
                              f"got {reduction!r}")
-        if not isinstance(normalizer, torch.Tensor) and not normalizer > 0:
-            raise ValueError(f"normalizer must be a positive token count, got {normalizer!r}")
+        if not isinstance(normalizer, torch.Tensor) and not normalizer >= 0:
+            raise ValueError(f"normalizer must be a token count >= 0, got {normalizer!r}")
+        if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
+                             f"{tuple(normalizer.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if not z_loss_weight >= 0:
@@ -399,7 +402,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     `labels` are aligned with the rows of `hidden` (shift them before calling). Rows labelled
     `ignore_index` contribute nothing. `reduction="mean"` divides by the number of valid labels, or
     by `normalizer` (a number or 0-d tensor: the valid-token count over all gradient-accumulation
-    micro-batches) when given; an all-ignored batch gives 0. `softcap` applies cap·tanh(z/cap) to the
+    micro-batches; 0 counts as 1) when given; an all-ignored batch gives 0. `softcap` applies cap·tanh(z/cap) to the
     logits (Gemma); `z_loss_weight` adds w·lse² per valid row.
     Gradients flow to hidden, weight and bias; a frozen weight or a hidden without grad skips its matmul.
 
@@ -421,10 +424,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     plan = _make_plan(*hidden.shape, weight.shape[0], hidden.element_size(), reduction, softcap, z_loss_weight,
                       strategy, chunk, grad_wanted)
+    # A count of 0 means no valid label in any micro-batch, so the sum is 0 too: divide by 1, not 0.
     if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(device=hidden.device, dtype=torch.float32)
+        normalizer = normalizer.to(device=hidden.device, dtype=torch.float32).reshape(())
+        normalizer = torch.where(normalizer == 0, 1.0, normalizer)
     elif normalizer is not None:
-        normalizer = float(normalizer)
+        normalizer = float(normalizer) or 1.0
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.contiguous(),
         ignore_index, reduction, normalizer, plan,
