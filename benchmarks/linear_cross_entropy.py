@@ -130,19 +130,29 @@ def ours(strategy, chunk):
 
 
 def implementations(config_set, device):
-    """name -> (variant, callable or the reason it is unavailable, executed FLOPs per N·d·V)."""
-    impls = {"eager": ("logits materialized", eager, 6)}
-    if device == "cuda":
-        impls["torch_compile_chunked"] = (f"{COMPILE_CHUNKS} row chunks, grads in forward", compiled_chunked, 6)
+    """name -> (variant, callable or the reason it is unavailable, executed FLOPs per N·d·V), in run order:
+    eager first (its error sets the bound), then our defaults and the peers, then the sweep of ours."""
+    configs = OURS[config_set]
+    return ({"eager": ("logits materialized", eager, 6)} | ours_impls([c for c in configs if c[1] is None])
+            | peers(device) | ours_impls([c for c in configs if c[1] is not None]))
+
+
+def ours_impls(configs):
+    return {f"chronicals[{strategy}:{chunk or 'default'}]": (
+        f"strategy={strategy}, chunk={chunk}", ours(strategy, chunk), 8 if strategy == "vocab" else 6)
+        for strategy, chunk in configs}
+
+
+def peers(device):
+    impls = {}
     for name, make in (("liger", peer_liger), ("cce", lambda: peer_cce("cce")),
                        ("cce_exact", lambda: peer_cce("cce_exact"))):
         try:
             impls[name] = ("", make(), 6)
         except ImportError as exc:
             impls[name] = ("", f"not installed: {exc}", 6)
-    for strategy, chunk in OURS[config_set]:
-        impls[f"chronicals[{strategy}:{chunk or 'default'}]"] = (
-            f"strategy={strategy}, chunk={chunk}", ours(strategy, chunk), 8 if strategy == "vocab" else 6)
+    if device == "cuda":
+        impls["torch_compile_chunked"] = (f"{COMPILE_CHUNKS} row chunks, grads in forward", compiled_chunked, 6)
     return impls
 
 
