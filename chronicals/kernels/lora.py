@@ -35,6 +35,8 @@ the activations' dtype for the matmuls and their gradients are returned in their
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +72,16 @@ def _swiglu_backward_inplace_kernel(dh_ptr, e_ptr, g_ptr, n, BLOCK: tl.constexpr
     tl.store(dh_ptr + offs, h.to(dh_ptr.dtype.element_ty), mask=mask)
     tl.store(e_ptr + offs, de.to(e_ptr.dtype.element_ty), mask=mask)
     tl.store(g_ptr + offs, dg.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _autocast_off(method):
+    """Run a forward/backward with autocast off: its dtypes are chosen explicitly (fp32 where it says so)."""
+    @functools.wraps(method)
+    def wrapper(ctx, first, *args):
+        with torch.autocast(first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return wrapper
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -147,6 +159,7 @@ class _LoRAFanOut(torch.autograd.Function):
     """n LoRA projections of one input. Inputs: x, scales, then W_1..n, bias_1..n, A_1..n, B_1..n."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, scales, *params):
         n = len(scales)
         weights, biases = params[:n], params[n:2 * n]
@@ -162,6 +175,7 @@ class _LoRAFanOut(torch.autograd.Function):
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, *dys):
         n = len(ctx.scales)
         x, xa, a_cat, *rest = ctx.saved_tensors
@@ -178,6 +192,7 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
     down in turn: W, bias, A, B."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, scales, wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d):
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -193,6 +208,7 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         if getattr(ctx, "consumed", False):
             raise RuntimeError("the fused LoRA MLP backward overwrites its saved activations, so it runs once per "
@@ -222,6 +238,7 @@ class _DoRALinear(torch.autograd.Function):
     """One DoRA projection. Inputs: x, scale, W, bias, A, B, magnitude m [o]."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, scale, weight, bias, a, b, magnitude):
         dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -238,6 +255,7 @@ class _DoRALinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         x, xa, base, norm, mns, weight, a_, b = ctx.saved_tensors
         b_ = b.to(x.dtype)

@@ -8,7 +8,9 @@ PEFT's modules and parameter names stay in place (so saving stays PEFT's own for
   fused op without being rewritten;
 - every other adapted linear (o_proj, ...) runs the fused single-projection op, or DoRA's.
 Each call checks that the fused path applies now (dropout 0 or eval mode, one active unmerged adapter, frozen
-nn.Linear base in the input's dtype, no autocast) and otherwise runs PEFT's own forward.
+nn.Linear base in the compute dtype: the input's, or autocast's when autocast is on) and otherwise runs PEFT's
+own forward. Under autocast the input is cast to autocast's dtype and the op runs with autocast off, the same
+result F.linear would give.
 """
 
 from __future__ import annotations
@@ -26,8 +28,19 @@ MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 _SILU_NAMES = ("SiLU", "SiLUActivation")
 
 
-def _adapter(module: PeftLoraLinear, x: torch.Tensor, *, dora: bool = False):
-    """(weight, bias, A, B, scale[, magnitude]) when the fused path applies to `module` for input `x`, else None."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _run_fused(op, x: torch.Tensor, *args):
+    dt = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return op(x.to(dt), *args)
+
+
+def _adapter(module: PeftLoraLinear, dt: torch.dtype, *, dora: bool = False):
+    """(weight, bias, A, B, scale[, magnitude]) when the fused path applies to `module` computing in `dt`."""
     if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
@@ -38,11 +51,9 @@ def _adapter(module: PeftLoraLinear, x: torch.Tensor, *, dora: bool = False):
     if module.training and not isinstance(module.lora_dropout[name], nn.Identity):
         return None
     base = module.get_base_layer()
-    if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
+    if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != dt:
         return None
-    if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != x.dtype):
-        return None
-    if torch.is_autocast_enabled(x.device.type):
+    if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != dt):
         return None
     args = (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name])
     return (*args, module.lora_magnitude_vector[name].weight) if dora else args
@@ -54,12 +65,13 @@ def _plain(module: nn.Module, x, *args, **kwargs):
 
 def _linear_forward(self: PeftLoraLinear, x, *args, **kwargs):
     if not args and not kwargs:
-        params = _adapter(self, x)
+        dt = compute_dtype(x)
+        params = _adapter(self, dt)
         if params is not None:
-            return lora_projections(x, [params])[0]
-        params = _adapter(self, x, dora=True)
+            return _run_fused(lora_projections, x, [params])[0]
+        params = _adapter(self, dt, dora=True)
         if params is not None:
-            return dora_linear(x, *params)
+            return _run_fused(dora_linear, x, *params)
     return _plain(self, x, *args, **kwargs)
 
 
@@ -75,11 +87,11 @@ class SharedInputGroup:
         if hit is not None and hit[0] is x:
             return hit[1]
         module = self.modules[index]
-        params = None if (args or kwargs) else [_adapter(m, x) for m in self.modules]
+        params = None if (args or kwargs) else [_adapter(m, compute_dtype(x)) for m in self.modules]
         if params is None or any(p is None for p in params):
             self.pending.clear()
             return _linear_forward(module, x, *args, **kwargs)
-        outs = lora_projections(x, params)
+        outs = _run_fused(lora_projections, x, params)
         self.pending = {j: (x, out) for j, out in enumerate(outs) if j != index}
         return outs[index]
 
@@ -90,10 +102,10 @@ def _grouped_forward(self: PeftLoraLinear, x, *args, **kwargs):
 
 
 def _mlp_forward(self: nn.Module, x, *args, **kwargs):
-    params = None if (args or kwargs) else [_adapter(getattr(self, n), x) for n in MLP_PARTS]
+    params = None if (args or kwargs) else [_adapter(getattr(self, n), compute_dtype(x)) for n in MLP_PARTS]
     if params is None or any(p is None for p in params):
         return self._chronicals_unfused_forward(x, *args, **kwargs)
-    return lora_swiglu_mlp(x, *params)
+    return _run_fused(lora_swiglu_mlp, x, *params)
 
 
 def _set_forward(module: nn.Module, fn) -> None:

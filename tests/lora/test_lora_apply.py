@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 from lora_blocks import graph_names
+from oracle import assert_no_worse
 from peft import get_peft_model
+from test_lora_fused import BF16_GRAD_FACTOR, BF16_OUT_FACTOR
 
 from chronicals.lora import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, peft_config
 from chronicals.models import build_model
@@ -107,3 +109,27 @@ def test_bad_configs_fail_before_training_with_clear_errors():
     model = apply_lora(_tiny(), LoRAConfig(rank=4))
     with pytest.raises(ValueError, match="already carries LoRA adapters"):
         apply_lora(model.base_model.model, LoRAConfig(rank=4))
+
+
+def test_autocast_with_frozen_bf16_base_and_fp32_adapters_uses_the_fused_path():
+    # The trainer's setup: frozen weights cast to the compute dtype, adapters fp32, forward under autocast.
+    cfg = LoRAConfig(rank=4, alpha=8)
+    ours = apply_lora(_tiny(), cfg)
+    _randomize_b(ours)
+    native = get_peft_model(_tiny(), peft_config(cfg, task_type="CAUSAL_LM"))
+    native.load_state_dict(ours.state_dict())
+    ref = copy.deepcopy(native).double()
+    for model in (ours, native):
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {"_LoRASwiGLUMLPBackward", "_LoRAFanOutBackward"} <= graph_names(ours(input_ids=ids).logits)
+        logits, grads = _loss_and_grads(ours, ids)
+        nat_logits, nat_grads = _loss_and_grads(native, ids)
+    ref_logits, ref_grads = _loss_and_grads(ref, ids)
+    assert_no_worse("logits", logits, nat_logits, ref_logits, torch.bfloat16, factor=BF16_OUT_FACTOR)
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32
+        assert_no_worse(name, grads[name], nat_grads[name], ref_grads[name], torch.bfloat16, factor=BF16_GRAD_FACTOR)
