@@ -24,7 +24,6 @@ Two ways to cut the logits (`strategy`):
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +46,9 @@ MAX_BLOCK_V = 4096
 
 def default_vocab_chunk(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     """Vocabulary block width: wide enough that the per-block fp32 dH update (N·d) costs little
-    next to the block's logits traffic (N·chunk), i.e. chunk ≈ 4·d, in multiples of 256."""
-    chunk = max(1024, min(16384, 256 * math.ceil(4 * hidden_size / 256)))
-    return min(chunk, vocab_size)
+    next to the block's logits traffic (N·chunk), i.e. chunk ≥ 4·d, a power of two (whole program
+    steps of MAX_BLOCK_V columns), within [1024, 16384]."""
+    return min(max(1024, min(16384, next_power_of_2(4 * hidden_size))), vocab_size)
 
 
 @triton.jit
