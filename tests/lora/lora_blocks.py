@@ -5,12 +5,16 @@ and ours (base in the native dtype, adapters fp32 as apply_lora keeps them, fuse
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from chronicals.lora import install_fused
+
+# CHRONICALS_TEST_DEVICE=cuda runs these comparisons on the GPU (native Triton, cuBLAS); default CPU/interpreter.
+DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
 
 
 class MLP(nn.Module):
@@ -53,11 +57,11 @@ def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rs
     return model
 
 
-def three_precisions(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
+def three_precisions(model: nn.Module, dtype: torch.dtype, device: str = DEVICE):
     """(float64 reference, native-dtype PEFT path, ours) copies of an adapted block."""
-    ref = copy.deepcopy(model).double()
-    native = copy.deepcopy(model).to(dtype)
-    ours = copy.deepcopy(model).to(dtype)
+    ref = copy.deepcopy(model).double().to(device)
+    native = copy.deepcopy(model).to(dtype).to(device)
+    ours = copy.deepcopy(model).to(dtype).to(device)
     for name, p in ours.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -65,11 +69,11 @@ def three_precisions(model: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, n
     return ref, native, ours
 
 
-def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype):
+def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype, device: str = DEVICE):
     """Output, dX and every adapter gradient of `model` at input x (cast to `dtype`) and output grad dy."""
-    x = x.detach().to(dtype).requires_grad_(True)
+    x = x.detach().to(device, dtype).requires_grad_(True)
     y = model(x)
-    y.backward(dy.to(y.dtype))
+    y.backward(dy.to(device, y.dtype))
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return y, x.grad, grads
 

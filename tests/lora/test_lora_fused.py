@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_blocks import MLP, QKVO, adapted, graph_names, run, three_precisions
+from lora_blocks import DEVICE, MLP, QKVO, adapted, graph_names, run, three_precisions
 from oracle import assert_no_worse
 
 from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
@@ -19,23 +19,23 @@ BF16_OUT_FACTOR = 1.5
 BF16_GRAD_FACTOR = 3.0
 
 
-def _compare(model, x, dy, dtype, grad_fn_names):
-    ref, native, ours = three_precisions(model, dtype)
-    y_ref, dx_ref, g_ref = run(ref, x, dy, torch.float64)
-    y_nat, dx_nat, g_nat = run(native, x, dy, dtype)
-    y, dx, g = run(ours, x, dy, dtype)
+def _compare(model, x, dy, dtype, grad_fn_names, device=DEVICE):
+    ref, native, ours = three_precisions(model, dtype, device)
+    y_ref, dx_ref, g_ref = run(ref, x, dy, torch.float64, device)
+    y_nat, dx_nat, g_nat = run(native, x, dy, dtype, device)
+    y, dx, g = run(ours, x, dy, dtype, device)
     # The fused ops really ran (not PEFT's path): their backward nodes are in the graph.
-    names = graph_names(ours(x.to(dtype).requires_grad_(True)))
+    names = graph_names(ours(x.to(device, dtype).requires_grad_(True)))
     for name in grad_fn_names:
         assert name in names, f"{name} not in the autograd graph: {sorted(names)}"
     assert y.dtype == dtype
-    out_factor = BF16_OUT_FACTOR if dtype == torch.bfloat16 else 1.0
+    out_factor = BF16_OUT_FACTOR if dtype != torch.float32 else 1.0
     assert_no_worse("output", y, y_nat, y_ref, dtype, factor=out_factor)
     assert_no_worse("dX", dx, dx_nat, dx_ref, dtype, factor=out_factor)
     assert set(g) == set(g_ref)
     for name in g_ref:
         assert g[name].dtype == torch.float32, name  # adapters stay fp32, as apply_lora keeps them
-        factor = BF16_GRAD_FACTOR if dtype == torch.bfloat16 else 1.0
+        factor = BF16_GRAD_FACTOR if dtype != torch.float32 else 1.0
         assert_no_worse(f"d {name}", g[name], g_nat[name], g_ref[name], dtype, factor=factor)
 
 
@@ -61,6 +61,16 @@ def test_fused_qkv_and_o_match_peft(tokens, d, dq, dkv, rank, alpha, bias, dtype
     _compare(model, x, dy, dtype, ["_LoRAFanOutBackward"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_ops_on_gpu_at_model_like_sizes(dtype):
+    torch.manual_seed(0)
+    x, dy = torch.randn(2, 700, 256), torch.randn(2, 700, 256)
+    _compare(adapted(MLP(256, 688), 16, 16.0), x, dy, dtype, ["_LoRASwiGLUMLPBackward"], device="cuda")
+    _compare(adapted(QKVO(256, 256, 64, bias=True), 16, 32.0), x, dy, dtype, ["_LoRAFanOutBackward"],
+             device="cuda")
+
+
 def test_qkv_group_computes_once_and_hands_out_siblings():
     model = adapted(QKVO(16, 16, 8), 4, 8.0)
     _, _, ours = three_precisions(model, torch.float32)
@@ -75,7 +85,7 @@ def test_qkv_group_computes_once_and_hands_out_siblings():
 
     group.__class__.__call__ = spy
     try:
-        ours(torch.randn(5, 16))
+        ours(torch.randn(5, 16, device=DEVICE))
     finally:
         group.__class__.__call__ = original
     # q computes all three and leaves k and v pending; k and v take theirs; nothing is left behind.
@@ -85,7 +95,7 @@ def test_qkv_group_computes_once_and_hands_out_siblings():
 def test_fused_path_falls_back_when_adapters_are_disabled():
     model = adapted(MLP(12, 20), 4, 8.0)
     _, native, ours = three_precisions(model, torch.float32)
-    x = torch.randn(3, 12)
+    x = torch.randn(3, 12, device=DEVICE)
     for layer in (ours.gate_proj, ours.up_proj, ours.down_proj, native.gate_proj, native.up_proj, native.down_proj):
         layer.enable_adapters(False)
     names = graph_names(ours(x.requires_grad_(True)))
@@ -96,7 +106,7 @@ def test_fused_path_falls_back_when_adapters_are_disabled():
 def test_dropout_uses_peft_path_in_training_and_fused_path_in_eval():
     model = adapted(MLP(12, 20), 4, 8.0, dropout=0.5)
     _, native, ours = three_precisions(model, torch.float32)
-    x = torch.randn(3, 12, requires_grad=True)
+    x = torch.randn(3, 12, device=DEVICE, requires_grad=True)
     assert "_LoRASwiGLUMLPBackward" not in graph_names(ours.train()(x))
     assert "_LoRASwiGLUMLPBackward" in graph_names(ours.eval()(x))
     torch.testing.assert_close(ours(x), native.eval()(x))
@@ -123,7 +133,7 @@ def test_wrappers_reject_bad_inputs_with_clear_errors():
 def test_second_backward_through_fused_mlp_is_refused():
     model = adapted(MLP(8, 12), 2, 4.0)
     _, _, ours = three_precisions(model, torch.float32)
-    y = ours(torch.randn(3, 8, requires_grad=True)).sum()
+    y = ours(torch.randn(3, 8, device=DEVICE, requires_grad=True)).sum()
     y.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         y.backward()
