@@ -14,43 +14,52 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    ranks = dist_worker.spawn(2, root / "two")
-    (one,) = dist_worker.spawn(1, root / "one")
-    return ranks, one, root
+def test_two_gloo_processes(tmp_path):
+    # One test, so that the processes start once even when pytest-xdist spreads tests over workers; each check
+    # below is a function of its own and names what failed.
+    ranks = dist_worker.spawn(2, tmp_path / "two")
+    (one,) = dist_worker.spawn(1, tmp_path / "one")
+    runs = ranks, one, tmp_path
+    check_fsdp2_losses_match_one_process(runs)
+    check_fused_loss_sees_the_whole_lm_head_under_fsdp2(runs)
+    check_two_rank_checkpoint_resumes_to_the_same_loss(runs)
+    check_export_gathers_one_loadable_model(runs)
+    check_ddp_lora_with_accumulation_matches_one_process(runs)
+    check_fsdp2_lora_matches_and_exports_a_peft_adapter(runs)
+    check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path / "refused")
 
 
-def test_fsdp2_losses_match_one_process(runs):
+def check_fsdp2_losses_match_one_process(runs):
     ranks, one, _ = runs
-    two = ranks[0]["full"]
-    assert two["strategy"] == "fsdp2" and one["full"]["strategy"] == "none"
-    assert two["label_tokens"] == one["full"]["label_tokens"]  # the same global batches, split in two
-    assert two["losses"] == pytest.approx(one["full"]["losses"], rel=1e-4)
-    assert two["grad_norms"] == pytest.approx(one["full"]["grad_norms"], rel=1e-4)
-    assert ranks[1]["full"]["losses"] == two["losses"]  # logged values are reduced, so every rank agrees
+    for run in ("full", "untied"):
+        two = ranks[0][run]
+        assert two["strategy"] == "fsdp2" and one[run]["strategy"] == "none"
+        assert two["label_tokens"] == one[run]["label_tokens"]  # the same global batches, split in two
+        assert two["losses"] == pytest.approx(one[run]["losses"], rel=1e-4), run
+        assert two["grad_norms"] == pytest.approx(one[run]["grad_norms"], rel=1e-4), run
+        assert ranks[1][run]["losses"] == two["losses"]  # logged values are reduced, so every rank agrees
     assert one["full"]["losses"][0] != pytest.approx(one["full"]["losses"][-1], rel=1e-3)  # it did train
 
 
-def test_fused_loss_sees_the_whole_lm_head_under_fsdp2(runs):
+def check_fused_loss_sees_the_whole_lm_head_under_fsdp2(runs):
     ranks, _, _ = runs
     for rank in ranks:
-        seen = rank["full"]["lm_head_seen"]
-        assert seen, "the fused loss path never ran"
-        # [V, d] as a plain tensor: FSDP2 gathered the root unit (embedding + tied lm_head), not a [V/2, d] shard.
-        assert all(kind != "DTensor" and shape == [dist_worker.VOCAB, 32] for kind, shape in seen), seen
-        assert rank["full"]["sharded_in_forward"] == []
+        for run in ("full", "untied"):
+            seen = rank[run]["lm_head_seen"]
+            assert seen, "the fused loss path never ran"
+            # [V, d] as a plain tensor: FSDP2 gathered the root unit holding the lm_head, not a [V/2, d] shard.
+            assert all(kind != "DTensor" and shape == [dist_worker.VOCAB, 32] for kind, shape in seen), (run, seen)
+            assert rank[run]["sharded_in_forward"] == [], run
 
 
-def test_two_rank_checkpoint_resumes_to_the_same_loss(runs):
+def check_two_rank_checkpoint_resumes_to_the_same_loss(runs):
     ranks, _, _ = runs
     full, resumed = ranks[0]["full"], ranks[0]["resume"]
     assert len(resumed["losses"]) == 1  # only step 3 runs after checkpoint-2
     assert resumed["losses"][0] == pytest.approx(full["losses"][2], rel=1e-5)
 
 
-def test_export_gathers_one_loadable_model(runs):
+def check_export_gathers_one_loadable_model(runs):
     from transformers import AutoModelForCausalLM
 
     ranks, one, root = runs
@@ -62,14 +71,14 @@ def test_export_gathers_one_loadable_model(runs):
         torch.testing.assert_close(value, ref[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_ddp_lora_with_accumulation_matches_one_process(runs):
+def check_ddp_lora_with_accumulation_matches_one_process(runs):
     ranks, one, _ = runs
     assert ranks[0]["lora"]["strategy"] == "ddp"
     assert ranks[0]["lora"]["losses"] == pytest.approx(one["lora"]["losses"], rel=1e-4)
     assert ranks[0]["lora"]["grad_norms"] == pytest.approx(one["lora"]["grad_norms"], rel=1e-4)
 
 
-def test_fsdp2_lora_matches_and_exports_a_peft_adapter(runs):
+def check_fsdp2_lora_matches_and_exports_a_peft_adapter(runs):
     from peft import PeftModel
 
     ranks, one, _ = runs
@@ -86,7 +95,7 @@ def test_fsdp2_lora_matches_and_exports_a_peft_adapter(runs):
     assert any(v.abs().sum() > 0 for n, v in adapters.items() if "lora_B" in n)  # training moved the adapters
 
 
-def test_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path):
+def check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path):
     from chronicals.training import ChronicalsTrainer, SetupError
 
     ranks, _, root = runs
