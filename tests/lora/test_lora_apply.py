@@ -133,3 +133,26 @@ def test_autocast_with_frozen_bf16_base_and_fp32_adapters_uses_the_fused_path():
     for name in ref_grads:
         assert grads[name].dtype == torch.float32
         assert_no_worse(name, grads[name], nat_grads[name], ref_grads[name], torch.bfloat16, factor=BF16_GRAD_FACTOR)
+
+
+def test_composes_with_chronicals_apply_patches():
+    import chronicals
+
+    cfg = LoRAConfig(rank=4, alpha=8)
+    base = _tiny()
+    ref = get_peft_model(copy.deepcopy(base), peft_config(cfg, task_type="CAUSAL_LM"))
+    ours = apply_lora(chronicals.apply(base, packed_attention=False), cfg)
+    _randomize_b(ours)
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(2))
+    out = ours(input_ids=ids, labels=ids)
+    names = graph_names(out.loss)
+    # The fused LoRA MLP replaced the patched MLP forward; the patched attention got q/k/v from the fused op.
+    assert {"_LoRASwiGLUMLPBackward", "_LoRAFanOutBackward"} <= names
+    out.loss.backward()
+    expected = ref(input_ids=ids, labels=ids).loss
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
