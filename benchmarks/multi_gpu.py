@@ -198,10 +198,19 @@ def drive(args) -> int:
         runs.append(run)
     _verify_and_scale(runs)
     summary = {"model": args.model, "preset": preset, "loss_rtol": LOSS_RTOL, "nccl_env": NCCL_ENV,
+               "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "runs": [{k: v for k, v in r.items() if k != "steps"} for r in runs]}
     (out / f"multi_gpu_{args.model}.json").write_text(json.dumps(summary, indent=1))
     _print_table(args.model, runs)
     return 0 if all(r["status"] == "ok" and not r.get("failures") for r in runs) else 1
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _launch(cmd: list[str], timeout: int) -> str:
