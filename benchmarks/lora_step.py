@@ -229,15 +229,17 @@ def verify(rows: list[dict]) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Like-for-like pairs (same checkpointing choice): speedup (peer step time / ours) and memory ratio
+    (ours peak / peer peak; the target is speedup > 1 with a memory ratio <= 1)."""
     ok = {r["variant"]: r for r in rows if r.get("status") == "ok"}
     summary = {}
-    best_ours = min((ok[n] for n in ("ours", "ours_ckpt", "ours_lora_only") if n in ok),
-                    key=lambda r: r["step_ms"], default=None)
-    for peer in ("hf_peft", "unsloth", "unsloth_ckpt"):
-        if best_ours is not None and peer in ok:
-            summary[f"speedup_best_ours_vs_{peer}"] = ok[peer]["step_ms"] / best_ours["step_ms"]
-    if best_ours is not None:
-        summary["best_ours"] = best_ours["variant"]
+    for ours, peer in (("ours", "hf_peft"), ("ours", "unsloth"), ("ours_ckpt", "unsloth_ckpt"),
+                       ("ours_lora_only", "hf_peft")):
+        if ours in ok and peer in ok:
+            summary[f"speedup_{ours}_vs_{peer}"] = ok[peer]["step_ms"] / ok[ours]["step_ms"]
+            mine, theirs = ok[ours]["peak_mem_alloc_gib"], ok[peer]["peak_mem_alloc_gib"]
+            if mine and theirs:
+                summary[f"memory_ratio_{ours}_vs_{peer}"] = mine / theirs
     return summary
 
 
