@@ -4,8 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_blocks import MLP, QKVO, adapted
-from test_lora_fused import _compare
+from lora_blocks import MLP, QKVO, adapted, compare_with_peft
 
 from chronicals.kernels.lora import dora_linear
 
@@ -20,12 +19,12 @@ def test_fused_dora_matches_peft_dora(tokens, d, dq, dkv, rank, alpha, bias, rsl
     model = adapted(QKVO(d, dq, dkv, bias=bias), rank, alpha, dora=True, rslora=rslora, seed=seed)
     assert all("lora_magnitude_vector" in n for n, p in model.named_parameters() if p.ndim == 1 and p.requires_grad)
     x, dy = torch.randn(tokens, d), torch.randn(tokens, d)
-    _compare(model, x, dy, dtype, ["_DoRALinearBackward"])
+    compare_with_peft(model, x, dy, dtype, ["_DoRALinearBackward"])
 
 
 def test_dora_in_an_mlp_runs_per_projection():
     model = adapted(MLP(12, 20), 3, 6.0, dora=True)
-    _compare(model, torch.randn(2, 5, 12), torch.randn(2, 5, 12), torch.bfloat16, ["_DoRALinearBackward"])
+    compare_with_peft(model, torch.randn(2, 5, 12), torch.randn(2, 5, 12), torch.bfloat16, ["_DoRALinearBackward"])
 
 
 def test_dora_linear_rejects_a_magnitude_of_the_wrong_size():

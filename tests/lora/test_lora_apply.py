@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-from lora_blocks import graph_names
+from lora_blocks import BF16_GRAD_FACTOR, BF16_OUT_FACTOR, graph_names
 from oracle import assert_no_worse
 from peft import get_peft_model
-from test_lora_fused import BF16_GRAD_FACTOR, BF16_OUT_FACTOR
 
 from chronicals.lora import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, peft_config
 from chronicals.models import build_model
