@@ -129,6 +129,17 @@ def gradient_sync(forward_model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one small all-reduce; the flag itself on one process)."""
+    if not env.enabled:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """clip_grad_norm_ that also takes FSDP2's sharded gradients: the norm of DTensor shards is reduced over
     ranks into one plain tensor (the whole model's norm) before the gradients are scaled by it."""

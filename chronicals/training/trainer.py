@@ -137,6 +137,8 @@ class ChronicalsTrainer:
                             state["step_in_epoch"] = 0
                         logger.log(metrics)
                         result.losses.append(metrics["loss"])
+                        # Ctrl-C reaches the ranks at slightly different moments; all stop after the same step.
+                        self._stop_requested = parallel.any_rank(self._stop_requested, self.env, self.device)
                         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
                             self._save(state)
                         if state["step"] >= total or self._stop_requested:

@@ -8,6 +8,7 @@ global batch.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -123,12 +124,33 @@ def lora(out: Path, strategy: str = "auto") -> dict:
             "grad_norms": [r["grad_norm"] for r in metrics(out)], "final_model": result.final_model}
 
 
+def stop_on_one_rank(out: Path) -> dict:
+    """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
+    (a rank that went on alone would wait forever in the next step's collectives)."""
+    import torch.distributed as dist
+
+    from chronicals.training import ChronicalsTrainer
+
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=3))
+    step = trainer._train_step
+    last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+    def step_then_stop(micro_batches, index):
+        metrics = step(micro_batches, index)
+        trainer._stop_requested = trainer._stop_requested or (last and index == 1)
+        return metrics
+
+    trainer._train_step = step_then_stop
+    result = trainer.train(rows())
+    return {"steps": result.steps, "interrupted": result.interrupted, "checkpoint": result.checkpoint}
+
+
 def all_runs(root: Path) -> dict:
     # tiny-llama has an untied lm_head (as Llama-3.1-8B): its embedding is a unit of its own, the head stays in
     # the root.
     return {"full": full_fine_tune(root / "full"), "resume": resume(root / "full"),
             "untied": full_fine_tune(root / "untied", "tiny-llama"), "lora": lora(root / "lora"),
-            "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2")}
+            "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:
@@ -139,7 +161,9 @@ def _worker(rank: int, world_size: int, root: str) -> None:
     import torch.distributed as dist
 
     if world_size > 1:  # a file rendezvous: no port that another test could take between choosing and binding
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world_size)
+        # A collective that one rank never joins fails after a minute instead of hanging the test run.
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
     try:
         results = all_runs(Path(root) / "runs")
         (Path(root) / f"rank{rank}.json").write_text(json.dumps(results))

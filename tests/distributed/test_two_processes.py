@@ -27,6 +27,7 @@ def test_two_gloo_processes(tmp_path):
     check_ddp_lora_with_accumulation_matches_one_process(runs)
     check_fsdp2_lora_matches_and_exports_a_peft_adapter(runs)
     check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path / "refused")
+    check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs)
 
 
 def check_fsdp2_losses_match_one_process(runs):
@@ -104,3 +105,10 @@ def check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_p
                                 dist_worker.config(tmp_path, resume_from_checkpoint=str(checkpoint)))
     with pytest.raises(SetupError, match=r"saved by 2 process\(es\) but this run has 1.*nproc_per_node=2"):
         trainer.train(dist_worker.rows())
+
+
+def check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs):
+    ranks, _, _ = runs
+    for rank in ranks:
+        assert rank["stop"]["steps"] == 1 and rank["stop"]["interrupted"], rank["stop"]
+        assert rank["stop"]["checkpoint"].endswith("checkpoint-1")
