@@ -46,7 +46,10 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         from chronicals.kernels import fused_add_rmsnorm
 
         # summed = attn_out + residual becomes the next residual; normed = RMSNorm(summed) feeds the MLP.
-        residual, hidden_states = fused_add_rmsnorm(hidden_states, residual, norm.weight, norm.variance_epsilon)
+        # Under autocast with fp32 weights the residual stream is fp32 while attn_out is bf16: HF's `residual +
+        # attn_out` promotes to fp32, so the kernel gets attn_out in the residual's dtype to compute the same thing.
+        residual, hidden_states = fused_add_rmsnorm(hidden_states.to(residual.dtype), residual, norm.weight,
+                                                    norm.variance_epsilon)
     else:
         residual = residual + hidden_states
         hidden_states = norm(residual)
