@@ -88,8 +88,17 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or INTERPRET
 
 
+def _check_swiglu(**tensors) -> None:
+    first = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        if t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with the shape and dtype of the others "
+                             f"(got {tuple(t.shape)} {t.dtype}, contiguous={t.is_contiguous()})")
+
+
 def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """silu(e) * g, computed in fp32 and stored in e's dtype; e and g contiguous, same shape."""
+    _check_swiglu(e=e, g=g)
     if not _use_triton(e):
         return (torch.nn.functional.silu(e.float()) * g.float()).to(e.dtype)
     h = torch.empty_like(e)
@@ -100,6 +109,7 @@ def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
     """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers."""
+    _check_swiglu(dh=dh, e=e, g=g)
     if not _use_triton(e):
         ef, gf, dhf = e.float(), g.float(), dh.float()
         sig = torch.sigmoid(ef)

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from lora_blocks import DEVICE, MLP, QKVO, adapted, compare_with_peft, graph_names, three_precisions
+from oracle import assert_no_worse
 
 from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
 
@@ -109,3 +110,24 @@ def test_second_backward_through_fused_mlp_is_refused():
     y.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         y.backward()
+
+
+def test_swiglu_kernels_match_float64_and_reject_strided_buffers():
+    from chronicals.kernels.lora import swiglu_backward_inplace, swiglu_forward
+
+    torch.manual_seed(0)
+    e, g, dh = (torch.randn(3, 1500, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))  # > one block
+    e64, g64, dh64 = e.double(), g.double(), dh.double()
+    sig = torch.sigmoid(e64)
+    h_ref, dg_ref = e64 * sig * g64, dh64 * e64 * sig
+    de_ref = dh64 * g64 * sig * (1 + e64 * (1 - sig))
+    native_h = torch.nn.functional.silu(e) * g
+    assert_no_worse("h", swiglu_forward(e, g), native_h, h_ref, torch.bfloat16)
+    h, de, dg = swiglu_backward_inplace(dh.clone(), e.clone(), g.clone())
+    e_n, g_n = e.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    (torch.nn.functional.silu(e_n) * g_n).backward(dh)
+    assert_no_worse("h (backward)", h, native_h, h_ref, torch.bfloat16)
+    assert_no_worse("de", de, e_n.grad, de_ref, torch.bfloat16)
+    assert_no_worse("dg", dg, g_n.grad, dg_ref, torch.bfloat16)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        swiglu_forward(e.t(), g.t())
