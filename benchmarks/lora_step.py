@@ -166,6 +166,86 @@ def run_variant(variant: str, checkpoint: Path, device: str, warmup: int, steps:
     }
 
 
+def _time_forward_backward(block, x, cuda: bool) -> tuple[float, float | None]:
+    """Median ms of forward + backward (ones as output grads), and the peak memory it adds (GiB, CUDA only)."""
+    import torch
+
+    def fwd_bwd():
+        outs = block(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    for _ in range(3):
+        fwd_bwd()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(10 if cuda else 2):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fwd_bwd()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fwd_bwd()
+            times.append((time.perf_counter() - t0) * 1e3)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    return statistics.median(times), extra
+
+
+def layer_ops(device: str) -> list[dict]:
+    """One layer's LoRA MLP and q/k/v/o projections (the model's sizes, all tokens of the batch), forward +
+    backward, PEFT's eager path against our fused ops: time and the memory the pass adds (activations kept for
+    the backward plus transients). Same adapters (bf16 base, fp32 adapters as apply_lora keeps them)."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from chronicals.lora import install_fused
+    from chronicals.models import preset_config
+
+    s = shape(device)
+    cfg = preset_config(s["preset"])
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    n = s["batch"] * s["seq"]
+    cuda = device == "cuda"
+
+    class Projections(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(d, d, bias=False)
+
+        def forward(self, x):
+            return self.o_proj(self.q_proj(x)), self.k_proj(x), self.v_proj(x)
+
+    rows = []
+    for op, make in (("mlp", lambda: LlamaMLP(cfg)), ("qkvo", Projections)):
+        for impl in ("peft", "ours"):
+            torch.manual_seed(0)
+            block = make()
+            targets = [name for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+            block = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets), block)
+            for name, p in block.named_parameters():
+                p.data = p.data.to(device, torch.float32 if "lora_" in name else torch.bfloat16)
+                p.requires_grad_("lora_" in name)
+            if impl == "ours":
+                install_fused(block)
+            x = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+            ms, extra = _time_forward_backward(block, x, cuda)
+            rows.append({"op": op, "impl": impl, "tokens": n, "ms": ms, "peak_extra_gib": extra})
+            del block, x
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
 def child(args) -> None:
     try:
         row = {"status": "ok", **run_variant(args.variant, Path(args.checkpoint), args.device, args.warmup,
@@ -188,6 +268,8 @@ def parent(args) -> None:
     workdir = out / "lora_step_work"
     workdir.mkdir(exist_ok=True)
     checkpoint = make_checkpoint(workdir, device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the variants run in subprocesses: leave them the memory
     names = QUICK if args.quick else tuple(VARIANTS)
     warmup, steps = (2, 2) if device == "cpu" else ((3, 5) if args.quick else (4, 8))
     rows = []
@@ -213,9 +295,14 @@ def parent(args) -> None:
         print(f"{name}: {row.get('status')} {row.get('reason', '')[:300]}", flush=True)
     verify(rows)
     summary = summarize(rows)
+    try:
+        ops = layer_ops(device)
+    except Exception as e:  # the per-layer numbers are a diagnostic; the step table stands without them
+        ops = [{"status": "crashed", "reason": f"{type(e).__name__}: {e}"}]
     (out / "lora_step.json").write_text(json.dumps({"shape": shape(device), "rank": RANK, "alpha": ALPHA,
-                                                    "targets": TARGETS, "rows": rows, "summary": summary},
-                                                   indent=2))
+                                                    "targets": TARGETS, "rows": rows, "summary": summary,
+                                                    "layer_ops": ops}, indent=2))
+    print_ops(ops)
     print_table(rows, summary)
 
 
@@ -246,6 +333,16 @@ def summarize(rows: list[dict]) -> dict:
             if mine and theirs:
                 summary[f"memory_ratio_{ours}_vs_{peer}"] = mine / theirs
     return summary
+
+
+def print_ops(ops: list[dict]) -> None:
+    print("\none layer, forward + backward (PEFT eager vs our fused ops):")
+    for r in ops:
+        if "op" not in r:
+            print(f"  layer ops: {r['status']}: {r['reason'][:200]}")
+            continue
+        mem = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f} GiB"
+        print(f"  {r['op']:<5} {r['impl']:<5} {r['ms']:>8.2f} ms  +{mem}")
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
