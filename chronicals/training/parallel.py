@@ -20,7 +20,7 @@ from torch import nn
 from chronicals.config import ChronicalsConfig
 
 from .build import SetupError
-from .distributed import DistEnv
+from .distributed import DistEnv, barrier
 
 STRATEGIES = ("fsdp2", "ddp", "none")
 
@@ -127,6 +127,22 @@ def gradient_sync(forward_model: nn.Module, sync: bool):
     if not sync and isinstance(forward_model, DistributedDataParallel):
         return forward_model.no_sync()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def main_first(env: DistEnv):
+    """Rank 0 runs the block first (tokenizing and caching the data once), then the others, which find its cache
+    instead of repeating the work. Rank 0 releases them even when the block raises; they then meet the same error."""
+    if not env.enabled:
+        yield
+        return
+    if not env.is_main:
+        barrier(env)
+    try:
+        yield
+    finally:
+        if env.is_main:
+            barrier(env)
 
 
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:

@@ -88,7 +88,8 @@ class ChronicalsTrainer:
     # ---- the run ---------------------------------------------------------------------------------------------------
     def train(self, train_dataset) -> TrainResult:
         cfg = self.config
-        data = prepare_training_data(train_dataset, self.tokenizer, cfg)
+        with parallel.main_first(self.env):  # the other ranks then read rank 0's token cache
+            data = prepare_training_data(train_dataset, self.tokenizer, cfg)
         batch_size = parallel.micro_batch_size(cfg, self.env)
         try:
             plan = StepPlan(data.rows, data.collator, batch_size=batch_size, seed=cfg.seed, env=self.env,
