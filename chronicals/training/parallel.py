@@ -72,8 +72,7 @@ def micro_batch_size(cfg: ChronicalsConfig, env: DistEnv) -> int:
     return cfg.global_batch_size // per_step
 
 
-def wrap(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
-         compute_dtype: torch.dtype | None) -> nn.Module:
+def wrap(model: nn.Module, strategy: str, device: torch.device, compute_dtype: torch.dtype | None) -> nn.Module:
     """Apply `strategy` and return the module to call for the forward. FSDP2 changes `model` in place (its
     parameters become DTensor shards, so build the optimizer afterwards); DDP returns a wrapper around it."""
     if strategy == "none":
@@ -83,12 +82,12 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv, device: torch.device,
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if strategy == "fsdp2":
-        shard_fsdp2(model, env, compute_dtype)
+        shard_fsdp2(model, compute_dtype)
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r}; one of {STRATEGIES}")
 
 
-def shard_fsdp2(model: nn.Module, env: DistEnv, compute_dtype: torch.dtype | None) -> None:
+def shard_fsdp2(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
     fully_shard, MixedPrecisionPolicy = fully_shard_api()
     # Weights are gathered in the compute dtype; gradients are reduced in fp32 so that summing over ranks loses
     # nothing, and land on the fp32 master shards.

@@ -68,7 +68,7 @@ class ChronicalsTrainer:
         _seed_everything(config.seed)
         self.model = prepare_model(model, config, self.device)
         self.strategy = parallel.resolve_strategy(config, self.env)
-        self.forward_model = parallel.wrap(self.model, self.strategy, self.env, self.device, self.amp_dtype)
+        self.forward_model = parallel.wrap(self.model, self.strategy, self.device, self.amp_dtype)
         if config.use_torch_compile:
             self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(self.model, config)
