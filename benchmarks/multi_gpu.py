@@ -191,10 +191,14 @@ def drive(args) -> int:
         print(f"== {args.model} on {world} {'GPU' if args.device == 'cuda' else 'process'}(es): {' '.join(cmd)}",
               flush=True)
         status = _launch(cmd, args.timeout)
-        if status == "ok" and not path.is_file():
-            status = "no result file"
-        run = json.loads(path.read_text()) if path.is_file() else {"world_size": world}
-        run["status"] = status
+        if path.is_file():
+            # Rank 0 writes the file once every step ran and every rank's numbers are in: the measurement is
+            # complete even when the processes then fail or hang while shutting down (recorded as "exit").
+            run = {**json.loads(path.read_text()), "status": "ok"}
+            if status != "ok":
+                run["exit"] = status
+        else:
+            run = {"world_size": world, "status": "no result file" if status == "ok" else status}
         runs.append(run)
     _verify_and_scale(runs)
     summary = {"model": args.model, "preset": preset, "loss_rtol": LOSS_RTOL, "nccl_env": NCCL_ENV,
@@ -215,7 +219,9 @@ def _commit() -> str | None:
 
 def _launch(cmd: list[str], timeout: int) -> str:
     """Run one torchrun in its own process group, so that a timeout stops its workers too (they hold GPUs)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **NCCL_ENV}, start_new_session=True)
+    # Autotuning results are kept on disk, so the runs after the first skip re-benchmarking the kernels' configs.
+    env = {"TRITON_CACHE_AUTOTUNING": "1", **os.environ, **NCCL_ENV}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -270,6 +276,8 @@ def _print_table(model: str, runs: list[dict]) -> None:
             continue
         steps = r["steps"]
         verdict = "verified" if not r["failures"] else "FAILED: " + "; ".join(r["failures"])
+        if "exit" in r:
+            verdict += f" (then, shutting down: {r['exit']})"
         print(f"{r['world_size']:>4} {r['strategy']:>8} {r['median_step_ms']:>9.1f} "
               f"{r['tokens_per_s_per_gpu']:>10.0f} {100 * r['scaling_efficiency']:>7.1f}% "
               f"{max(r['peak_mem_gib_per_gpu']):>14.2f} {steps[0]['loss']:>8.4f}->{steps[-1]['loss']:<8.4f}  "
