@@ -3,10 +3,14 @@
 # stage costs only itself. Results land in $OUT/res (JSON/JSONL per stage, a log per stage) and are packed into
 # $OUT/res.tgz (the device tool brings back few files). Usage, from the repo root:
 #   source .gpu-carry/unpack.sh; bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
+#   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
 # Stages: tests, kernels, lce, packing, lora, trainer, full, lora-matrix, ablation, packing-matrix.
 set -uo pipefail
 quick=()
 [ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
+# ONLY=backend,... limits the scenario matrices to those backends (the reference always runs).
+matrix=("${quick[@]}")
+[ -n "${ONLY:-}" ] && matrix+=(--only "$ONLY")
 res="${OUT:-/tmp/out}/res"; mkdir -p "$res"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 pip_install() { python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD:${PYTHONPATH:-}"; }
@@ -28,10 +32,10 @@ for spec in "$@"; do
     packing) stage packing "$limit" python3 benchmarks/packing.py --out "$res" "${quick[@]}" ;;
     lora) stage lora "$limit" python3 benchmarks/lora_step.py --out "$res" "${quick[@]}" ;;
     trainer) stage trainer "$limit" python3 benchmarks/trainer.py --out "$res" "${quick[@]}" ;;
-    full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${quick[@]}" ;;
-    lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${quick[@]}" ;;
-    ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${quick[@]}" ;;
-    packing-matrix) stage packing-matrix "$limit" python3 -m harness bench --scenario scenarios/packing.toml --out "$res/packing.jsonl" "${quick[@]}" ;;
+    full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
+    lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
+    ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${matrix[@]}" ;;
+    packing-matrix) stage packing-matrix "$limit" python3 -m harness bench --scenario scenarios/packing.toml --out "$res/packing.jsonl" "${matrix[@]}" ;;
     *) echo "unknown stage $name" | tee -a "$res/stages.txt" ;;
   esac
 done
