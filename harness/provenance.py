@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -21,7 +22,10 @@ def versions() -> dict[str, str | None]:
 
 
 def commit() -> str | None:
-    """HEAD's hash, with '-dirty' when tracked files differ from it."""
+    """HEAD's hash, with '-dirty' when tracked files differ from it. A copy without .git (the GPU host gets the
+    working tree, not the repository) names its commit in CHRONICALS_COMMIT, as scripts/h200.sh's caller sets it."""
+    if os.environ.get("CHRONICALS_COMMIT"):
+        return os.environ["CHRONICALS_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -2,7 +2,8 @@
 # Runs the GPU work on an H200 host in one call, stage by stage, each under its own time limit, so one failing
 # stage costs only itself. Results land in $OUT/res (JSON/JSONL per stage, a log per stage) and are packed into
 # $OUT/res.tgz (the device tool brings back few files). Usage, from the repo root:
-#   source .gpu-carry/unpack.sh; bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
+#   source .gpu-carry/unpack.sh; CHRONICALS_COMMIT=<hash of the tree sent> bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
+# (the host gets a copy of the working tree without .git, so the result rows learn their commit from that variable)
 #   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
 # Stages: tests, kernels, lce, packing, lora, trainer, full, lora-matrix, ablation, packing-matrix.
 set -uo pipefail
