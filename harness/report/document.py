@@ -78,7 +78,9 @@ def write(path: Path, rows: list[Row], sources: list[Path], sections: list[Secti
     settings = _scenario_settings(rows, scenario_dir)
     if settings:
         parts.append("### Scenario settings\n\nAs in each `scenarios/<name>.toml`: model, batch shape, steps and "
-                     "`train.warmup` (the warm-up steps left out of every speed number).\n\n" + settings)
+                     "`train.warmup` (the warm-up steps left out of every speed number); a run made with "
+                     "`bench --quick` records fewer steps than the file's `train.steps`, as the second column shows."
+                     "\n\n" + settings)
     parts.append("## Results\n")
     for s in sections:
         parts.append(f"### {s.title}\n")
@@ -153,8 +155,14 @@ def _scenario_settings(rows: list[Row], scenario_dir: Path) -> str | None:
             continue
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        body.append([name, ", ".join(_settings(data))])
-    return markdown(["scenario", "settings"], body) if body else None
+        body.append([name, _steps_recorded(rows, name), ", ".join(_settings(data))])
+    return markdown(["scenario", "steps recorded per run", "settings"], body) if body else None
+
+
+def _steps_recorded(rows: list[Row], scenario: str) -> str:
+    """Steps each run actually logged (warm-up included): fewer than the file's train.steps after `bench --quick`."""
+    steps = [r.step for r in rows if r.scenario == scenario and r.metric == "loss" and r.step is not None]
+    return str(max(steps) + 1) if steps else "-"
 
 
 def _settings(data: dict, prefix: str = "") -> list[str]:

@@ -69,12 +69,29 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
     overview = figures.speedup_overview(rows)
     if overview is not None:
         written.extend(style.save(overview, fig_dir, "speedup_overview"))
-    failures = tables.failures_table(rows)
+    failures = tables.failures_table(rows, _not_run(rows, scenario_dir))
     if failures is not None:
         written.append(_write(table_dir / "failures.md", failures))
     report = out / "REPORT.md"
     document.write(report, rows, _sources(results), sections, headline, overview is not None, failures, scenario_dir)
     return [*written, report]
+
+
+def _not_run(rows, scenario_dir: Path) -> list[tuple[str, str, str]]:
+    """Runs that a scenario file names but that left no row, in file order (scenario, variant, backend)."""
+    from harness import scenario as scenario_file
+
+    done = {r.run for r in rows}
+    missing = []
+    for name in scenarios(rows):
+        recorded = next(r.provenance.get("scenario_file") for r in rows if r.scenario == name)
+        path = next((p for p in (Path(recorded or ""), scenario_dir / f"{name}.toml") if p.is_file()), None)
+        if path is None:
+            continue
+        for run in scenario_file.load(path).runs:
+            if (name, run.variant, run.backend) not in done:
+                missing.append((name, run.variant, run.backend))
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:

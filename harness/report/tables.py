@@ -96,15 +96,18 @@ def loss_table(rows: list[Row], scenario: str) -> str | None:
     return markdown(header, body)
 
 
-def failures_table(rows: list[Row]) -> str | None:
-    """Every run that did not finish ok, once, with the reason the runner gave."""
+def failures_table(rows: list[Row], not_run: list[tuple[str, str, str]] = ()) -> str | None:
+    """Every run that did not finish ok, once, with the reason the runner gave; then every run its scenario file
+    names that left no row at all (`not_run`, as (scenario, variant, backend)): a bench stopped before it ended."""
     seen: dict[tuple, Row] = {}
     for r in rows:
         if not r.ok:
             seen.setdefault((*r.run, r.status, r.reason), r)
-    if not seen:
-        return None
     body = [[r.scenario, r.variant, r.backend, r.status, r.reason or "(no reason recorded)"] for r in seen.values()]
+    body += [[sc, v, b, "not run", "the scenario names this run but the results hold no row of it (the bench was "
+              "stopped before it finished)"] for sc, v, b in not_run]
+    if not body:
+        return None
     return markdown(["scenario", "variant", "backend", "status", "reason"], body)
 
 

@@ -14,6 +14,7 @@ from harness.report.render import render  # noqa: E402
 from harness.report.rows import latest, load  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "fixtures" / "results"
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("h200-full", "h200-lora", "ablation", "packing")
 FIGURES = (
     [f"{kind}_{sc}" for kind in ("throughput", "memory", "mfu") for sc in SCENARIOS]
@@ -117,7 +118,25 @@ def test_report_quotes_the_scenario_files_settings(tmp_path):
     (tmp_path / "packing.toml").write_text('device = "cuda"\nbackends = ["torch", "chronicals"]\n'
                                             '[train]\nwarmup = 5\nsteps = 25\n[[variants]]\nbackend = "chronicals"\n')
     text = _scenario_settings(load(RESULTS / "packing.jsonl"), tmp_path)
-    assert "| packing | device=cuda, backends=[torch, chronicals], train.warmup=5, train.steps=25 |" in text
+    assert "| packing | - | device=cuda, backends=[torch, chronicals], train.warmup=5, train.steps=25 |" in text
+    smoke = load(RESULTS.parent / "smoke-cpu.jsonl")
+    steps = {r.step for r in smoke if r.metric == "loss"}
+    assert f"| smoke-cpu | {max(steps) + 1} | description=" in _scenario_settings(smoke, ROOT / "scenarios")
+
+
+def test_runs_the_scenario_names_but_that_left_no_row_are_listed_as_not_run(tmp_path):
+    from harness.report.render import _not_run
+
+    rows = [r for r in load(RESULTS.parent / "smoke-cpu.jsonl")]
+    names = sorted({(r.backend, r.variant) for r in rows})
+    dropped = names[-1]
+    kept = [r for r in rows if (r.backend, r.variant) != dropped]
+    recorded = rows[0].provenance.get("scenario_file")
+    assert _not_run(rows, ROOT / "scenarios") == []
+    missing = _not_run(kept, ROOT / "scenarios")
+    assert missing == [("smoke-cpu", dropped[1], dropped[0])], (recorded, missing)
+    table = tables.failures_table(kept, missing)
+    assert f"| smoke-cpu | {dropped[1]} | {dropped[0]} | not run |" in table
 
 
 def test_a_rerun_replaces_the_whole_earlier_run(tmp_path):
