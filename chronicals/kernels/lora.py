@@ -111,12 +111,14 @@ def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
     """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers."""
     _check_swiglu(dh=dh, e=e, g=g)
     if not _use_triton(e):
+        # .float() of an fp32 tensor is that tensor itself: every result is formed before any buffer is written.
         ef, gf, dhf = e.float(), g.float(), dh.float()
         sig = torch.sigmoid(ef)
         silu = ef * sig
-        dh.copy_(silu * gf)
-        g.copy_(dhf * silu)
-        e.copy_(dhf * gf * sig * (1.0 + ef * (1.0 - sig)))
+        h, dg, de = silu * gf, dhf * silu, dhf * gf * sig * (1.0 + ef * (1.0 - sig))
+        dh.copy_(h)
+        g.copy_(dg)
+        e.copy_(de)
         return dh, e, g
     n = e.numel()
     _swiglu_backward_inplace_kernel[(triton.cdiv(n, _BLOCK),)](dh, e, g, n, BLOCK=_BLOCK)
