@@ -36,8 +36,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this directory would come first on sys.path and its kernels.py would shadow the `kernels`
-# package that transformers probes for (and that file turns on TRITON_INTERPRET without a GPU).
+# Run as a script, this directory would come first on sys.path, where a module could shadow a package of the same
+# name that transformers probes for (benchmarks/kernels.py once shadowed `kernels`): import from the root only.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder would be first on sys.path and benchmarks/kernels.py would shadow the `kernels`
-# package that transformers imports (and that file sets TRITON_INTERPRET on a CPU): import from the root only.
+# Run as a script, this folder would be first on sys.path, where a module could shadow a package of the same name
+# that transformers imports (benchmarks/kernels.py once shadowed `kernels`): import from the repository root only.
 sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

@@ -28,7 +28,7 @@ for spec in "$@"; do
   case $name in
     tests) stage tests "$limit" env CHRONICALS_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu python3 -m pytest -q -x \
              -p no:cacheprovider tests/kernels tests/lora tests/models tests/test_attention.py tests/training ;;
-    kernels) stage kernels "$limit" python3 benchmarks/kernels.py --out "$res" "${quick[@]}" ;;
+    kernels) stage kernels "$limit" python3 benchmarks/kernel_ops.py --out "$res" "${quick[@]}" ;;
     lce) stage lce "$limit" python3 benchmarks/linear_cross_entropy.py --out "$res" "${quick[@]}" ;;
     packing) stage packing "$limit" python3 benchmarks/packing.py --out "$res" "${quick[@]}" ;;
     lora) stage lora "$limit" python3 benchmarks/lora_step.py --out "$res" "${quick[@]}" ;;

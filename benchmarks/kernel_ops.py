@@ -1,7 +1,7 @@
 """GPU benchmark of the RMSNorm, fused add + RMSNorm, SwiGLU and QK-RoPE kernels against PyTorch eager,
 torch.compile and Liger-Kernel, at Llama-3-8B and Qwen2.5-0.5B shapes (16384 tokens, bf16).
 
-    python3 benchmarks/kernels.py --out DIR [--quick]
+    python3 benchmarks/kernel_ops.py --out DIR [--quick]
 
 Per (model, op): every implementation is first checked against a float64 reference (relative
 error of each output and gradient; ours must be no worse than eager PyTorch's own error plus the
