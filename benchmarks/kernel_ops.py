@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ if not torch.cuda.is_available():
 
 from benchmarks._timing import bench_graph_ms, bench_ms, copy_bandwidth_gbs, l2_bytes  # noqa: E402
 from chronicals.kernels import fused_add_rmsnorm, fused_qk_rope, fused_rmsnorm, fused_swiglu  # noqa: E402
+from harness.provenance import snapshot  # noqa: E402
 
 MODELS = {
     "llama-3-8b": dict(tokens=16384, hidden=4096, inter=14336, n_q=32, n_k=8, head_dim=128, eps=1e-5),
@@ -243,31 +243,6 @@ def time_impl(fn, sets, grad_idx, quick):
     return out
 
 
-def _provenance():
-    prov = {"torch": torch.__version__, "python": sys.version.split()[0],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import triton
-
-        prov["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        from importlib.metadata import version
-
-        prov["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        prov["liger_kernel"] = None
-    if torch.cuda.is_available():
-        prov["gpu"] = torch.cuda.get_device_name()
-    try:
-        prov["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        timeout=10).stdout.strip()
-    except Exception:
-        prov["commit"] = None
-    return prov
-
-
 def run(models, dtype, device, quick, ops):
     rows, checks = [], []
     copy_gbs = copy_bandwidth_gbs() if device == "cuda" else None
@@ -391,7 +366,7 @@ def main(argv=None):
         models = TINY
     start = time.time()
     res = run(models, dtype, device, args.quick, ops)
-    res["provenance"] = _provenance() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
+    res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
     print_table(res)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from chronicals.kernels import linear_cross_entropy as lce  # noqa: E402
+from harness.provenance import snapshot  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": dict(n=16384, d=896, v=151936),
@@ -291,25 +291,6 @@ def summarize(rows):
     return summary
 
 
-def provenance():
-    from importlib.metadata import PackageNotFoundError, version
-
-    prov = {"torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for pkg in ("triton", "liger-kernel", "cut-cross-entropy"):
-        try:
-            prov[pkg] = version(pkg)
-        except PackageNotFoundError:
-            prov[pkg] = None
-    if torch.cuda.is_available():
-        prov["gpu"] = torch.cuda.get_device_name()
-    try:
-        prov["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        prov["commit"] = None
-    return prov
-
-
 def print_table(rows, summary):
     print(f"\n{'shape':<13} {'impl':<26} {'status':<10} {'ms':>8} {'TF/s use':>8} {'TF/s exe':>8} "
           f"{'extra MiB':>10} {'err dH':>8} {'err dW':>8}")
@@ -342,7 +323,7 @@ def main(argv=None):
     config_set = "tiny" if device != "cuda" else ("quick" if args.quick else "full")
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    prov = provenance() | {"argv": sys.argv[1:]}
+    prov = snapshot() | {"argv": sys.argv[1:]}
 
     def save():
         result = {

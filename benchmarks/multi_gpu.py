@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from harness.provenance import commit, now  # noqa: E402
+
 # NCCL's NVLink multicast (NVLS) stays off on the shared H200 hosts; children inherit these.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(NCCL_ENV)
@@ -202,19 +204,11 @@ def drive(args) -> int:
         runs.append(run)
     _verify_and_scale(runs)
     summary = {"model": args.model, "preset": preset, "loss_rtol": LOSS_RTOL, "nccl_env": NCCL_ENV,
-               "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "commit": commit(), "time": now(),
                "runs": [{k: v for k, v in r.items() if k != "steps"} for r in runs]}
     (out / f"multi_gpu_{args.model}.json").write_text(json.dumps(summary, indent=1))
     _print_table(args.model, runs)
     return 0 if all(r["status"] == "ok" and not r.get("failures") for r in runs) else 1
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _launch(cmd: list[str], timeout: int) -> str:

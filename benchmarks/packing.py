@@ -24,7 +24,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import chronicals  # noqa: E402
 from chronicals import attention  # noqa: E402
 from chronicals.attention import PackedLayout, varlen_attention  # noqa: E402
 from chronicals.models import build_model  # noqa: E402
+from harness.provenance import snapshot  # noqa: E402
 
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}  # as tests/oracle.py
 HEADS = (14, 2, 64)  # Qwen2.5-0.5B: q heads, kv heads, head dim
@@ -318,19 +318,6 @@ def time_training(lengths, quick, preset="qwen2.5-0.5b", device="cuda") -> tuple
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def provenance() -> dict:
-    import transformers
-
-    prov = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if torch.cuda.is_available():
-        prov["gpu"] = torch.cuda.get_device_name()
-    try:
-        prov["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        timeout=10).stdout.strip()
-    except Exception:
-        prov["commit"] = None
-    return prov
 
 
 def print_table(res):
@@ -397,7 +384,7 @@ def main(argv=None):
         res["checks"] += train_checks
         res["training"] = {"sequences": len(train_lengths), "min_len": min(train_lengths),
                            "max_len": max(train_lengths), "lengths": train_lengths, "rows": train_rows}
-    res["provenance"] = provenance() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
+    res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "packing.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out / 'packing.json'} in {res['provenance']['wall_s']} s")

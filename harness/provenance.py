@@ -8,7 +8,8 @@ import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 
-PACKAGES = ("torch", "transformers", "triton", "peft", "liger-kernel", "unsloth", "unsloth_zoo", "chronicals")
+PACKAGES = ("torch", "transformers", "triton", "peft", "liger-kernel", "unsloth", "unsloth_zoo", "cut-cross-entropy",
+            "chronicals")
 
 
 def versions() -> dict[str, str | None]:
@@ -62,3 +63,11 @@ def device_info(device: str) -> dict:
         except (OSError, subprocess.SubprocessError):
             pass
     return info
+
+
+def snapshot() -> dict:
+    """Everything above in one dict, for the benchmark scripts' JSON (the GPU's when CUDA is there)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"versions": versions(), "commit": commit(), "time": now(), **device_info(device)}

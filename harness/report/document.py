@@ -13,7 +13,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 from .figures import is_ablation, is_packing, reference_run
-from .rows import Row, measured, scenarios
+from .rows import Row, measured, scenario_file, scenarios
 from .style import label
 from .tables import markdown
 
@@ -145,12 +145,10 @@ def _provenance(rows: list[Row]) -> str:
 
 
 def _scenario_settings(rows: list[Row], scenario_dir: Path) -> str | None:
-    """The settings of each scenario file: the one the runner recorded in the provenance when it is here, else
-    <scenario_dir>/<name>.toml."""
+    """The settings of each scenario's file (`rows.scenario_file` says which file that is)."""
     body = []
     for name in scenarios(rows):
-        recorded = next(r.provenance.get("scenario_file") for r in rows if r.scenario == name)
-        path = next((p for p in (Path(recorded or ""), scenario_dir / f"{name}.toml") if p.is_file()), None)
+        path = scenario_file(rows, name, scenario_dir)
         if path is None:
             continue
         with open(path, "rb") as f:

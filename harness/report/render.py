@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import document, figures, style, tables
-from .rows import ResultsError, latest, load, scenarios
+from .rows import ResultsError, latest, load, scenario_file, scenarios
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADINGS = {
@@ -79,16 +79,15 @@ def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenario
 
 def _not_run(rows, scenario_dir: Path) -> list[tuple[str, str, str]]:
     """Runs that a scenario file names but that left no row, in file order (scenario, variant, backend)."""
-    from harness import scenario as scenario_file
+    from harness import scenario
 
     done = {r.run for r in rows}
     missing = []
     for name in scenarios(rows):
-        recorded = next(r.provenance.get("scenario_file") for r in rows if r.scenario == name)
-        path = next((p for p in (Path(recorded or ""), scenario_dir / f"{name}.toml") if p.is_file()), None)
+        path = scenario_file(rows, name, scenario_dir)
         if path is None:
             continue
-        for run in scenario_file.load(path).runs:
+        for run in scenario.load(path).runs:
             if (name, run.variant, run.backend) not in done:
                 missing.append((name, run.variant, run.backend))
     return missing

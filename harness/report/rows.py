@@ -88,6 +88,13 @@ def scenarios(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(r.scenario for r in rows))
 
 
+def scenario_file(rows: list[Row], name: str, scenario_dir: Path) -> Path | None:
+    """Scenario `name`'s TOML: the file the runner recorded in the provenance when it is here, else
+    <scenario_dir>/<name>.toml; None when neither exists."""
+    recorded = next(r.provenance.get("scenario_file") for r in rows if r.scenario == name)
+    return next((p for p in (Path(recorded or ""), scenario_dir / f"{name}.toml") if p.is_file()), None)
+
+
 def variants(rows: list[Row]) -> list[str]:
     """Variant names in order of first appearance (the order the scenario lists them)."""
     return list(dict.fromkeys(r.variant for r in rows))
