@@ -47,6 +47,7 @@ plt.rcParams.update(
         "axes.grid.axis": "y",
         "grid.alpha": 0.3,
         "svg.fonttype": "none",  # text stays text in SVG
+        "svg.hashsalt": "chronicals",  # stable element ids: re-rendering the same rows gives the same SVG
     }
 )
 
@@ -101,6 +102,8 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
     fig.tight_layout()
     for path in paths:
-        fig.savefig(path, bbox_inches="tight")
+        # No creation date in the files, so a re-render of unchanged results leaves reports/ unchanged in git.
+        metadata = {"Date": None} if path.suffix == ".svg" else {"Software": None}
+        fig.savefig(path, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return paths
