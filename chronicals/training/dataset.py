@@ -32,6 +32,19 @@ def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> Pre
         raise DataError(f"training data {what}: {message}") from e
 
 
+def check_token_ids(rows, model, tokenizer) -> None:
+    """Every token id must index the model's embedding: one that does not would fail deep inside the first forward
+    (an IndexError on CPU, a device-side assert on CUDA), so say here which sizes disagree."""
+    rows_of_embedding = model.get_input_embeddings().num_embeddings
+    top = max((max(r["input_ids"]) for r in rows if len(r["input_ids"])), default=-1)
+    if top >= rows_of_embedding:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else top + 1
+        raise DataError(
+            f"the data holds token id {top} but the model's embedding has only {rows_of_embedding} rows: the "
+            f"tokenizer ({size} tokens) does not match the model; use the model's own tokenizer, or build "
+            f"the model with vocab_size={size} (config field model_kwargs.vocab_size for a preset)")
+
+
 def _is_tokenized(source: Any) -> bool:
     columns = getattr(source, "column_names", None)
     if isinstance(columns, list):  # a datasets.Dataset

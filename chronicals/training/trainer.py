@@ -31,7 +31,7 @@ from chronicals.config import ChronicalsConfig
 from . import checkpoint, dist_checkpoint, distributed, export, parallel
 from .batches import StepPlan
 from .build import autocast_dtype, build_optimizer, prepare_model
-from .dataset import DataError, prepare_training_data
+from .dataset import DataError, check_token_ids, prepare_training_data
 from .flops import attention_flops, matmul_params, peak_flops
 from .logger import MetricsLogger
 from .offload import OffloadActivations
@@ -90,6 +90,7 @@ class ChronicalsTrainer:
         cfg = self.config
         with parallel.main_first(self.env):  # the other ranks then read rank 0's token cache
             data = prepare_training_data(train_dataset, self.tokenizer, cfg)
+        check_token_ids(data.rows, self.model, self.tokenizer)
         batch_size = parallel.micro_batch_size(cfg, self.env)
         try:
             plan = StepPlan(data.rows, data.collator, batch_size=batch_size, seed=cfg.seed, env=self.env,

@@ -104,3 +104,9 @@ def test_trainer_rejects_wrong_argument_types(tmp_path):
 def test_gpu_only_features_are_refused_clearly_on_cpu(tmp_path, changes, match):
     with pytest.raises(SetupError, match=match):
         ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
+
+
+def test_token_ids_beyond_the_models_embedding(tmp_path, tok):
+    vocab = tiny_model().get_input_embeddings().num_embeddings
+    data = [{"input_ids": [3, 4, vocab, 5]}, {"input_ids": [3, 4, 5]}]
+    _fails_before_training(tmp_path, data, tok, f"token id {vocab} but the model's embedding has only {vocab} rows")
