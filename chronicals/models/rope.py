@@ -45,8 +45,16 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
         self, query, key, value, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
-        sliding_window=getattr(self, "sliding_window", None),
+        sliding_window=_sliding_window(self),
         **kwargs,
     )
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
+
+
+def _sliding_window(attention) -> int | None:
+    """Qwen2/Qwen3 set the window per layer on the module (None on full-attention layers); Mistral's attention reads
+    it from its config; Llama has none. HF's SDPA path applies it through the mask, the varlen path through this."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)

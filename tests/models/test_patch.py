@@ -208,3 +208,14 @@ def test_gradient_checkpointing_keeps_the_patched_forwards(no_kernels):
     reference, patched = pair("tiny-qwen2")
     patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert_same_training_step(reference, patched)
+
+
+@pytest.mark.parametrize("name, window", [("tiny-mistral", dict(sliding_window=4)),
+                                          ("tiny-qwen2", dict(sliding_window=4, use_sliding_window=True,
+                                                              max_window_layers=1))])
+def test_sliding_window_shorter_than_the_sequence_is_kept(name, window, no_kernels):
+    # HF's SDPA path applies the window through its mask; the patched attention (rope + varlen) must pass it on
+    # itself: Mistral keeps it in its config, Qwen2 on each sliding layer's module.
+    reference = build_model(name, seed=0, **window).to(DEVICE)
+    patched = chronicals.apply(build_model(name, seed=0, **window).to(DEVICE))
+    assert_same_training_step(reference, patched, shape=(2, 11))
