@@ -1,0 +1,220 @@
+"""Where one training step's GPU time goes, and what the speed levers buy: one model shape, several variants of
+the Chronicals step, each timed and (optionally) profiled by kernel.
+
+    python3 benchmarks/step_profile.py --out DIR [--variants a,b,...] [--profile a,b,...] [--steps N]
+
+The step is the harness loop's (harness/loop.py): forward with labels, backward, gradient clipping, fused AdamW,
+zero_grad(set_to_none), on random token ids (batch x seq_len, every token a label). Each variant builds a fresh
+model from the preset (same seed), times `--steps` steps with CUDA events after 3 warm-up steps (compiled variants
+get more warm-up) and reports the median and p20/p80 step time, tokens/s, the peak allocated memory and the
+first loss (variants must agree: they compute the same function). A profiled variant also gets torch.profiler's
+per-kernel GPU time over 2 steps, grouped into matmul / attention / our Triton kernels / Inductor kernels /
+optimizer / other, and the GPU-busy fraction of the step (idle time is host overhead or synchronisation).
+
+Variants (names for --variants): see VARIANTS below. Writes DIR/step_profile.json after every variant (a crash
+loses nothing measured) and prints a summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+import chronicals  # noqa: E402
+from chronicals.kernels import linear_cross_entropy as lce  # noqa: E402
+from chronicals.models.presets import build_model  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = dict(rms_norm=True, swiglu=True, rope=True, linear_cross_entropy=True, packed_attention=True)
+LCE_ONLY = dict(ALL, rms_norm=False, swiglu=False, rope=False)
+
+# name -> (mode, apply flags, options). Options: compile_layers (torch.compile each decoder layer in place),
+# row_chunk (the fused cross-entropy's row block), peft (LoRA through PEFT instead of chronicals.lora).
+VARIANTS = {
+    "full": ("full", ALL, {}),
+    "full_chunk1024": ("full", ALL, {"row_chunk": 1024}),
+    "full_chunk2048": ("full", ALL, {"row_chunk": 2048}),
+    "full_compile_layers": ("full", ALL, {"compile_layers": True}),
+    "full_hf_layers_compiled_lce": ("full", LCE_ONLY, {"compile_layers": True}),
+    "full_unpatched": ("full", {k: False for k in ALL}, {}),
+    "lora": ("lora", ALL, {}),
+    "lora_compile_layers": ("lora", ALL, {"compile_layers": True}),
+    "lora_unfused": ("lora", ALL, {"fused_lora": False}),
+}
+
+
+def build(preset: str, mode: str, flags: dict, options: dict, seed: int):
+    torch.manual_seed(seed)
+    model = build_model(preset, dtype=torch.bfloat16, seed=seed).to("cuda").train()
+    model.config.use_cache = False
+    model = chronicals.apply(model, **flags)
+    if mode == "lora":
+        from chronicals.lora import LoRAConfig, apply_lora
+
+        torch.manual_seed(seed)
+        model = apply_lora(model, LoRAConfig(rank=16, alpha=16.0, target_modules=LORA_TARGETS,
+                                             fused=options.get("fused_lora", True)))
+    if options.get("compile_layers"):
+        for layer in model.model.layers:
+            layer.compile()
+    return model
+
+
+def make_step(model, params, batch):
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+CATEGORIES = [
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|sm90_|sm100_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|attn", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
+    ("inductor", re.compile(r"^triton_")),
+    ("triton_ours", re.compile(r"^_")),
+]
+
+
+def categorise(name: str) -> str:
+    return next((cat for cat, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def profile(step, steps: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kernels: dict[str, dict] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = getattr(event, "self_cuda_time_total", 0)
+        if us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        entry = kernels.setdefault(event.key, {"ms": 0.0, "calls": 0})
+        entry["ms"] += us / 1e3 / steps
+        entry["calls"] += event.count // steps
+    by_category: dict[str, float] = {}
+    for name, entry in kernels.items():
+        by_category[categorise(name)] = by_category.get(categorise(name), 0.0) + entry["ms"]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:40]
+    busy = sum(e["ms"] for e in kernels.values())
+    return {"wall_ms_per_step": wall_ms, "gpu_busy_ms_per_step": busy,
+            "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": name[:160], "category": categorise(name), **entry} for name, entry in top]}
+
+
+def run_variant(name: str, args) -> dict:
+    mode, flags, options = VARIANTS[name]
+    if "row_chunk" in options:
+        lce.DEFAULT_ROW_CHUNK = options["row_chunk"]
+    preset = args.lora_model if mode == "lora" else args.full_model
+    row = {"variant": name, "mode": mode, "model": preset, "flags": flags, "options": options,
+           "batch": args.batch, "seq_len": args.seq_len}
+    t_build = time.perf_counter()
+    model = build(preset, mode, flags, options, args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=g).cuda()
+    step = make_step(model, params, {"input_ids": ids, "labels": ids})
+    warmup = 8 if options.get("compile_layers") else 3
+    first_loss = float(step().detach())
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    row["build_and_warmup_s"] = time.perf_counter() - t_build
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    q = statistics.quantiles(times, n=10)
+    median = statistics.median(times)
+    row.update(first_loss=first_loss, step_ms=median, p20_ms=q[1], p80_ms=q[7],
+               tokens_per_s=args.batch * args.seq_len / median * 1e3,
+               peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if name in args.profile:
+        row["profile"] = profile(step)
+    lce.DEFAULT_ROW_CHUNK = DEFAULT_ROW_CHUNK
+    del model, params, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+DEFAULT_ROW_CHUNK = lce.DEFAULT_ROW_CHUNK
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", default="full,full_compile_layers,lora")
+    parser.add_argument("--profile", default="full,lora")
+    parser.add_argument("--full-model", default="qwen2.5-0.5b")
+    parser.add_argument("--lora-model", default="llama-3.2-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("step_profile.py times CUDA kernels; it needs a CUDA GPU")
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    args.profile = set(args.profile.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        try:
+            row = run_variant(name, args)
+        except Exception as exc:  # one failed variant is recorded; the rest still run
+            row = {"variant": name, "status": "crashed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                   "traceback": traceback.format_exc()[-4000:]}
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(row)
+        (args.out / "step_profile.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("profile", "traceback")}), flush=True)
+    print(f"\n{'variant':32} {'ms':>8} {'tok/s':>10} {'GiB':>6} {'loss':>8}")
+    for row in rows:
+        if "step_ms" in row:
+            print(f"{row['variant']:32} {row['step_ms']:8.1f} {row['tokens_per_s']:10.0f} "
+                  f"{row['peak_alloc_gib']:6.1f} {row['first_loss']:8.4f}")
+        else:
+            print(f"{row['variant']:32} {row.get('status')}: {row.get('error', '')[:80]}")
+
+
+if __name__ == "__main__":
+    main()
