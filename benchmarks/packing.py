@@ -87,7 +87,7 @@ def available_backends(device) -> list[str]:
     names = ["sdpa_loop"]
     if device == "cuda":
         names = [b for b in ("flash_attn", "torch_varlen") if attention._installed(
-            "flash_attn" if b == "flash_attn" else "torch.nn.attention.varlen")] + ["cudnn_varlen"] + names
+            "flash_attn" if b == "flash_attn" else "torch.nn.attention.varlen")] + names
     return names
 
 

@@ -8,7 +8,6 @@ boundary; no [tokens, tokens] mask is ever built (memory O(tokens)).
 Backends, fastest first (`select_backend`): flash-attn's `flash_attn_varlen_func`, PyTorch's
 `torch.nn.attention.varlen.varlen_attn` (both FlashAttention over [tokens, heads, dim], CUDA half
 precision), and a loop of per-sequence SDPA calls that runs anywhere (the CPU path, and any dtype).
-`cudnn_varlen` (cuDNN's ragged attention) is selectable by name for measurement, not chosen by default.
 
 Registered with transformers as attn_implementation "chronicals_varlen": batches without `cu_seq_lens_q`
 (padded batches, generation) take HF's SDPA path unchanged.
@@ -167,37 +166,6 @@ def _torch_varlen_gqa_native(device: torch.device) -> bool:
                for a, b in zip((native, *grads_native), (repeated, *grads_repeated)))
 
 
-class _CudnnVarlen(torch.autograd.Function):
-    """cuDNN's fused attention over packed sequences through ATen's ragged (cum_seq) entry points: causal, equal
-    q and kv head counts. Not chosen by default (upstream torch leaves this path off in varlen_attn); the
-    benchmark measures it and checks it against float64 on the GPU."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_length, scale):
-        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu_seqlens, cu_seqlens, max_length, max_length, True, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu_seqlens)
-        ctx.max_length, ctx.scale = max_length, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        m = ctx.max_length
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, seed, offset, q.new_empty(0), cu, cu, m, m, 0.0, True,
-            scale=ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
-def _cudnn_varlen(q, k, v, layout, scale, left):
-    if left != -1:
-        raise ValueError("the cudnn_varlen backend has no sliding window; use torch_varlen or flash_attn")
-    n_rep = q.shape[1] // k.shape[1]  # repeated K/V: autograd sums their gradients back per kv head
-    return _CudnnVarlen.apply(q, _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), layout.cu_seqlens, layout.max_length,
-                              scale)
-
-
 def _sdpa_loop(q, k, v, layout, scale, left):
     n_rep = q.shape[1] // k.shape[1]
     bounds = layout.cu_seqlens.tolist()
@@ -217,8 +185,7 @@ def _sdpa_loop(q, k, v, layout, scale, left):
     return torch.cat(outs)
 
 
-BACKENDS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "cudnn_varlen": _cudnn_varlen,
-            "sdpa_loop": _sdpa_loop}
+BACKENDS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa_loop": _sdpa_loop}
 
 
 @cache

@@ -314,7 +314,7 @@ def test_several_packed_rows():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch_varlen", "cudnn_varlen"])
+@pytest.mark.parametrize("backend", ["torch_varlen"])
 def test_gpu_backends_match_float64_reference(backend):
     lengths, (hq, hkv, d), dtype = [33, 1, 300, 129, 64], (14, 2, 64), torch.bfloat16
     gen = torch.Generator().manual_seed(0)

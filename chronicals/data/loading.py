@@ -28,8 +28,9 @@ def load_rows(source: Any, split: str = "train") -> LoadedRows:
     `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), or a list of dicts."""
     if isinstance(source, (str, Path)):
         return _load_path(source, split)
-    import datasets
-
+    datasets = _datasets_module()
+    if datasets is None:  # then `source` cannot be a datasets object: only a list of dicts remains
+        return _from_list(source)
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise KeyError(f"split={split!r} is not in the DatasetDict; it has {sorted(source)}")
@@ -41,6 +42,19 @@ def load_rows(source: Any, split: str = "train") -> LoadedRows:
         )
     if isinstance(source, datasets.Dataset):
         return LoadedRows(source, list(source.column_names), f"hf:{source._fingerprint}", "datasets.Dataset")
+    return _from_list(source)
+
+
+def _datasets_module():
+    """The `datasets` package, or None where it is not installed (lists and JSONL/Parquet files do without it)."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
+
+
+def _from_list(source: Any) -> LoadedRows:
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         for index, row in enumerate(source):
             if not isinstance(row, Mapping):
@@ -68,19 +82,22 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
             raise ValueError(f"dataset file {path} has suffix {suffix!r}; use .jsonl/.json/.ndjson or .parquet")
         columns = list(rows[0]) if rows else []
         return LoadedRows(rows, columns, f"file:{_file_digest(path)}", str(path))
-    import datasets
-
+    hub_name = isinstance(source, str) and not path.suffix and not source.startswith((".", "/", "~"))
+    if not path.is_dir() and not hub_name:
+        raise FileNotFoundError(f"dataset path {path} does not exist")
+    datasets = _datasets_module()
+    if datasets is None:
+        raise ImportError(f"dataset {source!r} is a saved-dataset directory or a hub name, which needs the `datasets` "
+                          "package: pip install datasets (or pass a .jsonl/.parquet file or a list of dicts)")
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-    elif isinstance(source, str) and not path.suffix and not source.startswith((".", "/", "~")):
+    else:
         try:
             loaded = datasets.load_dataset(source, split=split)
         except Exception as e:  # the hub is unreachable, or the name is wrong: say which source failed
             raise FileNotFoundError(
                 f"dataset {source!r} is not a local file or directory, and loading it as a hub dataset failed: {e}"
             ) from e
-    else:
-        raise FileNotFoundError(f"dataset path {path} does not exist")
     return load_rows(loaded, split)
 
 

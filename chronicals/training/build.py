@@ -170,7 +170,7 @@ def build_optimizer(model: nn.Module, cfg: ChronicalsConfig) -> torch.optim.Opti
         ]
         return create_optimizer(name, [g for g in groups if g["params"]], lr=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, **kwargs)
-    except (RuntimeError, ImportError) as e:
+    except (RuntimeError, ImportError, ValueError) as e:  # Adam8bit: no GPU, no bitsandbytes, parameters off the GPU
         if not cfg.use_8bit_optimizer:
             raise
         raise SetupError(f"config field 'use_8bit_optimizer' is true but 8-bit Adam cannot run here: {e}") from e

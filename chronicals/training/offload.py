@@ -42,6 +42,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, model: nn.Module, *, device: torch.device, min_bytes: int = 1 << 20, prefetch: int = 2):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # tensors report cuda:N, and torch.device("cuda") != cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.min_bytes = min_bytes if self.cuda else 0
         self.prefetch = prefetch
         self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}

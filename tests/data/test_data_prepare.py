@@ -121,3 +121,17 @@ def test_truncation_is_warned_and_padded_path_needs_a_pad_token(tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prepare_dataset(rows[1:], no_pad, use_cache=False).rows  # packing needs no pad token
+
+
+def test_lists_and_files_load_without_the_datasets_package(tmp_path, monkeypatch):
+    from chronicals.data import loading
+
+    monkeypatch.setattr(loading, "_datasets_module", lambda: None)
+    assert loading.load_rows([{"text": "a"}, {"text": "b"}]).columns == ["text"]
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a"}\n')
+    assert len(loading.load_rows(path).rows) == 1
+    with pytest.raises(ImportError, match="needs the `datasets` package"):
+        loading.load_rows("some-org/some-dataset")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        loading.load_rows(tmp_path / "missing.jsonl")
