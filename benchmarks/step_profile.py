@@ -9,7 +9,8 @@ model from the preset (same seed), times `--steps` steps with CUDA events after 
 get more warm-up) and reports the median and p20/p80 step time, tokens/s, the peak allocated memory and the
 first loss (variants must agree: they compute the same function). A profiled variant also gets torch.profiler's
 per-kernel GPU time over 2 steps, grouped into matmul / attention / our Triton kernels / Inductor kernels /
-optimizer / other, and the GPU-busy fraction of the step (idle time is host overhead or synchronisation).
+optimizer / other, and the GPU's idle time between kernels with the largest gaps and the kernels around them
+(idle time is host launch overhead or synchronisation).
 
 Variants (names for --variants): see VARIANTS below. Writes DIR/step_profile.json after every variant (a crash
 loses nothing measured) and prints a summary table last.
@@ -115,11 +116,17 @@ def profile(step, steps: int = 2) -> dict:
         us = getattr(event, "self_device_time_total", None)
         if us is None:
             us = getattr(event, "self_cuda_time_total", 0)
-        if us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+        cuda = event.device_type == torch.autograd.DeviceType.CUDA
+        if us <= 0 or not cuda or getattr(event, "is_user_annotation", False):
             continue
         entry = kernels.setdefault(event.key, {"ms": 0.0, "calls": 0})
         entry["ms"] += us / 1e3 / steps
         entry["calls"] += event.count // steps
+    kernel_spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                          if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+                          and not getattr(e, "is_user_annotation", False))
+    gaps = [(nxt[0] - prev[1], prev[2], nxt[2]) for prev, nxt in zip(kernel_spans, kernel_spans[1:])
+            if nxt[0] > prev[1]]
     by_category: dict[str, float] = {}
     for name, entry in kernels.items():
         by_category[categorise(name)] = by_category.get(categorise(name), 0.0) + entry["ms"]
@@ -127,7 +134,43 @@ def profile(step, steps: int = 2) -> dict:
     busy = sum(e["ms"] for e in kernels.values())
     return {"wall_ms_per_step": wall_ms, "gpu_busy_ms_per_step": busy,
             "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"name": name[:160], "category": categorise(name), **entry} for name, entry in top]}
+            "top_kernels": [{"name": name[:160], "category": categorise(name), **entry} for name, entry in top],
+            # GPU idle between consecutive kernels (host launch overhead, synchronisation), the largest first
+            "idle_ms_per_step": sum(g for g, _, _ in gaps) / 1e3 / steps,
+            "largest_gaps": [{"us": g, "after": a[:100], "before": b[:100]} for g, a, b in sorted(gaps)[::-1][:25]]}
+
+
+def attention_backends(batch: int, seq_len: int, q_heads: int = 14, kv_heads: int = 2, head_dim: int = 64) -> list:
+    """Causal SDPA forward + backward at the full-fine-tuning shape under each SDPA backend (GQA native, and K/V
+    repeated as HF does where the backend has no GQA): which attention the patched model should ask for."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks._timing import bench_ms
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, q_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    grad = torch.randn_like(q)
+    rows = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for gqa in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+            def step(leaves=leaves, gqa=gqa, backend=backend):
+                qq, kk, vv = leaves
+                if not gqa:
+                    kk, vv = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (kk, vv))
+                with sdpa_kernel(backend):
+                    out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
+                                                                           enable_gqa=gqa)
+                torch.autograd.grad(out, leaves, grad)
+
+            try:
+                rows.append({"backend": backend.name, "gqa_native": gqa, **bench_ms(step)})
+            except RuntimeError as exc:
+                rows.append({"backend": backend.name, "gqa_native": gqa, "error": str(exc)[:200]})
+    return rows
 
 
 def run_variant(name: str, args) -> dict:
@@ -186,6 +229,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", action="store_true", help="also time causal SDPA under each backend")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("step_profile.py times CUDA kernels; it needs a CUDA GPU")
@@ -195,6 +239,10 @@ def main():
         sys.exit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     args.profile = set(args.profile.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.attention:
+        attention = attention_backends(args.batch, args.seq_len)
+        (args.out / "attention_backends.json").write_text(json.dumps(attention, indent=1))
+        print(json.dumps(attention), flush=True)
     rows = []
     for name in names:
         try:
