@@ -11,9 +11,9 @@ One program handles POS_PER_PROG token positions; for each it reads the cos/sin 
 rotates all q heads and all k heads (GQA: their counts differ). Memory-bound: per position of
 b-byte elements it reads and writes (Hq + Hkv) * D * b and reads 2 * D cos/sin elements.
 q and k are taken through their strides, so the [B, H, S, D] views that HF attention makes with
-view(B, S, H, D).transpose(1, 2) need no copy. cos/sin are HF's per-position [B or 1, S, D]
-output, or a [max_pos, D] table indexed by position_ids [B or 1, S] (packed batches restart
-positions per sequence). cos/sin get no gradient (HF computes them without one).
+view(B, S, H, D).transpose(1, 2) need no copy, nor do the views of a fused q/k/v projection's output.
+cos/sin are HF's per-position [B or 1, S, D] output, or a [max_pos, D] table indexed by position_ids
+[B or 1, S] (packed batches restart positions per sequence). cos/sin get no gradient (HF computes them without one).
 """
 
 from __future__ import annotations
@@ -156,10 +156,19 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _empty_in_layout(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor shaped like `t` with its dimensions in `t`'s memory order. empty_like does that for a dense
+    `t` (a transposed input gives a transposed output); for a strided view, such as q or k split from a fused
+    q/k/v projection ([B, S, H, D] rows of a wider tensor, transposed), it would fall back to a contiguous
+    [B, H, S, D], a layout the attention after RoPE does not expect."""
+    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+    out = torch.empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
+    return out.permute([order.index(d) for d in range(t.ndim)])
+
+
 def _rotate(q, k, cos, sin, position_ids, backward: bool):
     q, k = _unit_last_stride(q), _unit_last_stride(k)
-    # empty_like keeps the strides of a dense view, so a transposed input gives a transposed output.
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out, k_out = _empty_in_layout(q), _empty_in_layout(k)
     qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward)
     return q_out, k_out
 

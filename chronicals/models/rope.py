@@ -2,8 +2,9 @@
 in one kernel (`fused_qk_rope`) instead of four elementwise passes each.
 
 Generic over the supported families: Qwen3's per-head `q_norm`/`k_norm` (applied before RoPE) and the
-`sliding_window` of Qwen2/Mistral are read from the module. Everything else (projections, KV cache,
-the attention implementation chosen in the config) is exactly HF's.
+`sliding_window` of Qwen2/Mistral are read from the module. The q, k and v projections run as one matmul
+when they are plain linears (chronicals.models.projections; LoRA-wrapped ones stay module calls). Everything
+else (KV cache, the attention implementation chosen in the config) is exactly HF's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .dispatch import kernels_usable
+from .projections import qkv_projections
 
 
 def rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -21,12 +23,11 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    query = self.q_proj(hidden_states).view(hidden_shape)
-    key = self.k_proj(hidden_states).view(hidden_shape)
+    # One matmul for q, k and v where they are plain linears (views of its output), else the three module calls.
+    query, key, value = (t.view(hidden_shape) for t in qkv_projections(self, hidden_states))
     if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
         query, key = self.q_norm(query), self.k_norm(key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     cos, sin = position_embeddings
     if kernels_usable(query):
@@ -37,7 +38,8 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
         query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
 
     if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+        # A cache may keep the tensor it is given: a view of the fused q/k/v output would keep all of it alive.
+        key, value = past_key_values.update(key, value.contiguous(), self.layer_idx)
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                       modeling.eager_attention_forward)
