@@ -393,6 +393,10 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
                  float(z_loss_weight))
 
 
+# Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
+# around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
+# autotuned launches, nor the interpreter's).
+@torch.compiler.disable
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                                reduction: str = "mean", normalizer=None, softcap: float | None = None,
                                z_loss_weight: float = 0.0, strategy: str = "auto", chunk: int | None = None):
@@ -435,6 +439,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     )
 
 
+@torch.compiler.disable
 def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100):
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 

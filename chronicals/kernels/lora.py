@@ -96,6 +96,10 @@ def _check_swiglu(**tensors) -> None:
                              f"(got {tuple(t.shape)} {t.dtype}, contiguous={t.is_contiguous()})")
 
 
+# Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
+# around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
+# autotuned launches, nor the interpreter's).
+@torch.compiler.disable
 def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """silu(e) * g, computed in fp32 and stored in e's dtype; e and g contiguous, same shape."""
     _check_swiglu(e=e, g=g)
@@ -107,6 +111,7 @@ def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return h
 
 
+@torch.compiler.disable
 def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
     """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers."""
     _check_swiglu(dh=dh, e=e, g=g)
@@ -302,6 +307,7 @@ def _check_projection(name, x, weight, bias, lora_a, lora_b, scale) -> None:
         raise ValueError(f"{name}: the fused LoRA path needs a frozen base weight and bias (requires_grad=False)")
 
 
+@torch.compiler.disable
 def lora_projections(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
     """Outputs of several LoRA projections of the same `x`.
 
@@ -317,11 +323,13 @@ def lora_projections(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
     return _LoRAFanOut.apply(x, scales, *cols[0], *cols[1], *cols[2], *cols[3])
 
 
+@torch.compiler.disable
 def lora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     """x @ weight^T + bias + scale * (x @ lora_a^T) @ lora_b^T with a frozen weight/bias."""
     return lora_projections(x, [(weight, bias, lora_a, lora_b, scale)])[0]
 
 
+@torch.compiler.disable
 def lora_swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)); gate, up, down are (weight, bias, lora_A, lora_B, scale) tuples."""
     for name, p in (("gate", gate), ("up", up)):
@@ -333,6 +341,7 @@ def lora_swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     return _LoRASwiGLUMLP.apply(x, scales, *gate[:4], *up[:4], *down[:4])
 
 
+@torch.compiler.disable
 def dora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float, magnitude) -> torch.Tensor:
     """bias + m / ||weight + scale * lora_b @ lora_a||_row * (x @ weight^T + scale * x @ lora_a^T @ lora_b^T),
     m = magnitude [out], the norm taken per output row and held constant in the backward (as PEFT does)."""

@@ -287,6 +287,10 @@ def _check(hidden_states, weight, eps, offset, residual=None) -> None:
         raise ValueError(f"offset must be a finite number (0.0, or 1.0 for Gemma-style weights), got {offset!r}")
 
 
+# Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
+# around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
+# autotuned launches, nor the interpreter's).
+@torch.compiler.disable
 def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                   offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype."""
@@ -294,6 +298,7 @@ def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float 
     return RMSNormFunction.apply(hidden_states, weight, float(eps), float(offset))
 
 
+@torch.compiler.disable
 def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory."""

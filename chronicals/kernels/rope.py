@@ -228,6 +228,10 @@ def _check(q, k, cos, sin, position_ids) -> None:
                              f"{cos.shape[0]} rows")
 
 
+# Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
+# around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
+# autotuned launches, nor the interpreter's).
+@torch.compiler.disable
 def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hkv, S, D] by RoPE; returns (q_rot, k_rot) in their dtype.
