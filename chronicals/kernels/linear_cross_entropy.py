@@ -362,10 +362,16 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
     if n_rows:
-        bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
-        if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
-                             f"found {labels[bad][:5].tolist()}")
+        check_label_range(labels, vocab, ignore_index)
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """A label outside [0, V) that is not ignore_index would silently count as a zero target logit: refuse it.
+    This reads one flag back from the device (a host synchronisation per call)."""
+    bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+                         f"found {labels[bad][:5].tolist()}")
 
 
 def default_row_chunk(n_rows: int, hidden_size: int, element_size: int) -> int:
