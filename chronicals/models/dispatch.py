@@ -9,18 +9,16 @@ patched model still runs and gives the same numbers; only the speed-up is lost.
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
 
 import torch
 
 from chronicals.kernels._utils import INTERPRET, SUPPORTED_DTYPES
 
 
-@lru_cache(maxsize=1)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Known once at import: a plain bool is also what torch.compile can read without tracing a cached function.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def kernels_usable(t: torch.Tensor) -> bool:
     """True when the Triton kernels can run on tensor `t` (a float64 model, say, keeps PyTorch's math)."""
-    return (t.is_cuda or INTERPRET) and t.dtype in SUPPORTED_DTYPES and _triton_installed()
+    return (t.is_cuda or INTERPRET) and t.dtype in SUPPORTED_DTYPES and TRITON_INSTALLED
