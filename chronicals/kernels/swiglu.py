@@ -3,9 +3,16 @@
     forward:  c = a * sigmoid(a) * b
     backward: with s = sigmoid(a) recomputed from a (nothing but the inputs is stored),
               da = dc * b * s * (1 + a * (1 - s)),   db = dc * a * s
+              and, on request, c again (for a caller that did not keep it, e.g. the fused MLP
+              in swiglu_mlp.py, whose down_proj weight gradient needs it), in the same pass.
 
 Elementwise and memory-bound. Per element of b bytes: forward reads a, b and writes c (3b);
-backward reads dc, a, b and writes da, db (5b). Math in fp32, results rounded once.
+backward reads dc, a, b and writes da, db (5b), plus c (6b). Math in fp32, results rounded once.
+
+Layout: contiguous tensors are walked as one flat row. A 2-D tensor with unit column stride may have
+any row stride, so a and b can be the two column halves of one [N, 2I] matmul output (row stride 2I)
+and da, db the halves of one [N, 2I] gradient buffer; program p takes row p // col_blocks and column
+block p % col_blocks (one scalar division per program, none per element).
 """
 
 from __future__ import annotations
@@ -14,55 +21,95 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rne, check_same, check_tensor
+from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
 
 # 4096 elements over 8 warps: 16 per thread, i.e. two 16-byte accesses per bf16 tensor.
 _BLOCK = 4096
 _NUM_WARPS = 8
+# Row-strided launches narrow the block (down to this) while more than 1/8 of each row's last block
+# would be padding: e.g. I = 4864 (Qwen2.5-0.5B) runs 5 blocks of 1024 (5% padding), not 2 of 4096 (41%).
+_MIN_ROW_BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_fwd_kernel(A, B, C, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    a = tl.load(A + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    b = tl.load(B + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+def _swiglu_fwd_kernel(A, B, C, n_cols, col_blocks, stride_a, stride_b, stride_c, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     c = a * tl.sigmoid(a) * b
-    tl.store(C + offs, cast_rne(c, C.dtype.element_ty), mask=mask)
+    tl.store(C + row * stride_c + cols, cast_rne(c, C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DC, A, B, DA, DB, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dc = tl.load(DC + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    a = tl.load(A + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    b = tl.load(B + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, n_cols, col_blocks, stride_dc, stride_a, stride_b, stride_da, stride_db,
+                       stride_c, WRITE_C: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    # All loads come before any store, so C may be DC's own buffer (c written over dc).
+    dc = tl.load(DC + row * stride_dc + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     s = tl.sigmoid(a)
     silu = a * s
     # d silu / da = s + a * s * (1 - s) = s * (1 + a * (1 - s))
     da = dc * b * s * (1.0 + a * (1.0 - s))
     db = dc * silu
-    tl.store(DA + offs, cast_rne(da, DA.dtype.element_ty), mask=mask)
-    tl.store(DB + offs, cast_rne(db, DB.dtype.element_ty), mask=mask)
+    tl.store(DA + row * stride_da + cols, cast_rne(da, DA.dtype.element_ty), mask=mask)
+    tl.store(DB + row * stride_db + cols, cast_rne(db, DB.dtype.element_ty), mask=mask)
+    if WRITE_C:
+        # The forward's c, bit for bit: the same fp32 product, rounded once.
+        tl.store(C + row * stride_c + cols, cast_rne(silu * b, C.dtype.element_ty), mask=mask)
 
 
-def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Launch the forward on contiguous tensors of one shape."""
-    c = torch.empty_like(a)
-    n = a.numel()
-    if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a, b, c, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+def _layout(**tensors) -> tuple[int, int, list[int], int, int]:
+    """(rows, n_cols, row strides, BLOCK, num_warps) for same-shaped tensors: one flat row when all are
+    contiguous, else 2-D tensors with unit column stride and any row strides."""
+    first = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        if t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the others have {tuple(first.shape)}")
+    if all(t.is_contiguous() for t in tensors.values()):
+        return 1, first.numel(), [0] * len(tensors), _BLOCK, _NUM_WARPS
+    for name, t in tensors.items():
+        if t.ndim != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be contiguous, or 2-D with unit column stride "
+                             f"(got shape {tuple(t.shape)}, strides {t.stride()})")
+    rows, n_cols = first.shape
+    block = min(_BLOCK, next_power_of_2(n_cols))
+    while block > _MIN_ROW_BLOCK and triton.cdiv(n_cols, block) * block - n_cols > n_cols // 8:
+        block //= 2
+    return rows, n_cols, [t.stride(0) for t in tensors.values()], block, max(1, min(_NUM_WARPS, block // 256))
+
+
+def swiglu_forward(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the forward: c = silu(a) * b into `out` (a new contiguous tensor when None). a, b and out share
+    one shape and are contiguous, or 2-D with unit column stride (any row strides, e.g. column halves)."""
+    c = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
+    rows, n_cols, strides, block, warps = _layout(a=a, b=b, out=c)
+    if rows and n_cols:
+        col_blocks = triton.cdiv(n_cols, block)
+        _swiglu_fwd_kernel[(rows * col_blocks,)](a, b, c, n_cols, col_blocks, *strides, BLOCK=block, num_warps=warps)
     return c
 
 
-def swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward on contiguous tensors of one shape. Returns (da, db)."""
-    da = torch.empty_like(a)
-    db = torch.empty_like(b)
-    n = a.numel()
-    if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dc, a, b, da, db, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+def swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, da: torch.Tensor | None = None,
+                    db: torch.Tensor | None = None, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward. Returns (da, db), written into `da`/`db` when given (new contiguous tensors when
+    None). With `c` given, the forward's silu(a) * b is recomputed into it in the same pass; `c` may be `dc`
+    itself (each element is read before it is overwritten). Layouts as for `swiglu_forward`."""
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
+    db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if db is None else db
+    write_c = c is not None
+    rows, n_cols, strides, block, warps = _layout(dc=dc, a=a, b=b, da=da, db=db, c=c if write_c else dc)
+    if rows and n_cols:
+        col_blocks = triton.cdiv(n_cols, block)
+        _swiglu_bwd_kernel[(rows * col_blocks,)](dc, a, b, da, db, c if write_c else dc, n_cols, col_blocks,
+                                                 *strides, WRITE_C=write_c, BLOCK=block, num_warps=warps)
     return da, db
 
 
@@ -79,6 +126,9 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_backward(dc.contiguous(), gate, up)
 
 
+# Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
+# around them and runs them eagerly, autograd Function and Triton launches included.
+@torch.compiler.disable
 def fused_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for tensors of any (equal) shape, in their dtype."""
     check_tensor("gate", gate)
