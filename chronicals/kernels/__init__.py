@@ -8,6 +8,7 @@ _EXPORTS = {
     "fused_add_rmsnorm": "rms_norm",
     "FusedRMSNorm": "rms_norm",
     "fused_swiglu": "swiglu",
+    "fused_swiglu_mlp": "swiglu_mlp",
     "fused_qk_rope": "rope",
     "fused_linear_cross_entropy": "linear_cross_entropy",
     "fused_cross_entropy": "linear_cross_entropy",

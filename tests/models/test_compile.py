@@ -20,10 +20,7 @@ def dynamo_disabled(fn) -> bool:
 
 
 @pytest.mark.parametrize("name", [
-    *(pytest.param(n, marks=pytest.mark.xfail(reason="swiglu.py is being rewritten; its fused_swiglu needs "
-                                                     "@torch.compiler.disable", strict=False))
-      if n == "fused_swiglu" else n
-      for n in chronicals.kernels.__all__ if n != "FusedRMSNorm"),
+    *(n for n in chronicals.kernels.__all__ if n != "FusedRMSNorm"),
     *(f"lora.{n}" for n in LORA_OPS),
 ])
 def test_public_kernel_ops_are_opaque_to_dynamo(name):
@@ -45,12 +42,8 @@ def test_compiled_patched_model_trains_like_the_uncompiled(name, whole_model):
     needs_kernels()
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from chronicals.kernels import fused_swiglu
-
-    # Until fused_swiglu is disabled for dynamo (its file is being rewritten), the compiled model runs without it.
-    flags = dict(swiglu=dynamo_disabled(fused_swiglu))
-    eager = chronicals.apply(build_model(name, seed=0).to(DEVICE), **flags)
-    patched = chronicals.apply(build_model(name, seed=0).to(DEVICE), **flags)
+    eager = chronicals.apply(build_model(name, seed=0).to(DEVICE))
+    patched = chronicals.apply(build_model(name, seed=0).to(DEVICE))
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = patched
