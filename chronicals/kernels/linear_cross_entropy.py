@@ -293,6 +293,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             lse, target = _vocab_blocked_statistics(hidden, weight, bias, labels, plan)
             ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
         row_loss = torch.where(valid, lse - target + plan.z_loss_weight * lse * lse, 0.0)
+        # A label outside [0, V) matches no column; its loss is NaN, never a silent lse - 0 (check_labels=False
+        # skips the host-side check, so this is what stops such a label without a synchronisation).
+        row_loss = torch.where(valid & ((labels < 0) | (labels >= weight.shape[0])), float("nan"), row_loss)
         if reduction == "none":
             return row_loss
         return row_loss.sum() / denominator
@@ -318,7 +321,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  strategy, chunk):
+                  strategy, chunk, check_labels):
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
@@ -361,7 +364,7 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
                          "use reduction='mean' or 'sum', or strategy='vocab'")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
-    if n_rows:
+    if n_rows and check_labels:
         check_label_range(labels, vocab, ignore_index)
 
 
@@ -405,7 +408,8 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
 @torch.compiler.disable
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                                reduction: str = "mean", normalizer=None, softcap: float | None = None,
-                               z_loss_weight: float = 0.0, strategy: str = "auto", chunk: int | None = None):
+                               z_loss_weight: float = 0.0, strategy: str = "auto", chunk: int | None = None,
+                               check_labels: bool = True):
     """Cross-entropy of `hidden [N, d] @ weight[V, d]ᵀ (+ bias [V])` against `labels [N]`, in fp32.
 
     `labels` are aligned with the rows of `hidden` (shift them before calling). Rows labelled
@@ -421,6 +425,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     chunk·V + fp32 V·d unless one block holds all rows; scalar losses only). "auto" uses
     DEFAULT_STRATEGY, or "vocab" for reduction="none" and when no gradient is wanted. `chunk` None picks
     the strategy's default block (`default_vocab_chunk`, `default_row_chunk`).
+
+    A label outside [0, V) that is not `ignore_index` raises a ValueError naming it; that check reads a flag back
+    from the GPU. `check_labels=False` skips it for training loops whose data is validated up front (the
+    patched models, after ChronicalsTrainer's token-id check): such a label then makes the loss NaN, never a
+    silently wrong number, and costs no host synchronisation (measured on the H200: the synchronisation stalled
+    a 0.5B full-fine-tuning step, 123.5 ms without it against 144.5 ms with it in one run).
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         # As autocast would run the lm_head matmul: in its low-precision dtype (the casts stay on the
@@ -429,7 +439,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  strategy, chunk)
+                  strategy, chunk, check_labels)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     plan = _make_plan(*hidden.shape, weight.shape[0], hidden.element_size(), reduction, softcap, z_loss_weight,
                       strategy, chunk, grad_wanted)

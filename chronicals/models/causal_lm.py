@@ -34,8 +34,10 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, 
     if kernels_usable(hidden):
         from chronicals.kernels import fused_linear_cross_entropy
 
+        # No host-side label check (a GPU synchronisation per step): a label outside the vocabulary makes the loss
+        # NaN instead, and ChronicalsTrainer refuses such token ids with a clear error before training.
         return fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                          reduction="mean", normalizer=num_items_in_batch)
+                                          reduction="mean", normalizer=num_items_in_batch, check_labels=False)
     logits = F.linear(hidden, weight, bias).float()
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)

@@ -266,6 +266,20 @@ def test_bad_input_names_the_argument(change, message):
                                    **args)
 
 
+@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("bad_label", [10, 11, -1])
+def test_unchecked_out_of_range_labels_make_the_loss_nan(strategy, bad_label):
+    # check_labels=False (the patched models' path) skips the host synchronisation, so a label outside [0, V)
+    # must poison the loss instead of counting as a zero target logit; valid and ignored rows alone stay finite.
+    hidden, weight, _, labels = (t if t is None else t.to(DEVICE) for t in make_inputs(6, 5, 10, torch.float32, 0))
+    labels[0] = -100
+    loss = fused_linear_cross_entropy(hidden, weight, labels, strategy=strategy, check_labels=False)
+    assert torch.isfinite(loss)
+    labels[3] = bad_label
+    loss = fused_linear_cross_entropy(hidden, weight, labels, strategy=strategy, check_labels=False)
+    assert torch.isnan(loss)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["vocab", "rows"])
 def test_gpu_realistic_block_sizes(strategy):
