@@ -10,7 +10,8 @@ get more warm-up) and reports the median and p20/p80 step time, tokens/s, the pe
 first loss (variants must agree: they compute the same function). A profiled variant also gets torch.profiler's
 per-kernel GPU time over 2 steps, grouped into matmul / attention / our Triton kernels / Inductor kernels /
 optimizer / other, and the GPU's idle time between kernels with the largest gaps and the kernels around them
-(idle time is host launch overhead or synchronisation).
+(idle time is host launch overhead or synchronisation), and the host operators with the most self time per step
+(the profiler's own overhead inflates these; compare them with each other, not with the GPU times).
 
 Variants (names for --variants): see VARIANTS below. Writes DIR/step_profile.json after every variant (a crash
 loses nothing measured) and prints a summary table last.
@@ -134,11 +135,18 @@ def profile(step, steps: int = 2) -> dict:
         by_category[categorise(name)] = by_category.get(categorise(name), 0.0) + entry["ms"]
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:40]
     busy = sum(e["ms"] for e in kernels.values())
+    # The host side: which operators' own Python/C++ time (not their children's) fills a step. When the GPU idles
+    # between kernels, this is where the step waits.
+    cpu_ops = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0]
+    cpu_ops.sort(key=lambda op: -op[1])
     return {"wall_ms_per_step": wall_ms, "gpu_busy_ms_per_step": busy,
             "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "top_kernels": [{"name": name[:160], "category": categorise(name), **entry} for name, entry in top],
             # GPU idle between consecutive kernels (host launch overhead, synchronisation), the largest first
             "idle_ms_per_step": sum(g for g, _, _ in gaps) / 1e3 / steps,
+            "host_self_ms_per_step": sum(ms for _, ms, _ in cpu_ops),
+            "top_host_ops": [{"name": name[:100], "self_ms": ms, "calls": calls} for name, ms, calls in cpu_ops[:30]],
             "largest_gaps": [{"us": g, "after": a[:100], "before": b[:100]} for g, a, b in sorted(gaps)[::-1][:25]]}
 
 
