@@ -5,7 +5,7 @@
 #   source .gpu-carry/unpack.sh; CHRONICALS_COMMIT=<hash of the tree sent> bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
 # (the host gets a copy of the working tree without .git, so the result rows learn their commit from that variable)
 #   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
-# Stages: tests, kernels, lce, packing, lora, trainer, full, lora-matrix, ablation, packing-matrix.
+# Stages: tests, kernels, lce, packing, lora, trainer, profile, full, lora-matrix, ablation, packing-matrix.
 set -uo pipefail
 quick=()
 [ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
@@ -35,6 +35,9 @@ for spec in "$@"; do
     packing) stage packing "$limit" python3 benchmarks/packing.py --out "$res" "${quick[@]}" ;;
     lora) stage lora "$limit" python3 benchmarks/lora_step.py --out "$res" "${quick[@]}" ;;
     trainer) stage trainer "$limit" python3 benchmarks/trainer.py --out "$res" "${quick[@]}" ;;
+    # Where a step's time goes (kernels, GPU idle gaps, host ops) and the speed levers A/B'd; VARIANTS overrides.
+    profile) stage profile "$limit" python3 benchmarks/step_profile.py --out "$res" --attention \
+               --variants "${VARIANTS:-full,full_no_label_check,lora,lora_unfused}" --profile full,lora ;;
     full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
     lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
     ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${matrix[@]}" ;;
