@@ -43,8 +43,9 @@ ALL = dict(rms_norm=True, swiglu=True, rope=True, linear_cross_entropy=True, pac
 LCE_ONLY = dict(ALL, rms_norm=False, swiglu=False, rope=False)
 
 # name -> (mode, apply flags, options). Options: compile_layers (torch.compile each decoder layer in place),
-# row_chunk (the fused cross-entropy's row block), fused_lora, no_label_check (skip the fused cross-entropy's
-# label-range check, which synchronises with the host: what that synchronisation costs).
+# row_chunk (the fused cross-entropy's row block), fused_lora, lora_kconcat (LoRAConfig.fused_kconcat: the low-rank
+# term folded into the base matmul along K), no_label_check (skip the fused cross-entropy's label-range check,
+# which synchronises with the host: what that synchronisation costs).
 VARIANTS = {
     "full": ("full", ALL, {}),
     "full_chunk1024": ("full", ALL, {"row_chunk": 1024}),
@@ -56,6 +57,7 @@ VARIANTS = {
     "lora": ("lora", ALL, {}),
     "lora_compile_layers": ("lora", ALL, {"compile_layers": True}),
     "lora_unfused": ("lora", ALL, {"fused_lora": False}),
+    "lora_kconcat": ("lora", ALL, {"lora_kconcat": True}),
 }
 
 
@@ -69,7 +71,8 @@ def build(preset: str, mode: str, flags: dict, options: dict, seed: int):
 
         torch.manual_seed(seed)
         model = apply_lora(model, LoRAConfig(rank=16, alpha=16.0, target_modules=LORA_TARGETS,
-                                             fused=options.get("fused_lora", True)))
+                                             fused=options.get("fused_lora", True),
+                                             fused_kconcat=options.get("lora_kconcat", False)))
     if options.get("compile_layers"):
         for layer in model.model.layers:
             layer.compile()

@@ -13,10 +13,22 @@ Backward, given dY_i:
     dA    = cat(G_1..G_n)^T @ X                      one pass over X for all adapters
     dX    = sum_i dY_i @ W_i + cat(G) @ cat(A)
 
-Only X and the thin XA [N, R] are saved, never the outputs. The SwiGLU MLP adds, with e, g the gate/up
-outputs, h = silu(e) * g and Y = h @ W_d^T + s_d * (h @ A_d^T) @ B_d^T: it saves X, e, g and h @ A_d^T (not h,
-silu(e) or the product, which PEFT's eager path keeps), and its backward recomputes h in the same Triton pass
-that forms de and dg, writing h, de, dg over dh, e, g so no new [N, I] buffers are allocated:
+Only X and the thin XA [N, R] are saved, never the outputs.
+
+K-concatenated forward (opt-in, `kconcat=True`; LoRAConfig.fused_kconcat): the low-rank terms are folded into the
+base matmul along K, so all n outputs come from one matmul with no second pass over them:
+
+    X_ext = [X | XA]                                                             [N, d + R]
+    W_ext = [[W_1, s_1 B_1, 0, ...], [W_2, 0, s_2 B_2, ...], ...]                  [sum o_i, d + R]
+    Y_all = X_ext @ W_ext^T (+ cat(bias)),   Y_i = column slices of Y_all (views)
+
+Each output is rounded once from its fp32 accumulation (the addmm path rounds X W_i^T, then the sum); s_i B_i is
+rounded to the activation dtype first (a tiny [o_i, r_i] matrix). Saved tensors and the backward are unchanged.
+
+The SwiGLU MLP adds, with e, g the gate/up outputs, h = silu(e) * g and Y = h @ W_d^T + s_d * (h @ A_d^T) @ B_d^T:
+it saves X, e, g and h @ A_d^T (not h, silu(e) or the product, which PEFT's eager path keeps; K-concatenated, e and
+g are the halves of one [N, 2I] buffer and down's matmul takes [h | h A_d^T]), and its backward recomputes h in
+the same Triton pass that forms de and dg, writing h, de, dg over dh, e, g so no new [N, I] buffers are allocated:
 
     sig = sigmoid(e),  h = e * sig * g,  dg = dh * e * sig,  de = dh * g * sig * (1 + e * (1 - sig))
 
@@ -46,32 +58,44 @@ from ._utils import INTERPRET
 _BLOCK = 1024
 
 
+# The SwiGLU kernels walk contiguous tensors as one flat row (rows = 1, strides unused), or 2-D tensors with unit
+# column stride row by row (program p: row p // col_blocks, column block p % col_blocks), so e and g may be the
+# two column halves of one [N, 2I] buffer (the K-concatenated gate|up output) and h a column block of [N, I + r].
 @triton.jit
-def _swiglu_forward_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_forward_kernel(e_ptr, g_ptr, h_ptr, n_cols, col_blocks, stride_e, stride_g, stride_h,
+                           BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    e = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     h = e * tl.sigmoid(e) * g
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_inplace_kernel(dh_ptr, e_ptr, g_ptr, n, BLOCK: tl.constexpr):
+def _swiglu_backward_inplace_kernel(dh_ptr, e_ptr, g_ptr, n_cols, col_blocks, stride_dh, stride_e, stride_g,
+                                    BLOCK: tl.constexpr):
     # Reads dh, e, g; writes h over dh, de over e, dg over g (all three loaded before any store).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dh_ptrs = dh_ptr + row * stride_dh + cols
+    e_ptrs = e_ptr + row * stride_e + cols
+    g_ptrs = g_ptr + row * stride_g + cols
+    dh = tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(e_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(e)
     silu = e * sig
     h = silu * g
     dg = dh * silu
     de = dh * g * sig * (1.0 + e * (1.0 - sig))
-    tl.store(dh_ptr + offs, h.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(e_ptr + offs, de.to(e_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_ptr + offs, dg.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs, h.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(e_ptrs, de.to(e_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptrs, dg.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _autocast_off(method):
@@ -88,33 +112,46 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or INTERPRET
 
 
-def _check_swiglu(**tensors) -> None:
+def _swiglu_layout(**tensors) -> tuple[int, int, int, list[int]]:
+    """(rows, n_cols, BLOCK, row strides) of same-shape, same-dtype tensors: one flat row when all are contiguous,
+    else 2-D tensors with unit column stride and any row strides."""
     first = next(iter(tensors.values()))
     for name, t in tensors.items():
-        if t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous with the shape and dtype of the others "
-                             f"(got {tuple(t.shape)} {t.dtype}, contiguous={t.is_contiguous()})")
+        if t.shape != first.shape or t.dtype != first.dtype:
+            raise ValueError(f"{name} must have the shape and dtype of the others "
+                             f"(got {tuple(t.shape)} {t.dtype}, not {tuple(first.shape)} {first.dtype})")
+    if all(t.is_contiguous() for t in tensors.values()):
+        return 1, first.numel(), _BLOCK, [0] * len(tensors)
+    for name, t in tensors.items():
+        if t.ndim != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(f"{name} must be contiguous, or 2-D with unit column stride "
+                             f"(got shape {tuple(t.shape)}, strides {t.stride()})")
+    rows, n_cols = first.shape
+    return rows, n_cols, min(_BLOCK, triton.next_power_of_2(max(n_cols, 1))), [t.stride(0) for t in tensors.values()]
 
 
 # Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
 # around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
 # autotuned launches, nor the interpreter's).
 @torch.compiler.disable
-def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """silu(e) * g, computed in fp32 and stored in e's dtype; e and g contiguous, same shape."""
-    _check_swiglu(e=e, g=g)
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(e) * g, computed in fp32 and stored in e's dtype, into `out` (a new contiguous tensor when None).
+    e, g and out share one shape and are contiguous, or 2-D with unit column stride (e.g. column halves)."""
+    h = torch.empty(e.shape, dtype=e.dtype, device=e.device) if out is None else out
+    rows, n_cols, block, strides = _swiglu_layout(e=e, g=g, out=h)
     if not _use_triton(e):
-        return (torch.nn.functional.silu(e.float()) * g.float()).to(e.dtype)
-    h = torch.empty_like(e)
-    n = e.numel()
-    _swiglu_forward_kernel[(triton.cdiv(n, _BLOCK),)](e, g, h, n, BLOCK=_BLOCK)
+        return h.copy_(torch.nn.functional.silu(e.float()) * g.float())
+    if rows and n_cols:
+        col_blocks = triton.cdiv(n_cols, block)
+        _swiglu_forward_kernel[(rows * col_blocks,)](e, g, h, n_cols, col_blocks, *strides, BLOCK=block)
     return h
 
 
 @torch.compiler.disable
 def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
-    """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers."""
-    _check_swiglu(dh=dh, e=e, g=g)
+    """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers. Layouts as for
+    `swiglu_forward` (e and g may be the column halves of one buffer)."""
+    rows, n_cols, block, strides = _swiglu_layout(dh=dh, e=e, g=g)
     if not _use_triton(e):
         # .float() of an fp32 tensor is that tensor itself: every result is formed before any buffer is written.
         ef, gf, dhf = e.float(), g.float(), dh.float()
@@ -125,8 +162,9 @@ def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
         g.copy_(dg)
         e.copy_(de)
         return dh, e, g
-    n = e.numel()
-    _swiglu_backward_inplace_kernel[(triton.cdiv(n, _BLOCK),)](dh, e, g, n, BLOCK=_BLOCK)
+    if rows and n_cols:
+        col_blocks = triton.cdiv(n_cols, block)
+        _swiglu_backward_inplace_kernel[(rows * col_blocks,)](dh, e, g, n_cols, col_blocks, *strides, BLOCK=block)
     return dh, e, g
 
 
@@ -159,6 +197,47 @@ def _fanout_forward(x2, scales, weights, biases, a_list, b_list):
     return outs, xa, a_cat
 
 
+def _extended_weight(weights, scales, b_params, dt):
+    """W_ext = [[W_1, s_1 B_1, 0, ...], [W_2, 0, s_2 B_2, ...], ...]: [sum o_i, d + R], block-diagonal in its last R
+    columns. Built per call (a copy of the frozen weights, small next to the activations; never saved). s_i B_i is
+    formed in the adapter's own dtype (fp32 as apply_lora keeps it) and rounded to `dt` once: that rounding of the
+    tiny [o_i, r_i] matrix is the one this path adds, where the addmm path rounds B_i to `dt` instead."""
+    d = weights[0].shape[1]
+    ranks = [b.shape[1] for b in b_params]
+    w_ext = torch.empty(sum(w.shape[0] for w in weights), d + sum(ranks), dtype=dt, device=weights[0].device)
+    if len(weights) > 1:
+        w_ext[:, d:].zero_()
+    row, col = 0, d
+    for w, s, b, r in zip(weights, scales, b_params, ranks):
+        o = w.shape[0]
+        w_ext[row:row + o, :d].copy_(w)
+        w_ext[row:row + o, col:col + r].copy_(b * s)
+        row, col = row + o, col + r
+    return w_ext
+
+
+def _kconcat_forward(x2, scales, weights, biases, a_list, b_params):
+    """All outputs Y_all = [X | XA] @ W_ext^T (+ cat(bias)) in one matmul, the low-rank terms folded in along K;
+    returns (Y_all [N, sum o_i], XA, cat(A)). One fp32 accumulation and one rounding per output element, where
+    the addmm path rounds X W_i^T to the activation dtype and then the sum again (so this is at least as
+    accurate, bar the rounding of s_i B_i noted in _extended_weight), and no second pass over the outputs.
+
+    XA gets its own [N, R] buffer and is copied into X_ext (a thin copy): XA is saved for the backward, and a
+    view of X_ext would keep all of X_ext alive, a second copy of X besides the X the backward saves (and that
+    the op producing X, attention or a norm, may keep as well). X_ext and W_ext are freed on return."""
+    a_cat = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
+    xa = x2 @ a_cat.t()
+    n_rows, d = x2.shape
+    x_ext = torch.empty(n_rows, d + xa.shape[1], dtype=x2.dtype, device=x2.device)
+    x_ext[:, :d].copy_(x2)
+    x_ext[:, d:].copy_(xa)
+    w_ext = _extended_weight(weights, scales, b_params, x2.dtype)
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+    return _base(x_ext, w_ext, bias), xa, a_cat
+
+
 def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool):
     """Gradients (dX or None, [dA_i], [dB_i]) of the fan-out for output gradients dys ([N, o_i] each)."""
     gs, d_b, off = [], [], 0
@@ -178,24 +257,34 @@ def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool)
     return dx, list(d_a), d_b
 
 
+def _fanout_op_forward(ctx, x, scales, params, kconcat: bool):
+    n = len(scales)
+    weights, biases = params[:n], params[n:2 * n]
+    a_params, b_params = params[2 * n:3 * n], params[3 * n:]
+    dt = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    a_list = [a.to(dt) for a in a_params]
+    b_list = [b.to(dt) for b in b_params]
+    if kconcat:
+        y_all, xa, a_cat = _kconcat_forward(x2, scales, weights, biases, a_list, b_params)
+        # Column views of one [N, sum o_i] buffer (one output: the buffer itself). Their gradients come back as
+        # separate tensors; like torch.split's outputs they may not be modified in place.
+        outs = [y_all] if n == 1 else y_all.split([w.shape[0] for w in weights], dim=1)
+    else:
+        outs, xa, a_cat = _fanout_forward(x2, scales, weights, biases, a_list, b_list)
+    ctx.scales = scales
+    ctx.param_dtypes = [p.dtype for p in (*a_params, *b_params)]
+    ctx.save_for_backward(x, xa, a_cat, *weights, *b_list)
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+
 class _LoRAFanOut(torch.autograd.Function):
     """n LoRA projections of one input. Inputs: x, scales, then W_1..n, bias_1..n, A_1..n, B_1..n."""
 
     @staticmethod
     @_autocast_off
     def forward(ctx, x, scales, *params):
-        n = len(scales)
-        weights, biases = params[:n], params[n:2 * n]
-        a_params, b_params = params[2 * n:3 * n], params[3 * n:]
-        dt = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        a_list = [a.to(dt) for a in a_params]
-        b_list = [b.to(dt) for b in b_params]
-        outs, xa, a_cat = _fanout_forward(x2, scales, weights, biases, a_list, b_list)
-        ctx.scales = scales
-        ctx.param_dtypes = [p.dtype for p in (*a_params, *b_params)]
-        ctx.save_for_backward(x, xa, a_cat, *weights, *b_list)
-        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
+        return _fanout_op_forward(ctx, x, scales, params, kconcat=False)
 
     @staticmethod
     @_autocast_off
@@ -204,10 +293,52 @@ class _LoRAFanOut(torch.autograd.Function):
         x, xa, a_cat, *rest = ctx.saved_tensors
         weights, b_list = rest[:n], rest[n:]
         x2 = x.reshape(-1, x.shape[-1])
+        # An output gradient may be strided (e.g. a transposed view); every matmul below takes strided operands.
         dys2 = [dy.reshape(-1, dy.shape[-1]).to(x.dtype) for dy in dys]
         dx, d_a, d_b = _fanout_backward(x2, xa, a_cat, ctx.scales, weights, b_list, dys2, ctx.needs_input_grad[0])
         grads = [g.to(dt) for g, dt in zip(d_a + d_b, ctx.param_dtypes)]
         return (None if dx is None else dx.view_as(x), None, *([None] * (2 * n)), *grads)
+
+
+class _LoRAFanOutKConcat(_LoRAFanOut):
+    """_LoRAFanOut with the K-concatenated forward (_kconcat_forward); same inputs, saved tensors and backward."""
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx, x, scales, *params):
+        return _fanout_op_forward(ctx, x, scales, params, kconcat=True)
+
+
+def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
+    wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d = params
+    dt = x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    ag_, bg_, au_, bu_, ad_, bd_ = (t.to(dt) for t in (ag, b_g, au, b_u, ad, b_d))
+    if kconcat:
+        # gate|up in one matmul into [N, 2I] (e, g its column halves); h written straight into the first I
+        # columns of H_ext = [h | h A_d^T] for down's K-concatenated matmul. The [N, 2I] buffer is saved once (the
+        # bytes of e and g); h A_d^T has its own buffer (saved; copied into H_ext), H_ext is freed on return.
+        eg, xa, a_cat = _kconcat_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (b_g, b_u))
+        inter = wg.shape[0]
+        e, g = eg[:, :inter], eg[:, inter:]
+        h_ext = torch.empty(x2.shape[0], inter + ad.shape[0], dtype=dt, device=x.device)
+        h = swiglu_forward(e, g, out=h_ext[:, :inter])
+        ha = h @ ad_.t()
+        h_ext[:, inter:].copy_(ha)
+        y = _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd)
+        activations = (eg,)
+    else:
+        (e, g), xa, a_cat = _fanout_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (bg_, bu_))
+        h = swiglu_forward(e, g)
+        ha = h @ ad_.t()
+        y = _base(h, wd, bd)
+        y.addmm_(ha, bd_.t(), alpha=scales[2])
+        activations = (e, g)
+    ctx.scales = scales
+    ctx.kconcat = kconcat
+    ctx.param_dtypes = [p.dtype for p in (ag, au, b_g, b_u, ad, b_d)]
+    ctx.save_for_backward(x, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_, *activations)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _LoRASwiGLUMLP(torch.autograd.Function):
@@ -216,19 +347,8 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, scales, wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d):
-        dt = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        ag_, bg_, au_, bu_, ad_, bd_ = (t.to(dt) for t in (ag, b_g, au, b_u, ad, b_d))
-        (e, g), xa, a_cat = _fanout_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (bg_, bu_))
-        h = swiglu_forward(e, g)
-        ha = h @ ad_.t()
-        y = _base(h, wd, bd)
-        y.addmm_(ha, bd_.t(), alpha=scales[2])
-        ctx.scales = scales
-        ctx.param_dtypes = [p.dtype for p in (ag, au, b_g, b_u, ad, b_d)]
-        ctx.save_for_backward(x, e, g, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def forward(ctx, x, scales, *params):
+        return _mlp_op_forward(ctx, x, scales, params, kconcat=False)
 
     @staticmethod
     @_autocast_off
@@ -237,7 +357,12 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
             raise RuntimeError("the fused LoRA MLP backward overwrites its saved activations, so it runs once per "
                                "forward (no retain_graph double backward); use LoRAConfig(fused=False) for that")
         ctx.consumed = True
-        x, e, g, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_ = ctx.saved_tensors
+        x, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_, *activations = ctx.saved_tensors
+        if ctx.kconcat:  # the column halves of one [N, 2I] buffer: de, dg are written over them, row-strided
+            (eg,) = activations
+            e, g = eg[:, :wg.shape[0]], eg[:, wg.shape[0]:]
+        else:
+            e, g = activations
         sg, su, sd = ctx.scales
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
@@ -255,6 +380,16 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         d_ag, d_au, d_bg, d_bu, d_ad, d_bd = grads
         return (None if dx is None else dx.view_as(x), None,
                 None, None, d_ag, d_bg, None, None, d_au, d_bu, None, None, d_ad, d_bd)
+
+
+class _LoRASwiGLUMLPKConcat(_LoRASwiGLUMLP):
+    """_LoRASwiGLUMLP with K-concatenated gate|up and down matmuls (_kconcat_forward); same inputs and backward,
+    saved bytes unchanged (one [N, 2I] buffer instead of e and g)."""
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx, x, scales, *params):
+        return _mlp_op_forward(ctx, x, scales, params, kconcat=True)
 
 
 class _DoRALinear(torch.autograd.Function):
@@ -314,11 +449,13 @@ def _check_projection(name, x, weight, bias, lora_a, lora_b, scale) -> None:
 
 
 @torch.compiler.disable
-def lora_projections(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
+def lora_projections(x: torch.Tensor, projections, *, kconcat: bool = False) -> tuple[torch.Tensor, ...]:
     """Outputs of several LoRA projections of the same `x`.
 
     `projections`: sequence of (weight [o, d], bias [o] or None, lora_A [r, d], lora_B [o, r], scale).
-    Weights and biases are frozen (no gradient); A and B get gradients.
+    Weights and biases are frozen (no gradient); A and B get gradients. `kconcat`: compute all outputs in one
+    matmul [X | X A^T] @ W_ext^T (see _kconcat_forward); the outputs are then column views of one buffer (not to be
+    modified in place, like torch.split's); the backward is the same.
     """
     if not projections:
         raise ValueError("projections must name at least one (weight, bias, lora_A, lora_B, scale)")
@@ -326,25 +463,29 @@ def lora_projections(x: torch.Tensor, projections) -> tuple[torch.Tensor, ...]:
         _check_projection(f"projections[{i}]", x, *p)
     scales = tuple(float(p[4]) for p in projections)
     cols = list(zip(*[p[:4] for p in projections]))
-    return _LoRAFanOut.apply(x, scales, *cols[0], *cols[1], *cols[2], *cols[3])
+    op = _LoRAFanOutKConcat if kconcat else _LoRAFanOut
+    return op.apply(x, scales, *cols[0], *cols[1], *cols[2], *cols[3])
 
 
 @torch.compiler.disable
-def lora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float, *, kconcat: bool = False
+                ) -> torch.Tensor:
     """x @ weight^T + bias + scale * (x @ lora_a^T) @ lora_b^T with a frozen weight/bias."""
-    return lora_projections(x, [(weight, bias, lora_a, lora_b, scale)])[0]
+    return lora_projections(x, [(weight, bias, lora_a, lora_b, scale)], kconcat=kconcat)[0]
 
 
 @torch.compiler.disable
-def lora_swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)); gate, up, down are (weight, bias, lora_A, lora_B, scale) tuples."""
+def lora_swiglu_mlp(x: torch.Tensor, gate, up, down, *, kconcat: bool = False) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)); gate, up, down are (weight, bias, lora_A, lora_B, scale) tuples. `kconcat`:
+    gate|up as one K-concatenated matmul into one [N, 2I] buffer, down as another (see _kconcat_forward)."""
     for name, p in (("gate", gate), ("up", up)):
         _check_projection(name, x, *p)
     if gate[0].shape != up[0].shape:
         raise ValueError(f"gate weight {tuple(gate[0].shape)} and up weight {tuple(up[0].shape)} must have one shape")
     _check_projection("down", x.new_empty(0, gate[0].shape[0]), *down)
     scales = (float(gate[4]), float(up[4]), float(down[4]))
-    return _LoRASwiGLUMLP.apply(x, scales, *gate[:4], *up[:4], *down[:4])
+    op = _LoRASwiGLUMLPKConcat if kconcat else _LoRASwiGLUMLP
+    return op.apply(x, scales, *gate[:4], *up[:4], *down[:4])
 
 
 @torch.compiler.disable

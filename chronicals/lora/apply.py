@@ -78,8 +78,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None):
 
     Adapters are kept in fp32 (PEFT's default) with their optimizer states; the fused paths compute in the
     activations' dtype. With `config.fused` and dropout 0, the forward and backward run the fused ops of
-    chronicals.kernels.lora; with dropout > 0 (in training) PEFT's plain forward runs. Apply
-    chronicals.apply(model) patches before this, so the fused MLP replaces the patched MLP forward.
+    chronicals.kernels.lora (their K-concatenated forwards with `config.fused_kconcat`); with dropout > 0 (in
+    training) PEFT's plain forward runs. Apply chronicals.apply(model) patches before this, so the fused MLP
+    replaces the patched MLP forward.
     """
     from peft import get_peft_model
 
@@ -88,5 +89,5 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None):
     task_type = "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None
     peft_model = get_peft_model(model, peft_config(config, task_type=task_type))
     if config.fused:
-        install_fused(peft_model)
+        install_fused(peft_model, kconcat=config.fused_kconcat)
     return peft_model

@@ -16,7 +16,12 @@ class LoRAConfig:
     (alpha / sqrt(rank)) * B A with `use_rslora`. dropout: on the adapter input; any value above 0 uses PEFT's
     plain (unfused) forward. target_modules: module-name suffixes, e.g. "q_proj" matches
     "model.layers.0.self_attn.q_proj". use_dora: weight-decomposed LoRA (nn.Linear layers only). fused: use the
-    fused autograd paths where they apply (dropout 0 in training, adapters active and unmerged).
+    fused autograd paths where they apply (dropout 0 in training, adapters active and unmerged). fused_kconcat
+    (needs `fused`; off by default until measured on the GPU): the fused LoRA forwards fold the low-rank term
+    into the base matmul along K, Y = [X | X A^T] @ [W | s B]^T (q/k/v and gate/up each as one such matmul), instead
+    of adding s (X A^T) B^T to X W^T in a second pass over the output; one rounding per output element instead of
+    two, the same parameters, saved tensors and backward (chronicals.kernels.lora). The q/k/v outputs are then
+    column views of one buffer which, like torch.split's outputs, may not be modified in place.
     """
 
     rank: int = 16
@@ -26,6 +31,7 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     fused: bool = True
+    fused_kconcat: bool = False
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -43,9 +49,11 @@ class LoRAConfig:
                 f"{list(DEFAULT_TARGET_MODULES)}, got {self.target_modules!r}"
             )
         self.target_modules = targets
-        for name in ("use_rslora", "use_dora", "fused"):
+        for name in ("use_rslora", "use_dora", "fused", "fused_kconcat"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fused_kconcat and not self.fused:
+            raise ValueError("LoRAConfig.fused_kconcat=True selects a forward of the fused paths; it needs fused=True")
 
     @property
     def scale(self) -> float:

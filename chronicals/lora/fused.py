@@ -10,7 +10,8 @@ PEFT's modules and parameter names stay in place (so saving stays PEFT's own for
 Each call checks that the fused path applies now (dropout 0 or eval mode, one active unmerged adapter, frozen
 nn.Linear base in the compute dtype: the input's, or autocast's when autocast is on) and otherwise runs PEFT's
 own forward. Under autocast the input is cast to autocast's dtype and the op runs with autocast off, the same
-result F.linear would give.
+result F.linear would give. install_fused(model, kconcat=True) selects the ops' K-concatenated forwards
+(LoRAConfig.fused_kconcat); the flag is kept on each rerouted module.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _run_fused(op, x: torch.Tensor, *args):
+def _run_fused(op, x: torch.Tensor, *args, **kwargs):
     dt = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return op(x.to(dt), *args)
+        return op(x.to(dt), *args, **kwargs)
 
 
 def _adapter(module: PeftLoraLinear, dt: torch.dtype, *, dora: bool = False):
@@ -68,7 +69,7 @@ def _linear_forward(self: PeftLoraLinear, x, *args, **kwargs):
         dt = compute_dtype(x)
         params = _adapter(self, dt)
         if params is not None:
-            return _run_fused(lora_projections, x, [params])[0]
+            return _run_fused(lora_projections, x, [params], kconcat=self.__dict__.get("_chronicals_kconcat", False))[0]
         params = _adapter(self, dt, dora=True)
         if params is not None:
             return _run_fused(dora_linear, x, *params)
@@ -78,8 +79,9 @@ def _linear_forward(self: PeftLoraLinear, x, *args, **kwargs):
 class SharedInputGroup:
     """Sibling projections of one input, computed together by whichever sibling is called first."""
 
-    def __init__(self, modules: list[PeftLoraLinear]):
+    def __init__(self, modules: list[PeftLoraLinear], kconcat: bool = False):
         self.modules = modules
+        self.kconcat = kconcat
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, index: int, x, *args, **kwargs):
@@ -91,7 +93,7 @@ class SharedInputGroup:
         if params is None or any(p is None for p in params):
             self.pending.clear()
             return _linear_forward(module, x, *args, **kwargs)
-        outs = _run_fused(lora_projections, x, params)
+        outs = _run_fused(lora_projections, x, params, kconcat=self.kconcat)
         self.pending = {j: (x, out) for j, out in enumerate(outs) if j != index}
         return outs[index]
 
@@ -105,36 +107,38 @@ def _mlp_forward(self: nn.Module, x, *args, **kwargs):
     params = None if (args or kwargs) else [_adapter(getattr(self, n), compute_dtype(x)) for n in MLP_PARTS]
     if params is None or any(p is None for p in params):
         return self._chronicals_unfused_forward(x, *args, **kwargs)
-    return _run_fused(lora_swiglu_mlp, x, *params)
+    return _run_fused(lora_swiglu_mlp, x, *params, kconcat=self.__dict__.get("_chronicals_kconcat", False))
 
 
-def _set_forward(module: nn.Module, fn) -> None:
+def _set_forward(module: nn.Module, fn, kconcat: bool) -> None:
     module._chronicals_previous_forward = module.__dict__.get("forward")
+    module._chronicals_kconcat = kconcat
     module.forward = types.MethodType(fn, module)
 
 
-def install_fused(model: nn.Module) -> int:
-    """Route the model's PEFT LoRA layers through the fused ops; returns how many modules were rerouted."""
+def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:
+    """Route the model's PEFT LoRA layers through the fused ops; returns how many modules were rerouted.
+    `kconcat`: use the ops' K-concatenated forwards (LoRAConfig.fused_kconcat)."""
     count = 0
     grouped: set[int] = set()
     for parent in model.modules():
         kids = {n: getattr(parent, n, None) for n in (*MLP_PARTS, "q_proj", "k_proj", "v_proj")}
         if all(isinstance(kids[n], PeftLoraLinear) for n in MLP_PARTS) and _is_silu(getattr(parent, "act_fn", None)):
             parent._chronicals_unfused_forward = parent.forward
-            _set_forward(parent, _mlp_forward)
+            _set_forward(parent, _mlp_forward, kconcat)
             count += 1
         for names in GROUPS:
             members = [kids[n] for n in names]
             if all(isinstance(m, PeftLoraLinear) for m in members):
-                group = SharedInputGroup(members)
+                group = SharedInputGroup(members, kconcat)
                 for i, m in enumerate(members):
                     m._chronicals_group, m._chronicals_group_index = group, i
-                    _set_forward(m, _grouped_forward)
+                    _set_forward(m, _grouped_forward, kconcat)
                     grouped.add(id(m))
                 count += len(members)
     for module in model.modules():
         if isinstance(module, PeftLoraLinear) and id(module) not in grouped:
-            _set_forward(module, _linear_forward)
+            _set_forward(module, _linear_forward, kconcat)
             count += 1
     return count
 
@@ -148,7 +152,8 @@ def remove_fused(model: nn.Module) -> None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
-            for attr in ("_chronicals_unfused_forward", "_chronicals_group", "_chronicals_group_index"):
+            for attr in ("_chronicals_unfused_forward", "_chronicals_group", "_chronicals_group_index",
+                         "_chronicals_kconcat"):
                 module.__dict__.pop(attr, None)
 
 

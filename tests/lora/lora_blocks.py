@@ -46,11 +46,14 @@ class QKVO(nn.Module):
 
 
 def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rslora: bool = False,
-            dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    """`block` with PEFT adapters on every linear, A and B both random (so the low-rank path matters)."""
+            dropout: float = 0.0, seed: int = 0, rank_pattern: dict | None = None,
+            alpha_pattern: dict | None = None) -> nn.Module:
+    """`block` with PEFT adapters on every linear, A and B both random (so the low-rank path matters);
+    `rank_pattern`/`alpha_pattern` (PEFT's: module name -> r / alpha) give layers their own rank and scale."""
     targets = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_dora=dora,
-                     use_rslora=rslora, lora_dropout=dropout)
+                     use_rslora=rslora, lora_dropout=dropout, rank_pattern=rank_pattern or {},
+                     alpha_pattern=alpha_pattern or {})
     torch.manual_seed(seed)
     model = inject_adapter_in_model(cfg, block)
     for name, p in model.named_parameters():
@@ -58,15 +61,16 @@ def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rs
     return model
 
 
-def three_precisions(model: nn.Module, dtype: torch.dtype, device: str = DEVICE):
-    """(float64 reference, native-dtype PEFT path, ours) copies of an adapted block."""
+def three_precisions(model: nn.Module, dtype: torch.dtype, device: str = DEVICE, kconcat: bool = False):
+    """(float64 reference, native-dtype PEFT path, ours) copies of an adapted block; `kconcat`: ours runs the
+    K-concatenated forwards."""
     ref = copy.deepcopy(model).double().to(device)
     native = copy.deepcopy(model).to(dtype).to(device)
     ours = copy.deepcopy(model).to(dtype).to(device)
     for name, p in ours.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
-    install_fused(ours)
+    install_fused(ours, kconcat=kconcat)
     return ref, native, ours
 
 
@@ -102,10 +106,11 @@ BF16_OUT_FACTOR = 2.0
 BF16_GRAD_FACTOR = 3.0
 
 
-def compare_with_peft(model, x, dy, dtype, grad_fn_names, device=DEVICE):
+def compare_with_peft(model, x, dy, dtype, grad_fn_names, device=DEVICE, kconcat=False, absent_names=()):
     """Output, dX and adapter gradients of our fused block against PEFT's float64 (reference) and native-dtype
-    (the bar) paths; `grad_fn_names` must appear in our autograd graph (the fused ops really ran)."""
-    ref, native, ours = three_precisions(model, dtype, device)
+    (the bar) paths; `grad_fn_names` must appear in our autograd graph (the fused ops really ran), and
+    `absent_names` must not."""
+    ref, native, ours = three_precisions(model, dtype, device, kconcat=kconcat)
     y_ref, dx_ref, g_ref = run(ref, x, dy, torch.float64, device)
     y_nat, dx_nat, g_nat = run(native, x, dy, dtype, device)
     y, dx, g = run(ours, x, dy, dtype, device)
@@ -113,6 +118,8 @@ def compare_with_peft(model, x, dy, dtype, grad_fn_names, device=DEVICE):
     names = graph_names(ours(x.to(device, dtype).requires_grad_(True)))
     for name in grad_fn_names:
         assert name in names, f"{name} not in the autograd graph: {sorted(names)}"
+    for name in absent_names:
+        assert name not in names, f"{name} in the autograd graph: {sorted(names)}"
     assert y.dtype == dtype
     out_factor = BF16_OUT_FACTOR if dtype != torch.float32 else 1.0
     assert_no_worse("output", y, y_nat, y_ref, dtype, factor=out_factor)
