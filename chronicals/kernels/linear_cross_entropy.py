@@ -429,8 +429,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     A label outside [0, V) that is not `ignore_index` raises a ValueError naming it; that check reads a flag back
     from the GPU. `check_labels=False` skips it for training loops whose data is validated up front (the
     patched models, after ChronicalsTrainer's token-id check): such a label then makes the loss NaN, never a
-    silently wrong number, and costs no host synchronisation (measured on the H200: the synchronisation stalled
-    a 0.5B full-fine-tuning step, 123.5 ms without it against 144.5 ms with it in one run).
+    silently wrong number, and costs no host synchronisation. (On the H200, a 0.5B full-fine-tuning step took
+    144.5 ms with the check and 123.5 ms without it in one benchmarks/step_profile.py run; the harness runs before
+    and after the change, 120.6 and 126.5 ms, did not separate it from run-to-run noise.)
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         # As autocast would run the lm_head matmul: in its low-precision dtype (the casts stay on the
