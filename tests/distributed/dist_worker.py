@@ -111,7 +111,7 @@ def lora(out: Path, strategy: str = "auto") -> dict:
     # PEFT's own LoRA layers: what is checked here is the data parallelism around them; the fused LoRA ops are
     # compared with PEFT in tests/lora (their CPU fallback without the Triton interpreter is not, see the report).
     install_fused = lora_apply.install_fused
-    lora_apply.install_fused = lambda model: 0
+    lora_apply.install_fused = lambda model, **options: 0
     try:
         trainer = ChronicalsTrainer(model(), tokenizer(),
                                     config(out, use_lora=True, lora_rank=4, learning_rate=1e-2,
