@@ -50,52 +50,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
+from . import swiglu as swiglu_kernels
 from ._utils import INTERPRET
-
-_BLOCK = 1024
-
-
-# The SwiGLU kernels walk contiguous tensors as one flat row (rows = 1, strides unused), or 2-D tensors with unit
-# column stride row by row (program p: row p // col_blocks, column block p % col_blocks), so e and g may be the
-# two column halves of one [N, 2I] buffer (the K-concatenated gate|up output) and h a column block of [N, I + r].
-@triton.jit
-def _swiglu_forward_kernel(e_ptr, g_ptr, h_ptr, n_cols, col_blocks, stride_e, stride_g, stride_h,
-                           BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    e = tl.load(e_ptr + row * stride_e + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    h = e * tl.sigmoid(e) * g
-    tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _swiglu_backward_inplace_kernel(dh_ptr, e_ptr, g_ptr, n_cols, col_blocks, stride_dh, stride_e, stride_g,
-                                    BLOCK: tl.constexpr):
-    # Reads dh, e, g; writes h over dh, de over e, dg over g (all three loaded before any store).
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    dh_ptrs = dh_ptr + row * stride_dh + cols
-    e_ptrs = e_ptr + row * stride_e + cols
-    g_ptrs = g_ptr + row * stride_g + cols
-    dh = tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(e_ptrs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(e)
-    silu = e * sig
-    h = silu * g
-    dg = dh * silu
-    de = dh * g * sig * (1.0 + e * (1.0 - sig))
-    tl.store(dh_ptrs, h.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(e_ptrs, de.to(e_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_ptrs, dg.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _autocast_off(method):
@@ -112,59 +69,38 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or INTERPRET
 
 
-def _swiglu_layout(**tensors) -> tuple[int, int, int, list[int]]:
-    """(rows, n_cols, BLOCK, row strides) of same-shape, same-dtype tensors: one flat row when all are contiguous,
-    else 2-D tensors with unit column stride and any row strides."""
-    first = next(iter(tensors.values()))
-    for name, t in tensors.items():
-        if t.shape != first.shape or t.dtype != first.dtype:
-            raise ValueError(f"{name} must have the shape and dtype of the others "
-                             f"(got {tuple(t.shape)} {t.dtype}, not {tuple(first.shape)} {first.dtype})")
-    if all(t.is_contiguous() for t in tensors.values()):
-        return 1, first.numel(), _BLOCK, [0] * len(tensors)
-    for name, t in tensors.items():
-        if t.ndim != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError(f"{name} must be contiguous, or 2-D with unit column stride "
-                             f"(got shape {tuple(t.shape)}, strides {t.stride()})")
-    rows, n_cols = first.shape
-    return rows, n_cols, min(_BLOCK, triton.next_power_of_2(max(n_cols, 1))), [t.stride(0) for t in tensors.values()]
-
-
 # Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
 # around them and runs them eagerly, autograd Function and Triton launches included (dynamo cannot trace the
 # autotuned launches, nor the interpreter's).
 @torch.compiler.disable
 def swiglu_forward(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(e) * g, computed in fp32 and stored in e's dtype, into `out` (a new contiguous tensor when None).
-    e, g and out share one shape and are contiguous, or 2-D with unit column stride (e.g. column halves)."""
+    e, g and out share one shape and dtype and are contiguous, or 2-D with unit column stride (e.g. column
+    halves). The kernel is chronicals.kernels.swiglu's; this adds the plain-PyTorch path for CPUs without Triton."""
     h = torch.empty(e.shape, dtype=e.dtype, device=e.device) if out is None else out
-    rows, n_cols, block, strides = _swiglu_layout(e=e, g=g, out=h)
-    if not _use_triton(e):
-        return h.copy_(torch.nn.functional.silu(e.float()) * g.float())
-    if rows and n_cols:
-        col_blocks = triton.cdiv(n_cols, block)
-        _swiglu_forward_kernel[(rows * col_blocks,)](e, g, h, n_cols, col_blocks, *strides, BLOCK=block)
-    return h
+    if _use_triton(e):
+        return swiglu_kernels.swiglu_forward(e, g, out=h)
+    swiglu_kernels.layout(e=e, g=g, out=h)
+    return h.copy_(torch.nn.functional.silu(e.float()) * g.float())
 
 
 @torch.compiler.disable
 def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
     """Overwrite dh with h, e with de and g with dg; returns (h, de, dg) as those same buffers. Layouts as for
     `swiglu_forward` (e and g may be the column halves of one buffer)."""
-    rows, n_cols, block, strides = _swiglu_layout(dh=dh, e=e, g=g)
-    if not _use_triton(e):
-        # .float() of an fp32 tensor is that tensor itself: every result is formed before any buffer is written.
-        ef, gf, dhf = e.float(), g.float(), dh.float()
-        sig = torch.sigmoid(ef)
-        silu = ef * sig
-        h, dg, de = silu * gf, dhf * silu, dhf * gf * sig * (1.0 + ef * (1.0 - sig))
-        dh.copy_(h)
-        g.copy_(dg)
-        e.copy_(de)
+    if _use_triton(e):
+        # The kernel loads dh, e, g before it stores, element by element, so its outputs may be its inputs.
+        swiglu_kernels.swiglu_backward(dh, e, g, da=e, db=g, c=dh)
         return dh, e, g
-    if rows and n_cols:
-        col_blocks = triton.cdiv(n_cols, block)
-        _swiglu_backward_inplace_kernel[(rows * col_blocks,)](dh, e, g, n_cols, col_blocks, *strides, BLOCK=block)
+    swiglu_kernels.layout(dh=dh, e=e, g=g)
+    # .float() of an fp32 tensor is that tensor itself: every result is formed before any buffer is written.
+    ef, gf, dhf = e.float(), g.float(), dh.float()
+    sig = torch.sigmoid(ef)
+    silu = ef * sig
+    h, dg, de = silu * gf, dhf * silu, dhf * gf * sig * (1.0 + ef * (1.0 - sig))
+    dh.copy_(h)
+    g.copy_(dg)
+    e.copy_(de)
     return dh, e, g
 
 

@@ -66,13 +66,15 @@ def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, n_cols, col_blocks, stride_dc, strid
         tl.store(C + row * stride_c + cols, cast_rne(silu * b, C.dtype.element_ty), mask=mask)
 
 
-def _layout(**tensors) -> tuple[int, int, list[int], int, int]:
-    """(rows, n_cols, row strides, BLOCK, num_warps) for same-shaped tensors: one flat row when all are
-    contiguous, else 2-D tensors with unit column stride and any row strides."""
+def layout(**tensors) -> tuple[int, int, list[int], int, int]:
+    """(rows, n_cols, row strides, BLOCK, num_warps) for tensors of one shape and dtype: one flat row when all
+    are contiguous, else 2-D tensors with unit column stride and any row strides. Raises a ValueError naming
+    the tensor otherwise."""
     first = next(iter(tensors.values()))
     for name, t in tensors.items():
-        if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but the others have {tuple(first.shape)}")
+        if t.shape != first.shape or t.dtype != first.dtype:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} and dtype {t.dtype} but the others have "
+                             f"{tuple(first.shape)} and {first.dtype}")
     if all(t.is_contiguous() for t in tensors.values()):
         return 1, first.numel(), [0] * len(tensors), _BLOCK, _NUM_WARPS
     for name, t in tensors.items():
@@ -90,7 +92,7 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
     """Launch the forward: c = silu(a) * b into `out` (a new contiguous tensor when None). a, b and out share
     one shape and are contiguous, or 2-D with unit column stride (any row strides, e.g. column halves)."""
     c = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out
-    rows, n_cols, strides, block, warps = _layout(a=a, b=b, out=c)
+    rows, n_cols, strides, block, warps = layout(a=a, b=b, out=c)
     if rows and n_cols:
         col_blocks = triton.cdiv(n_cols, block)
         _swiglu_fwd_kernel[(rows * col_blocks,)](a, b, c, n_cols, col_blocks, *strides, BLOCK=block, num_warps=warps)
@@ -105,7 +107,7 @@ def swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, da: t
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if db is None else db
     write_c = c is not None
-    rows, n_cols, strides, block, warps = _layout(dc=dc, a=a, b=b, da=da, db=db, c=c if write_c else dc)
+    rows, n_cols, strides, block, warps = layout(dc=dc, a=a, b=b, da=da, db=db, c=c if write_c else dc)
     if rows and n_cols:
         col_blocks = triton.cdiv(n_cols, block)
         _swiglu_bwd_kernel[(rows * col_blocks,)](dc, a, b, da, db, c if write_c else dc, n_cols, col_blocks,
