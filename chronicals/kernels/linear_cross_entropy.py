@@ -68,6 +68,15 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _load_logits(row_ptr, bias_ptr, v_start, cols, mask, HAS_BIAS: tl.constexpr):
+    # One tile of a logits row in fp32, the bias of its vocabulary columns added (masked columns read 0).
+    z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + v_start + cols, mask=mask, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr,
                       v_start, n_cols, softcap,
                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -83,9 +92,7 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
     while start < n_cols:  # not range(): the interpreter cannot index with its 1-element scalars
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + v_start + cols, mask=mask, other=0.0).to(tl.float32)
+        z = _load_logits(row_ptr, bias_ptr, v_start, cols, mask, HAS_BIAS)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
         z = tl.where(mask, z, float("-inf"))
@@ -117,9 +124,7 @@ def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, ro
     while start < n_cols:  # not range(): the interpreter cannot index with its 1-element scalars
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + v_start + cols, mask=mask, other=0.0).to(tl.float32)
+        z = _load_logits(row_ptr, bias_ptr, v_start, cols, mask, HAS_BIAS)
         if HAS_SOFTCAP:
             t = _tanh(z / softcap)
             z = softcap * t
