@@ -4,6 +4,8 @@
   do_bench). Includes host launch overhead whenever the GPU work is shorter than it.
 - `bench_graph_ms`: the same calls replayed from a CUDA graph: GPU time only, as in a training step
   where the host runs ahead of the GPU. The caller rotates inputs when they would fit in L2.
+- `time_calls_ms`: each of n calls timed on its own (CUDA events, or the wall clock on CPU), for steps that
+  are long next to the timing's overhead (a training step); returns the times and the last call's result.
 - `copy_bandwidth_gbs`: a large device-to-device copy (bytes read + written) in the same run, the
   practical ceiling for a memory-bound kernel.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -46,6 +49,24 @@ def bench_graph_ms(fn, *, calls: int = 20, replays: int = 10, warmup: int = 3) -
     del graph
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": "cuda_graph"}
+
+
+def time_calls_ms(fn, calls: int, *, cuda: bool = True) -> tuple[list[float], object]:
+    """Milliseconds of each of `calls` calls of fn, each ended by a synchronisation, and fn's last result."""
+    times, result = [], None
+    for _ in range(calls):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            result = fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times, result
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**31, device="cuda") -> float:

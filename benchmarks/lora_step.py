@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -138,23 +137,12 @@ def run_variant(variant: str, checkpoint: Path, device: str, warmup: int, steps:
     first_loss = float(step())
     for _ in range(warmup - 1):
         step()
-    last = None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            last = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            last = step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    from benchmarks._timing import time_calls_ms
+
+    times, last = time_calls_ms(step, steps, cuda=cuda)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     med = statistics.median(times)
     return {
@@ -177,23 +165,13 @@ def _time_forward_backward(block, x, cuda: bool) -> tuple[float, float | None]:
 
     for _ in range(3):
         fwd_bwd()
-    times = []
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(10 if cuda else 2):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fwd_bwd()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fwd_bwd()
-            times.append((time.perf_counter() - t0) * 1e3)
+    from benchmarks._timing import time_calls_ms
+
+    times, _ = time_calls_ms(fwd_bwd, 10 if cuda else 2, cuda=cuda)
     extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
     return statistics.median(times), extra
 

@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -35,6 +36,7 @@ sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Pat
 import torch  # noqa: E402
 
 import chronicals  # noqa: E402
+from benchmarks._timing import time_calls_ms  # noqa: E402
 from chronicals.kernels import linear_cross_entropy as lce  # noqa: E402
 from chronicals.models.presets import build_model  # noqa: E402
 
@@ -44,8 +46,7 @@ LCE_ONLY = dict(ALL, rms_norm=False, swiglu=False, rope=False)
 
 # name -> (mode, apply flags, options). Options: compile_layers (torch.compile each decoder layer in place),
 # row_chunk (the fused cross-entropy's row block), fused_lora, lora_kconcat (LoRAConfig.fused_kconcat: the low-rank
-# term folded into the base matmul along K), no_label_check (skip the fused cross-entropy's label-range check,
-# which synchronises with the host: what that synchronisation costs).
+# term folded into the base matmul along K).
 VARIANTS = {
     "full": ("full", ALL, {}),
     "full_chunk1024": ("full", ALL, {"row_chunk": 1024}),
@@ -53,7 +54,6 @@ VARIANTS = {
     "full_compile_layers": ("full", ALL, {"compile_layers": True}),
     "full_hf_layers_compiled_lce": ("full", LCE_ONLY, {"compile_layers": True}),
     "full_unpatched": ("full", {k: False for k in ALL}, {}),
-    "full_no_label_check": ("full", ALL, {"no_label_check": True}),
     "lora": ("lora", ALL, {}),
     "lora_compile_layers": ("lora", ALL, {"compile_layers": True}),
     "lora_unfused": ("lora", ALL, {"fused_lora": False}),
@@ -188,10 +188,12 @@ def attention_backends(batch: int, seq_len: int, q_heads: int = 14, kv_heads: in
 
 def run_variant(name: str, args) -> dict:
     mode, flags, options = VARIANTS[name]
-    if "row_chunk" in options:
-        lce.DEFAULT_ROW_CHUNK = options["row_chunk"]
-    if options.get("no_label_check"):
-        lce.check_label_range = lambda *args: None
+    # The row block is read at call time; patched for this variant only, restored even when it crashes.
+    with mock.patch.object(lce, "DEFAULT_ROW_CHUNK", options.get("row_chunk", lce.DEFAULT_ROW_CHUNK)):
+        return _timed_variant(name, mode, flags, options, args)
+
+
+def _timed_variant(name: str, mode: str, flags: dict, options: dict, args) -> dict:
     preset = args.lora_model if mode == "lora" else args.full_model
     row = {"variant": name, "mode": mode, "model": preset, "flags": flags, "options": options,
            "batch": args.batch, "seq_len": args.seq_len}
@@ -208,14 +210,7 @@ def run_variant(name: str, args) -> dict:
     torch.cuda.synchronize()
     row["build_and_warmup_s"] = time.perf_counter() - t_build
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times, _ = time_calls_ms(step, args.steps)
     q = statistics.quantiles(times, n=10)
     median = statistics.median(times)
     row.update(first_loss=first_loss, step_ms=median, p20_ms=q[1], p80_ms=q[7],
@@ -223,14 +218,10 @@ def run_variant(name: str, args) -> dict:
                peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
     if name in args.profile:
         row["profile"] = profile(step)
-    lce.DEFAULT_ROW_CHUNK, lce.check_label_range = DEFAULT_ROW_CHUNK, CHECK_LABEL_RANGE
     del model, params, step
     gc.collect()
     torch.cuda.empty_cache()
     return row
-
-
-DEFAULT_ROW_CHUNK, CHECK_LABEL_RANGE = lce.DEFAULT_ROW_CHUNK, lce.check_label_range
 
 
 def main():

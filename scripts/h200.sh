@@ -37,7 +37,7 @@ for spec in "$@"; do
     trainer) stage trainer "$limit" python3 benchmarks/trainer.py --out "$res" "${quick[@]}" ;;
     # Where a step's time goes (kernels, GPU idle gaps, host ops) and the speed levers A/B'd; VARIANTS overrides.
     profile) stage profile "$limit" python3 benchmarks/step_profile.py --out "$res" --attention \
-               --variants "${VARIANTS:-full,full_no_label_check,lora,lora_unfused}" --profile full,lora ;;
+               --variants "${VARIANTS:-full,lora,lora_kconcat,lora_unfused}" --profile full,lora ;;
     full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
     lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
     ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${matrix[@]}" ;;
