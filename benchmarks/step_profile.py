@@ -74,7 +74,8 @@ def build(preset: str, mode: str, flags: dict, options: dict, seed: int):
                                              fused=options.get("fused_lora", True),
                                              fused_kconcat=options.get("lora_kconcat", False)))
     if options.get("compile_layers"):
-        for layer in model.model.layers:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
+        for layer in causal_lm.model.layers:
             layer.compile()
     return model
 
