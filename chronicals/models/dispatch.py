@@ -14,7 +14,6 @@ import torch
 
 from chronicals.kernels._utils import INTERPRET, SUPPORTED_DTYPES
 
-
 # Known once at import: a plain bool is also what torch.compile can read without tracing a cached function.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _plain_linear(module) -> bool:
+def plain_linear(module) -> bool:
+    """A bare `nn.Linear` (no subclass, hooks or replaced forward) whose weight may be read and used directly."""
     return (type(module) is nn.Linear and "forward" not in vars(module)
             and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                      or module._backward_pre_hooks))
@@ -29,7 +30,7 @@ def qkv_fusable(attention: nn.Module) -> bool:
     """Whether `attention`'s q_proj, k_proj and v_proj can run as one matmul: all plain `nn.Linear`s without
     hooks, weights of one dtype and device, and biases on all three (of the weights' dtype) or on none."""
     projs = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-    if not all(_plain_linear(p) for p in projs):
+    if not all(plain_linear(p) for p in projs):
         return False
     weight = projs[0].weight
     if any(p.weight.dtype != weight.dtype or p.weight.device != weight.device

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import kernels_usable
-from .projections import _plain_linear
+from .projections import plain_linear
 
 SILU_NAMES = ("silu", "swish")
 
@@ -20,7 +20,7 @@ def _plain_weights(mlp, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
     or replaced forward: those stay module calls) on x's device, in one dtype that is x's (or any, under
     autocast, which casts them all); else None."""
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if not all(_plain_linear(m) and m.bias is None for m in layers):
+    if not all(plain_linear(m) and m.bias is None for m in layers):
         return None
     weights = tuple(m.weight for m in layers)
     dtype = weights[0].dtype
