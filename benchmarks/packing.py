@@ -86,8 +86,7 @@ def per_sequence_attention(q, k, v, lengths):
 def available_backends(device) -> list[str]:
     names = ["sdpa_loop"]
     if device == "cuda":
-        names = [b for b in ("flash_attn", "torch_varlen") if attention._installed(
-            "flash_attn" if b == "flash_attn" else "torch.nn.attention.varlen")] + names
+        names = [b for b in ("flash_attn_cute", "flash_attn", "torch_varlen") if attention.available(b)] + names
     return names
 
 
@@ -107,7 +106,7 @@ def check_attention(device, dtype, lengths) -> list[dict]:
     truth = run(lambda q, k, v: per_sequence_attention(q, k, v, lengths), torch.float64)
     native = run(lambda q, k, v: per_sequence_attention(q, k, v, lengths), dtype)
     rows = []
-    default = attention.select_backend(torch.device(device), dtype)
+    default = attention.select_backend(torch.device(device), dtype, HEADS[2])
     for backend in available_backends(device):
         gate = backend == default  # the path models take gates the exit code; the others are information
         try:

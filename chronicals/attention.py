@@ -5,9 +5,11 @@ sequence start and `cu_seq_lens_q` ([n+1], int32) holds the cumulative sequence 
 tokens, so sequence i is tokens cu[i]:cu[i+1]. Attention is causal within a sequence and never crosses a
 boundary; no [tokens, tokens] mask is ever built (memory O(tokens)).
 
-Backends, fastest first (`select_backend`): flash-attn's `flash_attn_varlen_func`, PyTorch's
-`torch.nn.attention.varlen.varlen_attn` (both FlashAttention over [tokens, heads, dim], CUDA half
-precision), and a loop of per-sequence SDPA calls that runs anywhere (the CPU path, and any dtype).
+Backends, fastest first (`select_backend`): FlashAttention 4's CuTe kernels (`flash_attn.cute`, the
+`flash-attn-4` package; Hopper and Blackwell, where FlashAttention-2 runs at about half the matrix units'
+rate), flash-attn's `flash_attn_varlen_func`, PyTorch's `torch.nn.attention.varlen.varlen_attn` (both
+FlashAttention-2 over [tokens, heads, dim], CUDA half precision), and a loop of per-sequence SDPA calls that
+runs anywhere (the CPU path, and any dtype).
 
 Registered with transformers as attn_implementation "chronicals_varlen": batches without `cu_seq_lens_q`
 (padded batches, generation) take HF's SDPA path unchanged.
@@ -120,6 +122,15 @@ def _flash_attn(q, k, v, layout, scale, left):
                                   window_size=(left, 0))
 
 
+def _flash_attn_cute(q, k, v, layout, scale, left):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    cu, m = layout.cu_seqlens, layout.max_length
+    out, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m,
+                                    softmax_scale=scale, causal=True, window_size=(None if left < 0 else left, 0))
+    return out
+
+
 def _torch_varlen(q, k, v, layout, scale, left):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -185,7 +196,12 @@ def _sdpa_loop(q, k, v, layout, scale, left):
     return torch.cat(outs)
 
 
-BACKENDS = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa_loop": _sdpa_loop}
+BACKENDS = {"flash_attn_cute": _flash_attn_cute, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen,
+            "sdpa_loop": _sdpa_loop}
+# The module each backend needs. flash-attn 2 and 4 share the `flash_attn` name (4 installs only flash_attn.cute,
+# a namespace package), so each is found by its own submodule.
+REQUIRES = {"flash_attn_cute": "flash_attn.cute", "flash_attn": "flash_attn.flash_attn_interface",
+            "torch_varlen": "torch.nn.attention.varlen"}
 
 
 @cache
@@ -196,13 +212,22 @@ def _installed(module: str) -> bool:
         return False
 
 
-def select_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The fastest backend that can run on `device` with `dtype`."""
-    if torch.device(device).type == "cuda" and dtype in HALF_DTYPES:
-        if _installed("flash_attn"):
-            return "flash_attn"
-        if _installed("torch.nn.attention.varlen"):
-            return "torch_varlen"
+def available(backend: str) -> bool:
+    return backend in BACKENDS and (backend not in REQUIRES or _installed(REQUIRES[backend]))
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
+    """The fastest backend that can run on `device` with `dtype` and `head_dim`."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype in HALF_DTYPES:
+        # FlashAttention 4 has Hopper (sm90) and Blackwell (sm100/sm110) kernels for head dims 8..256 in steps of 8;
+        # on older GPUs FlashAttention-2 is the faster one.
+        if torch.cuda.get_device_capability(device)[0] in (9, 10, 11) and head_dim % 8 == 0 \
+                and 8 <= head_dim <= 256 and available("flash_attn_cute"):
+            return "flash_attn_cute"
+        for name in ("flash_attn", "torch_varlen"):
+            if available(name):
+                return name
     return "sdpa_loop"
 
 
@@ -219,7 +244,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
-    name = backend or select_backend(q.device, q.dtype)
+    name = backend or select_backend(q.device, q.dtype, q.shape[-1])
     if name not in BACKENDS:
         raise ValueError(f"unknown varlen attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
