@@ -2,9 +2,9 @@
 # FlashAttention 4 (CuTe DSL kernels; sm90 forward and backward, varlen, GQA) for the GPU host, which reaches no
 # registry. Its compiler library (nvidia-cutlass-dsl-libs-cu13) alone packs to ~60 MB, more than one device call
 # may carry next to .gpu-carry, so the packed site is split in two parts sent by two calls on the warm machine:
-#   bash scripts/fa4_carry.sh                 # here: writes .fa4-carry/part-aa, part-ab (ignored by git)
-#   call 1 (carry .fa4-carry with part-aa):   mkdir -p /tmp/fa4 && cp .fa4-carry/part-* /tmp/fa4/
-#   call 2 (carry .fa4-carry with part-ab):   source scripts/fa4_unpack.sh
+#   bash scripts/fa4_carry.sh                 # here: writes .fa4-carry/part-00, part-01 (ignored by git)
+#   call 1 (carry .fa4-carry with part-00):   mkdir -p /tmp/fa4 && cp .fa4-carry/part-* /tmp/fa4/
+#   call 2 (carry .fa4-carry with part-01):   source scripts/fa4_unpack.sh
 # On a host with a registry: pip install flash-attn-4 (chronicals.attention then picks it on Hopper/Blackwell).
 set -euo pipefail
 out="$PWD/.fa4-carry"
