@@ -313,8 +313,33 @@ def test_several_packed_rows():
             start += len(s)
 
 
+def test_backend_preference(monkeypatch):
+    # FlashAttention 4 first on Hopper/Blackwell (head dims 8..256, multiples of 8), else FA2 (flash-attn, then
+    # torch's varlen_attn); each is found by its own module: flash-attn 4 installs `flash_attn` as a namespace
+    # package holding only `cute`, which must not pass for flash-attn 2.
+    installed = {"flash_attn.cute"}
+    monkeypatch.setattr(attention, "_installed", lambda module: module in installed)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    cuda = torch.device("cuda")
+    assert attention.select_backend(cuda, torch.bfloat16, 64) == "flash_attn_cute"
+    assert attention.select_backend(cuda, torch.float32, 64) == "sdpa_loop"
+    assert attention.select_backend(cuda, torch.bfloat16, 12) == "sdpa_loop"  # not a multiple of 8
+    assert attention.select_backend(cuda, torch.bfloat16, 512) == "sdpa_loop"
+    capability[0] = (8, 0)  # Ampere: FA4's sm80 path is no faster than FA2's
+    assert attention.select_backend(cuda, torch.bfloat16, 64) == "sdpa_loop"
+    installed.add("torch.nn.attention.varlen")
+    assert attention.select_backend(cuda, torch.bfloat16, 64) == "torch_varlen"
+    installed.add("flash_attn.flash_attn_interface")
+    assert attention.select_backend(cuda, torch.float16, 64) == "flash_attn"
+    capability[0] = (10, 0)
+    assert attention.select_backend(cuda, torch.float16, 128) == "flash_attn_cute"
+    assert attention.select_backend(torch.device("cpu"), torch.bfloat16, 64) == "sdpa_loop"
+    assert not attention.available("magic")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch_varlen"])
+@pytest.mark.parametrize("backend", ["flash_attn_cute", "torch_varlen"])
 def test_gpu_backends_match_float64_reference(backend):
     lengths, (hq, hkv, d), dtype = [33, 1, 300, 129, 64], (14, 2, 64), torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -326,6 +351,8 @@ def test_gpu_backends_match_float64_reference(backend):
         out = fn(*leaves)
         return [out, *torch.autograd.grad(out, leaves, grad_out.to("cuda", dt))]
 
+    if not attention.available(backend):
+        pytest.skip(f"{backend} is not installed here")
     try:
         ours = run(lambda q, k, v: varlen_attention(q, k, v, layout_of(lengths, "cuda"), backend=backend), dtype)
     except (RuntimeError, NotImplementedError) as exc:  # not every torch build has every backend
