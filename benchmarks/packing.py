@@ -209,6 +209,10 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
             continue
         variants[f"packed {backend}"] = fwd_bwd(
             lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, k, v), grad)
+        if backend != "sdpa_loop":  # the dense batch through the same kernel: each 2048-token row one sequence
+            rows_layout = layout_of([ROW] * rows_dense, dev)
+            variants[f"dense rows as sequences, {backend}"] = fwd_bwd(
+                lambda a, b, c, n=backend: varlen_attention(a, b, c, rows_layout, backend=n), (q, k, v), grad)
         if backend in ("torch_varlen", "flash_attn"):
             variants[f"packed {backend} (K/V repeated)"] = fwd_bwd(
                 lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, kr, vr), grad)
@@ -222,7 +226,7 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
     fresh = layout_of(moved, dev)
     for row in results:
         backend = row["variant"].removeprefix("packed ")
-        if row["status"] == "ok" and backend in attention.BACKENDS:
+        if row["status"] == "ok" and backend in attention.BACKENDS and row["variant"].startswith("packed "):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             torch.autograd.grad(varlen_attention(q, k, v, fresh, backend=backend), (q, k, v), grad)
