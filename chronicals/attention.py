@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -212,8 +213,13 @@ def _installed(module: str) -> bool:
         return False
 
 
+# Backends that raised when chosen automatically (an optional package that installs but cannot compile or launch
+# here, say): skipped from then on, with one warning, instead of failing every forward.
+_BROKEN: dict[str, str] = {}
+
+
 def available(backend: str) -> bool:
-    return backend in BACKENDS and (backend not in REQUIRES or _installed(REQUIRES[backend]))
+    return backend in BACKENDS and backend not in _BROKEN and (backend not in REQUIRES or _installed(REQUIRES[backend]))
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
@@ -244,12 +250,25 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
-    name = backend or select_backend(q.device, q.dtype, q.shape[-1])
-    if name not in BACKENDS:
-        raise ValueError(f"unknown varlen attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     left = -1 if sliding_window is None else sliding_window - 1
-    return BACKENDS[name](q, k, v, layout, scale, left)
+    if backend is not None:
+        return BACKENDS[backend](q, k, v, layout, scale, left)
+    while True:
+        name = select_backend(q.device, q.dtype, q.shape[-1])
+        if name not in ("flash_attn_cute", "flash_attn"):  # torch's own paths: their errors are the caller's
+            return BACKENDS[name](q, k, v, layout, scale, left)
+        try:
+            return BACKENDS[name](q, k, v, layout, scale, left)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # an optional package's failure: fall back to the next backend, once and loudly
+            _BROKEN[name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"packed attention: the {name} backend failed ({_BROKEN[name][:300]}); using "
+                          f"{select_backend(q.device, q.dtype, q.shape[-1])} from now on", RuntimeWarning,
+                          stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -361,3 +361,25 @@ def test_gpu_backends_match_float64_reference(backend):
     truth = run(lambda q, k, v: reference(q, k, v, lengths, d ** -0.5, None), torch.float64)
     for name, o, n, t in zip(("out", "dq", "dk", "dv"), ours, native, truth):
         assert_no_worse(f"{backend} {name}", o, n, t, dtype, factor=2.0)
+
+
+def test_failing_optional_backend_falls_back_once(monkeypatch):
+    # An installed optional kernel that cannot run here (a compile or launch error) must not break training: the
+    # automatic choice warns once, marks it broken and takes the next backend; an explicit choice still raises.
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setitem(attention.BACKENDS, "flash_attn", broken)
+    monkeypatch.setattr(attention, "_BROKEN", {})
+    chosen = iter(["flash_attn", "sdpa_loop", "sdpa_loop"])
+    monkeypatch.setattr(attention, "select_backend", lambda *a: next(chosen))
+    q = torch.randn(10, 4, 8)
+    with pytest.warns(RuntimeWarning, match="flash_attn backend failed .*no kernel for this GPU"):
+        out = varlen_attention(q, q, q, layout_of([4, 6], "cpu"))
+    torch.testing.assert_close(out, attention.BACKENDS["sdpa_loop"](q, q, q, layout_of([4, 6], "cpu"), 8 ** -0.5, -1))
+    assert calls == [1] and "flash_attn" in attention._BROKEN and not attention.available("flash_attn")
+    with pytest.raises(RuntimeError, match="no kernel"):
+        varlen_attention(q, q, q, layout_of([4, 6], "cpu"), backend="flash_attn")
