@@ -210,9 +210,9 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
         variants[f"packed {backend}"] = fwd_bwd(
             lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, k, v), grad)
         if backend != "sdpa_loop":  # the dense batch through the same kernel: each 2048-token row one sequence
-            rows_layout = layout_of([ROW] * rows_dense, dev)
             variants[f"dense rows as sequences, {backend}"] = fwd_bwd(
-                lambda a, b, c, n=backend: varlen_attention(a, b, c, rows_layout, backend=n), (q, k, v), grad)
+                lambda a, b, c, n=backend, lay=layout_of([ROW] * rows_dense, dev): varlen_attention(
+                    a, b, c, lay, backend=n), (q, k, v), grad)
         if backend in ("torch_varlen", "flash_attn"):
             variants[f"packed {backend} (K/V repeated)"] = fwd_bwd(
                 lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, kr, vr), grad)
@@ -347,7 +347,8 @@ def print_table(res):
             if r["status"] == "ok":
                 first = f"   first call, new layout {r['first_call_new_layout_ms']:.1f} ms" \
                     if "first_call_new_layout_ms" in r else ""
-                print(f"  {r['variant']:<46} {r['ms']:8.3f} ms   x{r.get('vs_dense', float('nan')):.2f} of dense{first}")
+                vs = r.get("vs_dense", float("nan"))
+                print(f"  {r['variant']:<46} {r['ms']:8.3f} ms   x{vs:.2f} of dense{first}")
             else:
                 print(f"  {r['variant']:<46} unavailable: {r['reason'][:70]}")
         print(f"  default packed path: {facts.get('default_backend')}, x{a.get('default_vs_dense', float('nan')):.2f}"
