@@ -178,6 +178,7 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
     hq, hkv, d = HEADS
     total, dtype = sum(lengths), torch.bfloat16
     rows_dense = total // ROW
+    rows_layout = layout_of([ROW] * rows_dense, dev)  # the dense batch's rows as sequences
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(total, h, d, device=dev, dtype=dtype, generator=g, requires_grad=True)
                for h in (hq, hkv, hkv))
@@ -211,8 +212,7 @@ def time_attention(lengths, quick, dev="cuda", bench_ms=None) -> list[dict]:
             lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, k, v), grad)
         if backend != "sdpa_loop":  # the dense batch through the same kernel: each 2048-token row one sequence
             variants[f"dense rows as sequences, {backend}"] = fwd_bwd(
-                lambda a, b, c, n=backend, lay=layout_of([ROW] * rows_dense, dev): varlen_attention(
-                    a, b, c, lay, backend=n), (q, k, v), grad)
+                lambda a, b, c, n=backend: varlen_attention(a, b, c, rows_layout, backend=n), (q, k, v), grad)
         if backend in ("torch_varlen", "flash_attn"):
             variants[f"packed {backend} (K/V repeated)"] = fwd_bwd(
                 lambda a, b, c, n=backend: varlen_attention(a, b, c, layout, backend=n), (q, kr, vr), grad)
