@@ -333,9 +333,9 @@ def prepare_packed_batch(kwargs: dict) -> dict:
         if position_ids is None or kwargs.get("past_key_values") is not None or _has_padding(mask):
             return kwargs
         position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        if not bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any()):
+            return kwargs  # no row restarts inside itself: one sequence per row (at any offset), dense attention
         layout = layout_from_position_ids(position_ids)
-        if layout.num_sequences == batch:
-            return kwargs
     else:
         if kwargs.get("past_key_values") is not None:
             raise ValueError("packed batches (cu_seq_lens_q) run without a KV cache; do not pass past_key_values")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,8 +261,13 @@ def _check_values(cfg: ChronicalsConfig) -> None:
         if not ok:
             raise ConfigError(f"config field {name!r} is {getattr(cfg, name)!r}; it must be {rule}")
 
-    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_seq_length", "logging_steps", "lora_rank"):
+    for name in ("learning_rate", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "max_grad_norm", "lora_alpha", "lora_dropout", "lora_plus_ratio"):
+        need(math.isfinite(getattr(cfg, name)), name, "a finite number")
+    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "logging_steps", "lora_rank"):
         need(getattr(cfg, name) >= 1, name, "an integer >= 1")
+    need(cfg.max_seq_length >= 2, "max_seq_length", "an integer >= 2 (a token and the one it predicts)")
+    need(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32)")
     for name in ("warmup_steps", "save_steps"):
         need(getattr(cfg, name) >= 0, name, "an integer >= 0")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "-1 (use epochs) or an integer >= 1")

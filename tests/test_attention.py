@@ -286,6 +286,16 @@ def test_padded_batches_and_generation_keep_hf_behaviour():
     assert torch.equal(model.generate(ids, **gen), hf.generate(ids, **gen))
 
 
+def test_rows_that_do_not_restart_are_plain_sequences_at_any_offset():
+    # position_ids 5..12 (scoring a continuation, say) restart nowhere inside the row: one sequence, as in HF.
+    model = packed_model("tiny-llama").eval()
+    hf = build_model("tiny-llama", seed=0).to(DEVICE).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), device=DEVICE)
+    pos = torch.arange(5, 13, device=DEVICE).expand(2, -1)
+    torch.testing.assert_close(model(input_ids=ids, position_ids=pos).logits,
+                               hf(input_ids=ids, position_ids=pos).logits)
+
+
 def test_attn_implementation_alone_isolates_sequences_given_cu_seq_lens():
     # Without `chronicals.apply` (no once-per-forward hook): the registered implementation still reads the
     # boundaries, working out max_length itself.

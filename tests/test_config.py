@@ -37,6 +37,12 @@ def test_has_the_documented_fields():
         ({"activation_offload": True}, "set use_gradient_checkpointing: true as well"),
         ({"use_lora": True, "lora_target_modules": []}, "'lora_target_modules' is []"),
         ({"learnin_rate": 1e-3}, "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
+        ({"seed": -1}, "'seed' is -1; it must be an integer in [0, 2**32)"),
+        ({"seed": 2**32}, "'seed' is 4294967296; it must be an integer in [0, 2**32)"),
+        ({"learning_rate": float("inf")}, "'learning_rate' is inf; it must be a finite number"),
+        ({"adam_epsilon": float("nan")}, "'adam_epsilon' is nan; it must be a finite number"),
+        ({"lora_plus_ratio": float("inf")}, "'lora_plus_ratio' is inf; it must be a finite number"),
+        ({"max_seq_length": 1}, "'max_seq_length' is 1; it must be an integer >= 2"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(values, message):

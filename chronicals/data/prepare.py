@@ -55,10 +55,10 @@ def prepare_dataset(
         raise ValueError(f"the dataset ({loaded.description}) is empty: there are no rows to train on")
     fmt = detect_format(loaded.columns, format)
     examples, cache_file, cache_hit = _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index)
+    # The padding id is never trained on (padding labels are ignored); a tokenizer without a pad token, as many
+    # base models are, pads with eos.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if packing:
-        # The padding id is never trained on (padding labels are ignored); a tokenizer without a pad token, as many
-        # base models are, can still pack, padding (only when asked to) with eos.
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         packer = SequencePacker(max_seq_length, check_padding_token_id(pad_id), overflow, ignore_index)
         rows = packer.pack(examples)
         stats = packer.summary()
@@ -69,7 +69,7 @@ def prepare_dataset(
         # No efficiency here: padding waste depends on how the trainer batches rows, so the collator's batches
         # (num_label_tokens over their size) are where it is measured.
         stats = {**vars(fit), "num_rows": len(rows), "packed_tokens": sum(len(ids) for ids, _ in sequences)}
-        collator = PaddedCollator(tokenizer.pad_token_id, None, pad_to_multiple_of, ignore_index)
+        collator = PaddedCollator(check_padding_token_id(pad_id), None, pad_to_multiple_of, ignore_index)
     stats["label_tokens"] = sum(len(row["labels"]) - row["labels"].count(ignore_index) for row in rows)
     return PreparedData(rows, collator, fmt, stats, cache_file, cache_hit)
 

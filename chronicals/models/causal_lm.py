@@ -40,7 +40,9 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, 
                                           reduction="mean", normalizer=num_items_in_batch, check_labels=False)
     logits = F.linear(hidden, weight, bias).float()
     if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+        # Summed over valid targets, divided by their count clamped to 1: an all-ignored batch gives 0 as the fused
+        # kernel does (a plain mean would be 0/0 = NaN).
+        num_items_in_batch = (targets != ignore_index).sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(logits.device)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / num_items_in_batch

@@ -67,7 +67,8 @@ def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
 
 
 def _prepare_tokenized(rows: Sequence[Any], tokenizer, cfg: ChronicalsConfig) -> PreparedData:
-    pad_id = tokenizer.pad_token_id
+    # Padding labels are ignored, so a tokenizer without a pad token (most base models) pads with eos, as text does.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.use_sequence_packing:
         packer = SequencePacker(cfg.max_seq_length, pad_id, cfg.overflow)
         return PreparedData(packer.pack(rows), PackedCollator(pad_id), "tokenized", packer.summary())

@@ -109,18 +109,24 @@ def test_bad_files(tok, tmp_path):
         load_rows(datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}), split="test")
 
 
-def test_truncation_is_warned_and_padded_path_needs_a_pad_token(tok):
+def test_truncation_is_warned_and_no_pad_token_pads_with_eos(tok):
     rows = [{"text": "x " * 300}, {"text": "short text"}]
     with pytest.warns(UserWarning, match="truncated"):
         prepared = prepare_dataset(rows, tok, max_seq_length=16, use_cache=False)
     assert prepared.stats["truncated_sequences"] == 1
     no_pad = default_tokenizer()
     no_pad.pad_token = None
-    with pytest.raises(ValueError, match="tokenizer has no pad token"):
-        prepare_dataset(rows[1:], no_pad, packing=False, use_cache=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert prepare_dataset(rows[1:], no_pad, use_cache=False).rows  # packing needs no pad token
+        assert prepare_dataset(rows[1:], no_pad, use_cache=False).rows  # packed
+    with pytest.warns(UserWarning, match="split"):
+        padded = prepare_dataset(rows, no_pad, max_seq_length=16, packing=False, use_cache=False, overflow="split")
+    batch = padded.collator([padded.rows[0], padded.rows[-1]])  # a full row and the short one
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == no_pad.eos_token_id).all()
+    no_pad.eos_token = None  # neither a pad nor an eos token: nothing to pad with
+    with pytest.raises(ValueError, match="tokenizer has no pad token"):
+        prepare_dataset(rows[1:], no_pad, packing=False, use_cache=False)
 
 
 def test_lists_and_files_load_without_the_datasets_package(tmp_path, monkeypatch):

@@ -123,6 +123,17 @@ def test_num_items_in_batch_with_the_fused_kernel():
     assert_same_training_step(reference, patched, shape=KERNEL_SHAPE, num_items_in_batch=37)
 
 
+def test_an_all_ignored_batch_gives_zero_loss_on_both_paths(no_kernels):
+    # The fused kernel's convention (0, with zero gradients) holds on the fallback path too, where a plain mean
+    # would be 0/0 = NaN.
+    _, patched = pair("tiny-llama", **{**ALL_OFF, "linear_cross_entropy": True})
+    ids = torch.randint(0, patched.config.vocab_size, (2, 7), device=DEVICE)
+    loss = patched(input_ids=ids, labels=torch.full_like(ids, -100)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in patched.parameters())
+
+
 def test_tied_embeddings_stay_tied_and_train_together():
     needs_kernels()
     reference, patched = pair("tiny-qwen2", **{**ALL_OFF, "linear_cross_entropy": True})
