@@ -135,15 +135,12 @@ def _liger(op, eps, example):
 
         return lambda x, w: LigerRMSNormFunction.apply(x, w, eps)
     if op == "add_rmsnorm":
-        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
 
         x, r, w = example
-        module = LigerFusedAddRMSNorm(w.shape[0], eps=eps)
-        del module.weight  # the weight is passed in, as to the other implementations
 
-        def run(x_, r_, w_):
-            module.weight = w_
-            return module(x_, r_)
+        def run(x_, r_, w_):  # Liger's module defaults: offset 0, Llama casting, not in place
+            return LigerFusedAddRMSNormFunction.apply(x_, r_, w_, eps, 0.0, "llama", False)
 
         with torch.no_grad():  # which output is the sum? (Liger returns the norm first)
             sum_first = torch.equal(run(x, r, w)[0], x + r)
@@ -157,9 +154,31 @@ def _liger(op, eps, example):
     return liger_rotary_pos_emb
 
 
+# SwiGLU forward launch shapes to A/B against the default (elements per program, warps): the H100 run of 2026-12-06
+# had the forward ~20% behind Liger's one-row-per-program launch while the backward led. Forward only: the
+# backward launches after the wrapper returns, with the defaults.
+SWIGLU_LAUNCHES = ((2048, 4), (8192, 8), (8192, 16), (16384, 16), (16384, 32))
+
+
+def _swiglu_with_launch(block, warps):
+    from chronicals.kernels import swiglu
+
+    def run(a, b):
+        saved = swiglu._BLOCK, swiglu._NUM_WARPS
+        swiglu._BLOCK, swiglu._NUM_WARPS = block, warps
+        try:
+            return fused_swiglu(a, b)
+        finally:
+            swiglu._BLOCK, swiglu._NUM_WARPS = saved
+
+    return run
+
+
 def _implementations(op, eps, example, device):
     impls, missing = {"chronicals": _ours(op, eps), "eager": _eager(op, eps)}, {}
     if device == "cuda":
+        if op == "swiglu":
+            impls.update({f"chronicals[b{b}w{w}]": _swiglu_with_launch(b, w) for b, w in SWIGLU_LAUNCHES})
         impls["compile"] = torch.compile(_eager(op, eps), dynamic=False)
         try:
             impls["liger"] = _liger(op, eps, example)
@@ -341,6 +360,9 @@ def print_table(res):
                        + ("ok" if ours.get("meets_speed") else "MISS")) if ours else ""
             print(f"{key[0]:<13} {key[1]:<12} {key[2]:<4} " + " ".join(cols)
                   + f"   {ours.get('frac_of_copy', float('nan')) * 100:5.1f}  {targets}")
+    for r in ok:
+        if r["impl"].startswith("chronicals[") and r["pass"] == "fwd":
+            print(f"  {r['model']} {r['op']} {r['impl']} fwd: {r['ms'] * 1e3:.1f}us {r['gb_per_s']:.0f}GB/s")
     for r in res["rows"]:
         if r["status"] != "ok":
             print(f"  {r['model']} {r['op']} {r['impl']}: {r['status']} ({r['reason'][:120]})")

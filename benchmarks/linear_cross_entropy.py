@@ -119,10 +119,12 @@ def peer_liger():
     return lambda h, w, y: loss_fn(w, h, y)
 
 
-def peer_cce(impl):
+def peer_cce(filtered: bool):
+    """cut-cross-entropy's CCE kernels; unfiltered is filter_eps=None (its "cce_exact" impl in older versions)."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE, impl=impl)
+    extra = {} if filtered else {"filter_eps": None}
+    return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE, impl="cce", **extra)
 
 
 def ours(strategy, chunk):
@@ -145,8 +147,8 @@ def ours_impls(configs):
 
 def peers(device):
     impls = {}
-    for name, make in (("liger", peer_liger), ("cce", lambda: peer_cce("cce")),
-                       ("cce_exact", lambda: peer_cce("cce_exact"))):
+    for name, make in (("liger", peer_liger), ("cce", lambda: peer_cce(True)),
+                       ("cce_exact", lambda: peer_cce(False))):
         try:
             impls[name] = ("", make(), 6)
         except ImportError as exc:

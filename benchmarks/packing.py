@@ -351,7 +351,8 @@ def print_table(res):
                 print(f"  {r['variant']:<46} {r['ms']:8.3f} ms   x{vs:.2f} of dense{first}")
             else:
                 print(f"  {r['variant']:<46} unavailable: {r['reason'][:70]}")
-        print(f"  default packed path: {facts.get('default_backend')}, x{a.get('default_vs_dense', float('nan')):.2f}"
+        vs_default = a.get("default_vs_dense") or float("nan")  # None when the default backend could not run
+        print(f"  default packed path: {facts.get('default_backend')}, x{vs_default:.2f}"
               f" of dense -> target <= 1.10: {'ok' if a.get('meets_target') else 'MISS'}")
     if res.get("training"):
         t = res["training"]
