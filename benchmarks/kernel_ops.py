@@ -174,11 +174,31 @@ def _swiglu_with_launch(block, warps):
     return run
 
 
+# RMSNorm forward tiles to A/B (elements per program; the default is rms_norm._TILE_ELEMENTS = 4096), forward only.
+RMSNORM_TILES = (2048, 8192, 16384)
+
+
+def _rmsnorm_with_tile(fn, tile):
+    from chronicals.kernels import rms_norm
+
+    def run(*args):
+        saved = rms_norm._TILE_ELEMENTS
+        rms_norm._TILE_ELEMENTS = tile
+        try:
+            return fn(*args)
+        finally:
+            rms_norm._TILE_ELEMENTS = saved
+
+    return run
+
+
 def _implementations(op, eps, example, device):
     impls, missing = {"chronicals": _ours(op, eps), "eager": _eager(op, eps)}, {}
     if device == "cuda":
         if op == "swiglu":
             impls.update({f"chronicals[b{b}w{w}]": _swiglu_with_launch(b, w) for b, w in SWIGLU_LAUNCHES})
+        if op in ("rmsnorm", "add_rmsnorm"):
+            impls.update({f"chronicals[tile{t}]": _rmsnorm_with_tile(_ours(op, eps), t) for t in RMSNORM_TILES})
         impls["compile"] = torch.compile(_eager(op, eps), dynamic=False)
         try:
             impls["liger"] = _liger(op, eps, example)
