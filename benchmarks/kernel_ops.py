@@ -154,51 +154,42 @@ def _liger(op, eps, example):
     return liger_rotary_pos_emb
 
 
-# SwiGLU forward launch shapes to A/B against the default (elements per program, warps): the H100 run of 2026-12-06
-# had the forward ~20% behind Liger's one-row-per-program launch while the backward led. Forward only: the
-# backward launches after the wrapper returns, with the defaults.
+# Forward launch shapes to A/B against the defaults (the H100 run of 2026-12-06 had every forward 13-17% behind the
+# fastest peer while every backward led). Forward only: the backward launches after the wrapper returns, with the
+# defaults. SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096).
 SWIGLU_LAUNCHES = ((2048, 4), (8192, 8), (8192, 16), (16384, 16), (16384, 32))
-
-
-def _swiglu_with_launch(block, warps):
-    from chronicals.kernels import swiglu
-
-    def run(a, b):
-        saved = swiglu._BLOCK, swiglu._NUM_WARPS
-        swiglu._BLOCK, swiglu._NUM_WARPS = block, warps
-        try:
-            return fused_swiglu(a, b)
-        finally:
-            swiglu._BLOCK, swiglu._NUM_WARPS = saved
-
-    return run
-
-
-# RMSNorm forward tiles to A/B (elements per program; the default is rms_norm._TILE_ELEMENTS = 4096), forward only.
 RMSNORM_TILES = (2048, 8192, 16384)
 
 
-def _rmsnorm_with_tile(fn, tile):
-    from chronicals.kernels import rms_norm
-
+def _with_settings(fn, module, **values):
+    """fn run with the module's launch constants set to `values` (restored afterwards)."""
     def run(*args):
-        saved = rms_norm._TILE_ELEMENTS
-        rms_norm._TILE_ELEMENTS = tile
+        saved = {name: getattr(module, name) for name in values}
+        vars(module).update(values)
         try:
             return fn(*args)
         finally:
-            rms_norm._TILE_ELEMENTS = saved
+            vars(module).update(saved)
 
     return run
+
+
+def _launch_variants(op, eps):
+    from chronicals.kernels import rms_norm, swiglu
+
+    if op == "swiglu":
+        return {f"chronicals[b{b}w{w}]": _with_settings(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
+                for b, w in SWIGLU_LAUNCHES}
+    if op in ("rmsnorm", "add_rmsnorm"):
+        return {f"chronicals[tile{t}]": _with_settings(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
+                for t in RMSNORM_TILES}
+    return {}
 
 
 def _implementations(op, eps, example, device):
     impls, missing = {"chronicals": _ours(op, eps), "eager": _eager(op, eps)}, {}
     if device == "cuda":
-        if op == "swiglu":
-            impls.update({f"chronicals[b{b}w{w}]": _swiglu_with_launch(b, w) for b, w in SWIGLU_LAUNCHES})
-        if op in ("rmsnorm", "add_rmsnorm"):
-            impls.update({f"chronicals[tile{t}]": _rmsnorm_with_tile(_ours(op, eps), t) for t in RMSNORM_TILES})
+        impls.update(_launch_variants(op, eps))
         impls["compile"] = torch.compile(_eager(op, eps), dynamic=False)
         try:
             impls["liger"] = _liger(op, eps, example)
