@@ -258,6 +258,9 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         inter = wg.shape[0]
         e, g = eg[:, :inter], eg[:, inter:]
         h_ext = torch.empty(x2.shape[0], inter + ad.shape[0], dtype=dt, device=x.device)
+        # Zeroed before h A_d^T reads h, a row-strided view: the CPU's bf16 GEMM reads each row on past its last
+        # column, and uninitialised memory there (inf, NaN) leaked into the product as NaN (seen under the tests).
+        h_ext[:, inter:].zero_()
         h = swiglu_forward(e, g, out=h_ext[:, :inter])
         ha = h @ ad_.t()
         h_ext[:, inter:].copy_(ha)
