@@ -203,6 +203,7 @@ BACKENDS = {"flash_attn_cute": _flash_attn_cute, "flash_attn": _flash_attn, "tor
 # a namespace package), so each is found by its own submodule.
 REQUIRES = {"flash_attn_cute": "flash_attn.cute", "flash_attn": "flash_attn.flash_attn_interface",
             "torch_varlen": "torch.nn.attention.varlen"}
+OPTIONAL = ("flash_attn_cute", "flash_attn")  # separate packages, which may install but fail to compile or launch
 
 
 @cache
@@ -258,13 +259,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         return BACKENDS[backend](q, k, v, layout, scale, left)
     while True:
         name = select_backend(q.device, q.dtype, q.shape[-1])
-        if name not in ("flash_attn_cute", "flash_attn"):  # torch's own paths: their errors are the caller's
-            return BACKENDS[name](q, k, v, layout, scale, left)
         try:
             return BACKENDS[name](q, k, v, layout, scale, left)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # an optional package's failure: fall back to the next backend, once and loudly
+            if name not in OPTIONAL:  # torch's own paths: their errors are the caller's
+                raise
             _BROKEN[name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"packed attention: the {name} backend failed ({_BROKEN[name][:300]}); using "
                           f"{select_backend(q.device, q.dtype, q.shape[-1])} from now on", RuntimeWarning,

@@ -55,9 +55,7 @@ def prepare_dataset(
         raise ValueError(f"the dataset ({loaded.description}) is empty: there are no rows to train on")
     fmt = detect_format(loaded.columns, format)
     examples, cache_file, cache_hit = _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index)
-    # The padding id is never trained on (padding labels are ignored); a tokenizer without a pad token, as many
-    # base models are, pads with eos.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     if packing:
         packer = SequencePacker(max_seq_length, check_padding_token_id(pad_id), overflow, ignore_index)
         rows = packer.pack(examples)
@@ -72,6 +70,12 @@ def prepare_dataset(
         collator = PaddedCollator(check_padding_token_id(pad_id), None, pad_to_multiple_of, ignore_index)
     stats["label_tokens"] = sum(len(row["labels"]) - row["labels"].count(ignore_index) for row in rows)
     return PreparedData(rows, collator, fmt, stats, cache_file, cache_hit)
+
+
+def padding_id(tokenizer) -> int | None:
+    """The id to pad with. It is never trained on (padding labels are ignored), so a tokenizer without a pad
+    token, as many base models' are, pads with eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index):

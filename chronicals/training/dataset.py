@@ -11,7 +11,7 @@ from typing import Any
 from chronicals.config import ChronicalsConfig
 from chronicals.data import PackedCollator, PaddedCollator, SequencePacker, default_dataset, fit_sequences
 from chronicals.data.loading import load_rows
-from chronicals.data.prepare import PreparedData, prepare_dataset
+from chronicals.data.prepare import PreparedData, padding_id, prepare_dataset
 
 
 class DataError(ValueError):
@@ -67,8 +67,7 @@ def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
 
 
 def _prepare_tokenized(rows: Sequence[Any], tokenizer, cfg: ChronicalsConfig) -> PreparedData:
-    # Padding labels are ignored, so a tokenizer without a pad token (most base models) pads with eos, as text does.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     if cfg.use_sequence_packing:
         packer = SequencePacker(cfg.max_seq_length, pad_id, cfg.overflow)
         return PreparedData(packer.pack(rows), PackedCollator(pad_id), "tokenized", packer.summary())
