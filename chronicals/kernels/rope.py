@@ -236,8 +236,12 @@ def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hkv, S, D] by RoPE; returns (q_rot, k_rot) in their dtype.
 
-    cos/sin: HF's per-position [B or 1, S, D], or a [max_pos, D] table with `position_ids` [B or 1, S]
-    (omitted: positions 0..S-1)."""
+    cos/sin: HF's per-position [B or 1, S, D] (or that unsqueezed at dim 1, [B or 1, 1, S, D], as HF's
+    apply_rotary_pos_emb broadcasts them), or a [max_pos, D] table with `position_ids` [B or 1, S] (omitted:
+    positions 0..S-1)."""
+    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.ndim == sin.ndim == 4 \
+            and cos.shape[1] == sin.shape[1] == 1:
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
     _check(q, k, cos, sin, position_ids)
     cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
     if cos.ndim == 2 and position_ids is None:

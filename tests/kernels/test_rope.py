@@ -124,6 +124,19 @@ def test_table_without_position_ids_uses_positions_from_zero():
     torch.testing.assert_close(k_rot, k_ref)
 
 
+def test_cos_sin_unsqueezed_at_the_head_dim_as_hf_broadcasts_them():
+    gen = torch.Generator().manual_seed(1)
+    q = make_qk(2, 4, 6, 16, torch.float32, True, gen).to(DEVICE)
+    k = make_qk(2, 2, 6, 16, torch.float32, True, gen).to(DEVICE)
+    cos_t, sin_t = rope_table(10, 16, torch.float32)
+    cos, sin = cos_t[3:9][None].expand(2, -1, -1).to(DEVICE), sin_t[3:9][None].expand(2, -1, -1).to(DEVICE)
+    expected = fused_qk_rope(q, k, cos, sin)
+    for got, want in zip(fused_qk_rope(q, k, cos[:, None], sin[:, None]), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cos"):
+        fused_qk_rope(q, k, cos[:, None].expand(2, 4, 6, 16), sin[:, None].expand(2, 4, 6, 16))
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(1, 4, 5, 8, device=DEVICE)
     k = torch.randn(1, 2, 5, 8, device=DEVICE)
