@@ -156,7 +156,8 @@ def _liger(op, eps, example):
 
 # Forward launch shapes to A/B against the defaults (the H100 run of 2026-12-06 had every forward 13-17% behind the
 # fastest peer while every backward led). Forward only: the backward launches after the wrapper returns, with the
-# defaults. SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096).
+# defaults. SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096); both: the loads'
+# L2 policy (evict_first, against the default that Liger's loads keep).
 SWIGLU_LAUNCHES = ((2048, 4), (8192, 8), (8192, 16), (16384, 16), (16384, 32))
 RMSNORM_TILES = (2048, 8192, 16384)
 
@@ -178,11 +179,13 @@ def _launch_variants(op, eps):
     from chronicals.kernels import rms_norm, swiglu
 
     if op == "swiglu":
-        return {f"chronicals[b{b}w{w}]": _with_settings(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
-                for b, w in SWIGLU_LAUNCHES}
+        return {**{f"chronicals[b{b}w{w}]": _with_settings(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
+                   for b, w in SWIGLU_LAUNCHES},
+                "chronicals[default L2 policy]": _with_settings(fused_swiglu, swiglu, _FWD_EVICTION="")}
     if op in ("rmsnorm", "add_rmsnorm"):
-        return {f"chronicals[tile{t}]": _with_settings(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
-                for t in RMSNORM_TILES}
+        return {**{f"chronicals[tile{t}]": _with_settings(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
+                   for t in RMSNORM_TILES},
+                "chronicals[default L2 policy]": _with_settings(_ours(op, eps), rms_norm, _FWD_EVICTION="")}
     return {}
 
 

@@ -32,6 +32,9 @@ _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is hap
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
 _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
+# L2 policy of the forward's loads ("" is the default policy): a knob, because the H100 benchmark had the forward
+# ~17% behind Liger's, whose loads keep the default (benchmarks/kernel_ops.py A/Bs it).
+_FWD_EVICTION = "evict_first"
 _REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
@@ -59,10 +62,10 @@ def _num_programs(device: torch.device, n_tiles: int) -> int:
 
 
 @triton.jit
-def _load_tile(PTR, rows, stride, cols, mask):
+def _load_tile(PTR, rows, stride, cols, mask, EVICTION: tl.constexpr):
     # Each element is read once per pass: evict_first keeps it from displacing reused data in L2.
     ptrs = PTR + rows[:, None] * stride + cols[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def _rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
     n_rows, n_cols, eps, offset,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVICTION: tl.constexpr,
 ):
     # One tile of BLOCK_M rows: x <- x + r (rounded, stored as s) when fused;
     # rstd = 1/sqrt(sum(x^2)/H + eps); y = x * rstd * (offset + w), all in fp32, stored once.
@@ -79,9 +82,9 @@ def _rms_norm_fwd_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    x = _load_tile(X, rows, stride_x, cols, mask)
+    x = _load_tile(X, rows, stride_x, cols, mask, EVICTION)
     if HAS_RESIDUAL:
-        r = _load_tile(R, rows, stride_r, cols, mask)
+        r = _load_tile(R, rows, stride_r, cols, mask, EVICTION)
         s = cast_rne(x + r, S.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
@@ -102,15 +105,15 @@ def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stri
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & col_ok[None, :]
-    x = _load_tile(X, rows, stride_x, cols, mask)
-    dy = _load_tile(DY, rows, stride_dy, cols, mask)
+    x = _load_tile(X, rows, stride_x, cols, mask, "evict_first")
+    dy = _load_tile(DY, rows, stride_dy, cols, mask, "evict_first")
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     xh = x * rstd[:, None]
     g = dy * w[None, :]
     c = tl.sum(g * xh, axis=1) / n_cols
     dx = (g - xh * c[:, None]) * rstd[:, None]
     if HAS_DS:
-        dx += _load_tile(DS, rows, stride_ds, cols, mask)
+        dx += _load_tile(DS, rows, stride_ds, cols, mask, "evict_first")
     tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
         dw_acc += dy * xh
@@ -188,7 +191,8 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         x2, r_arg, s_arg, y, weight, rstd,
         x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         n_rows, n_cols, eps, offset,
-        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=_FWD_EVICTION,
+        num_warps=num_warps,
     )
     return y, rstd, s
 

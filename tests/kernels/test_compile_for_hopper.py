@@ -1,0 +1,72 @@
+"""The Triton kernels compile for the H100/H200 (sm90) on this CPU machine, down to a cubin with the ptxas that
+Triton ships: the interpreter that runs the other kernel tests never compiles, so a kernel it runs can still fail
+to build on a GPU (a constexpr default in a @triton.jit helper did, 2026-12-06). Each kernel is built at the
+launch settings the launchers use, in a subprocess without TRITON_INTERPRET (which makes @triton.jit interpret)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from chronicals.kernels import rms_norm, swiglu
+
+    P16 = [["tt.divisibility", 16]]  # what Triton assumes of 16-byte aligned pointers and strides at launch
+
+    def build(fn, signature, constexprs, num_warps):
+        aligned = {(i,): P16 for i, t in enumerate(signature.values()) if t.startswith("*")}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert kernel.asm["cubin"], fn.__name__
+        return kernel.asm["ptx"]
+
+    def sig(names, constexprs):
+        return {n: ("constexpr" if n in constexprs else t) for n, t in names}
+
+    bf = "*bf16"
+    for eviction in ("evict_first", ""):
+        c = {"BLOCK": 4096, "EVICTION": eviction}
+        ptx = build(swiglu._swiglu_fwd_kernel, sig([("A", bf), ("B", bf), ("C", bf), ("n_cols", "i32"),
+                    ("col_blocks", "i32"), ("stride_a", "i32"), ("stride_b", "i32"), ("stride_c", "i32"),
+                    ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
+        assert ("evict_first" in ptx) == bool(eviction)
+        for residual in (True, False):
+            c = {"HAS_RESIDUAL": residual, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction}
+            build(rms_norm._rms_norm_fwd_kernel, sig([("X", bf), ("R", bf), ("S", bf), ("Y", bf), ("W", bf),
+                  ("RSTD", "*fp32"), ("stride_x", "i32"), ("stride_r", "i32"), ("stride_s", "i32"),
+                  ("stride_y", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("eps", "fp32"), ("offset", "fp32"),
+                  ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", "")], c), c, 8)
+    for write_c in (True, False):
+        c = {"WRITE_C": write_c, "BLOCK": 4096}
+        build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf), ("C", bf),
+              ("n_cols", "i32"), ("col_blocks", "i32"), ("stride_dc", "i32"), ("stride_a", "i32"),
+              ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
+              ("WRITE_C", ""), ("BLOCK", "")], c), c, 8)
+    for has_ds in (True, False):
+        c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 1024, "NUM_STAGES": 2}
+        build(rms_norm._rms_norm_bwd_kernel, sig([("DY", bf), ("DS", bf), ("X", bf), ("W", bf), ("RSTD", "*fp32"),
+              ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", "i32"), ("stride_ds", "i32"), ("stride_x", "i32"),
+              ("stride_dx", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
+              ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("NUM_STAGES", "")], c), c, 8)
+    c = {"BLOCK_P": 64, "BLOCK_N": 32}
+    build(rms_norm._dw_reduce_kernel, sig([("PARTIAL", "*fp32"), ("DW", bf), ("n_partials", "i32"),
+          ("n_cols", "i32"), ("BLOCK_P", ""), ("BLOCK_N", "")], c), c, 4)
+    print("compiled")
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas is a Linux x86-64/aarch64 binary")
+def test_rmsnorm_and_swiglu_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
