@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from chronicals.kernels import rms_norm, swiglu
+    from chronicals.kernels import linear_cross_entropy as lce, rms_norm, swiglu
 
     P16 = [["tt.divisibility", 16]]  # what Triton assumes of 16-byte aligned pointers and strides at launch
 
@@ -56,6 +56,17 @@ SCRIPT = textwrap.dedent("""
               ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", "i32"), ("stride_ds", "i32"), ("stride_x", "i32"),
               ("stride_dx", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
               ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("NUM_STAGES", "")], c), c, 8)
+    for bias, softcap in ((False, False), (True, True)):
+        c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
+        build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
+              ("labels_ptr", "*i64"), ("max_ptr", "*fp32"), ("sumexp_ptr", "*fp32"), ("target_ptr", "*fp32"),
+              ("v_start", "i32"), ("n_cols", "i32"), ("softcap", "fp32"), ("HAS_BIAS", ""), ("HAS_SOFTCAP", ""),
+              ("BLOCK_V", "")], c), c, 16)
+        c = {**c, "ROUND_BF16": False}
+        build(lce._block_grad_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
+              ("labels_ptr", "*i64"), ("lse_ptr", "*fp32"), ("row_grad_ptr", "*fp32"), ("v_start", "i32"),
+              ("n_cols", "i32"), ("softcap", "fp32"), ("z_loss_weight", "fp32"), ("HAS_BIAS", ""),
+              ("HAS_SOFTCAP", ""), ("BLOCK_V", ""), ("ROUND_BF16", "")], c), c, 16)
     c = {"BLOCK_P": 64, "BLOCK_N": 32}
     build(rms_norm._dw_reduce_kernel, sig([("PARTIAL", "*fp32"), ("DW", bf), ("n_partials", "i32"),
           ("n_cols", "i32"), ("BLOCK_P", ""), ("BLOCK_N", "")], c), c, 4)
@@ -64,7 +75,7 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas is a Linux x86-64/aarch64 binary")
-def test_rmsnorm_and_swiglu_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
