@@ -9,7 +9,7 @@ inside) and is consumed by two Triton row kernels, in fp32:
                with p_ij = exp(z_ij - lse_i) and g_i the row's gradient (0 for ignored rows).
 Per-row loss:  ℓ_i = lse_i - z_{i,y_i} + w_z · lse_i²   (0 where y_i == ignore_index)
 
-Two ways to cut the logits (`strategy`):
+Three ways to cut the logits (`strategy`):
   "vocab" [N, chunk] column blocks. Forward folds each block into the running (m, s); backward
           recomputes each block, then dW_c = dzᵀ @ hidden (rows of dW written once) and
           dH += dz @ W_c (fp32 accumulator). Extra memory: N·chunk (input dtype) + 4·N·d bytes + O(N).
@@ -18,6 +18,13 @@ Two ways to cut the logits (`strategy`):
           are formed in the forward pass (a scalar loss's gradient is known up to the incoming scalar,
           applied in backward): dH rows written once, dW += dzᵀ @ h in fp32.
           Extra memory: chunk·V (input dtype) + 4·V·d bytes + O(N). Work: 6·N·d·V FLOPs.
+  "tiles" [rows, cols] tiles, the gradients also formed in forward: per row block, one pass over the
+          vocabulary for its lse, a second that recomputes each tile for dH (fp32 accumulator of the
+          block's rows, written once) and dW += dzᵀ @ h straight into dW in the weight's dtype (the sum
+          is fp32 inside cuBLAS, rounded once per row block: N / rows roundings, as Liger's chunks).
+          Extra memory: rows·cols (input dtype) + 4·rows·d bytes + O(N), independent of N and V
+          (~40 MiB at the default 2048 x 8192 tile: 32 MiB of tile, small enough to stay in L2 between
+          its matmul and its row kernels). Work: 8·N·d·V FLOPs.
 `labels` are aligned with `hidden` rows: the caller shifts them (position t predicts token t + 1).
 """
 
@@ -33,13 +40,15 @@ import triton.language as tl
 from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2, row_block_settings
 
 REDUCTIONS = ("mean", "sum", "none")
-STRATEGIES = ("auto", "vocab", "rows")
+STRATEGIES = ("auto", "vocab", "rows", "tiles")
 # What "auto" picks for scalar losses when a backward will follow: "rows" does 6·N·d·V FLOPs against
 # "vocab"'s 8; the H200 benchmark (benchmarks/linear_cross_entropy.py) times both and decides.
 DEFAULT_STRATEGY = "rows"
 # 4096 rows: 2-4 row blocks at 8-16k tokens, so the fp32 dW update (V·d per block) stays a few % of
 # the time, at chunk·V·2 bytes of logits (1.2 GB at V = 152k).
 DEFAULT_ROW_CHUNK = 4096
+# "tiles": rows x vocabulary columns per tile (a 32 MiB bf16 tile).
+DEFAULT_TILE = (2048, 8192)
 # Widest column block a program holds at once; a logits block wider than this is walked in steps.
 MAX_BLOCK_V = 4096
 
@@ -167,8 +176,9 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class _Plan:
-    strategy: str  # "vocab": vocabulary blocks, backward recomputes; "rows": row blocks, gradients in forward
-    chunk: int  # vocabulary columns ("vocab") or rows ("rows") per block
+    strategy: str  # "vocab": vocabulary blocks, backward recomputes; "rows"/"tiles": gradients in forward
+    chunk: int  # vocabulary columns ("vocab") or rows ("rows", "tiles") per block
+    chunk_v: int  # vocabulary columns per tile ("tiles"; V otherwise)
     block_v: int  # columns a Triton program holds at once
     num_warps: int
     softcap: float | None
@@ -278,6 +288,53 @@ def _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan, 
     return lse, target, grads
 
 
+def _tiled_forward_backward(hidden, weight, bias, labels, row_grad, plan, need_hidden, need_weight, need_bias):
+    """Loss statistics and gradients over [chunk, chunk_v] tiles, two passes over the vocabulary per row block.
+
+    Pass 1 folds each tile into the block's running (m, s); pass 2 recomputes each tile, turns it into dz
+    in place, and adds dz @ W_c to the block's fp32 dH accumulator and dzᵀ @ h to dW's rows in place.
+    """
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    m = torch.full((n_rows,), float("-inf"), device=hidden.device, dtype=torch.float32)
+    s = torch.zeros_like(m)
+    target = torch.zeros_like(m)
+    rows_per_block, cols = min(plan.chunk, max(n_rows, 1)), min(plan.chunk_v, vocab)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    # Written by the first row block (torch.mm out=), added to by the rest: no zero-fill pass over V·d.
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
+    buffer = torch.empty(rows_per_block * cols, device=hidden.device, dtype=hidden.dtype)
+    accumulator = torch.empty(rows_per_block, hidden.shape[1], device=hidden.device, dtype=torch.float32) \
+        if need_hidden else None
+    if need_weight and n_rows == 0:
+        grad_weight.zero_()
+    for r0 in range(0, n_rows, rows_per_block):
+        rows = slice(r0, min(r0 + rows_per_block, n_rows))
+        h, y, n = hidden[rows], labels[rows], hidden[rows].shape[0]
+        tiles = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
+        for v0, v1 in tiles:
+            tile = torch.mm(h, weight[v0:v1].t(), out=_block_view(buffer, n, v1 - v0))
+            _lse_launch(tile, bias, v0, y, m[rows], s[rows], target[rows], plan)
+        lse = m[rows] + torch.log(s[rows])
+        if need_hidden:
+            dh = accumulator[:n].zero_()
+        for v0, v1 in tiles:
+            tile = torch.mm(h, weight[v0:v1].t(), out=_block_view(buffer, n, v1 - v0))
+            _grad_launch(tile, bias, v0, y, lse, row_grad[rows], plan)
+            if need_hidden:
+                _accumulate_product(dh, tile, weight[v0:v1])
+            if need_weight and r0 == 0:
+                torch.mm(tile.t(), h, out=grad_weight[v0:v1])
+            elif need_weight:
+                grad_weight[v0:v1].addmm_(tile.t(), h)
+            if need_bias:
+                grad_bias[v0:v1] += tile.sum(0, dtype=torch.float32)
+        if need_hidden:
+            grad_hidden[rows] = dh
+    grads = (grad_hidden, grad_weight, grad_bias.to(bias.dtype) if need_bias else None)
+    return m + torch.log(s), target, grads
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer, plan):
@@ -289,11 +346,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             denominator = 1.0
         needs = ctx.needs_input_grad[:3]
         ctx.plan, ctx.denominator = plan, denominator
-        if plan.strategy == "rows" and any(needs):
+        if plan.strategy in ("rows", "tiles") and any(needs):
             # The loss is a scalar, so each row's gradient is known now up to the incoming scalar.
             row_grad = torch.where(valid, 1.0 / denominator, 0.0)
-            lse, target, ctx.grads = _row_blocked_forward_backward(hidden, weight, bias, labels, row_grad, plan,
-                                                                   *needs)
+            forward_backward = _row_blocked_forward_backward if plan.strategy == "rows" else _tiled_forward_backward
+            lse, target, ctx.grads = forward_backward(hidden, weight, bias, labels, row_grad, plan, *needs)
         else:
             lse, target = _vocab_blocked_statistics(hidden, weight, bias, labels, plan)
             ctx.save_for_backward(hidden, weight, bias, labels, lse, valid)
@@ -311,13 +368,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if not any(needs):
             return (None,) * 8
         grad_loss = grad_loss.float()
-        if ctx.plan.strategy == "rows":
+        if ctx.plan.strategy in ("rows", "tiles"):
             # The gradients were formed in forward; scaling them in place and handing them over (not
             # keeping a copy) saves their memory, so a second backward through this graph cannot work.
             grads, ctx.grads = ctx.grads, None
             if grads is None:
-                raise RuntimeError("fused_linear_cross_entropy(strategy='rows') supports one backward per "
-                                   "forward; use strategy='vocab' to backward twice (retain_graph=True)")
+                raise RuntimeError(f"fused_linear_cross_entropy(strategy={ctx.plan.strategy!r}) supports one "
+                                   "backward per forward; use strategy='vocab' to backward twice (retain_graph=True)")
             return (*(g.mul_(grad_loss) if g is not None else None for g in grads), None, None, None, None, None)
         hidden, weight, bias, labels, lse, valid = ctx.saved_tensors
         row_grad = torch.where(valid, (grad_loss / ctx.denominator).expand(valid.shape), 0.0).contiguous()
@@ -364,13 +421,22 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "rows" and reduction == "none":
-        raise ValueError("strategy='rows' forms gradients in the forward pass, which needs a scalar loss; "
+    if strategy in ("rows", "tiles") and reduction == "none":
+        raise ValueError(f"strategy={strategy!r} forms gradients in the forward pass, which needs a scalar loss; "
                          "use reduction='mean' or 'sum', or strategy='vocab'")
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive int or None, got {chunk!r}")
+    if strategy == "tiles" and isinstance(chunk, tuple):
+        if len(chunk) != 2 or not all(_positive_int(c) for c in chunk):
+            raise ValueError(f"chunk for strategy='tiles' must be rows or (rows, vocabulary columns), positive "
+                             f"ints, got {chunk!r}")
+    elif chunk is not None and not _positive_int(chunk):
+        what = "int or (rows, columns) of ints" if strategy == "tiles" else "int"
+        raise ValueError(f"chunk must be a positive {what} or None, got {chunk!r}")
     if n_rows and check_labels:
         check_label_range(labels, vocab, ignore_index)
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -396,14 +462,19 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
     if not grad_wanted:  # no backward will come: the forward-only statistics pass is all that is needed
         strategy = "vocab"
         chunk = None
+    chunk_v = vocab
     if strategy == "vocab":
         chunk = min(chunk or default_vocab_chunk(n_rows, hidden_size, vocab), vocab)
         block_v = min(next_power_of_2(chunk), MAX_BLOCK_V)
+    elif strategy == "tiles":
+        chunk, chunk_v = chunk if isinstance(chunk, tuple) else (chunk or DEFAULT_TILE[0], DEFAULT_TILE[1])
+        chunk_v = min(chunk_v, vocab)
+        block_v = min(next_power_of_2(chunk_v), MAX_BLOCK_V)
     else:
         chunk = chunk or default_row_chunk(n_rows, hidden_size, element_size)
         block_v = min(next_power_of_2(vocab), MAX_BLOCK_V)
     num_warps = row_block_settings(block_v)[1]
-    return _Plan(strategy, chunk, block_v, num_warps, None if softcap is None else float(softcap),
+    return _Plan(strategy, chunk, chunk_v, block_v, num_warps, None if softcap is None else float(softcap),
                  float(z_loss_weight))
 
 
@@ -413,7 +484,8 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
 @torch.compiler.disable
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                                reduction: str = "mean", normalizer=None, softcap: float | None = None,
-                               z_loss_weight: float = 0.0, strategy: str = "auto", chunk: int | None = None,
+                               z_loss_weight: float = 0.0, strategy: str = "auto",
+                               chunk: int | tuple[int, int] | None = None,
                                check_labels: bool = True):
     """Cross-entropy of `hidden [N, d] @ weight[V, d]ᵀ (+ bias [V])` against `labels [N]`, in fp32.
 
@@ -427,9 +499,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     `strategy` picks how the [N, V] logits are cut: "vocab" holds [N, chunk] column blocks and
     recomputes them in backward (8·N·d·V FLOPs; extra memory N·chunk + fp32 N·d); "rows" holds
     [chunk, V] row blocks and forms the gradients during the forward pass (6·N·d·V FLOPs; extra memory
-    chunk·V + fp32 V·d unless one block holds all rows; scalar losses only). "auto" uses
-    DEFAULT_STRATEGY, or "vocab" for reduction="none" and when no gradient is wanted. `chunk` None picks
-    the strategy's default block (`default_vocab_chunk`, `default_row_chunk`).
+    chunk·V + fp32 V·d unless one block holds all rows; scalar losses only); "tiles" holds one
+    [rows, cols] tile (`chunk` = rows or (rows, cols)) and also forms the gradients in forward, the
+    leanest: extra memory rows·cols + fp32 rows·d whatever N and V (8·N·d·V FLOPs; dW summed in the
+    weight's dtype once per row block; scalar losses only). "auto" uses DEFAULT_STRATEGY, or "vocab"
+    for reduction="none" and when no gradient is wanted. `chunk` None picks the strategy's default
+    block (`default_vocab_chunk`, `default_row_chunk`, DEFAULT_TILE).
 
     A label outside [0, V) that is not `ignore_index` raises a ValueError naming it; that check reads a flag back
     from the GPU. `check_labels=False` skips it for training loops whose data is validated up front (the

@@ -87,8 +87,8 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     n=st.integers(3, 40),
     d=st.integers(3, 24),
     v=st.integers(2, 150),
-    strategy=st.sampled_from(["vocab", "rows"]),
-    chunk=st.sampled_from([7, 16, 33, None]),
+    strategy=st.sampled_from(["vocab", "rows", "tiles"]),
+    chunk=st.sampled_from([7, 16, 33, None, (7, 16), (16, 33), (5, 150)]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     reduction=st.sampled_from(["mean", "sum", "none"]),
     ignore=st.sampled_from(["none", "some", "prefix"]),
@@ -100,20 +100,22 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
 def test_matches_float64_reference(n, d, v, strategy, chunk, dtype, reduction, ignore, bias, softcap, z_loss_weight,
                                    seed):
     if reduction == "none":
-        strategy = "vocab"  # "rows" needs a scalar loss (checked in test_bad_input_names_the_argument)
+        strategy = "vocab"  # "rows"/"tiles" need a scalar loss (checked in test_bad_input_names_the_argument)
+    if strategy != "tiles" and isinstance(chunk, tuple):
+        chunk = chunk[1]  # (rows, columns) is a tile; the other strategies take one block size
     hidden, weight, b, labels = make_inputs(n, d, v, dtype, seed, bias=bias, ignore=ignore)
     check_against_reference(hidden, weight, b, labels, dtype, reduction=reduction, softcap=softcap,
                             z_loss_weight=z_loss_weight, strategy=strategy, chunk=chunk)
 
 
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 @pytest.mark.parametrize("n, d, v", [(1, 1, 2), (1, 5, 9), (6, 1, 17)])
 def test_single_row_or_column_edges(n, d, v, strategy):
     hidden, weight, bias, labels = make_inputs(n, d, v, torch.float32, n + d + v, bias=True, ignore="none")
     check_against_reference(hidden, weight, bias, labels, torch.float32, strategy=strategy, chunk=4)
 
 
-@pytest.mark.parametrize("strategy, chunk", [("vocab", 37), ("rows", 7)])
+@pytest.mark.parametrize("strategy, chunk", [("vocab", 37), ("rows", 7), ("tiles", (7, 37))])
 def test_blocks_wider_than_one_program_step(monkeypatch, strategy, chunk):
     # Rows of 37 (or all 83) columns walked 8 at a time: the in-kernel loop and its ragged tail.
     monkeypatch.setattr(lce, "MAX_BLOCK_V", 8)
@@ -123,11 +125,12 @@ def test_blocks_wider_than_one_program_step(monkeypatch, strategy, chunk):
 
 
 @pytest.mark.parametrize("reduction, strategy",
-                         [("mean", "vocab"), ("mean", "rows"), ("sum", "rows"), ("none", "auto")])
+                         [("mean", "vocab"), ("mean", "rows"), ("sum", "rows"), ("mean", "tiles"),
+                          ("none", "auto")])
 def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
     hidden, weight, bias, labels = make_inputs(9, 5, 21, torch.bfloat16, 0, bias=True, ignore="all")
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    normalizer = torch.tensor(0) if reduction == "mean" and strategy == "rows" else None  # a window with none valid
+    normalizer = torch.tensor(0) if reduction == "mean" and strategy in ("rows", "tiles") else None  # a window with none valid
     loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], reduction=reduction,
                                       strategy=strategy, chunk=4, normalizer=normalizer)
     loss.sum().backward()
@@ -136,7 +139,7 @@ def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
         assert torch.equal(t.grad.float(), torch.zeros_like(t.grad.float()))
 
 
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_empty_batch(strategy):
     h = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
     w = torch.randn(7, 5, device=DEVICE, requires_grad=True)
@@ -145,7 +148,7 @@ def test_empty_batch(strategy):
     assert loss.item() == 0.0 and h.grad.shape == (0, 5) and not w.grad.any()
 
 
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_normalizer_makes_accumulation_equal_one_batch(strategy):
     # Two micro-batches with different valid counts, each normalised by the total count, sum to the
     # gradient of the whole batch's mean; a per-micro-batch mean would not.
@@ -210,7 +213,7 @@ def test_autocast_runs_in_its_dtype_and_reaches_fp32_weights():
     assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_frozen_weight_and_constant_hidden(strategy):
     hidden, weight, _, labels = make_inputs(12, 7, 30, torch.float32, 4)
     h = hidden.clone().requires_grad_()
@@ -226,10 +229,11 @@ def test_frozen_weight_and_constant_hidden(strategy):
     assert fused_linear_cross_entropy(hidden, weight, labels).requires_grad is False
 
 
-def test_rows_strategy_refuses_a_second_backward():
+@pytest.mark.parametrize("strategy", ["rows", "tiles"])
+def test_gradients_in_forward_refuse_a_second_backward(strategy):
     hidden, weight, _, labels = make_inputs(5, 4, 11, torch.float32, 0)
     h = hidden.clone().requires_grad_()
-    loss = fused_linear_cross_entropy(h, weight, labels, strategy="rows")
+    loss = fused_linear_cross_entropy(h, weight, labels, strategy=strategy)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
@@ -254,6 +258,11 @@ def test_rows_strategy_refuses_a_second_backward():
         (dict(chunk=0), "chunk must be"),
         (dict(strategy="cols"), "strategy must be one of"),
         (dict(strategy="rows", reduction="none"), "needs a scalar loss"),
+        (dict(strategy="tiles", reduction="none"), "needs a scalar loss"),
+        (dict(strategy="tiles", chunk=(4, 0)), r"rows or \(rows, vocabulary columns\)"),
+        (dict(strategy="tiles", chunk=(4, 4, 4)), r"rows or \(rows, vocabulary columns\)"),
+        (dict(strategy="rows", chunk=(4, 4)), "chunk must be a positive int or None"),
+        (dict(chunk=True), "chunk must be"),
     ],
 )
 def test_bad_input_names_the_argument(change, message):
@@ -266,7 +275,7 @@ def test_bad_input_names_the_argument(change, message):
                                    **args)
 
 
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 @pytest.mark.parametrize("bad_label", [10, 11, -1])
 def test_unchecked_out_of_range_labels_make_the_loss_nan(strategy, bad_label):
     # check_labels=False (the patched models' path) skips the host synchronisation, so a label outside [0, V)
@@ -281,10 +290,10 @@ def test_unchecked_out_of_range_labels_make_the_loss_nan(strategy, bad_label):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["vocab", "rows"])
+@pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_gpu_realistic_block_sizes(strategy):
     # Default vocabulary blocks (1024+ wide, MAX_BLOCK_V-wide program steps) or 300-row blocks, on a
     # bf16 shape with V and N not multiples of the block; on CUDA the fp32-output matmul accumulates.
     hidden, weight, bias, labels = make_inputs(777, 256, 5003, torch.bfloat16, 11, bias=True)
     check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4,
-                            strategy=strategy, chunk=None if strategy == "vocab" else 300)
+                            strategy=strategy, chunk={"vocab": None, "rows": 300, "tiles": (300, 1100)}[strategy])
