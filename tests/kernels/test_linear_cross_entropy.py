@@ -130,7 +130,8 @@ def test_blocks_wider_than_one_program_step(monkeypatch, strategy, chunk):
 def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
     hidden, weight, bias, labels = make_inputs(9, 5, 21, torch.bfloat16, 0, bias=True, ignore="all")
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    normalizer = torch.tensor(0) if reduction == "mean" and strategy in ("rows", "tiles") else None  # a window with none valid
+    # a window with no valid label
+    normalizer = torch.tensor(0) if reduction == "mean" and strategy in ("rows", "tiles") else None
     loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], reduction=reduction,
                                       strategy=strategy, chunk=4, normalizer=normalizer)
     loss.sum().backward()
