@@ -276,12 +276,16 @@ def time_impl(fn, sets, grad_idx, quick):
     return out
 
 
-def run(models, dtype, device, quick, ops):
+def run(models, dtype, device, quick, ops, save=lambda partial: None):
+    """The result dict; `save` gets it after each (model, op), so a time limit keeps what was measured."""
     rows, checks = [], []
     copy_gbs = copy_bandwidth_gbs() if device == "cuda" else None
     e = torch.tensor([], dtype=dtype).element_size()
+    result_so_far = lambda: {"copy_gb_per_s": copy_gbs, "dtype": str(dtype).replace("torch.", ""),  # noqa: E731
+                             "rows": rows, "checks": checks}
     for model, m in models.items():
         for op in ops:
+            save(result_so_far())
             inputs, grad_idx = _make_inputs(op, m, dtype, device, seed=0)
             _needs_grad(inputs, grad_idx)
             upstream_shapes = [o.shape for o in _tuple(_eager(op, m["eps"])(*inputs))]
@@ -326,7 +330,7 @@ def run(models, dtype, device, quick, ops):
             del sets, inputs, upstream, impls
             torch.cuda.empty_cache()
     _judge(rows)
-    return {"copy_gb_per_s": copy_gbs, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "checks": checks}
+    return result_so_far()
 
 
 def _needs_grad(inputs, grad_idx):
@@ -401,10 +405,15 @@ def main(argv=None):
         print("no CUDA device: running the correctness checks at tiny shapes (TRITON_INTERPRET=1), no timing")
         models = TINY
     start = time.time()
-    res = run(models, dtype, device, args.quick, ops)
-    res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    provenance = snapshot() | {"argv": sys.argv[1:]}
+
+    def save(res, partial=True):
+        res = res | {"provenance": provenance | {"wall_s": round(time.time() - start, 1)}, "partial": partial}
+        (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+        return res
+
+    res = save(run(models, dtype, device, args.quick, ops, save), partial=False)
     print_table(res)
     all_ok = all(c["ok"] for c in res["checks"] if c["impl"] == "chronicals")
     print(f"\nwrote {args.out / 'kernels.json'} in {res['provenance']['wall_s']} s; "
