@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,8 @@ class ChronicalsConfig:
     def __post_init__(self):
         _check_types(self)
         _check_values(self)
+        # "~/runs/x" means the home directory, as it does for dataset paths (not a folder named "~").
+        self.output_dir = os.path.expanduser(self.output_dir)
 
     # ---- construction from files and overrides -------------------------------------------------------------
     @classmethod

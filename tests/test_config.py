@@ -85,3 +85,8 @@ def test_comma_list_from_the_command_line_and_demo_defaults():
     assert cfg.lora_target_modules == ["q_proj", "v_proj"]
     demo = demo_config()
     assert demo.model == "tiny-llama" and demo.output_dir == "outputs/demo" and demo.max_steps <= 100
+
+
+def test_output_dir_expands_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ChronicalsConfig(output_dir="~/runs/a").output_dir == str(tmp_path / "runs" / "a")

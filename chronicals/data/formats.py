@@ -31,7 +31,8 @@ def detect_format(columns: Sequence[str], format: str = "auto") -> str:
                 return name
         raise KeyError(
             f"cannot tell the row format from the columns {sorted(columns)}: expected 'text', 'prompt' and "
-            "'completion', 'messages', or 'input_ids' (rename the columns, or pass format= explicitly)"
+            "'completion', 'messages', or 'input_ids' (rename the columns, or set the config field dataset_format, "
+            "format= in the Python API)"
         )
     if format not in FORMATS:
         raise ValueError(f"format must be 'auto' or one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -98,8 +99,12 @@ def _tokenize_batch(batch, tokenizer, add_special: bool, eos: int | None, ignore
     examples = []
     for (_, spans), ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"]):
         labels = [t if any(a <= start < b for a, b in spans) else ignore_index for t, (start, _) in zip(ids, offsets)]
-        if eos is not None and (not ids or ids[-1] != eos):
+        # The model learns where a text or completion ends. A tokenizer that appends eos itself gives it the offsets
+        # (0, 0), outside the completion's span, so its label is set here as well.
+        if eos is not None and ids and ids[-1] == eos:
+            labels[-1] = eos
+        elif eos is not None:
             ids = [*ids, eos]
-            labels = [*labels, eos]  # the model learns where a text or completion ends
+            labels = [*labels, eos]
         examples.append({"input_ids": list(ids), "labels": labels})
     return examples

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-LAYOUT_VERSION = 1
+# Raised whenever the cached examples would change: the file layout, or what tokenization writes (2: the eos a
+# tokenizer appends itself carries loss).
+LAYOUT_VERSION = 2
 
 
 def default_cache_dir() -> Path:

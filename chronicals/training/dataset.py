@@ -33,10 +33,11 @@ def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> Pre
 
 
 def check_token_ids(rows, model, tokenizer) -> None:
-    """Every token id must index the model's embedding: one that does not would fail deep inside the first forward
-    (an IndexError on CPU, a device-side assert on CUDA), so say here which sizes disagree."""
+    """Every token id, in input_ids and in labels, must index the model's embedding (its vocabulary, which the output
+    head shares): one that does not would fail deep inside the first forward (an IndexError on CPU, a device-side
+    assert on CUDA) or, in the fused loss, make it NaN, so say here which sizes disagree."""
     rows_of_embedding = model.get_input_embeddings().num_embeddings
-    top = max((max(r["input_ids"]) for r in rows if len(r["input_ids"])), default=-1)
+    top = max((max(r[key]) for r in rows for key in ("input_ids", "labels") if len(r[key])), default=-1)
     if top >= rows_of_embedding:
         size = len(tokenizer) if hasattr(tokenizer, "__len__") else top + 1
         raise DataError(
@@ -62,8 +63,21 @@ def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
         return source
     loaded = load_rows(source, cfg.dataset_split)
     if hasattr(loaded.rows, "rename_columns"):
-        return loaded.rows.rename_columns({o: n for o, n in mapping.items() if o in loaded.columns})
-    return [{mapping.get(k, k): v for k, v in row.items()} for row in loaded.rows]
+        present = {o: n for o, n in mapping.items() if o in loaded.columns}
+        return loaded.rows.remove_columns(_shadowed(loaded.columns, present)).rename_columns(present)
+    renamed = []
+    for row in loaded.rows:
+        present = {o: n for o, n in mapping.items() if o in row}
+        shadowed = _shadowed(row, present)
+        renamed.append({**{k: v for k, v in row.items() if k not in present and k not in shadowed},
+                        **{n: row[o] for o, n in present.items()}})
+    return renamed
+
+
+def _shadowed(columns, renames: dict[str, str]) -> list[str]:
+    """Columns that already bear a name the renames give (a "text" column beside text_column "body"): they give way
+    to the column the config names, which they would otherwise be trained on instead of."""
+    return [n for n in renames.values() if n in columns and n not in renames]
 
 
 def _prepare_tokenized(rows: Sequence[Any], tokenizer, cfg: ChronicalsConfig) -> PreparedData:

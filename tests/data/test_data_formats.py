@@ -79,6 +79,20 @@ def test_prompt_completion_loss_on_completion_and_eos(tok):
     assert example["input_ids"][-1] == tok.eos_token_id
 
 
+def test_prompt_completion_trains_on_an_eos_the_tokenizer_appends_itself(tok):
+    # Tokenizers set up with add_eos_token end every encoding with eos, at offsets (0, 0): outside the completion's
+    # characters, but it is still the completion's end the model must learn.
+    from tokenizers.processors import TemplateProcessing
+
+    adds_eos = copy.deepcopy(tok)
+    adds_eos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, tok.eos_token_id)])
+    (example,) = tokenize_rows([{"prompt": "Q: what is pass?", "completion": " A: a null operation."}], adds_eos,
+                               "prompt_completion")
+    assert example["input_ids"].count(tok.eos_token_id) == 1
+    assert trained_text(tok, example) == " A: a null operation.<|endoftext|>"
+
+
 def test_text_trains_on_every_token_and_ends_with_eos(tok):
     (example,) = tokenize_rows([{"text": "The pass statement does nothing."}], tok, "text")
     assert example["labels"] == example["input_ids"]

@@ -113,6 +113,15 @@ def test_token_ids_beyond_the_models_embedding(tmp_path, tok):
 
 
 @pytest.mark.parametrize("packing", [True, False])
+def test_label_ids_beyond_the_models_vocabulary(tmp_path, tok, packing):
+    # Without the check: an IndexError deep in the loss, or (fused loss) a NaN blamed on the learning rate.
+    vocab = tiny_model().get_input_embeddings().num_embeddings
+    data = [{"input_ids": [3, 4, 5, 6], "labels": [-100, 4, vocab, 6]}, {"input_ids": [3, 4, 5]}]
+    _fails_before_training(tmp_path, data, tok, f"token id {vocab} but the model's embedding has only {vocab} rows",
+                           use_sequence_packing=packing)
+
+
+@pytest.mark.parametrize("packing", [True, False])
 def test_tokenized_rows_train_with_a_tokenizer_that_has_no_pad_token(tmp_path, packing):
     # Base models' tokenizers often have no pad token: padding labels are ignored, so eos pads, as for text rows.
     no_pad = type(tokenizer())(pad_token_id=None, eos_token_id=1)

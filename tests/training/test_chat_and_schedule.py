@@ -1,4 +1,5 @@
-"""Chat rows train only on assistant turns (through the config's column names); the LR schedule's shape."""
+"""Chat rows train only on assistant turns and text rows on the configured column (through the config's column
+names); the LR schedule's shape."""
 
 import pytest
 import torch
@@ -21,6 +22,21 @@ def test_chat_rows_carry_loss_only_on_assistant_turns():
     assert "Blue is one." in text
     assert "Name a colour" not in text and "Be brief" not in text
     assert [label for label in row["labels"] if label != -100] == trained
+
+
+@pytest.mark.parametrize("as_dataset", [False, True], ids=["list", "datasets.Dataset"])
+def test_configured_text_column_wins_over_a_column_named_text(as_dataset):
+    # text_column says which column to train on; another column that happens to be called "text" must not win
+    # (here it comes after the configured one, so a plain rename would let it overwrite the renamed column).
+    tok = default_tokenizer()
+    rows = [{"body": "The body that the config names.", "text": "a summary line"}]
+    if as_dataset:
+        import datasets
+
+        rows = datasets.Dataset.from_list(rows)
+    cfg = ChronicalsConfig(text_column="body", max_seq_length=128, use_sequence_packing=False)
+    (row,) = prepare_training_data(rows, tok, cfg).rows
+    assert tok.decode(row["input_ids"]) == "The body that the config names.<|endoftext|>"
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
