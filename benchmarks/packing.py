@@ -381,12 +381,19 @@ def main(argv=None):
     start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = {"checks": [], "facts": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(partial=True):  # after each part, so a time limit keeps what was measured
+        res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
+        res["partial"] = partial
+        (args.out / "packing.json").write_text(json.dumps(res, indent=1))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 truth model must be fp32
         res["facts"] = {"default_backend": attention.select_backend(torch.device(device), torch.bfloat16, HEADS[2]),
                         **gqa_facts(device)}
         res["checks"] += check_attention(device, torch.bfloat16, [33, 300, 1, 1000, 129, 2048])
         res["checks"] += check_packed_model(device, torch.bfloat16, torch.float32, [40, 300, 1000, 7], layers=2)
+        save()
     else:
         print("no CUDA device: correctness checks only, at tiny shapes on the CPU (no timing)")
         res["facts"] = {"default_backend": attention.select_backend(torch.device(device), torch.float32)}
@@ -400,14 +407,13 @@ def main(argv=None):
                             "max_len": max(att_lengths), "lengths": att_lengths, "rows": rows,
                             "default_vs_dense": default.get("vs_dense"),
                             "meets_target": (default.get("vs_dense") or 99) <= 1.10}
+        save()
         train_lengths = spread_lengths(16, seed=1)
         train_rows, train_checks = time_training(train_lengths, args.quick)
         res["checks"] += train_checks
         res["training"] = {"sequences": len(train_lengths), "min_len": min(train_lengths),
                            "max_len": max(train_lengths), "lengths": train_lengths, "rows": train_rows}
-    res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "packing.json").write_text(json.dumps(res, indent=1))
+    save(partial=False)
     print(f"wrote {args.out / 'packing.json'} in {res['provenance']['wall_s']} s")
     print_table(res)
     return 0 if all(c["ok"] for c in res["checks"] if c.get("gate", True)) else 1

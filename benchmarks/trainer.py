@@ -118,12 +118,12 @@ def main(argv=None):
     steps = (8 if args.quick else 16) if cuda else 2
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    result = {"device": device, "torch": torch.__version__, "steps": steps, "rows": rows}
     for i, (name, settings) in enumerate(variants(args.quick or not cuda)):
         rows.append(run_variant(name, settings, steps=steps, out_dir=args.out / f"run{i}", cuda=cuda))
         print(f"[{i + 1}] {name}: {rows[-1]['status']}", flush=True)
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    result = {"device": device, "torch": torch.__version__, "steps": steps, "rows": rows}
-    (args.out / "trainer.json").write_text(json.dumps(result, indent=2))
+        (args.out / "trainer.json").write_text(json.dumps(result, indent=2))  # after each variant: a crash keeps them
     print(f"\ntrainer benchmark on {device}, {steps} steps per variant, medians after 3 warm-up steps")
     print(table(rows))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
