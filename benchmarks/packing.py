@@ -86,8 +86,7 @@ def per_sequence_attention(q, k, v, lengths):
 def available_backends(device) -> list[str]:
     names = ["sdpa_loop"]
     if device == "cuda":
-        names = [b for b in ("flash_attn_cute", "flash_attn", "torch_varlen", "cudnn_varlen")
-                 if attention.available(b)] + names
+        names = [b for b in attention.BACKENDS if b not in names and attention.available(b)] + names
     return names
 
 

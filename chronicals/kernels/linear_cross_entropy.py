@@ -207,6 +207,16 @@ def _grad_launch(block, bias, v_start, labels, lse, row_grad, plan):
     )
 
 
+def _fold_statistics(h, weight, bias, labels, m, s, target, buffer, width, plan):
+    """Fold the logits h @ weightᵀ, `width` vocabulary columns at a time (in `buffer`), into the rows' running
+    (m, s), and pick out their target logits."""
+    vocab = weight.shape[0]
+    for v_start in range(0, vocab, width):
+        v_end = min(v_start + width, vocab)
+        block = torch.mm(h, weight[v_start:v_end].t(), out=_block_view(buffer, h.shape[0], v_end - v_start))
+        _lse_launch(block, bias, v_start, labels, m, s, target, plan)
+
+
 def _vocab_blocked_statistics(hidden, weight, bias, labels, plan):
     """Per-row log-sum-exp and target logit (fp32), one [N, chunk] logits block at a time."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -214,10 +224,7 @@ def _vocab_blocked_statistics(hidden, weight, bias, labels, plan):
     s = torch.zeros_like(m)
     target = torch.zeros_like(m)
     buffer = torch.empty(n_rows * min(plan.chunk, vocab), device=hidden.device, dtype=hidden.dtype)
-    for v_start in range(0, vocab, plan.chunk):
-        v_end = min(v_start + plan.chunk, vocab)
-        block = torch.mm(hidden, weight[v_start:v_end].t(), out=_block_view(buffer, n_rows, v_end - v_start))
-        _lse_launch(block, bias, v_start, labels, m, s, target, plan)
+    _fold_statistics(hidden, weight, bias, labels, m, s, target, buffer, plan.chunk, plan)
     return m + torch.log(s), target
 
 
@@ -310,15 +317,14 @@ def _tiled_forward_backward(hidden, weight, bias, labels, row_grad, plan, need_h
         grad_weight.zero_()
     for r0 in range(0, n_rows, rows_per_block):
         rows = slice(r0, min(r0 + rows_per_block, n_rows))
-        h, y, n = hidden[rows], labels[rows], hidden[rows].shape[0]
-        tiles = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
-        for v0, v1 in tiles:
-            tile = torch.mm(h, weight[v0:v1].t(), out=_block_view(buffer, n, v1 - v0))
-            _lse_launch(tile, bias, v0, y, m[rows], s[rows], target[rows], plan)
+        h, y = hidden[rows], labels[rows]
+        n = h.shape[0]
+        _fold_statistics(h, weight, bias, y, m[rows], s[rows], target[rows], buffer, cols, plan)
         lse = m[rows] + torch.log(s[rows])
         if need_hidden:
             dh = accumulator[:n].zero_()
-        for v0, v1 in tiles:
+        for v0 in range(0, vocab, cols):
+            v1 = min(v0 + cols, vocab)
             tile = torch.mm(h, weight[v0:v1].t(), out=_block_view(buffer, n, v1 - v0))
             _grad_launch(tile, bias, v0, y, lse, row_grad[rows], plan)
             if need_hidden:
