@@ -18,6 +18,7 @@ Writes DIR/kernels.json and prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -154,43 +155,54 @@ def _liger(op, eps, example):
     return liger_rotary_pos_emb
 
 
-# Forward launch shapes to A/B against the defaults (the H100 run of 2026-12-06 had every forward 13-17% behind the
-# fastest peer while every backward led). Forward only: the backward launches after the wrapper returns, with the
-# defaults. SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096); both: the loads'
-# L2 policy (evict_first, against the default that Liger's loads keep).
-# (1024, 4) is Inductor's pointwise launch; its SASS for this op matches ours at (4096, 8) instruction for instruction
-# per element (nvdisasm of both built for sm90), so only the launch shape and the L2 policy differ.
-SWIGLU_LAUNCHES = ((512, 2), (1024, 4), (1024, 2), (2048, 4), (8192, 8), (16384, 32))
-RMSNORM_TILES = (2048, 8192, 16384)
+# Launch settings to A/B against the defaults, applied to the forward and the backward alike. History: the H100 run of
+# 2026-12-06 had every forward 13-17% behind the fastest peer while every backward led; the H200 run of the same day
+# traced most of it to the forward loads' evict_first L2 policy (now "" for SwiGLU and RMSNorm) and left RoPE's
+# forward 18% behind Liger's. SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096);
+# RoPE: fixed (positions per program, warps) in place of the tuner. (1024, 4) is Inductor's pointwise launch; its SASS
+# for SwiGLU matches ours per element (nvdisasm of both built for sm90).
+SWIGLU_LAUNCHES = ((1024, 4), (2048, 4))
+RMSNORM_TILES = (8192, 16384)
+ROPE_LAUNCHES = ((1, 4), (1, 8), (2, 8), (4, 16))
 
 
-def _with_settings(fn, module, **values):
-    """fn run with the module's launch constants set to `values` (restored afterwards)."""
-    def run(*args):
-        saved = {name: getattr(module, name) for name in values}
-        vars(module).update(values)
-        try:
-            return fn(*args)
-        finally:
-            vars(module).update(saved)
+class _Variant:
+    """Our op with some of its module's launch constants changed: a context manager that the check and the timing
+    enter around every use, so the forward and the backward (launched later, by autograd) both see the change."""
 
-    return run
+    def __init__(self, fn, module, **values):
+        self.fn, self.module, self.values = fn, module, values
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.module, name) for name in self.values}
+        vars(self.module).update(self.values)
+
+    def __exit__(self, *exc):
+        vars(self.module).update(self.saved)
+
+
+def _settings_of(fn):
+    return fn if isinstance(fn, _Variant) else contextlib.nullcontext()
 
 
 def _launch_variants(op, eps):
-    from chronicals.kernels import rms_norm, swiglu
+    from chronicals.kernels import rms_norm, rope, swiglu
 
     if op == "swiglu":
-        return {**{f"chronicals[b{b}w{w}]": _with_settings(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
+        return {**{f"chronicals[b{b}w{w}]": _Variant(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
                    for b, w in SWIGLU_LAUNCHES},
-                "chronicals[default L2 policy]": _with_settings(fused_swiglu, swiglu, _FWD_EVICTION=""),
-                "chronicals[b1024w4, default L2 policy]": _with_settings(fused_swiglu, swiglu, _BLOCK=1024,
-                                                                        _NUM_WARPS=4, _FWD_EVICTION="")}
+                "chronicals[fwd evict_first]": _Variant(fused_swiglu, swiglu, _FWD_EVICTION="evict_first"),
+                "chronicals[bwd default L2 policy]": _Variant(fused_swiglu, swiglu, _BWD_EVICTION="")}
     if op in ("rmsnorm", "add_rmsnorm"):
-        return {**{f"chronicals[tile{t}]": _with_settings(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
+        return {**{f"chronicals[tile{t}]": _Variant(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
                    for t in RMSNORM_TILES},
-                "chronicals[default L2 policy]": _with_settings(_ours(op, eps), rms_norm, _FWD_EVICTION="")}
-    return {}
+                "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first")}
+    return {**{f"chronicals[p{p}w{w}]": _Variant(fused_qk_rope, rope, _LAUNCH=(p, w)) for p, w in ROPE_LAUNCHES},
+            "chronicals[default L2 policy]": _Variant(fused_qk_rope, rope, _EVICTION=""),
+            "chronicals[p1w8, default L2 policy]": _Variant(fused_qk_rope, rope, _LAUNCH=(1, 8), _EVICTION="")}
 
 
 def _implementations(op, eps, example, device):
@@ -232,7 +244,8 @@ def check(op, m, impls, inputs, grad_idx, upstream, dtype):
     results = {}
     for name, fn in impls.items():
         try:
-            got = _outputs_and_grads(fn, inputs, grad_idx, upstream)
+            with _settings_of(fn):
+                got = _outputs_and_grads(fn, inputs, grad_idx, upstream)
             results[name] = {"errors": [_rel_err(x, r) for x, r in zip(got, ref)]}
         except Exception as exc:
             results[name] = {"errors": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -316,7 +329,8 @@ def run(models, dtype, device, quick, ops, save=lambda partial: None):
                                  "reason": result[name]["error"]})
                     continue
                 try:
-                    t = time_impl(fn, sets, grad_idx, quick)
+                    with _settings_of(fn):
+                        t = time_impl(fn, sets, grad_idx, quick)
                 except Exception as exc:
                     torch.cuda.synchronize()
                     rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
@@ -383,8 +397,8 @@ def print_table(res):
             print(f"{key[0]:<13} {key[1]:<12} {key[2]:<4} " + " ".join(cols)
                   + f"   {ours.get('frac_of_copy', float('nan')) * 100:5.1f}  {targets}")
     for r in ok:
-        if r["impl"].startswith("chronicals[") and r["pass"] == "fwd":
-            print(f"  {r['model']} {r['op']} {r['impl']} fwd: {r['ms'] * 1e3:.1f}us {r['gb_per_s']:.0f}GB/s")
+        if r["impl"].startswith("chronicals["):
+            print(f"  {r['model']} {r['op']} {r['impl']} {r['pass']}: {r['ms'] * 1e3:.1f}us {r['gb_per_s']:.0f}GB/s")
     for r in res["rows"]:
         if r["status"] != "ok":
             print(f"  {r['model']} {r['op']} {r['impl']}: {r['status']} ({r['reason'][:120]})")

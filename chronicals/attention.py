@@ -9,8 +9,9 @@ Backends, fastest first (`select_backend`): FlashAttention 4's CuTe kernels (`fl
 `flash-attn-4` package; Hopper and Blackwell, where FlashAttention-2 runs at about half the matrix units'
 rate), flash-attn's `flash_attn_varlen_func`, PyTorch's `torch.nn.attention.varlen.varlen_attn` (both
 FlashAttention-2 over [tokens, heads, dim], CUDA half precision), and a loop of per-sequence SDPA calls that
-runs anywhere (the CPU path, and any dtype). `cudnn_varlen` (cuDNN's ragged attention, the kernel of dense
-SDPA's fastest Hopper path) is chosen only by name until the packing benchmark has timed it.
+runs anywhere (the CPU path, and any dtype). Left out on measurement: cuDNN's ragged attention
+(aten::_cudnn_attention_forward with cum_seq), twice. On the H200 (2026-12-06, benchmarks/packing.py) it took
+100-119 ms for what FA4 does in 0.74 ms, and PyTorch's backward for it gave wrong, even infinite, gradients.
 
 Registered with transformers as attn_implementation "chronicals_varlen": batches without `cu_seq_lens_q`
 (padded batches, generation) take HF's SDPA path unchanged.
@@ -133,19 +134,6 @@ def _flash_attn_cute(q, k, v, layout, scale, left):
     return out
 
 
-def _cudnn_varlen(q, k, v, layout, scale, left):
-    # cuDNN's ragged (THD) attention, the kernel behind PyTorch's nested-tensor SDPA: fewer K/V heads than Q
-    # heads natively, head dims up to 128 in steps of 8, no sliding window. Autograd is PyTorch's own
-    # (_cudnn_attention_backward); the log-sum-exp it needs is kept only when a backward can follow.
-    if left >= 0:
-        raise ValueError("the cudnn_varlen backend has no sliding window; use flash_attn_cute, flash_attn or "
-                         "torch_varlen")
-    cu, m = layout.cu_seqlens, layout.max_length
-    keep_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return torch.ops.aten._cudnn_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), None, cu, cu, m,
-                                                   m, keep_lse, 0.0, True, False, scale=scale)[0]
-
-
 def _torch_varlen(q, k, v, layout, scale, left):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -212,14 +200,12 @@ def _sdpa_loop(q, k, v, layout, scale, left):
 
 
 BACKENDS = {"flash_attn_cute": _flash_attn_cute, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen,
-            "cudnn_varlen": _cudnn_varlen, "sdpa_loop": _sdpa_loop}
+            "sdpa_loop": _sdpa_loop}
 # The module each backend needs. flash-attn 2 and 4 share the `flash_attn` name (4 installs only flash_attn.cute,
 # a namespace package), so each is found by its own submodule.
 REQUIRES = {"flash_attn_cute": "flash_attn.cute", "flash_attn": "flash_attn.flash_attn_interface",
             "torch_varlen": "torch.nn.attention.varlen"}
-# Separate packages, which may install but fail to compile or launch, and cuDNN's ragged graphs, which a cuDNN
-# version may refuse to build.
-OPTIONAL = ("flash_attn_cute", "flash_attn", "cudnn_varlen")
+OPTIONAL = ("flash_attn_cute", "flash_attn")  # separate packages, which may install but fail to compile or launch
 
 
 @cache
@@ -236,16 +222,7 @@ _BROKEN: dict[str, str] = {}
 
 
 def available(backend: str) -> bool:
-    if backend == "cudnn_varlen":
-        return backend not in _BROKEN and _cudnn_ragged_attention()
     return backend in BACKENDS and backend not in _BROKEN and (backend not in REQUIRES or _installed(REQUIRES[backend]))
-
-
-@cache
-def _cudnn_ragged_attention() -> bool:
-    """Whether this PyTorch has cuDNN's ragged attention op (2.7+) and a cuDNN to run it."""
-    return hasattr(torch.ops.aten, "_cudnn_attention_forward") and torch.backends.cudnn.is_available() \
-        and torch.cuda.is_available()
 
 
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:

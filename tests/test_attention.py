@@ -349,7 +349,7 @@ def test_backend_preference(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash_attn_cute", "torch_varlen", "cudnn_varlen"])
+@pytest.mark.parametrize("backend", ["flash_attn_cute", "torch_varlen"])
 def test_gpu_backends_match_float64_reference(backend):
     lengths, (hq, hkv, d), dtype = [33, 1, 300, 129, 64], (14, 2, 64), torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -371,14 +371,6 @@ def test_gpu_backends_match_float64_reference(backend):
     truth = run(lambda q, k, v: reference(q, k, v, lengths, d ** -0.5, None), torch.float64)
     for name, o, n, t in zip(("out", "dq", "dk", "dv"), ours, native, truth):
         assert_no_worse(f"{backend} {name}", o, n, t, dtype, factor=2.0)
-
-
-def test_cudnn_varlen_needs_a_gpu_and_refuses_a_window():
-    # cuDNN's ragged attention is CUDA-only; a sliding window it cannot apply is a clear error, never ignored.
-    assert attention.available("cudnn_varlen") == (torch.cuda.is_available() and torch.backends.cudnn.is_available())
-    q = torch.randn(10, 4, 8)
-    with pytest.raises(ValueError, match="cudnn_varlen backend has no sliding window"):
-        varlen_attention(q, q, q, layout_of([4, 6], "cpu"), sliding_window=3, backend="cudnn_varlen")
 
 
 def test_failing_optional_backend_falls_back_once(monkeypatch):

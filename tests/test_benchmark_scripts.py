@@ -41,3 +41,25 @@ def test_packing_table_when_the_default_backend_failed(capsys):
     out = capsys.readouterr().out
     assert "flash_attn_cute, xnan of dense -> target <= 1.10: MISS" in out
     assert "first call, new layout 1.9 ms" in out
+
+
+@pytest.mark.parametrize("op", ["rmsnorm", "add_rmsnorm", "swiglu", "rope"])
+def test_launch_variants_compute_what_the_default_computes(op):
+    """The GPU run A/Bs these launch settings and may make one the default: each must give the default's outputs
+    and gradients (to rounding), forward and backward, and leave the module's settings as they were."""
+    m = kernel_ops.TINY["tiny"]
+    inputs, grad_idx = kernel_ops._make_inputs(op, m, torch.float32, "cpu", seed=0)
+    outs = kernel_ops._tuple(kernel_ops._eager(op, m["eps"])(*inputs))
+    upstream = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)) for o in outs]
+    ours = kernel_ops._ours(op, m["eps"])
+    reference = kernel_ops._outputs_and_grads(ours, inputs, grad_idx, upstream)
+    variants = kernel_ops._launch_variants(op, m["eps"])
+    assert variants
+    for name, variant in variants.items():
+        before = {k: getattr(variant.module, k) for k in variant.values}
+        with kernel_ops._settings_of(variant):
+            assert all(getattr(variant.module, k) == v for k, v in variant.values.items()), name
+            got = kernel_ops._outputs_and_grads(variant, inputs, grad_idx, upstream)
+        assert {k: getattr(variant.module, k) for k in variant.values} == before, name
+        for g, r in zip(got, reference):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda s, n=name: f"{n}: {s}")

@@ -32,9 +32,10 @@ _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is hap
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
 _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
-# L2 policy of the forward's loads ("" is the default policy): a knob, because the H100 benchmark had the forward
-# ~17% behind Liger's, whose loads keep the default (benchmarks/kernel_ops.py A/Bs it).
-_FWD_EVICTION = "evict_first"
+# L2 policy of the forward's loads ("" is the default policy, "evict_first" marks data read once). The H200 run of
+# 2026-12-06 (Llama-3-8B, 16384 x 4096 bf16) put the forward at 77.5 us with evict_first and 67.9 us with the default
+# (Liger 64.8 us); the backward keeps evict_first (99.0 us, against Liger's 183.1). benchmarks/kernel_ops.py A/Bs it.
+_FWD_EVICTION = ""
 _REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
@@ -63,7 +64,7 @@ def _num_programs(device: torch.device, n_tiles: int) -> int:
 
 @triton.jit
 def _load_tile(PTR, rows, stride, cols, mask, EVICTION: tl.constexpr):
-    # Each element is read once per pass: evict_first keeps it from displacing reused data in L2.
+    # Each element is read once per pass; EVICTION is its L2 policy (see _FWD_EVICTION).
     ptrs = PTR + rows[:, None] * stride + cols[None, :]
     return tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
 

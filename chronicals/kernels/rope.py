@@ -27,18 +27,23 @@ from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
 _MAX_HEAD_ELEMENTS = 32768  # (Hq + Hkv) * D per position that one program's tile may hold
+# L2 policy of the q/k loads ("" is the default policy). The H200 run of 2026-12-06 (Llama-3-8B, 16384 tokens, HF's
+# transposed q/k views) had the forward at 99.8 us against Liger's 84.7 (and the backward ahead, 81.7 against 91.1);
+# benchmarks/kernel_ops.py A/Bs this knob and _LAUNCH, fixed (positions per program, warps) in place of the tuner.
+_EVICTION = "evict_first"
+_LAUNCH: tuple[int, int] | None = None
 
 
 @triton.jit
 def _rotate_heads(X, Y, x_off, y_off, stride_xh, stride_yh, n_heads, half, c1, c2, s1, s2, valid,
-                  BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                  BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = ((h < n_heads)[:, None] & (d < half)[None, :]) & valid
     x_ptr = X + x_off + h[:, None].to(tl.int64) * stride_xh + d[None, :]
     y_ptr = Y + y_off + h[:, None].to(tl.int64) * stride_yh + d[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    x2 = tl.load(x_ptr + half, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    x1 = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
     if BACKWARD:
         o1 = x1 * c1[None, :] + x2 * s2[None, :]
         o2 = x2 * c2[None, :] - x1 * s1[None, :]
@@ -57,7 +62,7 @@ def _qk_rope_kernel(
     scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
     n_pos, seq_len, n_q_heads, n_k_heads, half,
     HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
 ):
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < half
@@ -79,9 +84,9 @@ def _qk_rope_kernel(
         s1 = tl.load(SIN + sin_off + d, mask=m, other=0.0).to(tl.float32)
         s2 = tl.load(SIN + sin_off + half + d, mask=m, other=0.0).to(tl.float32)
         _rotate_heads(Q, QO, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s, sq_h, sqo_h, n_q_heads, half,
-                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HQ, BLOCK_HALF)
+                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HQ, BLOCK_HALF, EVICTION)
         _rotate_heads(K, KO, b * sk_b + s * sk_s, b * sko_b + s * sko_s, sk_h, sko_h, n_k_heads, half,
-                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HK, BLOCK_HALF)
+                      c1, c2, s1, s2, valid, BACKWARD, BLOCK_HK, BLOCK_HALF, EVICTION)
 
 
 def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
@@ -111,7 +116,7 @@ _TUNE_MIN_POSITIONS = 1024  # smaller calls (tests, short batches) take a fixed 
 # in flight. Tuning reruns the kernel, which is safe: it writes only its outputs.
 _qk_rope_tuned = triton.autotune(
     configs=[triton.Config({"POS_PER_PROG": p}, num_warps=w) for p in (1, 2) for w in (1, 2, 4, 8, 16)],
-    key=["n_q_heads", "n_k_heads", "half", "HAS_POS", "BACKWARD"],
+    key=["n_q_heads", "n_k_heads", "half", "HAS_POS", "BACKWARD", "EVICTION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_qk_rope_kernel)
 
@@ -142,8 +147,12 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
         n_pos, seq_len, n_q_heads, n_k_heads, head_dim // 2,
     )
     blocks = dict(HAS_POS=position_ids is not None, BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-                  BLOCK_HALF=block_half)
-    if INTERPRET or n_pos < _TUNE_MIN_POSITIONS:
+                  BLOCK_HALF=block_half, EVICTION=_EVICTION)
+    if _LAUNCH is not None:
+        pos_per_prog, num_warps = _LAUNCH
+        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks,
+                                                             num_warps=num_warps)
+    elif INTERPRET or n_pos < _TUNE_MIN_POSITIONS:
         per_pos = _per_position(block_hq, block_hk, block_half)
         num_warps = min(16, max(1, next_power_of_2(per_pos // 2048 + 1)))  # ~32 elements per thread
         _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks,

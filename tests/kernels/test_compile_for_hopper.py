@@ -44,12 +44,13 @@ SCRIPT = textwrap.dedent("""
                   ("RSTD", "*fp32"), ("stride_x", "i32"), ("stride_r", "i32"), ("stride_s", "i32"),
                   ("stride_y", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("eps", "fp32"), ("offset", "fp32"),
                   ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", "")], c), c, 8)
-    for write_c in (True, False):
-        c = {"WRITE_C": write_c, "BLOCK": 4096}
-        build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf), ("C", bf),
-              ("n_cols", "i32"), ("col_blocks", "i32"), ("stride_dc", "i32"), ("stride_a", "i32"),
-              ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
-              ("WRITE_C", ""), ("BLOCK", "")], c), c, 8)
+    for write_c, eviction in ((True, "evict_first"), (False, "")):
+        c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction}
+        ptx = build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf),
+                    ("C", bf), ("n_cols", "i32"), ("col_blocks", "i32"), ("stride_dc", "i32"), ("stride_a", "i32"),
+                    ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
+                    ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
+        assert ("evict_first" in ptx) == bool(eviction)
     for has_ds in (True, False):
         c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 1024, "NUM_STAGES": 2}
         build(rms_norm._rms_norm_bwd_kernel, sig([("DY", bf), ("DS", bf), ("X", bf), ("W", bf), ("RSTD", "*fp32"),
