@@ -300,6 +300,8 @@ def _tiled_forward_backward(hidden, weight, bias, labels, row_grad, plan, need_h
 
     Pass 1 folds each tile into the block's running (m, s); pass 2 recomputes each tile, turns it into dz
     in place, and adds dz @ W_c to the block's fp32 dH accumulator and dzᵀ @ h to dW's rows in place.
+    A tile as wide as the vocabulary is still in the buffer after pass 1, so pass 2 uses it as it is:
+    6·N·d·V FLOPs, the rows strategy's, with dW summed in the weight's dtype instead of an fp32 V·d buffer.
     """
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     m = torch.full((n_rows,), float("-inf"), device=hidden.device, dtype=torch.float32)
@@ -325,7 +327,9 @@ def _tiled_forward_backward(hidden, weight, bias, labels, row_grad, plan, need_h
             dh = accumulator[:n].zero_()
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
-            tile = torch.mm(h, weight[v0:v1].t(), out=_block_view(buffer, n, v1 - v0))
+            tile = _block_view(buffer, n, v1 - v0)
+            if cols < vocab:
+                torch.mm(h, weight[v0:v1].t(), out=tile)
             _grad_launch(tile, bias, v0, y, lse, row_grad[rows], plan)
             if need_hidden:
                 _accumulate_product(dh, tile, weight[v0:v1])
@@ -507,8 +511,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     [chunk, V] row blocks and forms the gradients during the forward pass (6·N·d·V FLOPs; extra memory
     chunk·V + fp32 V·d unless one block holds all rows; scalar losses only); "tiles" holds one
     [rows, cols] tile (`chunk` = rows or (rows, cols)) and also forms the gradients in forward, the
-    leanest: extra memory rows·cols + fp32 rows·d whatever N and V (8·N·d·V FLOPs; dW summed in the
-    weight's dtype once per row block; scalar losses only). "auto" uses DEFAULT_STRATEGY, or "vocab"
+    leanest: extra memory rows·cols + fp32 rows·d whatever N and V (8·N·d·V FLOPs, 6 when cols >= V; dW
+    summed in the weight's dtype once per row block; scalar losses only). "auto" uses DEFAULT_STRATEGY, or "vocab"
     for reduction="none" and when no gradient is wanted. `chunk` None picks the strategy's default
     block (`default_vocab_chunk`, `default_row_chunk`, DEFAULT_TILE).
 

@@ -298,3 +298,17 @@ def test_gpu_realistic_block_sizes(strategy):
     hidden, weight, bias, labels = make_inputs(777, 256, 5003, torch.bfloat16, 11, bias=True)
     check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4,
                             strategy=strategy, chunk={"vocab": None, "rows": 300, "tiles": (300, 1100)}[strategy])
+
+
+def test_a_tile_spanning_the_vocabulary_is_not_recomputed(monkeypatch):
+    # One tile per row block: pass 2 reuses the logits pass 1 left in the buffer (6·N·d·V FLOPs, not 8), so the
+    # only logits matmuls are pass 1's, one per row block (plus dW's first block), and the result is unchanged.
+    hidden, weight, bias, labels = make_inputs(19, 13, 83, torch.float32, 5, bias=True)
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    check_against_reference(hidden, weight, bias, labels, torch.float32, strategy="tiles", chunk=(7, 83))
+    whole = len(calls)
+    calls.clear()
+    check_against_reference(hidden, weight, bias, labels, torch.float32, strategy="tiles", chunk=(7, 82))
+    assert whole == 3 + 1 and len(calls) == 3 * (2 + 2) + 2  # 3 row blocks of 2 tiles; dW written per tile
