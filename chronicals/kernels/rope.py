@@ -27,10 +27,11 @@ from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
 _MAX_HEAD_ELEMENTS = 32768  # (Hq + Hkv) * D per position that one program's tile may hold
-# L2 policy of the q/k loads ("" is the default policy). The H200 run of 2026-12-06 (Llama-3-8B, 16384 tokens, HF's
-# transposed q/k views) had the forward at 99.8 us against Liger's 84.7 (and the backward ahead, 81.7 against 91.1);
-# benchmarks/kernel_ops.py A/Bs this knob and _LAUNCH, fixed (positions per program, warps) in place of the tuner.
-_EVICTION = "evict_first"
+# L2 policy of the q/k loads ("" is the default policy). H200, 2026-12-06, Llama-3-8B (16384 tokens, HF's transposed
+# q/k views): evict_first 90.3 / 92.5 us fwd / bwd, the default 86.4 / 87.5 (Liger's fwd 84.5, compile's bwd 92.0).
+# _LAUNCH fixes (positions per program, warps) in place of the tuner; benchmarks/kernel_ops.py A/Bs both knobs (no
+# fixed launch beat the tuner: 1 x 4 warps 90.2 us, 1 x 8 96.3, 2 x 8 96.4, 4 x 16 128.1).
+_EVICTION = ""
 _LAUNCH: tuple[int, int] | None = None
 
 

@@ -29,11 +29,11 @@ _NUM_WARPS = 8
 # Row-strided launches narrow the block (down to this) while more than 1/8 of each row's last block
 # would be padding: e.g. I = 4864 (Qwen2.5-0.5B) runs 5 blocks of 1024 (5% padding), not 2 of 4096 (41%).
 _MIN_ROW_BLOCK = 1024
-# L2 policy of each pass's loads ("" is the default policy, "evict_first" marks data read once). The H200 run of
-# 2026-12-06 (Llama-3-8B MLP, 16384 x 14336 bf16) put the forward at 395.7 us with evict_first and 326.3 us with the
-# default, level with torch.compile (325.9 us); benchmarks/kernel_ops.py A/Bs both passes.
+# L2 policy of each pass's loads ("" is the default policy, "evict_first" marks data read once). H200, 2026-12-06,
+# Llama-3-8B MLP (16384 x 14336 bf16): forward 364-396 us with evict_first, 324-326 us with the default (compile
+# 321-326); backward 598 us with evict_first, 549 with the default (compile 543). benchmarks/kernel_ops.py A/Bs both.
 _FWD_EVICTION = ""
-_BWD_EVICTION = "evict_first"
+_BWD_EVICTION = ""
 
 
 @triton.jit
