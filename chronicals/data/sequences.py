@@ -63,8 +63,12 @@ def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Token
         raise TypeError(f"{what} must be a list of int token ids, got {type(value).__name__}")
     value = list(value)
     # array.array converts in C: "Q" (unsigned) rejects non-ints and negatives in one pass; labels may also hold
-    # ignore_index, so they get the signed "q" and a min() over the rest. The slow scan only runs to name the culprit.
+    # ignore_index, so they get the signed "q" and a min() over the rest. It takes bools (an int subclass) too, so
+    # their type is looked for first (a bool tensor or mask passed as token ids). The slow scan only runs to name the
+    # culprit.
     try:
+        if bool in set(map(type, value)):
+            raise TypeError
         if ignore_index is None:
             array.array("Q", value)
         elif array.array("q", value) and min(value) < 0:
@@ -73,7 +77,8 @@ def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Token
             if distinct and min(distinct) < 0:
                 raise OverflowError
     except (TypeError, OverflowError):
-        bad = next(t for t in value if type(t) is not int or (t != ignore_index and not 0 <= t < 1 << 63))
+        bad = next(t for t in value if type(t) is bool or not hasattr(t, "__index__")
+                   or (t != ignore_index and not 0 <= t < 1 << 63))
         allowed = "non-negative int token ids" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise TypeError(f"{what} must hold {allowed}, found {bad!r} ({type(bad).__name__})") from None
     return value

@@ -135,6 +135,10 @@ def test_overflow_is_counted_and_warned():
         ([{"input_ids": [1, 2], "labels": [1]}], ValueError, "aligned"),
         ([{"input_ids": [1, 2], "labels": [-100, -5]}], TypeError, "or ignore_index=-100, found -5"),
         ([[1, 2**70]], TypeError, "found 1180591620717411303424"),
+        # bool is an int subclass: a mask passed as token ids must not be packed as ids 0 and 1.
+        ([[1, True, 3]], TypeError, r"example 0 must hold non-negative int token ids, found True \(bool\)"),
+        ([[True, False, True]], TypeError, r"found True \(bool\)"),
+        ([{"input_ids": [1, 2, 3], "labels": [-100, True, 3]}], TypeError, r"example 0 labels .* found True \(bool\)"),
     ],
 )
 def test_bad_input_gives_clear_errors(dataset, error, match):
@@ -154,3 +158,21 @@ def test_bad_input_gives_clear_errors(dataset, error, match):
 def test_bad_arguments(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         SequencePacker(**kwargs)
+
+
+def test_bool_tensors_and_arrays_are_refused_by_packer_and_collators():
+    import numpy as np
+    import torch
+
+    from chronicals.data import PackedCollator, PaddedCollator
+
+    for ids in (torch.tensor([True, False, True]), np.array([True, False, True])):
+        with pytest.raises(TypeError, match=r"found True \(bool\)"):
+            SequencePacker(max_seq_length=8, padding_token_id=0).pack([ids])
+    with pytest.raises(TypeError, match=r"input_ids must hold non-negative int token ids, found True \(bool\)"):
+        PackedCollator()([{"input_ids": [1, True, 3]}])
+    with pytest.raises(TypeError, match=r"input_ids must hold non-negative int token ids, found True \(bool\)"):
+        PaddedCollator(0)([{"input_ids": [1, True, 3]}])
+    # numpy integers stay accepted.
+    rows = SequencePacker(max_seq_length=8, padding_token_id=0).pack([np.array([1, 2, 3])])
+    assert rows[0]["input_ids"] == [1, 2, 3]
