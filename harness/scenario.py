@@ -4,6 +4,7 @@ error naming the file, the field and the valid choices."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,9 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
     c = _Checker(source)
     c.known(raw, TOP_FIELDS, "")
     name = c.string(raw, "name", default=Path(source).stem)
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        c.fail("name", f"is {name!r}; it names the results file (<name>.jsonl) and the golden losses, so it must be "
+                       "a non-empty file name without '/' or '\\'")
     device = c.choice(raw, "device", DEVICES, default="cuda")
 
     m = c.table(raw, "model")
@@ -180,6 +184,9 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
         grad_norm_rtol=c.number(v, "grad_norm_rtol", prefix="verify.", default=vd.grad_norm_rtol, positive=True),
         min_weights_changed=c.number(v, "min_weights_changed", prefix="verify.", default=vd.min_weights_changed),
     )
+    if verify.min_weights_changed > 1:
+        c.fail("verify.min_weights_changed", f"is {verify.min_weights_changed:g}; it is a fraction of the sampled "
+                                             "weights, between 0 and 1 (e.g. 0.01)")
 
     names = backend_names()
     backends = raw.get("backends")
@@ -221,6 +228,8 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
             runs.append(Run(backend=b, variant=c.string(x, "name", prefix=where, default=name_default),
                             flags={**cls.FLAGS, **flags}, layout=layout))
     for i, x in enumerate(variants):
+        if "backend" not in x:
+            c.fail(f"variants[{i}].backend", f"is missing; name one of 'backends' ({', '.join(backends)})")
         if x.get("backend") not in backends:
             raise ScenarioError(f"{source}: field 'variants[{i}].backend' is {x.get('backend')!r}, which is not in "
                                 f"'backends' ({', '.join(backends)})")
@@ -293,8 +302,10 @@ class _Checker:
 
     def number(self, t: dict, name: str, prefix: str = "", default: Any = None, positive: bool = False) -> float:
         x = self._get(t, name, prefix, _REQUIRED if default is None else default)
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0 or (positive and x == 0):
-            self.fail(prefix + name, f"must be a {'positive' if positive else 'non-negative'} number, not {x!r}")
+        if (not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x < 0
+                or (positive and x == 0)):
+            self.fail(prefix + name, f"must be a finite {'positive' if positive else 'non-negative'} number, "
+                                     f"not {x!r}")
         return float(x)
 
 

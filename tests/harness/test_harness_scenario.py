@@ -71,6 +71,15 @@ def test_good_scenario_parses_runs_and_flags():
     (bad(variants=[{"backend": "torch", "layout": "packed"}]), ["layout", "'packed'", "padded"]),
     (bad(variants=[{"backend": "liger"}]), ["'variants[0].backend'", "not in 'backends'"]),
     (bad(model={"preset": "tiny-llama", "path": "/x"}), ["exactly one of 'preset'", "'path'"]),
+    # non-finite numbers: a NaN learning rate trains nothing, a NaN tolerance fails every comparison
+    (bad(train__lr=float("nan")), ["'train.lr'", "finite positive number", "nan"]),
+    (bad(timeout_s=float("inf")), ["'timeout_s'", "finite positive number", "inf"]),
+    (bad(verify={"loss_rtol": float("nan")}), ["'verify.loss_rtol'", "finite"]),
+    (bad(verify={"min_weights_changed": 2.0}), ["'verify.min_weights_changed'", "between 0 and 1"]),
+    # the name is the results file's and the golden file's name
+    (bad(name=""), ["'name'", "non-empty file name"]),
+    (bad(name="a/b"), ["'name'", "'a/b'", "without '/'"]),
+    (bad(variants=[{"name": "x"}]), ["'variants[0].backend'", "is missing", "torch, chronicals"]),
 ])
 def test_bad_input_names_file_field_and_choices(raw, words):
     with pytest.raises(ScenarioError) as e:
