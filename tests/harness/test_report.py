@@ -162,3 +162,11 @@ def test_headline_compares_backends_and_leaves_out_self_comparisons(rows):
     assert "| oom |" in full  # Unsloth ran out of memory there: its column says so rather than a blank
     lora = next(line for line in table.splitlines() if "h200-lora" in line)
     assert "| failed-verification | unavailable |" in lora and "x1.32" in lora
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_harness_help_goes_to_stdout_and_exits_zero(flag, capsys):
+    assert harness_main([flag]) == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m harness" in out and "bench" in out and "gate" in out
+    assert harness_main([]) == 2  # no subcommand is still a usage error
