@@ -151,8 +151,11 @@ def _scenario_settings(rows: list[Row], scenario_dir: Path) -> str | None:
         path = scenario_file(rows, name, scenario_dir)
         if path is None:
             continue
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError:  # edited since the run; the settings it ran with are unknown
+            continue
         body.append([name, _steps_recorded(rows, name), ", ".join(_settings(data))])
     return markdown(["scenario", "steps recorded per run", "settings"], body) if body else None
 

@@ -170,3 +170,18 @@ def test_harness_help_goes_to_stdout_and_exits_zero(flag, capsys):
     out = capsys.readouterr().out
     assert "usage: python -m harness" in out and "bench" in out and "gate" in out
     assert harness_main([]) == 2  # no subcommand is still a usage error
+
+
+def test_a_scenario_file_that_no_longer_loads_does_not_stop_the_report(tmp_path):
+    """The recorded scenario file may have been edited since (or name a checkpoint folder that is gone): the report
+    is still rendered from the rows, without the settings and the not-run list it cannot know."""
+    rows = [json.loads(line) for line in (RESULTS.parent / "smoke-cpu.jsonl").read_text().splitlines()]
+    for broken, text in (("invalid.toml", 'device = "cpu"\nbackends = ["torch"]\n[model]\npreset = "tiny-llama"\n'
+                                          '[train]\nbatch_size = 0\n'),
+                         ("not-toml.toml", "backends = [\n")):
+        (tmp_path / broken).write_text(text)
+        path = tmp_path / f"{broken}.jsonl"
+        path.write_text("".join(json.dumps({**r, "provenance": {**r["provenance"], "scenario_file":
+                                                                 str(tmp_path / broken)}}) + "\n" for r in rows))
+        written = render([path], tmp_path / broken.replace(".", "-"), scenario_dir=tmp_path)
+        assert (tmp_path / broken.replace(".", "-") / "REPORT.md") in written
