@@ -33,11 +33,21 @@ def _finite(x: float | None) -> float | None:
 def append(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A line cut short (a process killed mid-write) must not swallow the next row: start on a line of our own.
+    torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")
         for r in rows:
             f.write(json.dumps(r, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> dict[str, dict[int, float]] | None:
@@ -49,8 +59,12 @@ def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> 
         return None
     with open(path, encoding="utf-8") as f:
         for line in f:
-            r = json.loads(line)
-            if (r.get("scenario") == scenario and r.get("backend") == run.backend and r.get("variant") == run.variant
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a blank or torn line (another run's): not this run's reference
+                continue
+            if (isinstance(r, dict) and r.get("scenario") == scenario and r.get("backend") == run.backend
+                    and r.get("variant") == run.variant
                     and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"
                     and r.get("metric") in curves and r.get("step") is not None):
                 curves[r["metric"]][r["step"]] = r["value"]

@@ -93,3 +93,27 @@ def test_gpu_rows_carry_the_probe_mfu_and_memory(tmp_path):
     assert rows["tokens_per_s"]["value"] == pytest.approx(30 / 0.010)  # real tokens over step time
     assert {k: rows["tflops"]["provenance"][k] for k in ("gpu", "driver", "cuda")} == {
         "gpu": "NVIDIA H200", "driver": "580.1", "cuda": "13.0"}
+
+
+def test_a_run_compared_with_a_failed_reference_still_names_its_own_faults(tmp_path):
+    out = tmp_path / "r.jsonl"
+    zero, frozen = good_result(), good_result()
+    zero["steps"][1]["grad_norm"] = 0.0
+    frozen["weights_changed"] = 0.0
+    outcomes = run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None,
+                            launcher=Launcher(out, [zero, frozen, good_result()]))
+    assert [o.status for o in outcomes] == ["failed-verification"] * 3
+    assert "reference run (torch, default) did not pass" in outcomes[1].reason
+    assert "weights did not change" in outcomes[1].reason  # its own fault is not hidden behind the reference's
+    assert "weights did not change" not in outcomes[2].reason
+
+
+def test_a_blank_or_torn_line_in_the_results_file_neither_stops_the_matrix_nor_eats_a_row(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"scenario": "earlier"}\n\n{"scenario": "killed mid-wri')  # a hand-edited, then a torn file
+    outcomes = run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None,
+                            launcher=lambda *a: Launched(good_result(), False, 0, ""))
+    assert [o.status for o in outcomes] == ["ok"] * 3  # the reference was read back past the bad lines
+    lines = out.read_text().splitlines()
+    assert lines[2] == '{"scenario": "killed mid-wri'  # the torn line stays alone on its line
+    assert {json.loads(x)["scenario"] for x in lines[3:]} == {"s"}
