@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import LoRAConfig
+from .config import ALL_LINEAR, LoRAConfig
 from .fused import install_fused
 
 try:  # transformers' GPT-2 style linear (weight stored [in, out])
@@ -28,6 +28,13 @@ def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _all_linear(model: nn.Module) -> list[str]:
+    """What PEFT's "all-linear" adapts: every Linear / Conv1D layer but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules()
+            if n and m is not head and (isinstance(m, nn.Linear) or (Conv1D and isinstance(m, Conv1D)))]
+
+
 def check_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names of the modules the config adapts; raises a clear error for anything that cannot work."""
     if not isinstance(model, nn.Module):
@@ -37,16 +44,22 @@ def check_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
         raise ValueError("model already carries LoRA adapters; apply_lora takes the plain base model")
     modules = dict(model.named_modules())
-    matched: list[str] = []
-    for target in config.target_modules:
-        names = [n for n in modules if n and _matches(n, target)]
-        if not names:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _layer_dims(m) is not None})
-            raise ValueError(
-                f"LoRAConfig.target_modules entry {target!r} matches no module of {type(model).__name__}; "
-                f"its adaptable layers are named: {', '.join(linear)}"
-            )
-        matched += [n for n in names if n not in matched]
+    if config.target_modules == [ALL_LINEAR]:
+        matched = _all_linear(model)
+        if not matched:
+            raise ValueError(f"LoRAConfig.target_modules={ALL_LINEAR!r}: {type(model).__name__} has no linear layer "
+                             "besides its output head; name the modules to adapt instead")
+    else:
+        matched = []
+        for target in config.target_modules:
+            names = [n for n in modules if n and _matches(n, target)]
+            if not names:
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _layer_dims(m) is not None})
+                raise ValueError(
+                    f"LoRAConfig.target_modules entry {target!r} matches no module of {type(model).__name__}; "
+                    f"its adaptable layers are named: {', '.join(linear)}; or pass target_modules={ALL_LINEAR!r}"
+                )
+            matched += [n for n in names if n not in matched]
     for name in matched:
         module = modules[name]
         dims = _layer_dims(module)
@@ -67,8 +80,10 @@ def peft_config(config: LoRAConfig, *, task_type: str | None = None):
     """The equivalent peft.LoraConfig."""
     from peft import LoraConfig
 
+    # PEFT expands the "all-linear" string itself (a list holding it would be read as a module name).
+    targets = ALL_LINEAR if config.target_modules == [ALL_LINEAR] else list(config.target_modules)
     return LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
         use_rslora=config.use_rslora, use_dora=config.use_dora, bias="none", task_type=task_type,
     )
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 # Every linear layer of the supported decoder blocks (Llama, Qwen2/3, Mistral): attention and MLP.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT's shorthand for every linear layer except the output head (lm_head).
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -15,7 +17,8 @@ class LoRAConfig:
     rank: r of A [r, in] and B [out, r]. alpha: scale numerator; the update is (alpha / rank) * B A, or
     (alpha / sqrt(rank)) * B A with `use_rslora`. dropout: on the adapter input; any value above 0 uses PEFT's
     plain (unfused) forward. target_modules: module-name suffixes, e.g. "q_proj" matches
-    "model.layers.0.self_attn.q_proj". use_dora: weight-decomposed LoRA (nn.Linear layers only). fused: use the
+    "model.layers.0.self_attn.q_proj", or "all-linear" (PEFT's shorthand: every linear layer but the output
+    head). use_dora: weight-decomposed LoRA (nn.Linear layers only). fused: use the
     fused autograd paths where they apply (dropout 0 in training, adapters active and unmerged). fused_kconcat
     (needs `fused`; off by default until measured on the GPU): the fused LoRA forwards fold the low-rank term
     into the base matmul along K, Y = [X | X A^T] @ [W | s B]^T (q/k/v and gate/up each as one such matmul), instead
@@ -48,6 +51,13 @@ class LoRAConfig:
                 f"LoRAConfig.target_modules must be a non-empty list of module names such as "
                 f"{list(DEFAULT_TARGET_MODULES)}, got {self.target_modules!r}"
             )
+        if any(t.lower() == ALL_LINEAR for t in targets):
+            if len(targets) != 1:
+                raise ValueError(
+                    f"LoRAConfig.target_modules {targets!r}: {ALL_LINEAR!r} already names every linear layer but the "
+                    f"output head; pass it alone (target_modules={ALL_LINEAR!r}) or list module names instead"
+                )
+            targets = [ALL_LINEAR]
         self.target_modules = targets
         for name in ("use_rslora", "use_dora", "fused", "fused_kconcat"):
             if not isinstance(getattr(self, name), bool):

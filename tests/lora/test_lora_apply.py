@@ -90,6 +90,30 @@ def test_default_targets_are_every_linear_layer_of_the_block():
     assert not hasattr(model.base_model.model.lm_head, "lora_A")
 
 
+def test_all_linear_shorthand_adapts_every_linear_layer_but_the_head_as_peft_does(tmp_path):
+    from peft import PeftModel
+
+    from chronicals.lora import save_lora
+
+    model = apply_lora(_tiny(), LoRAConfig(rank=4, target_modules="all-linear"))
+    layer = model.base_model.model.model.layers[1]
+    for name in DEFAULT_TARGET_MODULES:
+        owner = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+        assert hasattr(getattr(owner, name), "lora_A"), name
+    assert not hasattr(model.base_model.model.lm_head, "lora_A")
+    ref = get_peft_model(_tiny(), peft_config(LoRAConfig(rank=4), task_type="CAUSAL_LM"))
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+    _randomize_b(model)
+    save_lora(model, tmp_path)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(_tiny(), tmp_path).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert LoRAConfig(target_modules=["ALL-LINEAR"]).target_modules == ["all-linear"]
+    with pytest.raises(ValueError, match="'all-linear' already names every linear layer.*pass it alone"):
+        LoRAConfig(target_modules=["all-linear", "lm_head"])
+
+
 def test_bad_configs_fail_before_training_with_clear_errors():
     with pytest.raises(ValueError, match=r"target_modules entry 'qkv' matches no module.*q_proj"):
         apply_lora(_tiny(), LoRAConfig(target_modules=["q_proj", "qkv"]))
