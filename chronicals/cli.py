@@ -29,7 +29,8 @@ def load_config(args: list[str]) -> ChronicalsConfig:
     if args and "=" not in args[0]:
         path, args = args[0], args[1:]
         if not Path(path).is_file():
-            raise ConfigError(f"config file {path!r} does not exist (overrides look like key=value)")
+            what = "is a directory, not a YAML file" if Path(path).is_dir() else "does not exist"
+            raise ConfigError(f"config file {path!r} {what} (overrides look like key=value)")
     base = None if path else demo_config()
     return ChronicalsConfig.from_yaml(path, args, base=base)
 

@@ -132,8 +132,9 @@ class ChronicalsConfig:
         for key in values:
             if key not in names:
                 near = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else "; see chronicals/config.py for the fields"
-                raise ConfigError(f"unknown config field {key!r}{hint}")
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                valid = ", ".join(f.name for f in dataclasses.fields(cls))
+                raise ConfigError(f"unknown config field {key!r}{hint} (valid fields: {valid})")
         return cls(**values)
 
     @classmethod
@@ -145,8 +146,12 @@ class ChronicalsConfig:
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError(f"config file {str(p)!r} does not exist")
-            loaded = yaml.safe_load(p.read_text()) or {}
+                what = "is a directory, not a YAML file" if p.is_dir() else "does not exist"
+                raise ConfigError(f"config file {str(p)!r} {what}")
+            try:
+                loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_one_line(e)}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {str(p)!r} must hold a mapping of field: value")
             values.update(loaded)
@@ -183,7 +188,10 @@ def apply_override(values: dict[str, Any], item: str) -> None:
     if not key:
         raise ConfigError(f"override {item!r} has no key before '='")
     # Parsed as YAML, so numbers, booleans, null and [lists] read as they would in the file.
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
     parts = key.split(".")
     target = values
     for part in parts[:-1]:
@@ -192,6 +200,13 @@ def apply_override(values: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is not a mapping, so it has no sub-keys")
         target = nested
     target[parts[-1]] = value
+
+
+def _one_line(e: Exception) -> str:
+    """A YAML error's message without its multi-line source excerpt."""
+    mark = getattr(e, "problem_mark", None)
+    text = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else text
 
 
 # ---- validation --------------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ def test_yaml_config_with_chat_data_fused_kernels_packing_and_lora(tmp_path):
         (["learning_rat=1"], "unknown config field 'learning_rat'; did you mean 'learning_rate'"),
         (["lr_schedule=cosin"], "'lr_schedule' is 'cosin'; valid values: 'cosine' | 'linear' | 'constant'"),
         (["missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["zzz=1"], "unknown config field 'zzz' (valid fields: model, model_kwargs"),
+        (["learning_rate=[1,"], "override 'learning_rate=[1,': the value is not valid YAML"),
         (["model=/nonexistent/model"], "config field 'model' ('/nonexistent/model') could not be loaded"),
         (["dataset=/nonexistent.jsonl"], "training data '/nonexistent.jsonl'"),
     ],
@@ -80,6 +82,14 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and "Traceback" not in err
+
+
+def test_a_malformed_yaml_file_is_a_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 1e-4\nbatch_size: [2,\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml' is not valid YAML" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_python_dash_m_runs_the_cli():

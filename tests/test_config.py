@@ -80,6 +80,21 @@ def test_override_and_file_errors(tmp_path):
         ChronicalsConfig.from_yaml(tmp_path / "none.yaml")
 
 
+def test_malformed_yaml_and_unknown_fields_are_config_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1e-4,\n")
+    with pytest.raises(ConfigError, match=r"config file '.*broken.yaml' is not valid YAML: .* at line 2"):
+        ChronicalsConfig.from_yaml(broken)
+    with pytest.raises(ConfigError, match=r"override 'lora_target_modules=\[q_proj': the value is not valid YAML"):
+        apply_override({}, "lora_target_modules=[q_proj")
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        ChronicalsConfig.from_yaml(tmp_path)
+    with pytest.raises(ConfigError) as e:  # no near match: the valid fields are listed
+        ChronicalsConfig.from_dict({"zzz": 1})
+    assert "unknown config field 'zzz'" in str(e.value) and "learning_rate" in str(e.value)
+    assert "use_lora" in str(e.value)
+
+
 def test_comma_list_from_the_command_line_and_demo_defaults():
     cfg = ChronicalsConfig.from_yaml(None, ["lora_target_modules=q_proj, v_proj"])
     assert cfg.lora_target_modules == ["q_proj", "v_proj"]
