@@ -146,6 +146,9 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
         if not Path(ckpt).is_dir():
             raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, which is not a directory; give a local "
                                 "checkpoint saved with save_pretrained, or use 'preset'")
+        if not (Path(ckpt) / "config.json").is_file():
+            raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, which has no config.json; give a local "
+                                "checkpoint saved with save_pretrained, or use 'preset'")
     model = ModelSpec(preset=preset, path=ckpt, dtype=c.choice(m, "dtype", DTYPES, prefix="model.",
                                                                default="bfloat16"))
 

@@ -98,6 +98,11 @@ def test_missing_and_invalid_files(tmp_path):
         scenario.load(broken)
 
 
+def test_a_checkpoint_folder_without_config_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ScenarioError, match=r"'model.path' is .* which has no config.json; .*save_pretrained"):
+        scenario.parse(bad(model={"path": str(tmp_path)}), "scenarios/bad.toml")
+
+
 def test_bench_exits_nonzero_naming_file_and_field(tmp_path, capsys):
     assert bench.main(["--scenario", str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml: no such scenario file" in capsys.readouterr().err
