@@ -397,6 +397,9 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # True would skip every label 1
+        raise TypeError(f"ignore_index must be an int (the label value that carries no loss, usually -100), "
+                        f"got {ignore_index!r}")
     tensors = {"hidden": hidden, "weight": weight}
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
@@ -556,6 +559,9 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     """
     check_tensor("hidden_states", hidden_states, ndim=3)
     check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
+    if chunk_size is not None and not _positive_int(chunk_size):
+        raise ValueError(f"chunk_size must be a positive int (tokens or vocabulary columns per block) or None, got "
+                         f"{chunk_size!r}")
     if tuple(targets.shape) != tuple(hidden_states.shape[:2]):
         raise ValueError(f"targets must be [B, N] = {tuple(hidden_states.shape[:2])} to match hidden_states, "
                          f"got {tuple(targets.shape)}")

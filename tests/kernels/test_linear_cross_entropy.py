@@ -264,6 +264,10 @@ def test_gradients_in_forward_refuse_a_second_backward(strategy):
         (dict(strategy="tiles", chunk=(4, 4, 4)), r"rows or \(rows, vocabulary columns\)"),
         (dict(strategy="rows", chunk=(4, 4)), "chunk must be a positive int or None"),
         (dict(chunk=True), "chunk must be"),
+        # True == 1: a bool would silently drop every label 1 from the loss.
+        (dict(ignore_index=True), "ignore_index must be an int"),
+        (dict(ignore_index=-100.0), "ignore_index must be an int"),
+        (dict(ignore_index=None), "ignore_index must be an int"),
     ],
 )
 def test_bad_input_names_the_argument(change, message):
@@ -274,6 +278,13 @@ def test_bad_input_names_the_argument(change, message):
     with pytest.raises((ValueError, TypeError), match=message):
         fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("bias"),
                                    **args)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, True, 2.5])
+def test_fused_cross_entropy_names_chunk_size(chunk_size):
+    hidden, weight, _, labels = (t if t is None else t.to(DEVICE) for t in make_inputs(6, 5, 10, torch.float32, 0))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        fused_cross_entropy(hidden.view(2, 3, 5), weight, labels.view(2, 3), chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
