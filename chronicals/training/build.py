@@ -111,9 +111,9 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     if cfg.use_lora:
         from chronicals.lora import LoRAConfig, apply_lora
 
-        lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_target_modules), fused=cfg.use_fused_kernels)
-        try:
+        try:  # LoRAConfig's own checks (e.g. an empty target name) too: a SetupError naming the config fields
+            lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_target_modules), fused=cfg.use_fused_kernels)
             model = apply_lora(model, lora)
         except ValueError as e:
             raise SetupError(f"LoRA settings (lora_rank / lora_target_modules) do not fit this model: {e}") from e

@@ -106,6 +106,13 @@ def test_gpu_only_features_are_refused_clearly_on_cpu(tmp_path, changes, match):
         ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
 
 
+@pytest.mark.parametrize("targets", [[""], ["all-linear", "q_proj"], ["qkv"]])
+def test_lora_targets_that_cannot_work_are_a_setup_error(tmp_path, targets):
+    # A SetupError (the CLI's exit 2 with the message), never a bare ValueError from inside LoRAConfig.
+    with pytest.raises(SetupError, match="lora_target_modules"):
+        ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, use_lora=True, lora_target_modules=targets))
+
+
 def test_token_ids_beyond_the_models_embedding(tmp_path, tok):
     vocab = tiny_model().get_input_embeddings().num_embeddings
     data = [{"input_ids": [3, 4, vocab, 5]}, {"input_ids": [3, 4, 5]}]
