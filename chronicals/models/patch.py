@@ -57,7 +57,8 @@ def _packed_batch_hook(module, args, kwargs):
 
 def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
           linear_cross_entropy: bool = True, packed_attention: bool = True) -> nn.Module:
-    """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM, optionally PEFT-wrapped) in place.
+    """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM or bare AutoModel, optionally PEFT-wrapped)
+    in place.
 
     Returns the same model. Flags left False keep HF's behaviour for that part; applying again can add patches,
     never remove them (build a fresh model for a different flag set).
@@ -83,7 +84,7 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
     if packed_attention:
         import chronicals.attention as attention
 
-        base = lm.model
+        base = lm.base_model  # the decoder stack: `model` of a ForCausalLM, or the model itself (AutoModel)
         if getattr(base, "_chronicals_packed_hook", None) is None:
             base._chronicals_packed_hook = base.register_forward_pre_hook(_packed_batch_hook, with_kwargs=True)
         lm.set_attn_implementation(attention.IMPLEMENTATION)
@@ -103,6 +104,9 @@ def apply_to_classes(model_type: str, **flags):
     if unknown:
         raise TypeError(f"apply_to_classes: unknown flag(s) {', '.join(sorted(unknown))}; "
                         f"flags are: {', '.join(FLAGS)}")
+    for name, value in flags.items():  # refused now, not in the constructor of every model made later
+        if not isinstance(value, bool):
+            raise TypeError(f"apply_to_classes: flag {name} must be True or False, got {value!r}")
     cls = family_for(model_type).cls("ForCausalLM")
     original = cls.__init__
 

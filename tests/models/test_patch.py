@@ -2,6 +2,8 @@
 every parameter gradient (kernels under the Triton interpreter, and the plain-PyTorch fallback); each flag
 patches only its own part; unsupported models and bad flags give clear errors."""
 
+import copy
+
 import pytest
 import torch
 
@@ -187,9 +189,35 @@ def test_bad_flags_give_clear_errors():
         chronicals.apply(model, rope="yes")
     with pytest.raises(TypeError, match="unknown flag\\(s\\) fused_everything"):
         chronicals.apply_to_classes("llama", fused_everything=True)
+    with pytest.raises(TypeError, match="apply_to_classes: flag rms_norm must be True or False, got 1"):
+        chronicals.apply_to_classes("llama", rms_norm=1)
+    assert not hasattr(build_model("tiny-llama", seed=0), "chronicals_patches")  # nothing was left installed
     gelu = build_model("tiny-llama", seed=0, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act is 'gelu'; pass swiglu=False"):
         chronicals.apply(gelu)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_a_bare_decoder_model_is_patched_and_takes_packed_batches(name):
+    # AutoModel (no lm_head): the packed-batch step goes on the model itself, not on a `.model` it does not have.
+    from transformers import AutoModel
+
+    from chronicals.data import PackedCollator
+    from chronicals.models import preset_config
+
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(preset_config(name), attn_implementation="sdpa").to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    assert patched.chronicals_patches["packed_attention"]
+    ids, _ = batch(reference.config.vocab_size)
+    torch.testing.assert_close(patched(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state,
+                               rtol=1e-5, atol=1e-5)
+    seqs = [ids[0, :7].tolist(), ids[1, :4].tolist()]
+    packed = PackedCollator()([{"input_ids": s} for s in seqs])
+    packed = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in packed.items()
+              if k not in ("labels", "num_label_tokens")}
+    expected = torch.cat([reference(input_ids=torch.tensor([s], device=DEVICE)).last_hidden_state[0] for s in seqs])
+    torch.testing.assert_close(patched(**packed).last_hidden_state[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_wrapped_model_is_patched_and_its_lora_head_keeps_hf_loss(no_kernels):
