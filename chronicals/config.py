@@ -231,6 +231,8 @@ def _coerce(name: str, value, tp):
             except ConfigError:
                 continue
     elif origin is Literal:
+        if value is False and "no" in typing.get_args(tp):  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+            return "no"
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"config field {name!r} is {value!r}; valid values: {_describe(tp)}")

@@ -67,6 +67,16 @@ def test_yaml_then_overrides(tmp_path):
     assert ChronicalsConfig.from_yaml(again) == cfg  # to_yaml round-trips
 
 
+def test_mixed_precision_no_reads_as_no_from_yaml_and_overrides(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; the documented value 'no' must still work in a file and on the CLI.
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert ChronicalsConfig.from_yaml(path).mixed_precision == "no"
+    assert ChronicalsConfig.from_yaml(None, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'lr_schedule' is False; valid values"):
+        ChronicalsConfig(lr_schedule=False)
+
+
 def test_override_and_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="must look like key=value"):
         apply_override({}, "learning_rate")
