@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_adamw import _tensors
+from .fused_adamw import _param_list, _tensors
 
 
 class Adam8bit:
@@ -13,7 +13,7 @@ class Adam8bit:
     CUDA GPU holding the parameters; otherwise it raises a clear error instead of failing inside a kernel."""
 
     def __new__(cls, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
-        params = list(params)
+        params = _param_list(params)
         if not torch.cuda.is_available():
             raise RuntimeError("Adam8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizers run there); "
                                "use optimizer 'adamw_fused' on this machine")

@@ -6,6 +6,22 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
+def _param_list(params) -> list:
+    """`params` as a list, each group dict copied with its "params" as a list: the device checks read the groups
+    before torch.optim does, and a generator there (`{"params": model.parameters()}`) would be used up by the
+    check, leaving torch.optim an empty group that trains nothing."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or parameter-group dicts (e.g. model.parameters()), "
+                        "got a single tensor; wrap it in a list")
+    out = []
+    for p in params:
+        if isinstance(p, dict) and "params" in p:
+            group = p["params"]
+            p = {**p, "params": [group] if isinstance(group, torch.Tensor) else list(group)}
+        out.append(p)
+    return out
+
+
 def _tensors(params) -> list[torch.Tensor]:
     out = []
     for p in params:
@@ -35,7 +51,7 @@ class FusedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  *, fused: bool | None = None):
-        params = list(params)
+        params = _param_list(params)
         if not params:
             raise ValueError("FusedAdamW got no parameters; pass the model's trainable parameters")
         available = fused_available(params)

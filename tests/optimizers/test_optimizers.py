@@ -44,6 +44,21 @@ def test_fused_adamw_uses_the_fused_kernel_and_matches_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_group_dicts_holding_generators_keep_their_parameters():
+    # {"params": model.parameters()} is a generator: the device check must not use it up before torch.optim does.
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW([{"params": model.parameters(), "lr": 0.5}])
+    assert [len(g["params"]) for g in opt.param_groups] == [2] and opt.param_groups[0]["lr"] == 0.5
+    opt = create_optimizer("adamw_fused", [{"params": model.weight}, {"params": iter([model.bias])}], lr=1e-2)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    before = model.weight.detach().clone()
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.weight, before)
+    with pytest.raises(TypeError, match="got a single tensor; wrap it in a list"):
+        FusedAdamW(model.weight)
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.01),
     lambda ps: create_optimizer("adamw", ps, lr=1e-2, weight_decay=0.01),
