@@ -173,4 +173,5 @@ def build_optimizer(model: nn.Module, cfg: ChronicalsConfig) -> torch.optim.Opti
     except (RuntimeError, ImportError, ValueError) as e:  # Adam8bit: no GPU, no bitsandbytes, parameters off the GPU
         if not cfg.use_8bit_optimizer:
             raise
-        raise SetupError(f"config field 'use_8bit_optimizer' is true but 8-bit Adam cannot run here: {e}") from e
+        raise SetupError(f"config field 'use_8bit_optimizer' is true but 8-bit Adam cannot run here ({e}); set "
+                         "use_8bit_optimizer: false to train with fused AdamW") from e

@@ -96,7 +96,8 @@ def test_trainer_rejects_wrong_argument_types(tmp_path):
     "changes, match",
     [
         ({"use_fp8": True}, "'use_fp8' needs a GPU with FP8 tensor cores"),
-        ({"use_8bit_optimizer": True}, "'use_8bit_optimizer' is true but 8-bit Adam cannot run here"),
+        ({"use_8bit_optimizer": True}, r"'use_8bit_optimizer' is true but 8-bit Adam cannot run here .*; set "
+                                       "use_8bit_optimizer: false"),
         ({"mixed_precision": "fp16"}, "'mixed_precision' is 'fp16', which needs a CUDA GPU"),
         ({"param_dtype": "bfloat16", "mixed_precision": "auto"}, "'param_dtype' is 'bfloat16' but this device"),
     ],
