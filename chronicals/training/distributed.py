@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .build import SetupError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -68,7 +70,11 @@ def device_for(env: DistEnv, requested: str) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("config field 'device' is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
+        raise SetupError("config field 'device' is 'cuda' but no CUDA GPU is visible; use device: auto or cpu")
+    if env.enabled and env.local_rank >= torch.cuda.device_count():
+        raise SetupError(f"this process has LOCAL_RANK={env.local_rank} but the node shows only "
+                         f"{torch.cuda.device_count()} CUDA GPU(s); start at most that many processes per node "
+                         "(torchrun --nproc_per_node), or set device: cpu")
     return torch.device("cuda", env.local_rank if env.enabled else torch.cuda.current_device())
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from chronicals.training import distributed
+from chronicals.training.build import SetupError
 from chronicals.training.distributed import DistEnv
 
 
@@ -36,3 +37,15 @@ def test_shard_splits_without_duplication_and_evenly(n, world):
     assert len(set(flat)) == len(flat)  # no item on two ranks
     assert len({len(s) for s in shards}) == 1  # every rank runs the same number of steps
     assert len(flat) == n - n % world  # only the uneven tail is left out
+
+
+def test_a_device_this_machine_lacks_is_a_setup_error(monkeypatch):
+    # A SetupError (exit 2 with one line from the CLI), not a RuntimeError traceback.
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SetupError, match="'device' is 'cuda' but no CUDA GPU is visible; use device: auto or cpu"):
+        distributed.device_for(DistEnv(), "cuda")
+    assert distributed.device_for(DistEnv(), "auto").type == "cpu"
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SetupError, match="LOCAL_RANK=2 but the node shows only 2 CUDA GPU"):
+        distributed.device_for(DistEnv(rank=2, world_size=4, local_rank=2), "auto")
