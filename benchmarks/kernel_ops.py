@@ -292,7 +292,7 @@ def time_impl(fn, sets, grad_idx, quick):
     return out
 
 
-def run(models, dtype, device, quick, ops, save=lambda partial: None):
+def run(models, dtype, device, quick, ops, save=lambda res: None):
     """The result dict; `save` gets it after each (model, op), so a time limit keeps what was measured."""
     rows, checks = [], []
     copy_gbs = copy_bandwidth_gbs() if device == "cuda" else None

@@ -381,9 +381,10 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = {"checks": [], "facts": {}}
     args.out.mkdir(parents=True, exist_ok=True)
+    provenance = snapshot() | {"argv": sys.argv[1:]}
 
     def save(partial=True):  # after each part, so a time limit keeps what was measured
-        res["provenance"] = snapshot() | {"argv": sys.argv[1:], "wall_s": round(time.time() - start, 1)}
+        res["provenance"] = provenance | {"wall_s": round(time.time() - start, 1)}
         res["partial"] = partial
         (args.out / "packing.json").write_text(json.dumps(res, indent=1))
     if device == "cuda":

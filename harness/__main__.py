@@ -13,16 +13,18 @@ SUBCOMMANDS = {
 }
 
 
+USAGE = f"usage: python -m harness {{{','.join(SUBCOMMANDS)}}} ..."
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m harness {{{','.join(SUBCOMMANDS)}}} ...\n"
-              "`python -m harness SUBCOMMAND --help` describes each one's options (docs/HARNESS.md: how a run works).")
+        print(f"{USAGE}\n`python -m harness SUBCOMMAND --help` describes each one's options (docs/HARNESS.md: how a "
+              "run works).")
         return 0
     if not argv or argv[0] not in SUBCOMMANDS:
         given = f"unknown subcommand {argv[0]!r}; " if argv and not argv[0].startswith("-") else ""
-        print(f"usage: python -m harness {{{','.join(SUBCOMMANDS)}}} ...\n{given}choose one of: "
-              f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        print(f"{USAGE}\n{given}choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(SUBCOMMANDS[argv[0]])
