@@ -162,7 +162,7 @@ def _liger(op, eps, example):
 # program, warps) in place of the tuner. (1024, 4) is Inductor's pointwise launch; its SASS for SwiGLU matches ours
 # per element (nvdisasm of both built for sm90).
 SWIGLU_LAUNCHES = ((1024, 4), (2048, 4))
-RMSNORM_TILES = (1024, 2048, 8192)
+RMSNORM_TILES = (1024, 2048, 8192, 16384)
 ROPE_LAUNCHES = ((1, 4), (4, 4), (8, 8))
 
 
