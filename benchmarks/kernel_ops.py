@@ -158,11 +158,11 @@ def _liger(op, eps, example):
 # Launch settings to A/B against the defaults, applied to the forward and the backward alike. History: the H100 run of
 # 2026-12-06 had every forward 13-17% behind the fastest peer while every backward led; the H200 runs of the same day
 # traced most of it to the loads' evict_first L2 policy (now the default policy, except in RMSNorm's backward).
-# SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 4096); RoPE: fixed (positions per
+# SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 2048); RoPE: fixed (positions per
 # program, warps) in place of the tuner. (1024, 4) is Inductor's pointwise launch; its SASS for SwiGLU matches ours
 # per element (nvdisasm of both built for sm90).
 SWIGLU_LAUNCHES = ((1024, 4), (2048, 4))
-RMSNORM_TILES = (1024, 2048, 8192, 16384)
+RMSNORM_TILES = (1024, 4096, 8192)
 ROPE_LAUNCHES = ((1, 4), (4, 4), (8, 8))
 
 
