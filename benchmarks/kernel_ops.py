@@ -199,8 +199,7 @@ def _launch_variants(op, eps):
     if op in ("rmsnorm", "add_rmsnorm"):
         return {**{f"chronicals[tile{t}]": _Variant(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
                    for t in RMSNORM_TILES},
-                "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first"),
-                "chronicals[fwd 1-D row]": _Variant(_ours(op, eps), rms_norm, _FWD_ROW_1D=True)}
+                "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first")}
     return {**{f"chronicals[p{p}w{w}]": _Variant(fused_qk_rope, rope, _LAUNCH=(p, w)) for p, w in ROPE_LAUNCHES},
             "chronicals[evict_first]": _Variant(fused_qk_rope, rope, _EVICTION="evict_first")}
 

@@ -28,6 +28,8 @@ from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns, about this many elements (rows of 4096 or more: one row
 # per program). H100, 2026-12-06 (benchmarks/kernel_ops.py, 16384 rows of 896 bf16): 2048 (2 rows, 4 warps) against
 # 4096 (4 rows, 8 warps): fwd 21.7 / 22.3 us, bwd 39.5 / 39.8, add+RMSNorm bwd 46.2 / 48.7; equal at 4096 hidden.
+# One row per program as a 1-D block (Liger's kernel shape) was no faster at 4096 hidden: 92.5 us against this tile's
+# 91.4 (Liger 88.0, same run), so the shape of the block is not the forward's gap to Liger.
 _TILE_ELEMENTS = 2048
 _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is happy with
 _MAX_BLOCK_N = 32768
@@ -37,9 +39,6 @@ _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetche
 # 2026-12-06 (Llama-3-8B, 16384 x 4096 bf16) put the forward at 77.5 us with evict_first and 67.9 us with the default
 # (Liger 64.8 us); the backward keeps evict_first (99.0 us, against Liger's 183.1). benchmarks/kernel_ops.py A/Bs it.
 _FWD_EVICTION = ""
-# Rows of a whole tile (BLOCK_M == 1, hidden >= 2048) through a 1-D copy of the forward (Liger's shape of kernel)
-# instead of the [1, BLOCK_N] tile; benchmarks/kernel_ops.py A/Bs it.
-_FWD_ROW_1D = False
 _REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
@@ -74,38 +73,14 @@ def _load_tile(PTR, rows, stride, cols, mask, EVICTION: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_fwd_row(X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps, offset,
-                      HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, EVICTION: tl.constexpr):
-    # The forward for one row per program (BLOCK_M == 1) as a 1-D block: scalar row offsets, no row mask.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-        s = cast_rne(x + r, S.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, s, mask=mask)
-        x = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    tl.store(Y + row * stride_y + cols, cast_rne(x * rstd * w, Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
 def _rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
     n_rows, n_cols, eps, offset,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVICTION: tl.constexpr,
-    ROW_1D: tl.constexpr,
 ):
     # One tile of BLOCK_M rows: x <- x + r (rounded, stored as s) when fused;
     # rstd = 1/sqrt(sum(x^2)/H + eps); y = x * rstd * (offset + w), all in fp32, stored once.
-    if ROW_1D:
-        _rms_norm_fwd_row(X, R, S, Y, W, RSTD, stride_x, stride_r, stride_s, stride_y, n_cols, eps, offset,
-                          HAS_RESIDUAL, BLOCK_N, EVICTION)
-        return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: rows * stride may pass 2^31
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -221,7 +196,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         n_rows, n_cols, eps, offset,
         HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=_FWD_EVICTION,
-        ROW_1D=_FWD_ROW_1D and block_m == 1, num_warps=num_warps,
+        num_warps=num_warps,
     )
     return y, rstd, s
 

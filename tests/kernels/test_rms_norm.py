@@ -138,26 +138,6 @@ def test_rmsnorm_large_hidden(hidden):
     assert_bf16_rmsnorm_no_worse(x, w, dy)
 
 
-@pytest.mark.parametrize("row_1d", [False, True])
-@pytest.mark.parametrize("hidden", [2048, 3001])
-def test_one_row_per_program_forward_paths(monkeypatch, hidden, row_1d):
-    """Rows of 2048+ elements take one row per program: the [1, BLOCK_N] tile, or the 1-D copy of the forward
-    (_FWD_ROW_1D, A/B'd on the GPU); both, plain and fused with a residual, against float64."""
-    from chronicals.kernels import rms_norm
-
-    monkeypatch.setattr(rms_norm, "_FWD_ROW_1D", row_1d)
-    assert rms_norm._settings(5, hidden)[0] == 1
-    gen = torch.Generator().manual_seed(hidden)
-    x, r, dy = (torch.randn(5, hidden, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(3))
-    w = torch.rand(hidden, generator=gen).to(DEVICE, torch.bfloat16)
-    assert_bf16_rmsnorm_no_worse(x, w, dy)
-    s, y = fused_add_rmsnorm(x, r, w, eps=1e-6)
-    torch.testing.assert_close(s, x + r, rtol=0, atol=0)
-    y_nat = hf_rmsnorm(x + r, w, 1e-6, 0.0)
-    y_ref = hf_rmsnorm((x + r).double(), w.double(), 1e-6, 0.0)
-    assert_no_worse("y", y, y_nat, y_ref, torch.bfloat16)
-
-
 def test_broadcast_upstream_gradient_and_frozen_weight():
     # y.sum() sends back an expanded (stride-0) gradient; a frozen weight gets no dw.
     x = torch.randn(2, 5, 48, dtype=torch.float32, device=DEVICE, requires_grad=True)
