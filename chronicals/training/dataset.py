@@ -36,7 +36,8 @@ def check_token_ids(rows, model, tokenizer) -> None:
     """Every token id, in input_ids and in labels, must index the model's embedding (its vocabulary, which the output
     head shares): one that does not would fail deep inside the first forward (an IndexError on CPU, a device-side
     assert on CUDA) or, in the fused loss, make it NaN, so say here which sizes disagree."""
-    rows_of_embedding = model.get_input_embeddings().num_embeddings
+    # The weight's rows, not num_embeddings: LoRA on embed_tokens wraps it in a PEFT layer that has no such attribute.
+    rows_of_embedding = model.get_input_embeddings().weight.shape[0]
     top = max((max(r[key]) for r in rows for key in ("input_ids", "labels") if len(r[key])), default=-1)
     if top >= rows_of_embedding:
         size = len(tokenizer) if hasattr(tokenizer, "__len__") else top + 1
