@@ -186,7 +186,8 @@ class ChronicalsTrainer:
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.max_grad_norm or float("inf"))
         distributed.all_reduce_sum(loss_sum, self.env)
         loss_value, norm_value = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)]).tolist()
-        lr = self.scheduler.get_last_lr()[0]
+        # The learning_rate as scheduled: the first group's may be LoRA+'s B matrices, at lora_plus_ratio times it.
+        lr = cfg.learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
         skipped = False
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.scaler is None):
             self.optimizer.zero_grad(set_to_none=True)

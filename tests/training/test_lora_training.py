@@ -1,5 +1,7 @@
 """LoRA through the trainer: adapter placements and optimizer settings beyond the default projections."""
 
+import json
+
 import pytest
 
 from chronicals.training import ChronicalsTrainer, DataError
@@ -15,3 +17,18 @@ def test_lora_on_the_embedding_trains_and_still_checks_token_ids(tmp_path):
         k: getattr(cfg, k) for k in ("use_lora", "lora_rank", "lora_target_modules")}))
     with pytest.raises(DataError, match=f"token id {VOCAB} but the model's embedding has only {VOCAB} rows"):
         trainer.train([{"input_ids": [3, 4, VOCAB, 5]}])
+
+
+def test_lora_plus_logs_the_configured_learning_rate_and_runs_b_at_the_ratio(tmp_path):
+    # The logged lr was the first parameter group's, LoRA+'s B matrices at lora_plus_ratio x learning_rate.
+    cfg = config(tmp_path, use_lora=True, use_lora_plus=True, lora_plus_ratio=8.0, lora_rank=4, learning_rate=1e-3,
+                 warmup_steps=2, lr_schedule="constant", max_steps=3)
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), cfg)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({g["name"]: g["lr"] for g in opt.param_groups}))
+    trainer.train(rows(8))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert [s["default"] for s in seen] == pytest.approx(logged)
+    assert [s["lora_B"] for s in seen] == pytest.approx([8 * lr for lr in logged])
