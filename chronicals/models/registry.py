@@ -19,6 +19,9 @@ class Family:
     label: str  # the published model names, for error messages
     modeling: str  # the transformers module that defines the classes
     prefix: str  # class-name prefix in that module, e.g. "Llama" for LlamaRMSNorm
+    # Whether HF's attention reads its sliding window from the config (Mistral). Qwen2/Qwen3 keep it on the module;
+    # Llama has none, and ignores a `sliding_window` field that its config may carry.
+    window_in_config: bool = False
 
     def module(self):
         return importlib.import_module(self.modeling)
@@ -34,7 +37,7 @@ FAMILIES: dict[str, Family] = {
         Family("llama", "Llama 3.x", "transformers.models.llama.modeling_llama", "Llama"),
         Family("qwen2", "Qwen2 / Qwen2.5", "transformers.models.qwen2.modeling_qwen2", "Qwen2"),
         Family("qwen3", "Qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3"),
-        Family("mistral", "Mistral", "transformers.models.mistral.modeling_mistral", "Mistral"),
+        Family("mistral", "Mistral", "transformers.models.mistral.modeling_mistral", "Mistral", window_in_config=True),
     )
 }
 

@@ -15,6 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .dispatch import kernels_usable
 from .projections import qkv_projections
+from .registry import family_for
 
 
 def rope_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -56,7 +57,11 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
 
 def _sliding_window(attention) -> int | None:
     """Qwen2/Qwen3 set the window per layer on the module (None on full-attention layers); Mistral's attention reads
-    it from its config; Llama has none. HF's SDPA path applies it through the mask, the varlen path through this."""
+    it from its config; Llama has none. HF's SDPA path applies it through the mask, the varlen path through this.
+    Only the family that reads the config's window gets it: a Llama config may carry a `sliding_window` field that
+    HF's Llama ignores, and the varlen path would otherwise apply it."""
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window
-    return getattr(attention.config, "sliding_window", None)
+    if family_for(attention.config.model_type).window_in_config:
+        return getattr(attention.config, "sliding_window", None)
+    return None

@@ -258,3 +258,11 @@ def test_sliding_window_shorter_than_the_sequence_is_kept(name, window, no_kerne
     reference = build_model(name, seed=0, **window).to(DEVICE)
     patched = chronicals.apply(build_model(name, seed=0, **window).to(DEVICE))
     assert_same_training_step(reference, patched, shape=(2, 11))
+
+
+def test_a_sliding_window_field_that_hf_llama_ignores_is_ignored(no_kernels):
+    # A Llama config may carry a `sliding_window` field (configs keep unknown fields); HF's Llama attention never reads
+    # it, so the patched attention must not hand it to the packed path as a window either.
+    reference = build_model("tiny-llama", seed=0, sliding_window=4).to(DEVICE)
+    patched = chronicals.apply(build_model("tiny-llama", seed=0, sliding_window=4).to(DEVICE))
+    assert_same_training_step(reference, patched, shape=(2, 11))
