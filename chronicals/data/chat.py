@@ -16,21 +16,21 @@ from typing import Any
 ROLES_TRAINED = ("assistant",)
 
 
-def check_messages(messages: Any, index: int) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise TypeError(f"row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts, "
+        raise TypeError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts, "
                         f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
     for turn, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise TypeError(f"row {index}: messages[{turn}] must be a dict with a str 'role' and a str 'content'")
+            raise TypeError(f"{where}: messages[{turn}] must be a dict with a str 'role' and a str 'content'")
         if not isinstance(message.get("content"), str):
             raise TypeError(
-                f"row {index}: messages[{turn}]['content'] must be a str, got {type(message.get('content')).__name__}"
+                f"{where}: messages[{turn}]['content'] must be a str, got {type(message.get('content')).__name__}"
             )
     return [dict(m) for m in messages]
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], index: int) -> tuple[str, list[tuple[int, int]]]:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -45,11 +45,11 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], index: int) -> t
         if turn:
             context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
         else:
-            context = _opening(tokenizer, message, index)
+            context = _opening(tokenizer, message, where)
         through = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
         if not (through.startswith(context) and full.startswith(through)):
             raise ValueError(
-                f"row {index}: the chat template is not prefix-stable (rendering the first {turn + 1} messages is not "
+                f"{where}: the chat template is not prefix-stable (rendering the first {turn + 1} messages is not "
                 "a prefix of rendering them all), so the assistant tokens cannot be located; use a template that "
                 "renders earlier turns unchanged, or pre-render the rows as 'prompt'/'completion'"
             )
@@ -61,13 +61,13 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _opening(tokenizer: Any, message: dict[str, str], index: int) -> str:
+def _opening(tokenizer: Any, message: dict[str, str], where: str) -> str:
     # What the template writes before a reply that opens the conversation (a default system prompt, the assistant
     # header), which must not count as the reply. Transformers refuses to render an empty conversation, so the
     # reply is rendered with a marker for its content and the text before the marker is taken.
     marker = "\x00chronicals-reply\x00"
     rendered = _render(tokenizer, [{**message, "content": marker}], add_generation_prompt=False)
     if marker not in rendered:
-        raise ValueError(f"row {index}: the chat template does not render an assistant message's content verbatim, "
+        raise ValueError(f"{where}: the chat template does not render an assistant message's content verbatim, "
                          "so the opening reply's tokens cannot be located")
     return rendered[: rendered.index(marker)]

@@ -43,9 +43,10 @@ def detect_format(columns: Sequence[str], format: str = "auto") -> str:
 
 
 def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str,
-                  ignore_index: int = -100) -> list[dict[str, list[int]]]:
-    """Tokenize every row of `format`; wrong types or empty fields raise, naming the row. Tokenized rows are
-    returned as they are (the packer and collators validate their ids)."""
+                  ignore_index: int = -100, lines: Sequence[int] | None = None) -> list[dict[str, list[int]]]:
+    """Tokenize every row of `format`; wrong types or empty fields raise, naming the row (and its line in the file,
+    given `lines`, each row's line number). Tokenized rows are returned as they are (the packer and collators
+    validate their ids)."""
     if format == "tokenized":
         return rows
     if not getattr(tokenizer, "is_fast", False):
@@ -58,7 +59,8 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
     examples: list[dict[str, list[int]]] = []
     batch: list[tuple[str, list[tuple[int, int]]]] = []
     for index, row in enumerate(rows):
-        batch.append(_render(row, index, format, tokenizer))
+        where = f"row {index}" if lines is None else f"row {index} (line {lines[index]})"
+        batch.append(_render(row, where, format, tokenizer))
         if len(batch) == BATCH_SIZE:
             examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
             batch = []
@@ -67,27 +69,27 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
     return examples
 
 
-def _render(row: Mapping[str, Any], index: int, format: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _render(row: Mapping[str, Any], where: str, format: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     if not isinstance(row, Mapping):
-        raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
+        raise TypeError(f"{where} must be a dict of columns, got {type(row).__name__}")
     for column in COLUMNS[format]:
         if column not in row or row[column] is None:
-            raise KeyError(f"row {index} has no {column!r} (format {format!r} needs {list(COLUMNS[format])})")
+            raise KeyError(f"{where} has no {column!r} (format {format!r} needs {list(COLUMNS[format])})")
     if format == "messages":
-        return render_chat(tokenizer, check_messages(row["messages"], index), index)
-    fields = [_text_field(row, column, index) for column in COLUMNS[format]]
+        return render_chat(tokenizer, check_messages(row["messages"], where), where)
+    fields = [_text_field(row, column, where) for column in COLUMNS[format]]
     if format == "text":
         return fields[0], [(0, len(fields[0]))]
     prompt, completion = fields
     return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
 
 
-def _text_field(row: Mapping[str, Any], column: str, index: int) -> str:
+def _text_field(row: Mapping[str, Any], column: str, where: str) -> str:
     value = row[column]
     if not isinstance(value, str):
-        raise TypeError(f"row {index}: {column!r} must be a str, got {type(value).__name__} ({value!r:.60})")
+        raise TypeError(f"{where}: {column!r} must be a str, got {type(value).__name__} ({value!r:.60})")
     if not value:
-        raise ValueError(f"row {index}: {column!r} is empty; remove empty rows")
+        raise ValueError(f"{where}: {column!r} is empty; remove empty rows")
     return value
 
 

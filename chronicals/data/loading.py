@@ -21,6 +21,7 @@ class LoadedRows:
     columns: list[str]
     fingerprint: str
     description: str
+    lines: list[int] | None = None  # each row's line in its JSONL file, so that errors point at the line
 
 
 def load_rows(source: Any, split: str = "train") -> LoadedRows:
@@ -72,8 +73,9 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
     path = Path(source).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
+        lines = None
         if suffix in JSONL_SUFFIXES:
-            rows = _read_jsonl(path)
+            rows, lines = _read_jsonl(path)
         elif suffix in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
 
@@ -81,7 +83,7 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
         else:
             raise ValueError(f"dataset file {path} has suffix {suffix!r}; use .jsonl/.json/.ndjson or .parquet")
         columns = list(rows[0]) if rows else []
-        return LoadedRows(rows, columns, f"file:{_file_digest(path)}", str(path))
+        return LoadedRows(rows, columns, f"file:{_file_digest(path)}", str(path), lines)
     hub_name = isinstance(source, str) and not path.suffix and not source.startswith((".", "/", "~"))
     if not path.is_dir() and not hub_name:
         raise FileNotFoundError(f"dataset path {path} does not exist")
@@ -101,12 +103,15 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
     return load_rows(loaded, split)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """The rows, and each one's line number (None for a .json array); blank lines are skipped, so a row's index
+    and its line differ."""
     text = path.read_text(encoding="utf-8")
+    lines = None
     if text.lstrip().startswith("["):  # a .json file holding one array of rows
         rows = json.loads(text)
     else:
-        rows = []
+        rows, lines = [], []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -114,10 +119,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+            lines.append(number)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise TypeError(f"{path}: row {index} is a {type(row).__name__}, expected a JSON object of columns")
-    return rows
+            where = f"row {index}" if lines is None else f"row {index} (line {lines[index]})"
+            raise TypeError(f"{path}: {where} is a {type(row).__name__}, expected a JSON object of columns")
+    return rows, lines
 
 
 def _file_digest(path: Path) -> str:

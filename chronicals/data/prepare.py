@@ -80,12 +80,12 @@ def padding_id(tokenizer) -> int | None:
 
 def _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index):
     if not use_cache or fmt == "tokenized":
-        return tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index), None, False
+        return tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index, loaded.lines), None, False
     key = token_cache.cache_key(loaded.fingerprint, tokenizer, fmt, ignore_index)
     path = token_cache.cache_path(cache_dir or token_cache.default_cache_dir(), key)
     examples = token_cache.load(path)
     if examples is not None:
         return examples, path, True
-    examples = tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index)
+    examples = tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index, loaded.lines)
     token_cache.save(path, examples)
     return examples, path, False

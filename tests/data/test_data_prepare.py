@@ -109,6 +109,23 @@ def test_bad_files(tok, tmp_path):
         load_rows(datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}), split="test")
 
 
+@pytest.mark.parametrize(
+    "line4, error, match",
+    [
+        ('{"txt": "oops"}', KeyError, r"row 2 \(line 4\) has no 'text'"),
+        ('{"text": ""}', ValueError, r"row 2 \(line 4\): 'text' is empty"),
+        ('{"text": 5}', TypeError, r"row 2 \(line 4\): 'text' must be a str"),
+        ("[1, 2]", TypeError, r"row 2 \(line 4\) is a list"),
+    ],
+)
+def test_a_bad_jsonl_row_names_its_line(tok, tmp_path, line4, error, match):
+    # Blank lines are skipped, so the row index alone (2 here) points at the wrong line of the file.
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n' + line4 + "\n")
+    with pytest.raises(error, match=match):
+        prepare_dataset(path, tok, format="text", use_cache=False)
+
+
 def test_truncation_is_warned_and_no_pad_token_pads_with_eos(tok):
     rows = [{"text": "x " * 300}, {"text": "short text"}]
     with pytest.warns(UserWarning, match="truncated"):
