@@ -112,7 +112,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         rows = json.loads(text)
     else:
         rows, lines = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines also breaks at U+2028, form feeds and the like, which JSON strings may
+        # hold unescaped (json.dumps(..., ensure_ascii=False) writes them so); a "\r" before "\n" is JSON whitespace.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

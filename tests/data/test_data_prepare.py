@@ -126,6 +126,14 @@ def test_a_bad_jsonl_row_names_its_line(tok, tmp_path, line4, error, match):
         prepare_dataset(path, tok, format="text", use_cache=False)
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    # JSON allows U+2028, form feeds etc. unescaped in strings; str.splitlines cut the line there ("not valid JSON").
+    rows = [{"text": "one\u2028two"}, {"text": "form\x0cfeed \x85 \x1c"}, {"text": "crlf"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    assert load_rows(path).rows == rows
+
+
 def test_truncation_is_warned_and_no_pad_token_pads_with_eos(tok):
     rows = [{"text": "x " * 300}, {"text": "short text"}]
     with pytest.warns(UserWarning, match="truncated"):
