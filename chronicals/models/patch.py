@@ -16,6 +16,7 @@ plain PyTorch (chronicals.models.dispatch).
 
 from __future__ import annotations
 
+import inspect
 import types
 
 from torch import nn
@@ -52,7 +53,22 @@ def _causal_lm(model: nn.Module):
 def _packed_batch_hook(module, args, kwargs):
     from chronicals.attention import prepare_packed_batch
 
+    if args:  # a bare decoder called as model(input_ids, attention_mask, position_ids): read its inputs by name
+        kwargs, args = _as_keywords(module.forward, args, kwargs), ()
     return args, prepare_packed_batch(kwargs)
+
+
+def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
+    """`forward(*args, **kwargs)`'s arguments as keywords only, bound as the call would bind them (so an argument
+    given twice is still the caller's TypeError)."""
+    signature = inspect.signature(forward)
+    keywords = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            keywords.update(value)
+        else:
+            keywords[name] = value
+    return keywords
 
 
 def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,

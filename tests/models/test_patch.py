@@ -266,3 +266,21 @@ def test_a_sliding_window_field_that_hf_llama_ignores_is_ignored(no_kernels):
     reference = build_model("tiny-llama", seed=0, sliding_window=4).to(DEVICE)
     patched = chronicals.apply(build_model("tiny-llama", seed=0, sliding_window=4).to(DEVICE))
     assert_same_training_step(reference, patched, shape=(2, 11))
+
+
+def test_a_bare_decoder_called_positionally_still_takes_packed_batches():
+    # model(input_ids, attention_mask, position_ids): the packed-batch step must read positional inputs too, or the
+    # packed sequences silently attend to each other (HF's own packed-sequence mask is not built on this path).
+    from transformers import AutoModel
+
+    from chronicals.models import preset_config
+
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(preset_config("tiny-llama"), attn_implementation="sdpa").to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference), **{**ALL_OFF, "packed_attention": True})
+    ids, _ = batch(reference.config.vocab_size, shape=(1, 9))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]], device=DEVICE)
+    expected = torch.cat([reference(input_ids=ids[:, :4]).last_hidden_state,
+                          reference(input_ids=ids[:, 4:]).last_hidden_state], dim=1)
+    out = patched(ids, None, positions, use_cache=False).last_hidden_state
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
