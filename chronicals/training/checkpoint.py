@@ -56,9 +56,17 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, opti
     os.replace(tmp, final)
     _fsync_dir(out)
     if keep is not None:
-        for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(out, step, keep)
     return final
+
+
+def rotate(output_dir: str | Path, step: int, keep: int) -> None:
+    """Keep checkpoint `step` (just written) and the newest `keep - 1` before it. Later-numbered checkpoints were
+    left in output_dir by another run (a fresh start there, or a resume from an earlier checkpoint): ranked by step
+    with them, the checkpoint just written would be deleted at once, so they are neither counted nor removed."""
+    earlier = [p for p in list_checkpoints(output_dir) if int(_NAME.match(p.name).group(1)) < step]
+    for old in earlier[:max(0, len(earlier) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -52,8 +52,7 @@ def save_sharded(output_dir: str | Path, step: int, *, model: nn.Module, optimiz
         os.replace(tmp, final)
         checkpoint._fsync_dir(out)
         if keep is not None:
-            for old in checkpoint.list_checkpoints(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            checkpoint.rotate(out, step, keep)
     barrier(env)
     return final
 

@@ -34,6 +34,17 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
 
 
+def test_save_total_limit_keeps_the_run_s_own_checkpoints_beside_an_earlier_run_s(tmp_path):
+    # A fresh run in an output_dir holding an earlier run's checkpoint-6: ranked by step with it, each checkpoint
+    # just written was deleted at once and TrainResult.checkpoint named a directory that no longer existed.
+    data = rows(16)
+    _train(tmp_path, data, max_steps=6, batch_size=2, save_steps=6)
+    _, second = _train(tmp_path, data, max_steps=3, batch_size=2, save_steps=1, save_total_limit=2)
+    saved = [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")]
+    assert saved == ["checkpoint-2", "checkpoint-3", "checkpoint-6"]
+    assert second.checkpoint == str(tmp_path / "run" / "checkpoint-3")
+
+
 def test_resume_latest_and_missing_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         checkpoint.resolve("latest", tmp_path)
