@@ -120,6 +120,13 @@ class ChronicalsTrainer:
                                progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard, enabled=self.env.is_main)
         where = f"{self.env.world_size} processes ({self.strategy}, {self.device.type})" if self.env.enabled \
             else str(self.device)
+        stale = None if cfg.resume_from_checkpoint else checkpoint.find_latest(out)
+        if stale is not None:
+            # HF Trainer keeps quiet here; but a later resume_from_checkpoint=latest would pick the newest step, which
+            # may be this earlier run's checkpoint rather than one of this run's.
+            logger.message(f"warning: {out} already holds {stale.name} from an earlier run; this run starts at step 0 "
+                           "and resume_from_checkpoint=latest picks the highest step there, so give this run its own "
+                           "output_dir (or resume_from_checkpoint=latest to continue that run)")
         logger.message(f"training {total} steps on {where} ({len(data.rows)} "
                        f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")

@@ -45,6 +45,17 @@ def test_save_total_limit_keeps_the_run_s_own_checkpoints_beside_an_earlier_run_
     assert second.checkpoint == str(tmp_path / "run" / "checkpoint-3")
 
 
+def test_a_fresh_run_warns_of_an_earlier_run_s_checkpoints(tmp_path, capsys):
+    # resume_from_checkpoint=latest ranks checkpoints by step, so an earlier run's higher step would win over this run's.
+    data = rows(8)
+    _train(tmp_path, data, max_steps=2, batch_size=2, save_steps=2)
+    assert "already holds" not in capsys.readouterr().out
+    _train(tmp_path, data, max_steps=1, batch_size=2)
+    assert "already holds checkpoint-2 from an earlier run" in capsys.readouterr().out
+    _train(tmp_path, data, max_steps=3, batch_size=2, resume_from_checkpoint="latest")
+    assert "already holds" not in capsys.readouterr().out
+
+
 def test_resume_latest_and_missing_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         checkpoint.resolve("latest", tmp_path)
