@@ -46,7 +46,7 @@ def test_save_total_limit_keeps_the_run_s_own_checkpoints_beside_an_earlier_run_
 
 
 def test_a_fresh_run_warns_of_an_earlier_run_s_checkpoints(tmp_path, capsys):
-    # resume_from_checkpoint=latest ranks checkpoints by step, so an earlier run's higher step would win over this run's.
+    # resume_from_checkpoint=latest ranks checkpoints by step: an earlier run's higher step would win over this run's.
     data = rows(8)
     _train(tmp_path, data, max_steps=2, batch_size=2, save_steps=2)
     assert "already holds" not in capsys.readouterr().out
