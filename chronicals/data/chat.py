@@ -27,6 +27,11 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise TypeError(
                 f"{where}: messages[{turn}]['content'] must be a str, got {type(message.get('content')).__name__}"
             )
+        role = message["role"]
+        if role not in ROLES_TRAINED and role.strip().lower() in ROLES_TRAINED:
+            # Roles match exactly (as chat templates compare them), so 'Assistant' would train nothing, silently.
+            raise ValueError(f"{where}: messages[{turn}]['role'] is {role!r}; the loss is taken on turns whose role is "
+                             f"exactly {ROLES_TRAINED[0]!r}: rename the role")
     return [dict(m) for m in messages]
 
 

@@ -59,6 +59,14 @@ def test_chat_without_assistant_turn_has_no_label(tok):
     assert set(example["labels"]) == {IGNORE}
 
 
+@pytest.mark.parametrize("role", ["Assistant", "ASSISTANT", " assistant"])
+def test_chat_role_that_differs_from_assistant_only_in_case_is_refused(tok, role):
+    # Templates compare roles exactly, so these turns would be rendered as context and train nothing, silently.
+    messages = [*CHAT[:2], {"role": role, "content": "It checks a condition."}]
+    with pytest.raises(ValueError, match=r"row 0: messages\[2\]\['role'\] is .*rename the role"):
+        tokenize_rows([{"messages": messages}], tok, "messages")
+
+
 def test_chat_template_that_rewrites_earlier_turns_is_refused(tok):
     odd = copy.copy(tok)
     odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
