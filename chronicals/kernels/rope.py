@@ -170,8 +170,10 @@ def _empty_in_layout(t: torch.Tensor) -> torch.Tensor:
     """A dense tensor shaped like `t` with its dimensions in `t`'s memory order. empty_like does that for a dense
     `t` (a transposed input gives a transposed output); for a strided view, such as q or k split from a fused
     q/k/v projection ([B, S, H, D] rows of a wider tensor, transposed), it would fall back to a contiguous
-    [B, H, S, D], a layout the attention after RoPE does not expect."""
-    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+    [B, H, S, D], a layout the attention after RoPE does not expect. D stays innermost whatever the strides: the
+    kernel writes with unit last stride, and an expanded (stride-0) dimension, as in the gradient of q_rot.sum(0),
+    would otherwise sort below it."""
+    order = sorted(range(t.ndim - 1), key=lambda d: t.stride(d), reverse=True) + [t.ndim - 1]
     out = torch.empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
     return out.permute([order.index(d) for d in range(t.ndim)])
 

@@ -137,6 +137,26 @@ def test_cos_sin_unsqueezed_at_the_head_dim_as_hf_broadcasts_them():
         fused_qk_rope(q, k, cos[:, None].expand(2, 4, 6, 16), sin[:, None].expand(2, 4, 6, 16))
 
 
+def test_expanded_inputs_and_gradients_keep_head_dim_innermost():
+    """A stride-0 (expanded) dimension, as in q broadcast over the batch or the gradient of q_rot.sum(0), once sorted
+    below head_dim in the output layout, so the kernel (unit last stride) wrote out of place: garbage."""
+    gen = torch.Generator().manual_seed(2)
+    q = make_qk(1, 4, 6, 16, torch.float32, True, gen).expand(3, -1, -1, -1)
+    k = make_qk(3, 2, 6, 16, torch.float32, True, gen)
+    cos_t, sin_t = rope_table(6, 16, torch.float32)
+    q_rot, k_rot = fused_qk_rope(q, k, cos_t, sin_t)
+    q_ref, k_ref = hf_rope(q, k, cos_t[None], sin_t[None])
+    torch.testing.assert_close(q_rot, q_ref)
+    torch.testing.assert_close(k_rot, k_ref)
+    w_q, w_k = torch.randn(4, 6, 16, generator=gen).to(DEVICE), torch.randn(2, 6, 16, generator=gen).to(DEVICE)
+    loss = lambda q_rot, k_rot: (q_rot.sum(0) * w_q).sum() + (k_rot.sum(0) * w_k).sum()  # dq, dk stride 0 over B
+    q_, k_ = (t.detach().clone().requires_grad_(True) for t in (q.contiguous(), k))
+    want = torch.autograd.grad(loss(*hf_rope(q_, k_, cos_t[None], sin_t[None])), (q_, k_))
+    q_, k_ = (t.detach().clone().requires_grad_(True) for t in (q.contiguous(), k))
+    for g, w in zip(torch.autograd.grad(loss(*fused_qk_rope(q_, k_, cos_t, sin_t)), (q_, k_)), want):
+        torch.testing.assert_close(g, w)
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(1, 4, 5, 8, device=DEVICE)
     k = torch.randn(1, 2, 5, 8, device=DEVICE)
