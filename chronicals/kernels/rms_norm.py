@@ -303,7 +303,9 @@ def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float 
                   offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype."""
     _check(hidden_states, weight, eps, offset)
-    return RMSNormFunction.apply(hidden_states, weight, float(eps), float(offset))
+    # The kernels read weight with unit stride; a strided view (a slice of a wider buffer) would read the wrong
+    # elements. contiguous() is a no-op for a Parameter and stays on the graph for a view (dw reaches its base).
+    return RMSNormFunction.apply(hidden_states, weight.contiguous(), float(eps), float(offset))
 
 
 @torch.compiler.disable
@@ -311,7 +313,7 @@ def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weigh
                       eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory."""
     _check(hidden_states, weight, eps, offset, residual)
-    return AddRMSNormFunction.apply(hidden_states, residual, weight, float(eps), float(offset))
+    return AddRMSNormFunction.apply(hidden_states, residual, weight.contiguous(), float(eps), float(offset))  # as above
 
 
 class FusedRMSNorm(torch.nn.Module):

@@ -148,6 +148,21 @@ def test_broadcast_upstream_gradient_and_frozen_weight():
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_strided_weight_is_read_by_its_strides():
+    # A weight that is a strided view (every other element of a wider buffer) was read as if contiguous.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 24, generator=gen).to(DEVICE)
+    r = torch.randn(3, 24, generator=gen).to(DEVICE)
+    buf = torch.rand(48, generator=gen).to(DEVICE).requires_grad_(True)
+    buf_ref = buf.detach().double().requires_grad_(True)
+    fused_rmsnorm(x, buf[::2]).sum().backward()
+    hf_rmsnorm(x.double(), buf_ref[::2], 1e-6, 0.0).sum().backward()
+    torch.testing.assert_close(fused_rmsnorm(x, buf[::2]).double(), hf_rmsnorm(x.double(), buf_ref[::2], 1e-6, 0.0))
+    torch.testing.assert_close(buf.grad.double(), buf_ref.grad)
+    s, y = fused_add_rmsnorm(x, r, buf[::2])
+    torch.testing.assert_close(y.double(), hf_rmsnorm((x + r).double(), buf_ref[::2], 1e-6, 0.0))
+
+
 def test_module_starts_at_unit_scale():
     for offset in (0.0, 1.0):
         norm = FusedRMSNorm(40, eps=1e-5, offset=offset, device=DEVICE)
