@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 
@@ -58,8 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run_scenario
     from .summary import table
 
-    outcomes = run_scenario(sc, out, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                            logs_dir=out.parent / f"{out.stem}-logs")
+    # SIGTERM (kill, a job scheduler's stop) would end this process at once, leaving the running worker (in its own
+    # session) orphaned on the GPU; as SystemExit it unwinds like Ctrl-C, and the runner kills the worker.
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        outcomes = run_scenario(sc, out, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                logs_dir=out.parent / f"{out.stem}-logs")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\n{sc.name}: {len(outcomes)} runs, rows appended to {out}")
     print(table(outcomes))
     return 0
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)

@@ -52,7 +52,10 @@ class Outcome:
 
 def launch(module: str, args: list[str], timeout_s: float, env: dict, log_path: Path,
            result_path: Path) -> Launched:
-    """Run `python -m module *args` in its own session; on timeout, kill its whole process group."""
+    """Run `python -m module *args` in its own session; on timeout, kill its whole process group. Its own session
+    keeps a Ctrl-C at the terminal from reaching it, so when the bench itself is stopped (KeyboardInterrupt, or
+    SIGTERM turned into SystemExit by bench.main) the group is killed here too: an orphaned run would go on holding
+    the GPU and skew the next bench's numbers."""
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
@@ -61,14 +64,24 @@ def launch(module: str, args: list[str], timeout_s: float, env: dict, log_path: 
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
+        except BaseException:
+            _kill_group(proc)
+            raise
     result = None
     if result_path.is_file():
         with open(result_path, encoding="utf-8") as f:
             result = json.load(f)
     tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
     return Launched(result=result, timed_out=timed_out, returncode=proc.returncode, log_tail=tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended on its own in the meantime
+        pass
+    proc.wait()
 
 
 def child_env(scenario: Scenario) -> dict:
