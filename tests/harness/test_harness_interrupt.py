@@ -56,7 +56,10 @@ def test_an_interrupted_launch_kills_its_worker(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     pid = int(pid_file.read_text())
-    assert not _alive(pid), "the worker outlived the interrupted bench"
+    orphaned = _alive(pid)
+    if orphaned:  # without the fix: do not leave it behind
+        os.kill(pid, signal.SIGKILL)
+    assert not orphaned, "the worker outlived the interrupted bench"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -71,19 +74,16 @@ def test_sigterm_to_bench_kills_the_running_worker_and_keeps_finished_rows(tmp_p
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     bench = subprocess.Popen([sys.executable, "-c", code, str(HERE), "--scenario", str(toml), "--out", str(out)],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    # the first run's row is on disk and the hanging second run has started
+    worker = int(_wait_for(lambda: out.is_file() and children.read_text().split())[0])
     try:
-        children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
-        # the first run's row is on disk and the hanging second run has started
-        worker = _wait_for(lambda: out.is_file() and children.read_text().split())
-        worker = int(worker[0])
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        _wait_for(lambda: not _alive(worker), timeout_s=10)
     finally:
         if bench.poll() is None:
             bench.kill()
-    try:
-        _wait_for(lambda: not _alive(worker), timeout_s=10)
-    finally:
         if _alive(worker):  # without the fix: do not leave the orphan behind
             os.killpg(worker, signal.SIGKILL)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
