@@ -8,6 +8,7 @@ fp32 first when it is set; on a GPU the native low-precision path runs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -86,3 +87,26 @@ def check_same(names_tensors: dict, *, dtype: bool = True, device: bool = True) 
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
         if dtype and t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def backward_once(backward):
+    """Decorates an autograd.Function backward whose Triton kernels build no graph: under create_graph=True its
+    gradients get a node that raises if a second backward reaches it. torch's once_differentiable adds that node
+    only when the incoming gradients require grad, but these gradients also depend on the saved inputs: after
+    loss.backward(create_graph=True) (incoming gradient 1) a gradient penalty silently lost the op's
+    second-order terms. (A backward that does not read its inputs, such as RoPE's, can use once_differentiable.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        error = torch._C._functions.DelayedError(
+            f"{ctx.__class__.__name__.removesuffix('Backward')} has no double backward: its gradient is not "
+            "differentiable (a second backward through a create_graph=True gradient); use the unfused PyTorch "
+            "op for higher-order gradients", len(outputs))
+        return error(*[g.detach().requires_grad_(True) if isinstance(g, torch.Tensor) else g for g in outputs])
+
+    return wrapper

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, check_same, check_tensor, next_power_of_2, row_block_settings
+from ._utils import INTERPRET, backward_once, check_same, check_tensor, next_power_of_2, row_block_settings
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "vocab", "rows", "tiles")
@@ -373,6 +373,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return row_loss.sum() / denominator
 
     @staticmethod
+    @backward_once
     def backward(ctx, grad_loss):
         needs = ctx.needs_input_grad[:3]
         if not any(needs):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, backward_once, cast_rne, check_same, check_tensor, next_power_of_2
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns, about this many elements (rows of 4096 or more: one row
 # per program). H100, 2026-12-06 (benchmarks/kernel_ops.py, 16384 rows of 896 bf16): 2048 (2 rows, 4 warps) against
@@ -239,6 +239,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @backward_once
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
@@ -257,6 +258,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         return s.view(x.shape), y.view(x.shape)
 
     @staticmethod
+    @backward_once
     def backward(ctx, ds, dy):
         s2, weight, rstd = ctx.saved_tensors
         n_cols = s2.shape[1]

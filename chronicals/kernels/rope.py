@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of_2
 
@@ -192,6 +193,9 @@ class QKRopeFunction(torch.autograd.Function):
         return _rotate(q, k, cos, sin, position_ids, backward=False)
 
     @staticmethod
+    # The backward reads no input, only the incoming gradients: once those require grad, a second backward would
+    # miss its term through them, and raises instead (Triton builds no graph).
+    @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin, position_ids = ctx.saved_tensors
         dq, dk = _rotate(dq, dk, cos, sin, position_ids, backward=True)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import backward_once, cast_rne, check_same, check_tensor, next_power_of_2
 
 # 4096 elements over 8 warps: 16 per thread, i.e. two 16-byte accesses per bf16 tensor.
 _BLOCK = 4096
@@ -131,6 +131,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(gate, up)
 
     @staticmethod
+    @backward_once
     def backward(ctx, dc):
         gate, up = ctx.saved_tensors
         return swiglu_backward(dc.contiguous(), gate, up)

@@ -23,9 +23,8 @@ per block by FSDP2 are read where they are, as F.linear reads them.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._utils import check_same, check_tensor
+from ._utils import backward_once, check_same, check_tensor
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -43,7 +42,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @backward_once
     def backward(ctx, dy):
         x2, gu, w_gate, w_up, w_down = ctx.saved_tensors
         need_x, need_gate, need_up, need_down = ctx.needs_input_grad
