@@ -234,14 +234,19 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps, offset):
         x2 = _rows(x, weight.shape[0])
         y, rstd, _ = rms_norm_forward(x2, weight, eps, offset)
-        ctx.save_for_backward(x2, weight, rstd)
+        # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
+        # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
+        # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
+        ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
+                              weight, rstd)
         ctx.offset = offset
         return y.view(x.shape)
 
     @staticmethod
     @backward_once
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
+        x2 = _rows(x, weight.shape[0])
         dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
                                    ctx.needs_input_grad[1])
         return dx.view(dy.shape), dw, None, None

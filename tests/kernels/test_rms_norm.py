@@ -163,6 +163,18 @@ def test_strided_weight_is_read_by_its_strides():
     torch.testing.assert_close(y.double(), hf_rmsnorm((x + r).double(), buf_ref[::2], 1e-6, 0.0))
 
 
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16)])
+def test_inplace_change_of_input_gives_autograds_usual_error(shape):
+    # The saved input was a view made inside forward (grad mode off), so this raised "A view was created in
+    # no_grad mode ... move both the view and the inplace either both inside the no_grad block", which misleads.
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    h = x * 2
+    y = fused_rmsnorm(h, torch.ones(16, device=DEVICE))
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_module_starts_at_unit_scale():
     for offset in (0.0, 1.0):
         norm = FusedRMSNorm(40, eps=1e-5, offset=offset, device=DEVICE)
