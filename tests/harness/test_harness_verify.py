@@ -46,3 +46,13 @@ def test_tolerance_is_relative_and_inclusive_at_the_bound():
 def test_a_reference_missing_steps_fails():
     failures = check(steps([10.0, 9.0, 8.0]), 0.5, 3, SPEC, {"loss": {0: 10.0}, "grad_norm": {0: 1.0}})
     assert any("the reference has no loss at this step" in f for f in failures)
+
+
+def test_a_difference_just_beyond_the_tolerance_reads_as_beyond_it():
+    ref = {"loss": {0: 6.25859}, "grad_norm": {0: 2.68566}}
+    norm = 2.68566 * 1.1
+    assert abs(norm - 2.68566) > 0.10 * 2.68566  # fails on its last bits
+    [failure] = check(steps([6.25859], [norm]), 0.5, 1, SPEC, ref)
+    assert "relative difference 0.1 >" not in failure, failure
+    rel = float(failure.split("relative difference ")[1].split(" >")[0])
+    assert rel > 0.10, failure
