@@ -78,18 +78,29 @@ def loss_table(rows: list[Row], scenario: str) -> str | None:
     curves = loss_series(rows, scenario)
     if not curves:
         return None
+    # A diverged step's loss is written as null and has no point on the curve; left out here, a run whose loss went
+    # nan would show only its finite steps and a small distance from the reference.
+    nonfinite: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        if r.scenario == scenario and r.metric == "loss" and r.step is not None and r.value is None:
+            nonfinite.setdefault((r.variant, r.backend), []).append(r.step)
     body = []
     for v in [v for v in variants([r for r in rows if r.scenario == scenario]) if v in curves]:
         ref_name, ref_points = reference_curve(curves, v)
         ref = dict(ref_points)
         for b in style.backend_order(curves[v]):
             points, failed = curves[v][b]
+            bad = sorted(nonfinite.get((v, b), []))
             diffs = [(abs(x - ref[s]), s) for s, x in points if s in ref]
             is_ref = b == ref_name and points == ref_points
             worst = max(diffs) if diffs and not is_ref else None
+            if bad:
+                distance = f"non-finite loss at step {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+            else:
+                distance = "reference" if is_ref else (f"{worst[0]:.2e} (step {worst[1]})" if worst else "-")
+            last = "non-finite" if bad and bad[-1] > points[-1][0] else f"{points[-1][1]:.5f}"
             body.append([
-                v, b, str(len(points)), f"{points[0][1]:.5f}", f"{points[-1][1]:.5f}",
-                "reference" if is_ref else (f"{worst[0]:.2e} (step {worst[1]})" if worst else "-"),
+                v, b, str(len(points) + len(bad)), f"{points[0][1]:.5f}", last, distance,
                 "failed verification" if failed else "ok",
             ])
     header = ["variant", "backend", "steps", "first loss", "last loss", "max abs diff vs reference", "status"]

@@ -185,3 +185,17 @@ def test_a_scenario_file_that_no_longer_loads_does_not_stop_the_report(tmp_path)
                                                                  str(tmp_path / broken)}}) + "\n" for r in rows))
         written = render([path], tmp_path / broken.replace(".", "-"), scenario_dir=tmp_path)
         assert (tmp_path / broken.replace(".", "-") / "REPORT.md") in written
+
+
+def test_loss_table_names_a_loss_that_went_non_finite(rows):
+    from dataclasses import replace
+
+    nan_at = {("h200-lora", "liger", 5), ("h200-lora", "liger", 6)}
+    planted = [replace(r, value=None) if (r.scenario, r.backend, r.step) in nan_at and r.metric == "loss" else r
+               for r in rows]
+    table = tables.loss_table(planted, "h200-lora")
+    liger = next(line for line in table.splitlines() if "| liger |" in line)
+    cells = [c.strip() for c in liger.strip("|").split("|")]
+    full = next(line for line in tables.loss_table(rows, "h200-lora").splitlines() if "| liger |" in line)
+    assert cells[2] == [c.strip() for c in full.strip("|").split("|")][2]  # every step counted
+    assert "non-finite loss at step 5 (and 1 more)" in liger, liger
