@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="baseline file, or folder holding <gpu-slug>.json (default: reports/baselines)")
     p.add_argument("--golden", type=Path, default=ROOT / "reports" / "golden",
                    help="folder of <scenario>.json golden CPU losses (default: reports/golden)")
-    p.add_argument("--throughput-drop", type=float, default=THROUGHPUT_DROP, help="allowed tokens/s drop (share)")
-    p.add_argument("--memory-rise", type=float, default=MEMORY_RISE, help="allowed peak memory rise (share)")
-    p.add_argument("--loss-atol", type=float, default=LOSS_ATOL, help="allowed absolute loss difference")
-    p.add_argument("--loss-rtol", type=float, default=LOSS_RTOL, help="allowed relative loss difference")
+    p.add_argument("--throughput-drop", type=_share, default=THROUGHPUT_DROP,
+                   help="allowed tokens/s drop, a share (0.07 for 7%%)")
+    p.add_argument("--memory-rise", type=_share, default=MEMORY_RISE,
+                   help="allowed peak memory rise, a share (0.07 for 7%%)")
+    p.add_argument("--loss-atol", type=_tolerance, default=LOSS_ATOL, help="allowed absolute loss difference")
+    p.add_argument("--loss-rtol", type=_tolerance, default=LOSS_RTOL, help="allowed relative loss difference")
     p.add_argument("--all", action="store_true", help="list every check, not only those that moved")
     p.add_argument("--update-baseline", action="store_true",
                    help="write the baseline (GPU) or golden losses (CPU) from these results instead of gating")
@@ -257,6 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     failures = [c for c in checks if not c.passed]
     print(f"gate: {'FAIL' if failures else 'PASS'} ({len(failures)} of {len(checks)} checks failed)")
     return 1 if failures else 0
+
+
+def _tolerance(text: str) -> float:
+    """A finite, non-negative number: nan would fail every check and a negative one every unchanged run."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return x
+
+
+def _share(text: str) -> float:
+    """A share of the baseline below 1: '7' meant as 7% would allow a 700% change, and the gate could never fail."""
+    x = _tolerance(text)
+    if x >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is a share of the baseline, below 1 (0.07 for 7%)")
+    return x
 
 
 def _compare(sc, variant, backend, metric, base: dict, row: Row | None, rows, tol: Tolerances) -> Check:

@@ -227,3 +227,16 @@ def test_the_committed_golden_file_is_what_ci_gates_against():
     golden = gate._read(gate.ROOT / "reports" / "golden" / "smoke-cpu.json", "golden losses")
     assert golden["scenario"] == "smoke-cpu" and golden["provenance"]["gpu"] is None
     assert {"torch", "chronicals"} <= set(golden["losses"]["default"])
+
+
+@pytest.mark.parametrize("flag, value", [("--throughput-drop", "7"), ("--memory-rise", "1.5"),
+                                         ("--throughput-drop", "nan"), ("--loss-atol", "-1e-4")])
+def test_a_tolerance_the_gate_could_never_fail_or_never_pass_with_is_refused(baseline, tmp_path, capsys, flag, value):
+    def halve(row):
+        if _is(row, "chronicals", "tokens_per_s"):
+            row.update(value=row["value"] / 2, p20=row["p20"] / 2, p80=row["p80"] / 2)
+    slower = _planted(tmp_path, GPU_RESULTS, halve)
+    with pytest.raises(SystemExit) as e:
+        gate.main(["--results", str(slower), "--baseline", str(baseline), f"{flag}={value}"])
+    assert e.value.code == 2
+    assert f"argument {flag}: '{value}'" in capsys.readouterr().err
