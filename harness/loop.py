@@ -45,7 +45,8 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
           weight_decay: float, max_grad_norm: float, on_step=None) -> dict:
     """Train on `steps` (each a list of token sequences) and return per-step records and memory peaks:
     {"steps": [{"loss", "grad_norm", "time_ms", "label_tokens", "real_tokens", "processed_tokens"}],
-     "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed"}. `on_step(record)` sees each record."""
+     "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed", "trainable_params"}. `on_step(record)` sees each
+    record."""
     params = list(trainable.params)
     if not params:
         raise ValueError("the backend handed the optimizer no trainable parameters")
@@ -85,4 +86,6 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
         "peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "peak_mem_nvml_gib": nvml.peak if nvml is not None else None,
         "weights_changed": sample.changed_fraction(),
+        # Elements the optimizer updates, each tensor once (a tied weight may be listed twice).
+        "trainable_params": sum(p.numel() for p in {id(p): p for p in params}.values()),
     }

@@ -52,8 +52,9 @@ def _last_byte(path: Path) -> bytes:
 
 def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> dict[str, dict[int, float]] | None:
     """The reference run's per-step loss and grad_norm, read back from the results file (rows of this scenario
-    run, `run_id` in their provenance), or None when that run did not pass its own verification."""
-    curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}}
+    run, `run_id` in their provenance), or None when that run did not pass its own verification. Its trainable
+    parameter count, when recorded, is under "trainable_params" as {0: count}."""
+    curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}, "trainable_params": {}}
     path = Path(path)
     if not path.is_file():
         return None
@@ -66,6 +67,6 @@ def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> 
             if (isinstance(r, dict) and r.get("scenario") == scenario and r.get("backend") == run.backend
                     and r.get("variant") == run.variant
                     and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"
-                    and r.get("metric") in curves and r.get("step") is not None):
-                curves[r["metric"]][r["step"]] = r["value"]
+                    and r.get("metric") in curves):
+                curves[r["metric"]][r.get("step") or 0] = r["value"]
     return curves if curves["loss"] else None

@@ -73,6 +73,19 @@ class DivergingBackend(TorchBackend):
         return t
 
 
+class FrozenLayerBackend(TorchBackend):
+    """Its last decoder layer is frozen (a forgotten requires_grad, a layer left out of the optimizer): the loss
+    still falls and the other layers' gradients look healthy."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        frozen = {id(p) for p in t.model.model.layers[-1].parameters()}
+        for p in t.model.model.layers[-1].parameters():
+            p.requires_grad_(False)
+        t.params = [p for p in t.params if id(p) not in frozen]
+        return t
+
+
 class HardCrashBackend(Backend):
     """The process dies without a word (as a segfault in a peer's extension would)."""
 
@@ -97,6 +110,7 @@ FAKES = {
     "fake_frozen": "FrozenWeightsBackend",
     "fake_padding_tokens": "PaddingAsTokensBackend",
     "fake_diverging": "DivergingBackend",
+    "fake_frozen_layer": "FrozenLayerBackend",
     "fake_hard_crash": "HardCrashBackend",
     "fake_hang": "HangBackend",
     "fake_oom": "OutOfMemoryBackend",

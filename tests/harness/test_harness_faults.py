@@ -8,6 +8,7 @@ import json
 import fake_backends
 import pytest
 
+from chronicals.models.presets import build_model
 from harness import scenario, worker
 from harness.runner import Launched, run_scenario
 
@@ -19,7 +20,7 @@ BASE = {
     "train": {"batch_size": 3, "seq_len": 40, "steps": 3, "warmup": 1, "lr": 1e-3},
     "data": {"kind": "varlen", "min_len": 8},
 }
-FAULTS = ["fake_zero_grad", "fake_frozen", "fake_padding_tokens", "fake_diverging"]
+FAULTS = ["fake_zero_grad", "fake_frozen", "fake_padding_tokens", "fake_diverging", "fake_frozen_layer"]
 
 
 def in_process(module, args, timeout_s, env, log_path, result_path):
@@ -44,7 +45,11 @@ def test_reference_passes_and_reports_speed(matrix):
     outcomes, rows = matrix
     assert outcomes["torch"].status == "ok", outcomes["torch"].reason
     metrics = {r["metric"] for r in rows if r["backend"] == "torch"}
-    assert {"tokens_per_s", "step_time_ms", "tflops", "loss", "grad_norm", "packing_efficiency"} <= metrics
+    assert {"tokens_per_s", "step_time_ms", "tflops", "loss", "grad_norm", "packing_efficiency",
+            "trainable_params"} <= metrics
+    counted = next(r["value"] for r in rows if r["backend"] == "torch" and r["metric"] == "trainable_params")
+    model = build_model("tiny-llama", seed=0)
+    assert counted == sum(p.numel() for p in model.parameters())  # the reference trains every weight
 
 
 @pytest.mark.parametrize("backend, why", [
@@ -52,6 +57,7 @@ def test_reference_passes_and_reports_speed(matrix):
     ("fake_frozen", "weights did not change"),
     ("fake_padding_tokens", "label tokens but the batch has"),
     ("fake_diverging", "loss"),
+    ("fake_frozen_layer", "parameters, the reference"),
 ])
 def test_planted_fault_is_flagged_and_its_speed_never_reported(matrix, backend, why):
     outcomes, rows = matrix
