@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 STATUSES = ("ok", "failed-verification", "unavailable", "oom", "crashed", "timeout")
@@ -73,14 +74,52 @@ def load(paths: list[Path] | Path) -> list[Row]:
 
 def latest(rows: list[Row]) -> list[Row]:
     """The newest measurement of every run. The runner appends, so a scenario run twice leaves both in the file: of
-    each (scenario, variant, backend), only the rows of its last `provenance.run_id` are kept (a run that crashed the
-    second time must not keep the first time's speed), then one row per (metric, step), the last."""
-    newest = {row.run: row.provenance.get("run_id") for row in rows}
+    each (scenario, variant, backend), only the rows of its newest `provenance.run_id` are kept (a run that crashed the
+    second time must not keep the first time's speed), then one row per (metric, step), the last.
+
+    Newest is by `provenance.time`, not by where the rows sit: several files may be given in any order (or a folder
+    whose names sort differently from when they were written). Runs with equal times, and rows written without a
+    time, keep file order: the run with the latest time wins, unless a run without one comes after it in file order."""
+    newest = {run: _newest_run_id(groups) for run, groups in _run_groups(rows).items()}
     keep: dict[tuple, Row] = {}
     for row in rows:
         if row.provenance.get("run_id") == newest[row.run]:
             keep[(*row.run, row.metric, row.step)] = row
     return list(keep.values())
+
+
+def _run_groups(rows: list[Row]) -> dict[tuple[str, str, str], dict]:
+    """Per run (scenario, variant, backend): {run_id: [position of its last row, its latest time or None]}."""
+    groups: dict[tuple[str, str, str], dict] = {}
+    for position, row in enumerate(rows):
+        group = groups.setdefault(row.run, {}).setdefault(row.provenance.get("run_id"), [position, None])
+        group[0] = position
+        when = _time(row.provenance.get("time"))
+        if when is not None and (group[1] is None or when > group[1]):
+            group[1] = when
+    return groups
+
+
+def _newest_run_id(groups: dict) -> str | None:
+    """The run_id with the latest time (ties: the later in file order), replaced by a run_id without a time that
+    comes after it in file order (those are compared by file order only, as before times were recorded)."""
+    timed = [(when, position, run_id) for run_id, (position, when) in groups.items() if when is not None]
+    candidates = [(position, run_id) for run_id, (position, when) in groups.items() if when is None]
+    if timed:
+        _, position, run_id = max(timed, key=lambda t: (t[0], t[1]))
+        candidates.append((position, run_id))
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def _time(value) -> datetime | None:
+    """`provenance.time` (ISO 8601; UTC when it names no zone) as an aware datetime; None when missing or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def scenarios(rows: list[Row]) -> list[str]:

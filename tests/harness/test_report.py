@@ -199,3 +199,42 @@ def test_loss_table_names_a_loss_that_went_non_finite(rows):
     full = next(line for line in tables.loss_table(rows, "h200-lora").splitlines() if "| liger |" in line)
     assert cells[2] == [c.strip() for c in full.strip("|").split("|")][2]  # every step counted
     assert "non-finite loss at step 5 (and 1 more)" in liger, liger
+
+
+def test_the_newest_run_by_time_is_reported_whatever_order_the_files_are_given_in(tmp_path):
+    """`--results new.jsonl old.jsonl` (or a folder whose names sort the older file last) showed the older run: the
+    latest was the last in file order, not the newest by provenance.time."""
+    rows = [json.loads(line) for line in (RESULTS / "packing.jsonl").read_text().splitlines()]
+    newer_speed = {("torch", "default"): 9900.0, ("chronicals", "packed"): 41200.0}
+
+    def run(run_id: str, time: str | None, faster: bool = False) -> str:
+        lines = []
+        for r in rows:
+            provenance = {k: v for k, v in r["provenance"].items() if k != "time"}
+            provenance.update(run_id=run_id, **({"time": time} if time else {}))
+            value = r["value"]
+            if faster and r["metric"] == "tokens_per_s":
+                value = newer_speed.get((r["backend"], r["variant"]), value)
+            lines.append(json.dumps({**r, "value": value, "provenance": provenance}) + "\n")
+        return "".join(lines)
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    new, old = folder / "a-new.jsonl", folder / "b-old.jsonl"  # the folder lists the older file last
+    new.write_text(run("new", "2026-11-29T09:30:00+00:00", faster=True))
+    old.write_text(run("old", "2026-11-28T20:00:00Z"))
+    for name, results in (("new-old", [new, old]), ("old-new", [old, new]), ("folder", [folder])):
+        assert {r.provenance["run_id"] for r in latest(load(results))} == {"new"}, name
+        out = tmp_path / name
+        render(results, out, scenario_dir=tmp_path / "no-scenarios")
+        for shown in (out / "tables" / "throughput_packing.md", out / "REPORT.md"):
+            text = shown.read_text()
+            assert "41,200" in text and "9,900" in text, (name, shown)
+            assert "32,600" not in text and "9,100" not in text, (name, shown)
+
+    # Equal times, and rows written without a time, keep file order: the run last in the files is the latest.
+    for first, second in ((None, None), ("2026-11-28T20:00:00Z", "2026-11-28T20:00:00+00:00"),
+                          ("2026-11-29T09:30:00Z", None), (None, "2026-11-28T20:00:00Z")):
+        path = tmp_path / "same-file.jsonl"
+        path.write_text(run("first", first) + run("second", second))
+        assert {r.provenance["run_id"] for r in latest(load(path))} == {"second"}, (first, second)
