@@ -89,12 +89,16 @@ def check_same(names_tensors: dict, *, dtype: bool = True, device: bool = True) 
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
 
 
-def backward_once(backward):
+def backward_once(backward=None, *, what: str = "", fix: str = "use the unfused PyTorch op"):
     """Decorates an autograd.Function backward whose Triton kernels build no graph: under create_graph=True its
     gradients get a node that raises if a second backward reaches it. torch's once_differentiable adds that node
     only when the incoming gradients require grad, but these gradients also depend on the saved inputs: after
     loss.backward(create_graph=True) (incoming gradient 1) a gradient penalty silently lost the op's
-    second-order terms. (A backward that does not read its inputs, such as RoPE's, can use once_differentiable.)"""
+    second-order terms. (A backward that does not read its inputs, such as RoPE's, can use once_differentiable.)
+    `what` prefixes the op's name in the error and `fix` says what to use instead:
+    @backward_once(what="the fused LoRA op", fix="use LoRAConfig(fused=False)")."""
+    if backward is None:
+        return functools.partial(backward_once, what=what, fix=fix)
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -103,10 +107,11 @@ def backward_once(backward):
         if not torch.is_grad_enabled():
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        name = ctx.__class__.__name__.removesuffix("Backward").lstrip("_")
         error = torch._C._functions.DelayedError(
-            f"{ctx.__class__.__name__.removesuffix('Backward')} has no double backward: its gradient is not "
-            "differentiable (a second backward through a create_graph=True gradient); use the unfused PyTorch "
-            "op for higher-order gradients", len(outputs))
+            f"{what + ' ' if what else ''}{name} has no double backward: its gradient is not differentiable (a second "
+            f"backward through a create_graph=True gradient, e.g. a gradient penalty); {fix} for higher-order "
+            "gradients", len(outputs))
         return error(*[g.detach().requires_grad_(True) if isinstance(g, torch.Tensor) else g for g in outputs])
 
     return wrapper

@@ -52,7 +52,7 @@ import functools
 import torch
 
 from . import swiglu as swiglu_kernels
-from ._utils import INTERPRET
+from ._utils import INTERPRET, backward_once
 
 
 def _autocast_off(method):
@@ -65,30 +65,11 @@ def _autocast_off(method):
     return wrapper
 
 
-def _backward_once(backward):
-    """chronicals.kernels._utils.backward_once for the fused LoRA ops, its error naming their unfused path.
-
-    These backwards read their saved inputs (X, XA, B, the MLP's activations) and build no graph through them: the
-    saved XA and cat(A) are detached, the MLP's SwiGLU step runs in Triton and in place. So under create_graph=True
-    their gradients carry a node that raises if a second backward reaches it; a gradient penalty through them had
-    silently lost the ops' second-order terms (lora_A's gradient off by 37-54% on q/k/v, the MLP's lora_A
-    gradients missing). once_differentiable would mark only gradients whose incoming gradient requires grad, not
-    those of loss.backward(create_graph=True). A single backward, under create_graph or not, is unchanged."""
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return outputs
-        name = ctx.__class__.__name__.removesuffix("Backward").lstrip("_")
-        error = torch._C._functions.DelayedError(
-            f"the fused LoRA op {name} has no double backward: its gradient is not differentiable (a second backward "
-            "through a create_graph=True gradient, e.g. a gradient penalty); use LoRAConfig(fused=False) (PEFT's own "
-            "layers) for higher-order gradients", len(outputs))
-        return error(*[g.detach().requires_grad_(True) if isinstance(g, torch.Tensor) else g for g in outputs])
-
-    return wrapper
+# These backwards read their saved inputs (X, XA, B, the MLP's activations) and build no graph through them (the
+# saved XA and cat(A) are detached; the MLP's SwiGLU step runs in Triton, in place): a gradient penalty through them
+# silently lost the ops' second-order terms (lora_A's gradient off by 37-54% on q/k/v, the MLP's lora_A gradients
+# missing). Under create_graph=True their gradients now raise if differentiated again.
+_backward_once = backward_once(what="the fused LoRA op", fix="use LoRAConfig(fused=False) (PEFT's own layers)")
 
 
 def _use_triton(t: torch.Tensor) -> bool:
