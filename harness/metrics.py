@@ -17,25 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Dense bf16 tensor-core peaks per GPU from NVIDIA's datasheets, TFLOP/s. The datasheets state BF16 Tensor Core
-# "with sparsity"; the dense peak is half of it, rounded down. NVIDIA H100 datasheet (nvidia.com/en-us/data-center/
-# h100/): SXM 1,979 -> 989, PCIe 1,513 -> 756, NVL 1,671 -> 835 per GPU. NVIDIA H200 datasheet (.../data-center/
-# h200/): SXM 1,979 -> 989, NVL 1,671 -> 835. NVIDIA A100 datasheet: 312 dense (SXM and PCIe). Keyed by a fragment
-# of the device name (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3" is the SXM part, then "NVIDIA H100 NVL",
-# "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA H200 NVL").
-DATASHEET_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
-    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
-)
+from chronicals.training import flops
 
 
 def datasheet_peak(gpu: str | None) -> float | None:
-    """The datasheet dense bf16 peak of the GPU named `gpu`, TFLOP/s: of the fragments the name contains, the longest
-    (most specific: "H100 NVL" over "H100"), whatever their order in the table; None for a GPU not listed (no
-    datasheet MFU is then reported)."""
-    name = (gpu or "").lower()
-    matches = [(len(fragment), peak) for fragment, peak in DATASHEET_BF16_TFLOPS if name and fragment.lower() in name]
-    return max(matches, key=lambda m: m[0])[1] if matches else None
+    """The datasheet dense bf16 peak of the GPU named `gpu`, TFLOP/s (chronicals' table: the most specific fragment of
+    the name wins, "H100 NVL" over "H100"); None for a GPU not listed (no datasheet MFU is then reported)."""
+    peak = flops.datasheet_peak_flops(gpu)
+    return None if peak is None else peak / 1e12
 
 
 @dataclass(frozen=True)

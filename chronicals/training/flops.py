@@ -12,16 +12,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), matched against torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks per GPU from NVIDIA's datasheets, FLOP/s. The datasheets state BF16 Tensor Core
+# "with sparsity"; the dense peak is half of it. NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100/): SXM 1,979
+# -> 989, PCIe 1,513 -> 756, NVL 1,671 -> 835 per GPU. NVIDIA H200 datasheet (.../data-center/h200/): SXM 1,979 -> 989,
+# NVL 1,671 -> 835. A100: 312 dense (SXM and PCIe). Keyed by a fragment of torch.cuda.get_device_name() ("NVIDIA H100
+# 80GB HBM3" is the SXM part; "NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA H200 NVL"); the longest
+# fragment a name contains wins. The harness reads the same table (harness/metrics.py).
 DATASHEET_BF16 = {
-    "H200": 989.4e12,
-    "H100": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,
+    "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
     "L4": 121e12,
     "A10G": 70e12,
     "RTX 4090": 165.2e12,
 }
+
+
+def datasheet_peak_flops(gpu_name: str | None) -> float | None:
+    """The datasheet dense bf16 peak (FLOP/s) of the GPU named `gpu_name`: of the table's fragments the name contains,
+    the longest ("H100 NVL" over "H100"), whatever the table's order; None for a GPU not listed."""
+    name = (gpu_name or "").lower()
+    matches = [(len(fragment), peak) for fragment, peak in DATASHEET_BF16.items() if name and fragment.lower() in name]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -45,8 +61,4 @@ def attention_flops(seq_lens: list[int], *, layers: int, attn_dim: int) -> float
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in DATASHEET_BF16.items():
-        if key in name:
-            return value
-    return None
+    return datasheet_peak_flops(torch.cuda.get_device_name(device))

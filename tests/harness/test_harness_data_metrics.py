@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from chronicals.training import flops
 from harness import data, metrics
 
 
@@ -86,14 +87,14 @@ def test_speed_uses_real_tokens_and_both_peaks():
 
 @pytest.mark.parametrize("gpu, peak", [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0),
-    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None), ("", None),
-    (None, None),
+    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA B300", None), ("", None), (None, None),
 ])
 def test_datasheet_peak_is_the_most_specific_match(gpu, peak, monkeypatch):
     """'NVIDIA H100 NVL' and 'NVIDIA H200 NVL' matched the SXM parts' 989 TFLOP/s, overstating their peak (835) and
     so understating their datasheet MFU; the longest fragment a name contains wins, whatever the table's order."""
     assert metrics.datasheet_peak(gpu) == peak
-    monkeypatch.setattr(metrics, "DATASHEET_BF16_TFLOPS", tuple(reversed(metrics.DATASHEET_BF16_TFLOPS)))
+    monkeypatch.setattr(flops, "DATASHEET_BF16", dict(reversed(flops.DATASHEET_BF16.items())))
     assert metrics.datasheet_peak(gpu) == peak
     timed = [{"time_ms": 100.0, "real_tokens": 1000}] * 3
     s = metrics.speed(timed, [1e14] * 3, gpu, None)
