@@ -1,6 +1,7 @@
 """The command line: `chronicals train [CONFIG.yaml] [key=value ...]` trains end to end, and bad input ends in a
 one-line error with exit status 2."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -82,6 +83,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_its_package_is_a_one_line_error_before_anything_is_written(tmp_path, capsys):
+    # docs/TRAINING.md: `tensorboard: true` needs `pip install 'chronicals[tensorboard]'`; without it the CLI exits 2
+    # with that hint (it was an ImportError traceback, exit 1, after config.yaml and metrics.jsonl were written).
+    out = tmp_path / "out"
+    rc = main(["train", "tensorboard=true", "max_steps=1", f"output_dir={out}", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "pip install 'chronicals[tensorboard]'" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_a_malformed_yaml_file_is_a_one_line_error(tmp_path, capsys):

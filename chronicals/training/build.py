@@ -3,6 +3,7 @@ switches on, applied in the one order that works), the optimizer and the autocas
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ def autocast_dtype(cfg: ChronicalsConfig, device: torch.device) -> torch.dtype |
     if mode == "fp16" and device.type != "cuda":
         raise SetupError("config field 'mixed_precision' is 'fp16', which needs a CUDA GPU; use 'bf16' or 'no' on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mode]
+
+
+def check_optional_packages(cfg: ChronicalsConfig) -> None:
+    """Packages that only some settings need, checked before anything is written (a missing one is a SetupError)."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SetupError("config field 'tensorboard' is true but the tensorboard package is missing: "
+                         "pip install 'chronicals[tensorboard]' (or set tensorboard: false)")
 
 
 def load_tokenizer(cfg: ChronicalsConfig):
