@@ -63,6 +63,12 @@ def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
     if not mapping:
         return source
     loaded = load_rows(source, cfg.dataset_split)
+    for field in ("text_column", "prompt_column", "completion_column", "messages_column"):
+        old, new = getattr(cfg, field), field.removesuffix("_column")
+        if old != new and old not in loaded.columns and new in loaded.columns:
+            # Training on the data's own "text" column when the config names another would be a silent mix-up.
+            raise ValueError(f"config field {field!r} is {old!r}, but the data has no column {old!r} (its columns: "
+                             f"{', '.join(map(str, loaded.columns))}); set {field}: {new} to use its {new!r} column")
     if hasattr(loaded.rows, "rename_columns"):
         present = {o: n for o, n in mapping.items() if o in loaded.columns}
         return loaded.rows.remove_columns(_shadowed(loaded.columns, present)).rename_columns(present)

@@ -6,7 +6,7 @@ import torch
 
 from chronicals.config import ChronicalsConfig
 from chronicals.data import default_tokenizer
-from chronicals.training.dataset import prepare_training_data
+from chronicals.training.dataset import DataError, prepare_training_data
 from chronicals.training.schedule import build_scheduler, lr_factor
 
 
@@ -37,6 +37,21 @@ def test_configured_text_column_wins_over_a_column_named_text(as_dataset):
     cfg = ChronicalsConfig(text_column="body", max_seq_length=128, use_sequence_packing=False)
     (row,) = prepare_training_data(rows, tok, cfg).rows
     assert tok.decode(row["input_ids"]) == "The body that the config names.<|endoftext|>"
+
+
+@pytest.mark.parametrize("as_dataset", [False, True], ids=["list", "datasets.Dataset"])
+def test_a_configured_column_the_data_lacks_is_an_error_not_the_default_column(as_dataset):
+    # docs/TRAINING.md: column names come from text_column etc., and missing columns are refused before training;
+    # text_column "body" on data with only a "text" column trained on "text" without a word.
+    tok = default_tokenizer()
+    rows = [{"text": "a line the config did not name"}]
+    if as_dataset:
+        import datasets
+
+        rows = datasets.Dataset.from_list(rows)
+    cfg = ChronicalsConfig(text_column="body", max_seq_length=128, use_sequence_packing=False)
+    with pytest.raises(DataError, match="config field 'text_column' is 'body', but the data has no column 'body'"):
+        prepare_training_data(rows, tok, cfg)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
