@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .chat import check_messages, render_chat
+from .loading import row_label
 
 FORMATS = ("tokenized", "messages", "prompt_completion", "text")  # the order "auto" tries them in
 COLUMNS = {"tokenized": ("input_ids",), "messages": ("messages",), "prompt_completion": ("prompt", "completion"),
@@ -59,8 +60,7 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
     examples: list[dict[str, list[int]]] = []
     batch: list[tuple[str, list[tuple[int, int]]]] = []
     for index, row in enumerate(rows):
-        where = f"row {index}" if lines is None else f"row {index} (line {lines[index]})"
-        batch.append(_render(row, where, format, tokenizer))
+        batch.append(_render(row, row_label(index, lines), format, tokenizer))
         if len(batch) == BATCH_SIZE:
             examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
             batch = []

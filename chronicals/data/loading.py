@@ -24,6 +24,11 @@ class LoadedRows:
     lines: list[int] | None = None  # each row's line in its JSONL file, so that errors point at the line
 
 
+def row_label(index: int, lines: Sequence[int] | None) -> str:
+    """How errors name row `index`: with its line in the file when the rows came from JSONL (`lines`)."""
+    return f"row {index}" if lines is None else f"row {index} (line {lines[index]})"
+
+
 def load_rows(source: Any, split: str = "train") -> LoadedRows:
     """Rows from a path (.jsonl/.json/.ndjson, .parquet, a `save_to_disk` directory), a hub dataset name, a
     `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), or a list of dicts."""
@@ -124,8 +129,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
             lines.append(number)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            where = f"row {index}" if lines is None else f"row {index} (line {lines[index]})"
-            raise TypeError(f"{path}: {where} is a {type(row).__name__}, expected a JSON object of columns")
+            raise TypeError(f"{path}: {row_label(index, lines)} is a {type(row).__name__}, expected a JSON object of "
+                            "columns")
     return rows, lines
 
 
