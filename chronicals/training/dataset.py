@@ -57,14 +57,13 @@ def _is_tokenized(source: Any) -> bool:
 
 def _renamed(source: Any, cfg: ChronicalsConfig) -> Any:
     """The rows with the config's column names mapped to the data layer's (text, prompt, completion, messages)."""
-    mapping = {cfg.text_column: "text", cfg.prompt_column: "prompt", cfg.completion_column: "completion",
-               cfg.messages_column: "messages"}
-    mapping = {old: new for old, new in mapping.items() if old != new}
+    fields = {field: (getattr(cfg, field), field.removesuffix("_column"))
+              for field in ("text_column", "prompt_column", "completion_column", "messages_column")}
+    mapping = {old: new for old, new in fields.values() if old != new}
     if not mapping:
         return source
     loaded = load_rows(source, cfg.dataset_split)
-    for field in ("text_column", "prompt_column", "completion_column", "messages_column"):
-        old, new = getattr(cfg, field), field.removesuffix("_column")
+    for field, (old, new) in fields.items():
         if old != new and old not in loaded.columns and new in loaded.columns:
             # Training on the data's own "text" column when the config names another would be a silent mix-up.
             raise ValueError(f"config field {field!r} is {old!r}, but the data has no column {old!r} (its columns: "
