@@ -64,7 +64,7 @@ def rotate(output_dir: str | Path, step: int, keep: int) -> None:
     """Keep checkpoint `step` (just written) and the newest `keep - 1` before it. Later-numbered checkpoints were
     left in output_dir by another run (a fresh start there, or a resume from an earlier checkpoint): ranked by step
     with them, the checkpoint just written would be deleted at once, so they are neither counted nor removed."""
-    earlier = [p for p in list_checkpoints(output_dir) if int(_NAME.match(p.name).group(1)) < step]
+    earlier = [p for p in list_checkpoints(output_dir) if _step(p) < step]
     for old in earlier[:max(0, len(earlier) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -74,8 +74,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in out.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()), key=_step)
+
+
+def _step(checkpoint_dir: Path) -> int:
+    return int(_NAME.match(checkpoint_dir.name).group(1))
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
