@@ -50,23 +50,28 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def reference_curves(path: str | Path, scenario: str, run_id: str, run: Run) -> dict[str, dict[int, float]] | None:
-    """The reference run's per-step loss and grad_norm, read back from the results file (rows of this scenario
-    run, `run_id` in their provenance), or None when that run did not pass its own verification. Its trainable
-    parameter count, when recorded, is under "trainable_params" as {0: count}."""
-    curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}, "trainable_params": {}}
+def reference_curves(path: str | Path, scenario: str, run_id: str,
+                     run: Run) -> tuple[dict[str, dict[int, float]] | None, int | None]:
+    """The reference run's per-step loss and grad_norm ({metric: {step: value}}) and its trainable parameter count
+    (None when not recorded), read back from the results file (rows of this scenario run, `run_id` in their
+    provenance); (None, None) when that run did not pass its own verification."""
+    curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}}
+    params = None
     path = Path(path)
     if not path.is_file():
-        return None
+        return None, None
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:  # a blank or torn line (another run's): not this run's reference
                 continue
-            if (isinstance(r, dict) and r.get("scenario") == scenario and r.get("backend") == run.backend
+            if not (isinstance(r, dict) and r.get("scenario") == scenario and r.get("backend") == run.backend
                     and r.get("variant") == run.variant
-                    and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"
-                    and r.get("metric") in curves):
-                curves[r["metric"]][r.get("step") or 0] = r["value"]
-    return curves if curves["loss"] else None
+                    and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"):
+                continue
+            if r.get("metric") in curves and r.get("step") is not None:
+                curves[r["metric"]][r["step"]] = r["value"]
+            elif r.get("metric") == "trainable_params":
+                params = int(r["value"])
+    return (curves, params) if curves["loss"] else (None, None)

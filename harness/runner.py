@@ -179,14 +179,15 @@ class _Context:
             status, reason = res["status"], res["reason"]
         records = (res or {}).get("steps", [])
         if status == "ok":
-            reference, no_reference = None, []
+            reference, reference_params, no_reference = None, None, []
             if run is not sc.reference_run:
-                reference = results.reference_curves(self.out, sc.name, self.run_id, sc.reference_run)
+                reference, reference_params = results.reference_curves(self.out, sc.name, self.run_id,
+                                                                       sc.reference_run)
                 if reference is None:  # the run's own checks still run: its own faults are named too
                     no_reference = [f"the reference run ({sc.reference}, {sc.reference_run.variant}) did not pass, "
                                     "so this run's loss and gradient norm cannot be checked"]
             failures = verify.check(records, res.get("weights_changed"), sc.train.steps, sc.verify, reference,
-                                    res.get("trainable_params"))
+                                    res.get("trainable_params"), reference_params)
             if failures or no_reference:
                 status, reason = "failed-verification", "; ".join(no_reference + failures)
         provenance = {**self.base, **self.device, **((res or {}).get("device") or {}), "time": now()}
