@@ -456,7 +456,7 @@ def _positive_int(x) -> bool:
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """A label outside [0, V) that is not ignore_index would silently count as a zero target logit: refuse it.
     This reads one flag back from the device (a host synchronisation per call)."""
-    bad = (labels >= vocab) | ((labels < 0) & (labels != ignore_index))
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
                          f"found {labels[bad][:5].tolist()}")

@@ -301,6 +301,15 @@ def test_unchecked_out_of_range_labels_make_the_loss_nan(strategy, bad_label):
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("ignore_index", [10, 13])
+def test_ignore_index_outside_the_vocabulary_is_accepted(ignore_index):
+    # An ignore_index at or past V (e.g. a pad id = vocab size) marks ignored rows; the label check took it for an
+    # out-of-range label and raised, though it is exempt whatever its value.
+    hidden, weight, _, labels = make_inputs(6, 5, 10, torch.float32, 0, ignore=None)
+    labels[::2] = ignore_index
+    check_against_reference(hidden, weight, None, labels, torch.float32, ignore_index=ignore_index)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_gpu_realistic_block_sizes(strategy):
