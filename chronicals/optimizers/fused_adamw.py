@@ -26,8 +26,8 @@ def _tensors(params) -> list[torch.Tensor]:
     out = []
     for p in params:
         if isinstance(p, dict):
-            out += list(p["params"])
-        elif isinstance(p, tuple):  # (name, tensor) pairs
+            out += _tensors(p["params"])
+        elif isinstance(p, tuple):  # (name, tensor) pairs, at the top level or in a group
             out.append(p[1])
         else:
             out.append(p)

@@ -59,6 +59,21 @@ def test_group_dicts_holding_generators_keep_their_parameters():
         FusedAdamW(model.weight)
 
 
+def test_group_dicts_of_named_parameters_are_accepted_as_torch_adamw_accepts_them():
+    # torch.optim takes {"params": model.named_parameters()}; the device check must read the tensors inside the
+    # (name, tensor) pairs (it raised AttributeError: 'tuple' object has no attribute 'device').
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW([{"params": model.named_parameters(), "lr": 0.5}])
+    assert opt.defaults["fused"] is True and opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    ref_model = torch.nn.Linear(4, 3)
+    ref_model.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW([{"params": ref_model.named_parameters(), "lr": 0.5}], foreach=False)
+    for m, o in ((model, opt), (ref_model, ref)):
+        m(torch.ones(2, 4)).sum().backward()
+        o.step()
+    torch.testing.assert_close(model.weight, ref_model.weight)
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: FusedAdamW(ps, lr=1e-2, weight_decay=0.01),
     lambda ps: create_optimizer("adamw", ps, lr=1e-2, weight_decay=0.01),
