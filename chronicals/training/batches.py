@@ -28,8 +28,12 @@ class StepPlan:
         self.accumulation = gradient_accumulation_steps
         self.seed = seed
         self.env = env = env or DistEnv()
-        micro_batches = -(-len(units) // batch_size)
-        self.steps_per_epoch = micro_batches // env.world_size // self.accumulation
+        # A micro-batch spans every rank: the batch_size x world_size rows that one process would take as one
+        # micro-batch, split over the ranks. A last, shorter one is kept when it gives every rank a row.
+        self.rows_per_micro_batch = batch_size * env.world_size
+        micro_batches = len(units) // self.rows_per_micro_batch + \
+            (len(units) % self.rows_per_micro_batch >= env.world_size)
+        self.steps_per_epoch = micro_batches // self.accumulation
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the dataset gives {len(units)} rows, i.e. {micro_batches} micro-batch(es) of "
@@ -42,8 +46,8 @@ class StepPlan:
         """This rank's optimizer steps of `epoch` from step `start` on; each is a list of collated micro-batches."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.units), generator=g).tolist()
-        groups = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        mine = distributed.shard(groups, self.env)
+        size = self.rows_per_micro_batch
+        mine = [distributed.shard(order[i:i + size], self.env) for i in range(0, len(order), size)]
         for step in range(start, self.steps_per_epoch):
             chunk = mine[step * self.accumulation:(step + 1) * self.accumulation]
             yield [self.collate([self.units[i] for i in group]) for group in chunk]

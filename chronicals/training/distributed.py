@@ -79,10 +79,10 @@ def device_for(env: DistEnv, requested: str) -> torch.device:
 
 
 def shard(items: list, env: DistEnv) -> list:
-    """This rank's share of `items` (same order on every rank): item i goes to rank i % world_size. The tail that
-    would leave ranks with unequal counts is dropped, so every rank runs the same number of steps."""
-    usable = len(items) - len(items) % env.world_size
-    return items[env.rank:usable:env.world_size]
+    """This rank's share of `items` (same order on every rank): a contiguous slice, the slices of the ranks in rank
+    order making up `items` without duplication; their lengths differ by at most one (empty when there are fewer
+    items than ranks)."""
+    return items[env.rank * len(items) // env.world_size:(env.rank + 1) * len(items) // env.world_size]
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

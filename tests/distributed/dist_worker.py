@@ -124,6 +124,16 @@ def lora(out: Path, strategy: str = "auto") -> dict:
             "grad_norms": [r["grad_norm"] for r in metrics(out)], "final_model": result.final_model}
 
 
+def epoch_with_a_short_last_batch(out: Path) -> dict:
+    """One epoch of 20 rows with a global batch of 8: steps of 8, 8 and 4 rows; the ranks split the last one."""
+    from chronicals.training import ChronicalsTrainer
+
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=-1, epochs=1))
+    result = trainer.train(rows(20))
+    return {"losses": result.losses, "grad_norms": [r["grad_norm"] for r in metrics(out)],
+            "label_tokens": [r["label_tokens"] for r in metrics(out)]}
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -150,7 +160,8 @@ def all_runs(root: Path) -> dict:
     # the root.
     return {"full": full_fine_tune(root / "full"), "resume": resume(root / "full"),
             "untied": full_fine_tune(root / "untied", "tiny-llama"), "lora": lora(root / "lora"),
-            "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop")}
+            "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop"),
+            "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from chronicals.config import ChronicalsConfig, ConfigError
 from chronicals.training import SetupError, dist_checkpoint, parallel
+from chronicals.training.batches import StepPlan
 from chronicals.training.distributed import DistEnv
 
 ONE, TWO = DistEnv(), DistEnv(rank=0, world_size=2, local_rank=0)
@@ -46,6 +47,28 @@ def test_global_batch_is_split_over_ranks_and_accumulation():
     with pytest.raises(SetupError, match=r"'global_batch_size' is 10.*2 process\(es\) x gradient_accumulation_steps="
                                          r"2 do not divide; use a multiple of 4"):
         parallel.micro_batch_size(cfg(global_batch_size=10, gradient_accumulation_steps=2), TWO)
+
+
+@pytest.mark.parametrize("rows, accumulation", [(20, 1), (22, 2), (3, 1)])
+def test_ranks_together_take_the_rows_one_process_takes_tail_included(rows, accumulation):
+    # global batch 8: one process takes micro-batches of 8 / accumulation rows, each of two ranks half of that. A
+    # last, shorter micro-batch (20 rows: 8, 8, 4) is one process's last step; the ranks must split it, not drop it
+    # (which gave them fewer steps per epoch, another epoch boundary and other losses than one process).
+    def plan(env):
+        return StepPlan(list(range(rows)), list, batch_size=8 // accumulation // env.world_size, seed=0, env=env,
+                        gradient_accumulation_steps=accumulation)
+
+    one = plan(ONE)
+    ranks = [plan(DistEnv(rank=r, world_size=2, local_rank=r)) for r in range(2)]
+    assert [p.steps_per_epoch for p in ranks] == [one.steps_per_epoch] * 2
+    for epoch in range(2):
+        for alone, *split in zip(one.epoch_steps(epoch), *(p.epoch_steps(epoch) for p in ranks)):
+            assert all(mb for r in split for mb in r)  # no rank is handed an empty micro-batch
+            for m, micro_batch in enumerate(alone):
+                assert split[0][m] + split[1][m] == micro_batch
+    # A last micro-batch of fewer rows than ranks cannot give each rank a row: the ranks leave it out.
+    assert StepPlan(list(range(17)), list, batch_size=4, seed=0, env=TWO,
+                    gradient_accumulation_steps=1).steps_per_epoch == 2
 
 
 def test_config_fields_are_validated():

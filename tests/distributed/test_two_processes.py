@@ -28,6 +28,7 @@ def test_two_gloo_processes(tmp_path):
     check_fsdp2_lora_matches_and_exports_a_peft_adapter(runs)
     check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path / "refused")
     check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs)
+    check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(runs)
 
 
 def check_fsdp2_losses_match_one_process(runs):
@@ -112,3 +113,12 @@ def check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs):
     for rank in ranks:
         assert rank["stop"]["steps"] == 1 and rank["stop"]["interrupted"], rank["stop"]
         assert rank["stop"]["checkpoint"].endswith("checkpoint-1")
+
+
+def check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(runs):
+    # Dropping it gave the two ranks 2 steps per epoch where one process has 3 (another epoch boundary, other losses).
+    ranks, one, _ = runs
+    two, alone = ranks[0]["short_last_batch"], one["short_last_batch"]
+    assert two["label_tokens"] == alone["label_tokens"] and len(alone["losses"]) == 3
+    assert two["losses"] == pytest.approx(alone["losses"], rel=1e-4)
+    assert two["grad_norms"] == pytest.approx(alone["grad_norms"], rel=1e-4)
