@@ -429,8 +429,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
                              f"{tuple(normalizer.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if softcap is not None and not 0 < softcap < float("inf"):  # cap·tanh(z/cap) is inf·0 = NaN at cap = inf
+        raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
     if not z_loss_weight >= 0:
         raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight!r}")
     if strategy not in STRATEGIES:

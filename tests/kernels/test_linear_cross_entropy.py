@@ -255,6 +255,7 @@ def test_gradients_in_forward_refuse_a_second_backward(strategy):
         (dict(normalizer=-1), "normalizer must be a token count"),
         (dict(normalizer=torch.ones(2)), "one-element tensor"),
         (dict(softcap=0.0), "softcap must be"),
+        (dict(softcap=float("inf")), "softcap must be a positive finite number"),  # was a NaN loss (inf·tanh(0))
         (dict(z_loss_weight=-1.0), "z_loss_weight"),
         (dict(chunk=0), "chunk must be"),
         (dict(strategy="cols"), "strategy must be one of"),
