@@ -85,7 +85,9 @@ class PackedCollator:
 def _row_seq_lens(feature: Any, length: int, index: int) -> list[int]:
     if not isinstance(feature, Mapping) or feature.get("seq_lens") is None:
         return [length]
-    lens = list(feature["seq_lens"])
+    lens = feature["seq_lens"]
+    # A tensor or numpy array (a `datasets` row in torch/numpy format), as input_ids and labels may be.
+    lens = lens.tolist() if hasattr(lens, "tolist") else list(lens)
     if any(type(n) is not int or n <= 0 for n in lens) or sum(lens) != length:
         raise ValueError(
             f"feature {index}: seq_lens {lens} must be positive ints summing to the row length {length}"

@@ -36,7 +36,7 @@ class PaddedCollator:
             raise ValueError("PaddedCollator got an empty list of examples")
         for index, example in enumerate(examples):
             # A packed row here would let its sequences attend to each other; only PackedCollator keeps them apart.
-            if isinstance(example, Mapping) and len(example.get("seq_lens") or ()) > 1:
+            if isinstance(example, Mapping) and example.get("seq_lens") is not None and len(example["seq_lens"]) > 1:
                 raise ValueError(f"example {index} is a packed row of several sequences; batch packed rows with "
                                  "PackedCollator, or turn packing off")
         sequences = [as_sequence(example, index, self.ignore_index) for index, example in enumerate(examples)]

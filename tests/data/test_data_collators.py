@@ -1,5 +1,6 @@
 """PackedCollator and PaddedCollator: the batch conventions of docs/CONTRACTS.md, label counting, bad input."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -73,6 +74,21 @@ def test_collators_refuse_batches_without_label_tokens(collator):
         collator([])
     with pytest.raises(ValueError, match="zero-length"):
         collator([[]])
+
+
+@pytest.mark.parametrize("as_array", [torch.tensor, np.array])
+def test_collators_read_seq_lens_given_as_arrays(as_array):
+    # A `datasets` row in torch or numpy format holds arrays, which input_ids and labels accept; seq_lens was
+    # refused ("must be positive ints") by PackedCollator and made PaddedCollator's packed-row check raise
+    # "Boolean value of Tensor ... is ambiguous".
+    row = {"input_ids": as_array([1, 2, 3, 4, 5]), "labels": as_array([IGNORE, 2, 3, IGNORE, 5]),
+           "seq_lens": as_array([3, 2])}
+    batch = PackedCollator()([row])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="packed row of several sequences"):
+        PaddedCollator(padding_token_id=0)([row])
+    assert PaddedCollator(padding_token_id=0)([{**row, "seq_lens": as_array([5])}])["num_label_tokens"] == 3
 
 
 def test_collator_bad_arguments():
