@@ -27,10 +27,13 @@ def _tensors(params) -> list[torch.Tensor]:
     for p in params:
         if isinstance(p, dict):
             out += _tensors(p["params"])
-        elif isinstance(p, tuple):  # (name, tensor) pairs, at the top level or in a group
-            out.append(p[1])
-        else:
-            out.append(p)
+            continue
+        t = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, tensor) pairs, at the top level or in a group
+        if not isinstance(t, torch.Tensor):
+            hint = "; pass model.parameters(), not the module" if isinstance(t, torch.nn.Module) else ""
+            raise TypeError("optimizer params must be tensors, (name, tensor) pairs or parameter-group dicts, "
+                            f"got a {type(t).__name__}{hint}")
+        out.append(t)
     return out
 
 

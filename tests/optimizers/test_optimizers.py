@@ -124,6 +124,15 @@ def test_bad_optimizer_inputs_fail_clearly():
         FusedAdamW([])
     with pytest.raises(ValueError, match="unknown optimizer 'lion'.*adamw_fused"):
         create_optimizer("lion", _params(), lr=1e-3)
+    # A module (nn.Sequential iterates its layers) or a dict of named parameters: torch.optim's TypeError, not an
+    # AttributeError from reading .device off a Linear or a str.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="got a Linear; pass model.parameters\\(\\), not the module"):
+        FusedAdamW(model)
+    with pytest.raises(TypeError, match="got a Linear; pass model.parameters"):
+        create_optimizer("adamw_fused", [{"params": model}], lr=1e-3)
+    with pytest.raises(TypeError, match="or parameter-group dicts, got a str"):
+        FusedAdamW(dict(model.named_parameters()))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is present")
