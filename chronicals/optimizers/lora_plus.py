@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .factory import create_optimizer
@@ -25,11 +27,13 @@ def lora_plus_param_groups(model: nn.Module, *, base_lr: float, lr_ratio: float,
     names (ours and PEFT's)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, value, low in (("base_lr", base_lr, 0.0), ("lr_ratio", lr_ratio, 0.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    # Finite too: an inf or NaN rate reaches a group's lr, which torch.optim does not check, and the first step
+    # turns the parameters to NaN.
+    for name, value in (("base_lr", base_lr), ("lr_ratio", lr_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     groups = {key: [] for key in ("lora_B", "lora_B_no_decay", "default", "no_decay")}
     for name, param in model.named_parameters():
         if not param.requires_grad:

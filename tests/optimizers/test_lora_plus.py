@@ -55,11 +55,19 @@ def test_lora_plus_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no trainable LoRA B matrices"):
         create_lora_plus_optimizer(build_model("tiny-llama", seed=0))
     model = _model("ours")
-    with pytest.raises(ValueError, match="base_lr must be a positive number"):
+    with pytest.raises(ValueError, match="base_lr must be a finite positive number"):
         create_lora_plus_optimizer(model, base_lr=0)
-    with pytest.raises(ValueError, match="lr_ratio must be a positive number"):
+    with pytest.raises(ValueError, match="lr_ratio must be a finite positive number"):
         create_lora_plus_optimizer(model, lr_ratio=-1)
-    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         create_lora_plus_optimizer(model, weight_decay=-0.1)
+    # torch.optim checks only the default lr, not each group's: an inf or NaN B-matrix rate made NaN weights.
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr_ratio must be a finite positive number"):
+            create_lora_plus_optimizer(model, lr_ratio=bad)
+    with pytest.raises(ValueError, match="base_lr must be a finite positive number"):
+        create_lora_plus_optimizer(model, base_lr=float("inf"))
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        create_lora_plus_optimizer(model, weight_decay=float("inf"))
     with pytest.raises(ValueError, match="unknown optimizer 'sgdx'"):
         create_lora_plus_optimizer(model, optimizer="sgdx")
