@@ -30,10 +30,12 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, optimizer, scheduler,
-                    trainer_state: dict[str, Any], export_model=None, scaler=None, keep: int | None = None) -> Path:
+                    trainer_state: dict[str, Any], export_model=None, scaler=None, keep: int | None = None,
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write checkpoint `step` atomically and return its path. `export_model(directory)`, when given, writes the
     user-facing files (config.json, or a PEFT-format adapter); the trainable weights always go to
-    model.safetensors (full fine-tune) or trainable.safetensors, which is what resuming reads back."""
+    model.safetensors (full fine-tune) or trainable.safetensors, which is what resuming reads back.
+    `rng_states`: every rank's `_rng_state()` in rank order, when several processes train."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
@@ -48,7 +50,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model: nn.Module, opti
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(_rng_state(), tmp / "rng_state.pt")
+    torch.save(_rng_file(rng_states), tmp / "rng_state.pt")
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
@@ -104,8 +106,10 @@ def resolve(resume_from: str, output_dir: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, scaler=None) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote into the live objects; returns the trainer state."""
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, scaler=None,
+                    rank: int = 0) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into the live objects (the random generators: rank `rank`'s);
+    returns the trainer state."""
     path = Path(path)
     weights_path = path / _weights_file(model)
     if not weights_path.is_file():
@@ -130,7 +134,7 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False))
+    _set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False), rank)
     return json.loads((path / STATE_FILE).read_text())
 
 
@@ -153,7 +157,17 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _rng_file(rng_states: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What rng_state.pt holds: this process's generator states and, from several processes, every rank's in rank
+    order under "ranks" (each rank's generators move on by its own batches: dropout masks of their shapes)."""
+    state = _rng_state()
+    if rng_states is not None and len(rng_states) > 1:
+        state["ranks"] = rng_states
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], rank: int = 0) -> None:
+    state = state["ranks"][rank] if "ranks" in state else state
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

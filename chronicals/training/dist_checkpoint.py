@@ -28,8 +28,10 @@ SHARDS = "shards"
 
 
 def save_sharded(output_dir: str | Path, step: int, *, model: nn.Module, optimizer, scheduler,
-                 trainer_state: dict[str, Any], env: DistEnv, keep: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                 trainer_state: dict[str, Any], env: DistEnv, keep: int | None = None,
+                 rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. `rng_states` (rank 0's argument is the
+    one written): every rank's random generator states, in rank order."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -44,7 +46,7 @@ def save_sharded(output_dir: str | Path, step: int, *, model: nn.Module, optimiz
     barrier(env)  # every rank's shards are written before rank 0 seals the directory
     if env.is_main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(checkpoint._rng_state(), tmp / "rng_state.pt")
+        torch.save(checkpoint._rng_file(rng_states), tmp / "rng_state.pt")
         (tmp / checkpoint.STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
         checkpoint._fsync_tree(tmp)
         if final.exists():
@@ -57,8 +59,9 @@ def save_sharded(output_dir: str | Path, step: int, *, model: nn.Module, optimiz
     return final
 
 
-def load_sharded(path: str | Path, *, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Collective: restore what save_sharded wrote into the live (already sharded) model and optimizer."""
+def load_sharded(path: str | Path, *, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Collective: restore what save_sharded wrote into the live (already sharded) model and optimizer, and rank
+    `rank`'s random generator states."""
     path = Path(path)
     # get_state_dict gives tensors of the right sharding for DCP to read into (it initialises empty optimizer
     # states first); set_state_dict puts them back.
@@ -67,7 +70,7 @@ def load_sharded(path: str | Path, *, model: nn.Module, optimizer, scheduler) ->
     dcp.load(state, checkpoint_id=str(path / SHARDS))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    checkpoint._set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False))
+    checkpoint._set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False), rank)
     return json.loads((path / checkpoint.STATE_FILE).read_text())
 
 

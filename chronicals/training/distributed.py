@@ -92,6 +92,15 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def gather_object(obj, env: DistEnv) -> list | None:
+    """`obj` of every rank in rank order, on rank 0 (None on the others); [obj] on one process."""
+    if not env.enabled:
+        return [obj]
+    gathered = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -107,10 +107,10 @@ class ChronicalsTrainer:
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
             if self.strategy == "fsdp2":
                 saved = dist_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer,
-                                                     scheduler=self.scheduler)
+                                                     scheduler=self.scheduler, rank=self.env.rank)
             else:
                 saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                                   scheduler=self.scheduler, scaler=self.scaler)
+                                                   scheduler=self.scheduler, scaler=self.scaler, rank=self.env.rank)
             state = {k: saved[k] for k in state}
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
@@ -247,17 +247,19 @@ class ChronicalsTrainer:
     def _save(self, state: dict[str, Any]) -> Path:
         path = Path(self.config.output_dir) / f"checkpoint-{state['step']}"
         trainer_state = {**state, "world_size": self.env.world_size, "config": self.config.to_dict()}
+        # Each rank's generators have moved on by its own batches (dropout), so each rank's are kept.
+        rng_states = distributed.gather_object(checkpoint._rng_state(), self.env)
         if self.strategy == "fsdp2":  # every rank writes its shards
             path = dist_checkpoint.save_sharded(
                 self.config.output_dir, state["step"], model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, trainer_state=trainer_state, env=self.env,
-                keep=self.config.save_total_limit,
+                keep=self.config.save_total_limit, rng_states=rng_states,
             )
         elif self.env.is_main:
             path = checkpoint.save_checkpoint(
                 self.config.output_dir, state["step"], model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, scaler=self.scaler, export_model=self._export_files,
-                trainer_state=trainer_state, keep=self.config.save_total_limit,
+                trainer_state=trainer_state, keep=self.config.save_total_limit, rng_states=rng_states,
             )
         distributed.barrier(self.env)
         self.last_checkpoint = path

@@ -134,6 +134,19 @@ def epoch_with_a_short_last_batch(out: Path) -> dict:
             "label_tokens": [r["label_tokens"] for r in metrics(out)]}
 
 
+def dropout_resume(out: Path, strategy: str) -> dict:
+    """LoRA with dropout, 3 steps with a checkpoint at step 2, then resumed from it: each rank's random generators
+    have moved on differently (dropout masks of its own batches' shapes), so each must get its own back."""
+    from chronicals.training import ChronicalsTrainer
+
+    def run(**changes):
+        trainer = ChronicalsTrainer(model(), tokenizer(), config(out, use_lora=True, lora_rank=4, lora_dropout=0.5,
+                                                                 distributed_strategy=strategy, **changes))
+        return trainer.train(rows()).losses
+
+    return {"losses": run(save_steps=2), "resumed": run(resume_from_checkpoint=str(out / "checkpoint-2"))}
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -161,7 +174,9 @@ def all_runs(root: Path) -> dict:
     return {"full": full_fine_tune(root / "full"), "resume": resume(root / "full"),
             "untied": full_fine_tune(root / "untied", "tiny-llama"), "lora": lora(root / "lora"),
             "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop"),
-            "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch")}
+            "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch"),
+            "dropout_ddp": dropout_resume(root / "dropout_ddp", "ddp"),
+            "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

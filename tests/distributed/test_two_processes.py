@@ -29,6 +29,7 @@ def test_two_gloo_processes(tmp_path):
     check_resuming_a_two_rank_checkpoint_with_one_process_is_refused(runs, tmp_path / "refused")
     check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs)
     check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(runs)
+    check_every_rank_resumes_its_own_random_state(runs)
 
 
 def check_fsdp2_losses_match_one_process(runs):
@@ -122,3 +123,12 @@ def check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(ru
     assert two["label_tokens"] == alone["label_tokens"] and len(alone["losses"]) == 3
     assert two["losses"] == pytest.approx(alone["losses"], rel=1e-4)
     assert two["grad_norms"] == pytest.approx(alone["grad_norms"], rel=1e-4)
+
+
+def check_every_rank_resumes_its_own_random_state(runs):
+    # Only rank 0's generators were saved and every rank was given them: rank 1's dropout masks then differed from
+    # the uninterrupted run's, and so did the loss of step 3.
+    ranks, _, _ = runs
+    for run in ("dropout_ddp", "dropout_fsdp2"):
+        uninterrupted, resumed = ranks[0][run]["losses"], ranks[0][run]["resumed"]
+        assert len(resumed) == 1 and resumed[0] == pytest.approx(uninterrupted[2], rel=1e-6), run
