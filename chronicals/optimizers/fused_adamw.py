@@ -59,8 +59,11 @@ class FusedAdamW(torch.optim.AdamW):
             raise ValueError("FusedAdamW got no parameters; pass the model's trainable parameters")
         available = fused_available(params)
         if fused and not available:
-            devices = sorted({t.device.type for t in _tensors(params)})
-            raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters on {devices}; "
+            tensors = _tensors(params)
+            devices = sorted({t.device.type for t in tensors})
+            others = sorted({str(t.dtype) for t in tensors if not torch.is_floating_point(t)})
+            what = f"of dtype {others} (it takes floating-point ones)" if others else f"on {devices}"
+            raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters {what}; "
                              "leave fused=None to fall back to the foreach implementation")
         use_fused = available if fused is None else fused
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

@@ -120,6 +120,8 @@ def test_lora_plus_state_dict_round_trip_keeps_group_learning_rates():
 def test_bad_optimizer_inputs_fail_clearly():
     with pytest.raises(ValueError, match="no fused AdamW for parameters on \\['meta'\\]"):
         FusedAdamW([torch.zeros(2, device="meta", requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="parameters of dtype \\['torch.complex64'\\]"):  # not "on ['cpu']"
+        FusedAdamW([torch.zeros(2, dtype=torch.complex64, requires_grad=True)], fused=True)
     with pytest.raises(ValueError, match="got no parameters"):
         FusedAdamW([])
     with pytest.raises(ValueError, match="unknown optimizer 'lion'.*adamw_fused"):
