@@ -17,6 +17,9 @@ def _param_list(params) -> list:
     for p in params:
         if isinstance(p, dict) and "params" in p:
             group = p["params"]
+            if isinstance(group, (set, frozenset)):  # torch.optim's own check, which the list below would bypass
+                raise TypeError("a parameter group's params must be an ordered collection (a list), not a set: a "
+                                "set's order changes between runs, and a saved optimizer state maps onto it by order")
             p = {**p, "params": [group] if isinstance(group, torch.Tensor) else list(group)}
         out.append(p)
     return out
