@@ -1,6 +1,6 @@
 """The final model of an FSDP2 run as one Hugging Face directory: the shards are gathered into full tensors on
-rank 0's CPU (a collective every rank joins), then written as `model.safetensors` + `config.json` (loads with
-`from_pretrained`) or, with LoRA, as a PEFT adapter (loads with `PeftModel.from_pretrained`)."""
+rank 0's CPU (a collective every rank joins), then written as `model.safetensors` + `config.json` +
+`generation_config.json` (as save_pretrained writes them; loads with `from_pretrained`) or, with LoRA, as a PEFT adapter (loads with `PeftModel.from_pretrained`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ def export_sharded(model: nn.Module, directory: str | Path, *, env: DistEnv, lor
             model.save_pretrained(str(directory), state_dict=full, safe_serialization=True)
         else:
             save_file(_untied(model, full), str(directory / "model.safetensors"), metadata={"format": "pt"})
+            # What save_pretrained writes beside the weights: the config naming the model class (fully_shard's
+            # subclass is FSDP<class>; transformers strips the prefix too) and the generation settings.
+            model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
             model.config.save_pretrained(directory)
+            if model.can_generate():
+                model.generation_config.save_pretrained(directory)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(directory)
     barrier(env)

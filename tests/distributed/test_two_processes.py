@@ -6,6 +6,9 @@ Tolerance: losses and gradient norms within 1e-4 relative. Both runs are fp32 an
 differ only in summation order (two half-batches reduced over ranks vs one batch), a ~1e-7 effect.
 """
 
+import json
+from pathlib import Path
+
 import dist_worker
 import pytest
 import torch
@@ -66,6 +69,12 @@ def check_export_gathers_one_loadable_model(runs):
     from transformers import AutoModelForCausalLM
 
     ranks, one, root = runs
+    gathered, alone = Path(ranks[0]["full"]["final_model"]), Path(one["full"]["final_model"])
+    # What save_pretrained writes for one process: config.json naming the model class (serving stacks pick the
+    # class from it) and generation_config.json (eos tokens and sampling defaults of generate).
+    assert sorted(p.name for p in gathered.iterdir()) == sorted(p.name for p in alone.iterdir())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((gathered / name).read_text()) == json.loads((alone / name).read_text()), name
     exported = AutoModelForCausalLM.from_pretrained(ranks[0]["full"]["final_model"])
     reference = AutoModelForCausalLM.from_pretrained(one["full"]["final_model"])
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # re-tied
