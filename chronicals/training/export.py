@@ -1,6 +1,7 @@
 """The final model of an FSDP2 run as one Hugging Face directory: the shards are gathered into full tensors on
 rank 0's CPU (a collective every rank joins), then written as `model.safetensors` + `config.json` +
-`generation_config.json` (as save_pretrained writes them; loads with `from_pretrained`) or, with LoRA, as a PEFT adapter (loads with `PeftModel.from_pretrained`)."""
+`generation_config.json` (as save_pretrained writes them; loads with `from_pretrained`) or, with LoRA, as a PEFT
+adapter (loads with `PeftModel.from_pretrained`)."""
 
 from __future__ import annotations
 
