@@ -26,8 +26,12 @@ def export_sharded(model: nn.Module, directory: str | Path, *, env: DistEnv, lor
         else:
             save_file(_untied(model, full), str(directory / "model.safetensors"), metadata={"format": "pt"})
             # What save_pretrained writes beside the weights: the config naming the model class (fully_shard's
-            # subclass is FSDP<class>; transformers strips the prefix too) and the generation settings.
+            # subclass is FSDP<class>; transformers strips the prefix too) and the weights' dtype (what
+            # from_pretrained's dtype="auto" loads them as), and the generation settings.
             model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+            # transformers >= 4.56 calls it dtype, torch_dtype before.
+            setattr(model.config, "dtype" if hasattr(model.config, "dtype") else "torch_dtype",
+                    str(model.dtype).removeprefix("torch."))
             model.config.save_pretrained(directory)
             if model.can_generate():
                 model.generation_config.save_pretrained(directory)

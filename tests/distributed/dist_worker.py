@@ -147,6 +147,15 @@ def dropout_resume(out: Path, strategy: str) -> dict:
     return {"losses": run(save_steps=2), "resumed": run(resume_from_checkpoint=str(out / "checkpoint-2"))}
 
 
+def bf16_export(out: Path) -> dict:
+    """One step with every weight held in bf16 (param_dtype: bfloat16), then the gathered export."""
+    from chronicals.training import ChronicalsTrainer
+
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=1, mixed_precision="bf16",
+                                                             param_dtype="bfloat16", save_final_model=True))
+    return {"final_model": trainer.train(rows()).final_model}
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -176,7 +185,7 @@ def all_runs(root: Path) -> dict:
             "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop"),
             "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch"),
             "dropout_ddp": dropout_resume(root / "dropout_ddp", "ddp"),
-            "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2")}
+            "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

@@ -75,6 +75,11 @@ def check_export_gathers_one_loadable_model(runs):
     assert sorted(p.name for p in gathered.iterdir()) == sorted(p.name for p in alone.iterdir())
     for name in ("config.json", "generation_config.json"):
         assert json.loads((gathered / name).read_text()) == json.loads((alone / name).read_text()), name
+    # Weights held in bf16: config.json said float32 (the dtype the model was built in), so from_pretrained's
+    # dtype="auto" loaded the gathered bf16 weights as fp32, where one process's export loads as bf16.
+    gathered, alone = Path(ranks[0]["bf16_export"]["final_model"]), Path(one["bf16_export"]["final_model"])
+    assert json.loads((alone / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((gathered / "config.json").read_text()) == json.loads((alone / "config.json").read_text())
     exported = AutoModelForCausalLM.from_pretrained(ranks[0]["full"]["final_model"])
     reference = AutoModelForCausalLM.from_pretrained(one["full"]["final_model"])
     assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # re-tied
