@@ -105,9 +105,16 @@ def _bytes(op, m, e):
         return 4 * t * h * e + h * e, 4 * t * h * e + 2 * h * e
     if op == "swiglu":  # fwd: a, b -> c; bwd: dc, a, b -> da, db
         return 3 * t * i * e, 5 * t * i * e
-    qk = t * (m["n_q"] + m["n_k"]) * m["head_dim"] * e  # q and k, read and written, plus cos and sin
-    cs = 2 * t * m["head_dim"] * e
+    qk = t * (m["n_q"] + m["n_k"]) * m["head_dim"] * e  # q and k, read and written, plus cos and sin: their
+    cs = 2 * t * (m["head_dim"] // 2) * e  # first halves (HF's halves are equal; Liger and we read only those)
     return 2 * qk + cs, 2 * qk + cs
+
+
+def rope_as_patched(q, k, cos, sin):
+    """fused_qk_rope as the patched attention calls it (chronicals/models/rope.py): HF's cos/sin repeat their
+    halves, so it passes the first halves (views)."""
+    half = cos.shape[-1] // 2
+    return fused_qk_rope(q, k, cos[..., :half], sin[..., :half])
 
 
 def _ours(op, eps):
@@ -115,7 +122,7 @@ def _ours(op, eps):
         "rmsnorm": lambda x, w: fused_rmsnorm(x, w, eps=eps),
         "add_rmsnorm": lambda x, r, w: fused_add_rmsnorm(x, r, w, eps=eps),
         "swiglu": fused_swiglu,
-        "rope": fused_qk_rope,
+        "rope": rope_as_patched,
     }[op]
 
 
@@ -158,10 +165,11 @@ def _liger(op, eps, example):
 # Launch settings to A/B against the defaults, applied to the forward and the backward alike. History: the H100 run of
 # 2026-12-06 had every forward 13-17% behind the fastest peer while every backward led; the H200 runs of the same day
 # traced most of it to the loads' evict_first L2 policy (now the default policy, except in RMSNorm's backward).
-# SwiGLU: (elements per program, warps); RMSNorm: elements per program (default 2048); RoPE: fixed (positions per
-# program, warps) in place of the tuner. (1024, 4) is Inductor's pointwise launch; its SASS for SwiGLU matches ours
-# per element (nvdisasm of both built for sm90).
-SWIGLU_LAUNCHES = ((1024, 4), (2048, 4))
+# SwiGLU: (elements per program, warps), default (1024, 4), Inductor's pointwise launch (its SASS for SwiGLU matches
+# ours per element, nvdisasm of both built for sm90); RMSNorm: elements per program (default 2048) and the forward's
+# L2 policy fixed in place of its tuner; RoPE: fixed (positions per program, warps) in place of the tuner, and the
+# public call with HF's full cos/sin rows in place of the patched models' first halves.
+SWIGLU_LAUNCHES = ((4096, 8), (2048, 4))
 RMSNORM_TILES = (1024, 4096, 8192)
 ROPE_LAUNCHES = ((1, 4), (4, 4), (8, 8))
 
@@ -199,9 +207,11 @@ def _launch_variants(op, eps):
     if op in ("rmsnorm", "add_rmsnorm"):
         return {**{f"chronicals[tile{t}]": _Variant(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
                    for t in RMSNORM_TILES},
-                "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first")}
-    return {**{f"chronicals[p{p}w{w}]": _Variant(fused_qk_rope, rope, _LAUNCH=(p, w)) for p, w in ROPE_LAUNCHES},
-            "chronicals[evict_first]": _Variant(fused_qk_rope, rope, _EVICTION="evict_first")}
+                "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first"),
+                "chronicals[fwd default L2]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="")}
+    return {**{f"chronicals[p{p}w{w}]": _Variant(rope_as_patched, rope, _LAUNCH=(p, w)) for p, w in ROPE_LAUNCHES},
+            "chronicals[evict_first]": _Variant(rope_as_patched, rope, _EVICTION="evict_first"),
+            "chronicals[full cos/sin rows]": _Variant(fused_qk_rope, rope)}
 
 
 def _implementations(op, eps, example, device):

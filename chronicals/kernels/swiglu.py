@@ -23,11 +23,14 @@ import triton.language as tl
 
 from ._utils import backward_once, cast_rne, check_same, check_tensor, next_power_of_2
 
-# 4096 elements over 8 warps: 16 per thread, i.e. two 16-byte accesses per bf16 tensor.
-_BLOCK = 4096
-_NUM_WARPS = 8
-# Row-strided launches narrow the block (down to this) while more than 1/8 of each row's last block
-# would be padding: e.g. I = 4864 (Qwen2.5-0.5B) runs 5 blocks of 1024 (5% padding), not 2 of 4096 (41%).
+# 1024 elements over 4 warps: 8 per thread, one 16-byte access per bf16 tensor (Inductor's pointwise launch). Against
+# 4096 over 8 warps, same runs (benchmarks/kernel_ops.py launch variants), fwd / bwd in us: H200 2026-12-06 Llama-3-8B
+# 323.5 / 544.9 vs 326.6 / 550.1, Qwen2.5-0.5B 111.0 / 186.2 vs 112.1 / 189.2 (compile 322.8 / 543.8, 110.8 / 186.2);
+# H100, same day: 457.0 / 765.5 vs 456.7 / 768.0 and 156.3 / 261.9 vs 157.7 / 262.3.
+_BLOCK = 1024
+_NUM_WARPS = 4
+# Row-strided launches with a larger _BLOCK (the benchmark's launch variants) narrow it, down to this, while more than
+# 1/8 of each row's last block would be padding: I = 4864 (Qwen2.5-0.5B) runs 5 blocks of 1024 (5%), not 2 of 4096.
 _MIN_ROW_BLOCK = 1024
 # L2 policy of each pass's loads ("" is the default policy, "evict_first" marks data read once). H200, 2026-12-06,
 # Llama-3-8B MLP (16384 x 14336 bf16): forward 364-396 us with evict_first, 324-326 us with the default (compile

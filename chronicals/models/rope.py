@@ -34,7 +34,10 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
     if kernels_usable(query):
         from chronicals.kernels import fused_qk_rope
 
-        query, key = fused_qk_rope(query, key, cos, sin)
+        # The families' rotary embeddings return cat((freqs, freqs)).cos() and .sin(): equal halves, so the kernel
+        # reads the first (tests/models pins this per family).
+        half = self.head_dim // 2
+        query, key = fused_qk_rope(query, key, cos[..., :half], sin[..., :half])
     else:
         query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
 

@@ -67,13 +67,13 @@ def rope_cases(draw):
     return dict(batch=draw(st.integers(1, 3)), seq=draw(st.integers(1, 9)), n_q=n_q, n_k=draw(st.integers(1, n_q)),
                 head_dim=2 * draw(st.integers(1, 20)), dtype=draw(st.sampled_from(DTYPES)),
                 cos_mode=draw(st.sampled_from(["per_batch", "shared", "table", "table_shared"])),
-                cos_fp32=draw(st.booleans()),
+                cos_fp32=draw(st.booleans()), half_table=draw(st.booleans()),
                 hf_layout=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def case(**kw):
     base = dict(batch=1, seq=1, n_q=1, n_k=1, head_dim=2, dtype=torch.float32, cos_mode="per_batch",
-                cos_fp32=False, hf_layout=True, seed=0)
+                cos_fp32=False, half_table=False, hf_layout=True, seed=0)
     return base | kw
 
 
@@ -84,6 +84,7 @@ _PPP = _settings(14, 2, 64)[3]
 @given(c=rope_cases())
 @example(c=case())  # one position, one head each, head_dim 2
 @example(c=case(batch=1, seq=_PPP + 1, n_q=14, n_k=2, head_dim=64, dtype=torch.bfloat16, cos_mode="table"))
+@example(c=case(batch=2, seq=_PPP + 1, n_q=14, n_k=2, head_dim=64, dtype=torch.bfloat16, half_table=True))
 @example(c=case(batch=2, seq=3, n_q=32, n_k=8, head_dim=128, dtype=torch.bfloat16, cos_mode="shared"))
 @example(c=case(batch=1, seq=2, n_q=64, n_k=8, head_dim=256, dtype=torch.float16, cos_fp32=True))  # 16384 q/pos
 @example(c=case(batch=3, seq=5, n_q=5, n_k=3, head_dim=18, dtype=torch.float16, hf_layout=False,
@@ -99,10 +100,14 @@ def test_qk_rope_matches_float64(c):
     pos = packed_positions(1 if c["cos_mode"].endswith("shared") else b, s, gen).to(DEVICE)
     cos_t, sin_t = rope_table(int(pos.max()) + 3, d, torch.float32 if c["cos_fp32"] else dtype)
     cos, sin = cos_t[pos], sin_t[pos]  # HF's per-position [B or 1, S, D]
+    # The first halves only, as tensors of their own (rows of D/2; HF's halves are equal). A view of the full rows
+    # would hide a kernel that reads past the half: it would find the equal second half there.
+    width = d // 2 if c["half_table"] else d
+    cut = lambda t: t[..., :width].contiguous()  # noqa: E731
     if c["cos_mode"].startswith("table"):
-        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos_t, sin_t, position_ids=pos)
+        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cut(cos_t), cut(sin_t), position_ids=pos)
     else:
-        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cos, sin)
+        kernel = lambda q_, k_: fused_qk_rope(q_, k_, cut(cos), cut(sin))
 
     q_rot, k_rot, dq, dk = rope_and_grads(kernel, q, k, upstream)
     nat = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos, sin), q, k, upstream)
@@ -170,8 +175,8 @@ def test_bad_input_names_the_argument():
         fused_qk_rope(q, k[:, :, :4], cos3, sin3)
     with pytest.raises(ValueError, match="even head_dim"):
         fused_qk_rope(q[..., :7], k[..., :7], cos3[..., :7], sin3[..., :7])
-    with pytest.raises(ValueError, match="cos/sin have last dimension"):
-        fused_qk_rope(q, k, cos3[..., :4], sin3[..., :4])
+    with pytest.raises(ValueError, match="cos/sin have last dimension 6 but q and k have head_dim 8"):
+        fused_qk_rope(q, k, cos3[..., :6], sin3[..., :6])
     with pytest.raises(ValueError, match="but sin has"):
         fused_qk_rope(q, k, cos3, sin)
     with pytest.raises(ValueError, match="position_ids was given"):
@@ -199,7 +204,9 @@ def test_model_shapes_on_gpu_tuned_launch(n_q, n_k, head_dim):
     cos_t, sin_t = rope_table(1000, head_dim, torch.bfloat16)
     cos_t, sin_t = cos_t.cuda(), sin_t.cuda()
     cos, sin = cos_t[pos], sin_t[pos]
+    half = head_dim // 2
     for kernel in (lambda q_, k_: fused_qk_rope(q_, k_, cos, sin),
+                   lambda q_, k_: fused_qk_rope(q_, k_, cos[..., :half], sin[..., :half]),
                    lambda q_, k_: fused_qk_rope(q_, k_, cos_t, sin_t, position_ids=pos)):
         got = rope_and_grads(kernel, q, k, upstream)
         nat = rope_and_grads(lambda q_, k_: hf_rope(q_, k_, cos, sin), q, k, upstream)

@@ -284,3 +284,30 @@ def test_a_bare_decoder_called_positionally_still_takes_packed_batches():
                           reference(input_ids=ids[:, 4:]).last_hidden_state], dim=1)
     out = patched(ids, None, positions, use_cache=False).last_hidden_state
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+ROPE_TYPES = [
+    None,
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rope_parameters", ROPE_TYPES, ids=lambda p: (p or {}).get("rope_type", "default"))
+def test_rotary_embeddings_repeat_their_halves(name, rope_parameters):
+    """The patched attention hands fused_qk_rope only the first half of cos/sin (chronicals/models/rope.py), which
+    holds while each family's rotary embedding returns cat((freqs, freqs)): pinned here for every RoPE type, so a
+    transformers release that changes it fails this test instead of training with a wrong rotation."""
+    overrides = {"rope_parameters": rope_parameters} if rope_parameters else {}
+    model = build_model(name, seed=0, **overrides)
+    x = torch.zeros(2, 70, model.config.hidden_size)
+    position_ids = torch.arange(70).repeat(2, 1) % 50  # beyond original_max_position_embeddings: scaled ranges
+    cos, sin = model.model.rotary_emb(x, position_ids)
+    half = cos.shape[-1] // 2
+    for table in (cos, sin):
+        assert not torch.equal(table[..., :half], torch.zeros_like(table[..., :half]))
+        torch.testing.assert_close(table[..., half:], table[..., :half], rtol=0, atol=0)
