@@ -167,7 +167,7 @@ def _liger(op, eps, example):
 # traced most of it to the loads' evict_first L2 policy (now the default policy, except in RMSNorm's backward).
 # SwiGLU: (elements per program, warps), default (1024, 4), Inductor's pointwise launch (its SASS for SwiGLU matches
 # ours per element, nvdisasm of both built for sm90); RMSNorm: elements per program (default 2048) and the forward's
-# L2 policy fixed in place of its tuner; RoPE: fixed (positions per program, warps) in place of the tuner, and the
+# L2 policy fixed in place of its rule; RoPE: fixed (positions per program, warps) in place of the tuner, and the
 # public call with HF's full cos/sin rows in place of the patched models' first halves.
 SWIGLU_LAUNCHES = ((4096, 8), (2048, 4))
 RMSNORM_TILES = (1024, 4096, 8192)

@@ -35,14 +35,15 @@ _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is hap
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
 _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
-# L2 policy of the forward's loads ("" is the default policy, "evict_first" marks data read once), chosen per row
-# width, dtype and residual by timing both on the first call (None), or fixed by setting it (benchmarks/kernel_ops.py
-# A/Bs both). Neither wins everywhere, on H100 and H200 alike, 2026-12-06, 16384 rows bf16: at 896 columns evict_first
-# (H200 15.2 us against 16.3; H100 20.1 against 21.5; compile 15.8 / 21.0), at 4096 the default (H200 67.7 against
-# 70.4; H100 91.2 against 93.2), and with the residual add the default at both widths (H200 30.8 against 31.4 at 896).
-# The backward keeps evict_first (99.0 us at 4096 on the H200, against Liger's 183.1).
+# L2 policy of the forward's loads ("" is the default policy, "evict_first" marks data read once): None picks it by
+# the rule in _fwd_eviction, a value fixes it (benchmarks/kernel_ops.py A/Bs both). Neither wins everywhere, on H100
+# and H200 alike, 2026-12-06, 16384 rows bf16: at 896 columns evict_first (H200 15.2 us against 16.3; H100 20.1
+# against 21.5 and 20.3 against 22.2; compile 15.8 / 21.0), at 4096 the default (H200 67.7 against 70.4; H100 91.2
+# against 93.2), and with the residual add the default at both widths (H200 30.8 against 31.4 at 896; H100 41.4
+# against 42.7). Timing both on the first call (triton.autotune) was tried and dropped: its ~20 us timings cannot
+# tell 1.3 us apart, and it kept the slower policy at 896 (21.6 us, H100). The backward keeps evict_first (99.0 us at
+# 4096 on the H200, against Liger's 183.1).
 _FWD_EVICTION: str | None = None
-_TUNE_MIN_ROWS = 1024  # smaller calls (tests, short batches) take the default policy instead of tuning
 _REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
 
 
@@ -50,17 +51,15 @@ def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of `n_cols` elements."""
     block_n = max(next_power_of_2(n_cols), _MIN_BLOCK_N)
     block_m = max(1, min(_TILE_ELEMENTS // block_n, next_power_of_2(n_rows)))
-    return block_m, block_n, _warps(block_m * block_n)
+    tile = block_m * block_n
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+    return block_m, block_n, num_warps
 
 
-def _warps(tile: int) -> int:
-    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
-
-
-def _fwd_prune(configs, named_args, **kwargs):
-    """Keep the configs with _settings' warp count for this tile: only the L2 policy is tuned."""
-    warps = _warps(kwargs["BLOCK_M"] * kwargs["BLOCK_N"])
-    return [c for c in configs if c.num_warps == warps]
+def _fwd_eviction(n_cols: int, has_residual: bool) -> str:
+    """The forward's L2 policy (see _FWD_EVICTION): evict_first for narrow rows (several per program) without the
+    residual add, the default policy otherwise."""
+    return "evict_first" if n_cols <= 1024 and not has_residual else ""
 
 
 def _bwd_stages(block_m: int, block_n: int, n_streams: int, elem_bytes: int) -> int:
@@ -109,14 +108,6 @@ def _rms_norm_fwd_kernel(
     y = x * rstd[:, None] * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
-
-
-# Tuning reruns the kernel, which is safe: it writes only its outputs (y, rstd and s).
-_rms_norm_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"EVICTION": e}, num_warps=w) for e in ("", "evict_first") for w in (4, 8, 16, 32)],
-    key=["n_cols", "HAS_RESIDUAL", "BLOCK_M", "BLOCK_N"],
-    prune_configs_by={"early_config_prune": _fwd_prune},
-)(_rms_norm_fwd_kernel)
 
 
 @triton.jit
@@ -211,14 +202,14 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
     block_m, block_n, num_warps = _settings(n_rows, n_cols)
     r_arg = residual2 if residual2 is not None else x2
     s_arg = s if s is not None else y
-    args = (x2, r_arg, s_arg, y, weight, rstd, x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
-            n_rows, n_cols, eps, offset)
-    grid = (triton.cdiv(n_rows, block_m),)
-    blocks = dict(HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n)
-    if _FWD_EVICTION is None and not INTERPRET and n_rows >= _TUNE_MIN_ROWS:
-        _rms_norm_fwd_tuned[grid](*args, **blocks)
-    else:
-        _rms_norm_fwd_kernel[grid](*args, **blocks, EVICTION=_FWD_EVICTION or "", num_warps=num_warps)
+    eviction = _fwd_eviction(n_cols, residual2 is not None) if _FWD_EVICTION is None else _FWD_EVICTION
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2, r_arg, s_arg, y, weight, rstd,
+        x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
+        n_rows, n_cols, eps, offset,
+        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=eviction,
+        num_warps=num_warps,
+    )
     return y, rstd, s
 
 
