@@ -200,6 +200,8 @@ class _Context:
         for i, r in enumerate(records):
             add("loss", r["loss"], step=i)
             add("grad_norm", r["grad_norm"], step=i)
+            if status == "ok":  # every step's time, warm-up included, for spreads the median hides
+                add("step_time_ms", r["time_ms"], step=i)
         if status == "ok":
             warm = sc.train.warmup
             outcome.speed = metrics.speed(records[warm:], self.flops[warm:], provenance.get("gpu"), self.ceiling)

@@ -17,10 +17,10 @@ RAW = {
 }
 
 
-def good_result(loss=(5.0, 4.9, 4.8)):
+def good_result(loss=(5.0, 4.9, 4.8), time_ms=(10.0, 10.0, 10.0)):
     return {"status": "ok", "reason": "", "weights_changed": 0.5, "peak_mem_alloc_gib": None,
-            "steps": [{"loss": x, "grad_norm": 1.0, "time_ms": 10.0, "label_tokens": 30, "real_tokens": 30,
-                       "processed_tokens": 32} for x in loss]}
+            "steps": [{"loss": x, "grad_norm": 1.0, "time_ms": t, "label_tokens": 30, "real_tokens": 30,
+                       "processed_tokens": 32} for x, t in zip(loss, time_ms)]}
 
 
 class Launcher:
@@ -51,6 +51,23 @@ def test_rows_are_appended_as_each_run_ends(tmp_path):
     assert {r["status"] for r in by["liger"]} == {"failed-verification"}
     assert "step 2: loss 6 vs reference 4.8" in by["liger"][0]["reason"]
     assert {r["metric"] for r in by["liger"]} == {"loss", "grad_norm"}  # no speed for a failed run
+
+
+def test_every_step_time_is_recorded_beside_the_median(tmp_path):
+    """The median hides a run whose steps come in two speeds; each step's time is a row of its own (step set), the
+    median the one row without a step, which is what the report and the gate read."""
+    from harness.report.rows import load, measured
+
+    out = tmp_path / "r.jsonl"
+    raw = {**RAW, "backends": ["torch"]}
+    launcher = Launcher(out, [good_result(time_ms=(50.0, 10.0, 30.0))])
+    run_scenario(scenario.parse(raw, "s.toml"), out, log=lambda m: None, launcher=launcher)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    per_step = {r["step"]: r["value"] for r in rows if r["metric"] == "step_time_ms" and r["step"] is not None}
+    assert per_step == {0: 50.0, 1: 10.0, 2: 30.0}
+    medians = [r for r in rows if r["metric"] == "step_time_ms" and r["step"] is None]
+    assert [r["value"] for r in medians] == [20.0]  # the timed steps (after 1 warm-up): 10 and 30
+    assert [r.value for r in measured(load(out), "step_time_ms").values()] == [20.0]
 
 
 def test_a_failed_reference_fails_the_runs_compared_with_it(tmp_path):
