@@ -244,6 +244,7 @@ def _default_worlds(device: str, preset: dict) -> list[int]:
 
 
 def _verify_and_scale(runs: list[dict]) -> None:
+    from harness.results import Reference
     from harness.scenario import VerifySpec
     from harness.verify import check
 
@@ -251,7 +252,8 @@ def _verify_and_scale(runs: list[dict]) -> None:
     if not done:
         return
     base = min(done, key=lambda r: r["world_size"])
-    reference = {m: {i: s[m] for i, s in enumerate(base["steps"])} for m in ("loss", "grad_norm")}
+    reference = Reference({m: {i: s[m] for i, s in enumerate(base["steps"])} for m in ("loss", "grad_norm")},
+                          params=None, first_batch_after=None)
     spec = VerifySpec(loss_rtol=LOSS_RTOL, grad_norm_rtol=math.inf)
     for r in done:
         r["reference_world_size"] = base["world_size"]

@@ -1,6 +1,7 @@
 """The one training loop every backend runs: same batches, AdamW (fused on CUDA), same learning rate (no schedule),
 gradient clipping, per-step timing (CUDA events on the GPU, wall clock on CPU). Loss and gradient norm are read
-together once per step, after the step's end is recorded, so the read is not timed."""
+together once per step, after the step's end is recorded, so the read is not timed. After the last step (and the
+memory peak's read) the first step's batch is evaluated once more, for verification."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
           weight_decay: float, max_grad_norm: float, on_step=None) -> dict:
     """Train on `steps` (each a list of token sequences) and return per-step records and memory peaks:
     {"steps": [{"loss", "grad_norm", "time_ms", "label_tokens", "real_tokens", "processed_tokens"}],
-     "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed", "trainable_params"}. `on_step(record)` sees each
-    record."""
+     "first_batch_loss_after", "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed", "trainable_params"}.
+    `on_step(record)` sees each record."""
     params = list(trainable.params)
     if not params:
         raise ValueError("the backend handed the optimizer no trainable parameters")
@@ -81,9 +82,14 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
         records.append(record)
         if on_step is not None:
             on_step(record)
+    peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    # The first batch again, after training: how much of it the model has learnt. Through the training forward as is
+    # (grad mode on, no backward): under no_grad a compiled model would recompile, and a peer could take another path.
+    first_batch_loss_after = float(forward(data.to_device(collate(steps[0]), device)).detach().float())
     return {
         "steps": records,
-        "peak_mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "first_batch_loss_after": first_batch_loss_after,
+        "peak_mem_alloc_gib": peak_alloc,
         "peak_mem_nvml_gib": nvml.peak if nvml is not None else None,
         "weights_changed": sample.changed_fraction(),
         # Elements the optimizer updates, each tensor once (a tied weight may be listed twice).

@@ -9,6 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from .scenario import Run
 
@@ -50,16 +51,23 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def reference_curves(path: str | Path, scenario: str, run_id: str,
-                     run: Run) -> tuple[dict[str, dict[int, float]] | None, int | None]:
-    """The reference run's per-step loss and grad_norm ({metric: {step: value}}) and its trainable parameter count
-    (None when not recorded), read back from the results file (rows of this scenario run, `run_id` in their
-    provenance); (None, None) when that run did not pass its own verification."""
+class Reference(NamedTuple):
+    """What a run is checked against: the reference run's per-step loss and grad_norm ({metric: {step: value}}), its
+    trainable parameter count and its loss on the first batch after training (None when not recorded)."""
+
+    curves: dict[str, dict[int, float]]
+    params: int | None
+    first_batch_after: float | None
+
+
+def reference_run(path: str | Path, scenario: str, run_id: str, run: Run) -> Reference | None:
+    """The reference run's results, read back from the results file (rows of this scenario run, `run_id` in their
+    provenance); None when that run did not pass its own verification."""
     curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}}
-    params = None
+    scalars: dict[str, float] = {}
     path = Path(path)
     if not path.is_file():
-        return None, None
+        return None
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
@@ -72,6 +80,9 @@ def reference_curves(path: str | Path, scenario: str, run_id: str,
                 continue
             if r.get("metric") in curves and r.get("step") is not None:
                 curves[r["metric"]][r["step"]] = r["value"]
-            elif r.get("metric") == "trainable_params":
-                params = int(r["value"])
-    return (curves, params) if curves["loss"] else (None, None)
+            elif r.get("metric") in ("trainable_params", "first_batch_loss_after"):
+                scalars[r["metric"]] = r["value"]
+    if not curves["loss"]:
+        return None
+    params = scalars.get("trainable_params")
+    return Reference(curves, None if params is None else int(params), scalars.get("first_batch_loss_after"))

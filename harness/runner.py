@@ -28,7 +28,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 UNITS = {"tokens_per_s": "tokens/s", "step_time_ms": "ms", "tflops": "TFLOP/s", "mfu_datasheet": "fraction",
          "mfu_measured": "fraction", "peak_mem_alloc_gib": "GiB", "peak_mem_nvml_gib": "GiB",
          "matmul_ceiling_tflops": "TFLOP/s", "packing_efficiency": "fraction", "loss": "nats/token",
-         "grad_norm": "", "trainable_params": "parameters"}
+         "grad_norm": "", "trainable_params": "parameters", "first_batch_loss_after": "nats/token"}
 
 
 @dataclass
@@ -179,15 +179,14 @@ class _Context:
             status, reason = res["status"], res["reason"]
         records = (res or {}).get("steps", [])
         if status == "ok":
-            reference, reference_params, no_reference = None, None, []
+            reference, no_reference = None, []
             if run is not sc.reference_run:
-                reference, reference_params = results.reference_curves(self.out, sc.name, self.run_id,
-                                                                       sc.reference_run)
+                reference = results.reference_run(self.out, sc.name, self.run_id, sc.reference_run)
                 if reference is None:  # the run's own checks still run: its own faults are named too
                     no_reference = [f"the reference run ({sc.reference}, {sc.reference_run.variant}) did not pass, "
                                     "so this run's loss and gradient norm cannot be checked"]
             failures = verify.check(records, res.get("weights_changed"), sc.train.steps, sc.verify, reference,
-                                    res.get("trainable_params"), reference_params)
+                                    res.get("trainable_params"), res.get("first_batch_loss_after"))
             if failures or no_reference:
                 status, reason = "failed-verification", "; ".join(no_reference + failures)
         provenance = {**self.base, **self.device, **((res or {}).get("device") or {}), "time": now()}
@@ -207,7 +206,7 @@ class _Context:
             outcome.speed = metrics.speed(records[warm:], self.flops[warm:], provenance.get("gpu"), self.ceiling)
             for metric, s in outcome.speed.items():
                 add(metric, s.median, s.p20, s.p80)
-            for metric in ("peak_mem_alloc_gib", "peak_mem_nvml_gib", "trainable_params"):
+            for metric in ("peak_mem_alloc_gib", "peak_mem_nvml_gib", "trainable_params", "first_batch_loss_after"):
                 if res.get(metric) is not None:
                     add(metric, res[metric])
             if self.ceiling:

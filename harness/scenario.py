@@ -62,6 +62,9 @@ class VerifySpec:
     loss_rtol: float = 0.02  # |loss - reference| <= loss_rtol * reference, at every step
     grad_norm_rtol: float = 0.10  # |grad_norm - reference| <= grad_norm_rtol * reference, at every step
     min_weights_changed: float = 0.01  # fraction of sampled trainable weights that must differ after training
+    # The loss on the first batch, re-evaluated after training, must have fallen by at least this fraction of the
+    # reference's fall (when the reference's is clearly above noise; see verify.check).
+    min_learnt_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -186,10 +189,14 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
         loss_rtol=c.number(v, "loss_rtol", prefix="verify.", default=vd.loss_rtol, positive=True),
         grad_norm_rtol=c.number(v, "grad_norm_rtol", prefix="verify.", default=vd.grad_norm_rtol, positive=True),
         min_weights_changed=c.number(v, "min_weights_changed", prefix="verify.", default=vd.min_weights_changed),
+        min_learnt_fraction=c.number(v, "min_learnt_fraction", prefix="verify.", default=vd.min_learnt_fraction),
     )
     if verify.min_weights_changed > 1:
         c.fail("verify.min_weights_changed", f"is {verify.min_weights_changed:g}; it is a fraction of the sampled "
                                              "weights, between 0 and 1 (e.g. 0.01)")
+    if verify.min_learnt_fraction > 1:
+        c.fail("verify.min_learnt_fraction", f"is {verify.min_learnt_fraction:g}; it is a fraction of the "
+                                             "reference's fall in loss, between 0 and 1 (e.g. 0.5)")
 
     names = backend_names()
     backends = raw.get("backends")

@@ -1,21 +1,28 @@
 """Verification of every run, before any of its speed is reported. A run passes when, at every step, the gradient
 norm is finite and nonzero, the loss is finite, and the loss is taken over exactly the real tokens of the batch;
 when training changed the model's weights; and, for every run but the reference's, when it trains no fewer
-parameters than the reference and its loss and gradient norm stay within the scenario's stated relative tolerances
-of the reference run's on the same data, step by step."""
+parameters than the reference, its loss and gradient norm stay within the scenario's stated relative tolerances
+of the reference run's on the same data, step by step, and it learnt its first batch about as well as the
+reference did."""
 
 from __future__ import annotations
 
 import math
 
+from .results import Reference
 from .scenario import VerifySpec
+
+# The reference's fall on its first batch is compared with only when it is at least this fraction of that batch's
+# loss: below it, rounding noise could decide the check.
+_MIN_REFERENCE_FALL = 1e-3
 
 
 def check(steps: list[dict], weights_changed: float | None, expected_steps: int, spec: VerifySpec,
-          reference: dict[str, dict[int, float]] | None = None, trainable_params: int | None = None,
-          reference_params: int | None = None) -> list[str]:
-    """The failures found (empty: verified). `reference` maps "loss" and "grad_norm" to {step: value};
-    `trainable_params` and `reference_params` count the parameter elements this run and the reference train."""
+          reference: Reference | None = None, trainable_params: int | None = None,
+          first_batch_after: float | None = None) -> list[str]:
+    """The failures found (empty: verified). `reference`: the reference run's results (None: this is the reference,
+    or it failed); `trainable_params` counts the parameter elements this run trains; `first_batch_after` is its loss
+    on the first step's batch, evaluated again after the last step."""
     failures: list[str] = []
     if len(steps) != expected_steps:
         failures.append(f"ran {len(steps)} of {expected_steps} steps")
@@ -38,18 +45,38 @@ def check(steps: list[dict], weights_changed: float | None, expected_steps: int,
     elif weights_changed < spec.min_weights_changed:
         failures.append(f"weights did not change: {100 * weights_changed:.2f}% of sampled trainable weights moved "
                         f"(at least {100 * spec.min_weights_changed:g}% required)")
-    if trainable_params is not None and reference_params is not None and trainable_params < reference_params:
+    if first_batch_after is not None and not math.isfinite(first_batch_after):
+        failures.append(f"the loss on the first batch after training is {first_batch_after}")
+    if reference is None:
+        return failures
+    if trainable_params is not None and reference.params is not None and trainable_params < reference.params:
         # A frozen layer or one left out of the optimizer can stay within the loss and gradient-norm tolerances of
         # a short run (one layer of many moves the gradient norm by a few %), so count what is trained.
-        failures.append(f"trains {trainable_params:,} parameters, the reference {reference_params:,}: some "
+        failures.append(f"trains {trainable_params:,} parameters, the reference {reference.params:,}: some "
                         "weights the reference trains are frozen or not given to the optimizer")
-    if reference is not None:
-        for metric, rtol in (("loss", spec.loss_rtol), ("grad_norm", spec.grad_norm_rtol)):
-            ref = reference.get(metric, {})
-            bad = [i for i, r in enumerate(steps)
-                   if i not in ref or not abs(r[metric] - ref[i]) <= rtol * abs(ref[i])]
-            first(bad, lambda i, m=metric, t=rtol, ref=ref: _off(m, steps[i][m], ref.get(i), t))
+    for metric, rtol in (("loss", spec.loss_rtol), ("grad_norm", spec.grad_norm_rtol)):
+        ref = reference.curves.get(metric, {})
+        bad = [i for i, r in enumerate(steps)
+               if i not in ref or not abs(r[metric] - ref[i]) <= rtol * abs(ref[i])]
+        first(bad, lambda i, m=metric, t=rtol, ref=ref: _off(m, steps[i][m], ref.get(i), t))
+    failures.extend(_learnt(steps, first_batch_after, reference, spec.min_learnt_fraction))
     return failures
+
+
+def _learnt(steps: list[dict], after: float | None, reference: Reference, min_fraction: float) -> list[str]:
+    """On random tokens a short run's loss on new batches hardly moves, so an update that does not train (gradient
+    ascent, noise of the gradient's size) stays within the per-step tolerances; the batch it trained on first shows
+    it: the reference's loss on that batch falls by far more than rounding noise, and a run must match a fraction of
+    that fall. Skipped when the reference's fall is too small to tell from noise."""
+    ref_before, ref_after = reference.curves.get("loss", {}).get(0), reference.first_batch_after
+    if not steps or after is None or ref_before is None or ref_after is None or min_fraction == 0:
+        return []
+    ref_fall, fall = ref_before - ref_after, steps[0]["loss"] - after
+    if ref_fall < _MIN_REFERENCE_FALL * abs(ref_before) or fall >= min_fraction * ref_fall:
+        return []
+    return [f"the loss on the first batch went from {steps[0]['loss']:.6g} to {after:.6g} after training, a fall "
+            f"of {fall:.4g} against the reference's {ref_fall:.4g} (at least {min_fraction:g} of it required): the "
+            "updates do not train the model as the reference's do"]
 
 
 def _off(metric: str, value: float, ref: float | None, rtol: float) -> str:

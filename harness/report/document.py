@@ -36,8 +36,10 @@ METHOD = """\
 - **Memory.** Peak allocated by PyTorch's caching allocator (`peak_mem_alloc_gib`) and peak of the whole process as
   NVML sees it (`peak_mem_nvml_gib`: includes the allocator's cache, the CUDA context and workspaces).
 - **Verification before speed.** Every run's per-step loss and gradient norm are checked against the reference
-  run's (`verify.loss_rtol`, `verify.grad_norm_rtol` of the scenario) and its weights must have changed; a run that
-  fails is drawn in no speed or memory figure and is listed under *Failed and unavailable runs* with its reason.
+  run's (`verify.loss_rtol`, `verify.grad_norm_rtol` of the scenario), its weights must have changed, and its loss
+  on the first batch, evaluated again after training, must have fallen at least `verify.min_learnt_fraction` as far
+  as the reference's did. A run that fails is drawn in no speed or memory figure and is listed under *Failed and
+  unavailable runs* with its reason.
   Loss curves of failed runs are still drawn (dashed) so the divergence can be seen.
 - **Repeated runs.** When a results file holds the same run twice, only the newer run's rows are used.
 """

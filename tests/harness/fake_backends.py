@@ -86,6 +86,35 @@ class FrozenLayerBackend(TorchBackend):
         return t
 
 
+class GradientAscentBackend(TorchBackend):
+    """Every gradient's sign is flipped before the optimizer sees it (a sign slip in a hand-written backward): the
+    gradient norm is the reference's, the weights move, and on random tokens the loss on new batches hardly moves
+    either way in a short run."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        for p in t.params:
+            p.register_hook(torch.neg)
+        return t
+
+
+class NoiseUpdateBackend(TorchBackend):
+    """Every gradient is replaced by noise of its own norm (a backward that reads the wrong buffer): the norms, the
+    weight changes and a short run's losses all look like the reference's; nothing is learnt."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        gen = torch.Generator(device=spec.device).manual_seed(0)
+
+        def noise(g):
+            n = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+            return n * (g.norm() / n.norm().clamp_min(1e-30))
+
+        for p in t.params:
+            p.register_hook(noise)
+        return t
+
+
 class HardCrashBackend(Backend):
     """The process dies without a word (as a segfault in a peer's extension would)."""
 
@@ -111,6 +140,8 @@ FAKES = {
     "fake_padding_tokens": "PaddingAsTokensBackend",
     "fake_diverging": "DivergingBackend",
     "fake_frozen_layer": "FrozenLayerBackend",
+    "fake_ascent": "GradientAscentBackend",
+    "fake_noise_update": "NoiseUpdateBackend",
     "fake_hard_crash": "HardCrashBackend",
     "fake_hang": "HangBackend",
     "fake_oom": "OutOfMemoryBackend",

@@ -20,7 +20,8 @@ BASE = {
     "train": {"batch_size": 3, "seq_len": 40, "steps": 3, "warmup": 1, "lr": 1e-3},
     "data": {"kind": "varlen", "min_len": 8},
 }
-FAULTS = ["fake_zero_grad", "fake_frozen", "fake_padding_tokens", "fake_diverging", "fake_frozen_layer"]
+FAULTS = ["fake_zero_grad", "fake_frozen", "fake_padding_tokens", "fake_diverging", "fake_frozen_layer", "fake_ascent",
+          "fake_noise_update"]
 
 
 def in_process(module, args, timeout_s, env, log_path, result_path):
@@ -58,6 +59,8 @@ def test_reference_passes_and_reports_speed(matrix):
     ("fake_padding_tokens", "label tokens but the batch has"),
     ("fake_diverging", "loss"),
     ("fake_frozen_layer", "parameters, the reference"),
+    ("fake_ascent", "the loss on the first batch went from"),
+    ("fake_noise_update", "the loss on the first batch went from"),
 ])
 def test_planted_fault_is_flagged_and_its_speed_never_reported(matrix, backend, why):
     outcomes, rows = matrix

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from harness.results import Reference
 from harness.scenario import VerifySpec
 from harness.verify import check
 
@@ -14,7 +17,8 @@ def steps(losses, norms=None, label=None, real=None):
             for x, g in zip(losses, norms)]
 
 
-REF = {"loss": {0: 10.0, 1: 9.0, 2: 8.0}, "grad_norm": {0: 1.0, 1: 1.0, 2: 1.0}}
+CURVES = {"loss": {0: 10.0, 1: 9.0, 2: 8.0}, "grad_norm": {0: 1.0, 1: 1.0, 2: 1.0}}
+REF = Reference(CURVES, params=None, first_batch_after=None)
 
 
 def test_clean_run_passes_within_tolerance():
@@ -44,12 +48,13 @@ def test_tolerance_is_relative_and_inclusive_at_the_bound():
 
 
 def test_a_reference_missing_steps_fails():
-    failures = check(steps([10.0, 9.0, 8.0]), 0.5, 3, SPEC, {"loss": {0: 10.0}, "grad_norm": {0: 1.0}})
+    failures = check(steps([10.0, 9.0, 8.0]), 0.5, 3, SPEC, Reference({"loss": {0: 10.0}, "grad_norm": {0: 1.0}},
+                                                                      None, None))
     assert any("the reference has no loss at this step" in f for f in failures)
 
 
 def test_a_difference_just_beyond_the_tolerance_reads_as_beyond_it():
-    ref = {"loss": {0: 6.25859}, "grad_norm": {0: 2.68566}}
+    ref = Reference({"loss": {0: 6.25859}, "grad_norm": {0: 2.68566}}, None, None)
     norm = 2.68566 * 1.1
     assert abs(norm - 2.68566) > 0.10 * 2.68566  # fails on its last bits
     [failure] = check(steps([6.25859], [norm]), 0.5, 1, SPEC, ref)
@@ -60,8 +65,25 @@ def test_a_difference_just_beyond_the_tolerance_reads_as_beyond_it():
 
 def test_training_fewer_parameters_than_the_reference_fails():
     clean = steps([10.0, 9.0, 8.0])
-    assert check(clean, 0.5, 3, SPEC, REF, trainable_params=1000, reference_params=1000) == []
-    assert check(clean, 0.5, 3, SPEC, REF, trainable_params=1200, reference_params=1000) == []  # an untied head: fine
-    (failure,) = check(clean, 0.5, 3, SPEC, REF, trainable_params=900, reference_params=1000)
+    counted = REF._replace(params=1000)
+    assert check(clean, 0.5, 3, SPEC, counted, trainable_params=1000) == []
+    assert check(clean, 0.5, 3, SPEC, counted, trainable_params=1200) == []  # an untied head: fine
+    (failure,) = check(clean, 0.5, 3, SPEC, counted, trainable_params=900)
     assert "trains 900 parameters, the reference 1,000" in failure
     assert check(clean, 0.5, 3, SPEC, REF, trainable_params=900) == []  # a reference that did not record it
+
+
+def test_a_run_that_does_not_learn_its_first_batch_as_the_reference_did_fails():
+    clean = steps([10.0, 9.0, 8.0])
+    learnt = REF._replace(first_batch_after=7.0)  # the reference's loss on batch 0 fell from 10 to 7
+    assert check(clean, 0.5, 3, SPEC, learnt, first_batch_after=7.1) == []
+    assert check(clean, 0.5, 3, SPEC, learnt, first_batch_after=8.5) == []  # half the fall: the bound, inclusive
+    (failure,) = check(clean, 0.5, 3, SPEC, learnt, first_batch_after=10.2)  # ascent: it rose
+    assert "went from 10 to 10.2 after training, a fall of -0.2 against the reference's 3" in failure
+    assert check(clean, 0.5, 3, SPEC, learnt, first_batch_after=8.51) != []
+    assert check(clean, 0.5, 3, replace(SPEC, min_learnt_fraction=0.0), learnt, first_batch_after=10.2) == []  # off
+    # A reference whose fall is within noise (here 1e-4 of 10) is not compared with; nor one that did not record it.
+    assert check(clean, 0.5, 3, SPEC, REF._replace(first_batch_after=9.999), first_batch_after=10.5) == []
+    assert check(clean, 0.5, 3, SPEC, REF, first_batch_after=10.5) == []
+    (failure,) = check(clean, 0.5, 3, SPEC, first_batch_after=float("nan"))  # the reference's own run
+    assert "the loss on the first batch after training is nan" in failure
