@@ -42,6 +42,8 @@ def _run_fused(op, x: torch.Tensor, *args, **kwargs):
 
 def _adapter(module: PeftLoraLinear, dt: torch.dtype, *, dora: bool = False):
     """(weight, bias, A, B, scale[, magnitude]) when the fused path applies to `module` computing in `dt`."""
+    if not isinstance(module, PeftLoraLinear):  # PEFT's merge_and_unload / unload put the base layer back
+        return None
     if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]

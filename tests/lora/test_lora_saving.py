@@ -60,6 +60,18 @@ def test_merge_gives_identical_logits_and_a_plain_model(use_dora):
     assert type(merged).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_merge_and_unload_of_a_fused_model_gives_identical_logits(use_dora):
+    """PEFT's own merge_and_unload (not merge_lora) puts plain nn.Linear layers back under the MLP whose forward
+    install_fused replaced: that forward must fall back instead of reading adapter state off them."""
+    model = _trained(LoRAConfig(rank=4, alpha=8, use_dora=use_dora))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        merged = model.merge_and_unload()
+        assert type(merged.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+        torch.testing.assert_close(merged(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
+
+
 def test_load_and_save_reject_wrong_inputs(tmp_path):
     with pytest.raises(TypeError, match="apply_lora"):
         save_lora(build_model("tiny-llama", seed=0), tmp_path)
