@@ -16,7 +16,7 @@ result F.linear would give. install_fused(model, kconcat=True) selects the ops' 
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -115,7 +115,7 @@ def _mlp_forward(self: nn.Module, x, *args, **kwargs):
 def _set_forward(module: nn.Module, fn, kconcat: bool) -> None:
     module._chronicals_previous_forward = module.__dict__.get("forward")
     module._chronicals_kconcat = kconcat
-    module.forward = types.MethodType(fn, module)
+    module.forward = functools.partial(fn, module)  # picklable, unlike a bound method (see models/patch.py)
 
 
 def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:

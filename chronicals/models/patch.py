@@ -16,8 +16,8 @@ plain PyTorch (chronicals.models.dispatch).
 
 from __future__ import annotations
 
+import functools
 import inspect
-import types
 
 from torch import nn
 
@@ -95,7 +95,9 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
     for module in lm.modules():
         for cls, forward in targets:
             if isinstance(module, cls):
-                module.forward = types.MethodType(forward, module)
+                # A partial rather than types.MethodType: a bound method pickles as getattr(module, "<function
+                # name>"), which fails on load, so torch.save / pickle of a patched model could not be read back.
+                module.forward = functools.partial(forward, module)
 
     if packed_attention:
         import chronicals.attention as attention

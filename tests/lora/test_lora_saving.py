@@ -72,6 +72,18 @@ def test_peft_merge_and_unload_of_a_fused_model_gives_identical_logits(use_dora)
         torch.testing.assert_close(merged(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_fused_lora_model_survives_torch_save(tmp_path):
+    model = _trained(LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    mlp = loaded.base_model.model.model.layers[0].mlp
+    assert mlp.forward.args == (mlp,) and "_LoRASwiGLUMLPBackward" in graph_names(loaded(input_ids=IDS).logits)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, logits)
+
+
 def test_load_and_save_reject_wrong_inputs(tmp_path):
     with pytest.raises(TypeError, match="apply_lora"):
         save_lora(build_model("tiny-llama", seed=0), tmp_path)

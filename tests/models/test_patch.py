@@ -151,6 +151,23 @@ def test_return_dict_false_gives_a_tuple(no_kernels):
     assert isinstance(out, tuple) and out[0].ndim == 0
 
 
+def test_a_patched_model_survives_torch_save_and_pickle(no_kernels):
+    """Whole-model torch.save / pickle round trips read back, still patched, with each forward bound to its own
+    loaded module (a bound-method forward pickles as getattr(module, its function's name), which fails on load)."""
+    import io
+    import pickle
+
+    reference, patched = pair("tiny-llama")
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(patched))):
+        attention = loaded.model.layers[0].self_attn
+        assert attention.forward.func is rope.rope_attention_forward and attention.forward.args == (attention,)
+        assert loaded.chronicals_patches == patched.chronicals_patches
+        assert_same_training_step(reference, loaded)
+
+
 def test_generation_matches_hf(no_kernels):
     reference, patched = pair("tiny-qwen3")
     ids, _ = batch(reference.config.vocab_size, shape=(1, 6))
