@@ -48,7 +48,7 @@ def bench_graph_ms(fn, *, calls: int = 20, replays: int = 10, warmup: int = 3) -
         times.append(start.elapsed_time(end) / calls)
     del graph
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": "cuda_graph"}
+    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": "cuda_graph", "times_ms": times}
 
 
 def time_calls_ms(fn, calls: int, *, cuda: bool = True) -> tuple[list[float], object]:

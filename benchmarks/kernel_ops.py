@@ -6,7 +6,8 @@ torch.compile and Liger-Kernel, at Llama-3-8B and Qwen2.5-0.5B shapes (16384 tok
 Per (model, op): every implementation is first checked against a float64 reference (relative
 error of each output and gradient; ours must be no worse than eager PyTorch's own error plus the
 tests' slack), then timed. Headline times replay CUDA graphs (GPU time, the host's launch overhead
-hidden as it is in a training step), rotating input copies so that no call finds its data in L2;
+hidden as it is in a training step), rotating input copies so that no call finds its data in L2, in
+interleaved rounds that time every implementation in turn (a drift of clocks falls on all alike);
 `events_ms` is the plain per-call time with launch overhead, for reference. The backward time is
 (forward + backward) - forward. GB/s counts the bytes that must move, each once (see `_bytes`).
 The copy bandwidth of a 2 GiB device-to-device copy is measured in the same run; the targets are
@@ -22,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,7 @@ MODELS = {
 TINY = {"tiny": dict(tokens=37, hidden=100, inter=300, n_q=4, n_k=2, head_dim=16, eps=1e-6)}
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}  # as tests/oracle.py
 PEERS = ("eager", "compile", "liger")
+ROUNDS = 3  # interleaved timing rounds (see time_impls)
 
 
 # ---- reference (Hugging Face) implementations; in float64 they are the ground truth ----
@@ -288,17 +291,52 @@ def _fwd_and_fwdbwd(fn, sets, grad_idx):
     return fwd, fwd_bwd
 
 
-def time_impl(fn, sets, grad_idx, quick):
-    fwd, fwd_bwd = _fwd_and_fwdbwd(fn, sets, grad_idx)
+def _summary(times: list[float], method: str) -> dict:
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": method}
+
+
+def time_impls(impls, sets, grad_idx, quick):
+    """{impl: timing dict or the exception that stopped it}. Timed in ROUNDS interleaved rounds, each of which times
+    every implementation once (graph replays of the forward, then of forward + backward), starting one further along
+    each round: a drift of the GPU's clocks during the run then falls on all implementations alike, not on whichever
+    was timed first. An implementation's time is the median over all rounds' replays."""
+    names = list(impls)
     calls = len(sets) * max(1, (6 if quick else 20) // len(sets))
+    times = {name: {"fwd": [], "fwd_bwd": []} for name in names}
+    methods, events, failed = {}, {}, {}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in failed:
+                continue
+            fn = impls[name]
+            try:
+                with _settings_of(fn):
+                    for pas, f in zip(("fwd", "fwd_bwd"), _fwd_and_fwdbwd(fn, sets, grad_idx)):
+                        if methods.get((name, pas)) == "events":
+                            times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
+                            continue
+                        try:
+                            times[name][pas] += bench_graph_ms(f, calls=calls, replays=3 if quick else 5)["times_ms"]
+                            methods[(name, pas)] = "cuda_graph"
+                        except Exception as exc:  # a peer that cannot be captured is timed per call instead
+                            torch.cuda.synchronize()
+                            methods[(name, pas)] = "events"
+                            events[(name, "graph_error")] = f"{type(exc).__name__}: {exc}"[:300]
+                            times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
+                        if r == 0:  # the plain per-call time, with launch overhead, once for reference
+                            events[(name, pas)] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
+            except Exception as exc:
+                torch.cuda.synchronize()
+                failed[name] = exc
     out = {}
-    for name, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        try:
-            out[name] = bench_graph_ms(f, calls=calls, replays=5 if quick else 10)
-        except Exception as exc:  # a peer that cannot be captured is timed per call instead
-            torch.cuda.synchronize()
-            out[name] = bench_ms(f) | {"graph_error": f"{type(exc).__name__}: {exc}"[:300]}
-        out[name]["events_ms"] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
+    for name in names:
+        if name in failed:
+            out[name] = failed[name]
+            continue
+        out[name] = {pas: _summary(times[name][pas], methods[(name, pas)]) | {"events_ms": events[(name, pas)]}
+                     | ({"graph_error": events[(name, "graph_error")]} if (name, "graph_error") in events else {})
+                     for pas in ("fwd", "fwd_bwd")}
     return out
 
 
@@ -308,7 +346,7 @@ def run(models, dtype, device, quick, ops, save=lambda res: None):
     copy_gbs = copy_bandwidth_gbs() if device == "cuda" else None
     e = torch.tensor([], dtype=dtype).element_size()
     result_so_far = lambda: {"copy_gb_per_s": copy_gbs, "dtype": str(dtype).replace("torch.", ""),  # noqa: E731
-                             "rows": rows, "checks": checks}
+                             "timing_rounds": ROUNDS, "rows": rows, "checks": checks}
     for model, m in models.items():
         for op in ops:
             save(result_so_far())
@@ -332,18 +370,16 @@ def run(models, dtype, device, quick, ops, save=lambda res: None):
                 (_needs_grad(_make_inputs(op, m, dtype, device, seed=s)[0], grad_idx), [u.clone() for u in upstream])
                 for s in range(1, n_sets)
             ]
-            for name, fn in impls.items():
+            for name in impls:
                 if result[name].get("errors") is None:
                     rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
                                  "reason": result[name]["error"]})
-                    continue
-                try:
-                    with _settings_of(fn):
-                        t = time_impl(fn, sets, grad_idx, quick)
-                except Exception as exc:
-                    torch.cuda.synchronize()
+            timed = time_impls({n: f for n, f in impls.items() if result[n].get("errors") is not None}, sets,
+                               grad_idx, quick)
+            for name, t in timed.items():
+                if isinstance(t, Exception):
                     rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
-                                 "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                                 "reason": f"{type(t).__name__}: {t}"[:300]})
                     continue
                 fwd_ms, fb_ms = t["fwd"]["ms"], t["fwd_bwd"]["ms"]
                 bwd_ms = max(fb_ms - fwd_ms, 1e-6)

@@ -3,6 +3,7 @@ that crashes or fails its own checks here would waste a GPU call. Also the packi
 backend could not run (it crashed printing, after the measurements, on the H100 run of 2026-12-06)."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -63,3 +64,56 @@ def test_launch_variants_compute_what_the_default_computes(op):
         assert {k: getattr(variant.module, k) for k in variant.values} == before, name
         for g, r in zip(got, reference):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_timing_rounds_interleave_and_survive_failures(monkeypatch):
+    """Every implementation is timed once per round, each round starting one further along (clock drift falls on
+    all alike); its time is the median of all rounds' replays; one that cannot be captured in a CUDA graph is timed
+    per call, and one that raises is returned as its exception while the others are still timed."""
+    order, replay, given = [], iter(range(1, 10_000)), {}
+
+    def graph(f, **kw):
+        name = f()
+        if name == "no_graph":
+            raise RuntimeError("capture failed")
+        times = [float(next(replay)), float(next(replay))]
+        given.setdefault((name, f.pas), []).extend(times)
+        return {"times_ms": times}
+
+    def events(f, **kw):
+        f()
+        return {"ms": 0.5}
+
+    monkeypatch.setattr(kernel_ops, "bench_graph_ms", graph)
+    monkeypatch.setattr(kernel_ops, "bench_ms", events)
+    monkeypatch.setattr(kernel_ops.torch.cuda, "synchronize", lambda: None)
+
+    def impl(name):
+        def fn(x):
+            order.append(name)
+            if name == "broken":
+                raise ValueError("bad launch")
+            return name
+        return fn
+
+    names = ["a", "b", "no_graph", "broken"]
+    x = torch.zeros(2, requires_grad=True)
+    def passes(fn, sets, idx):
+        fwd, fwd_bwd = (lambda: fn(x)), (lambda: fn(x))
+        fwd.pas, fwd_bwd.pas = "fwd", "fwd_bwd"
+        return fwd, fwd_bwd
+
+    monkeypatch.setattr(kernel_ops, "_fwd_and_fwdbwd", passes)
+    out = kernel_ops.time_impls({n: impl(n) for n in names}, [([x], [x])], [0], quick=True)
+    firsts = [order[i] for i in range(len(order)) if i == 0 or order[i] != order[i - 1]]
+    assert firsts[:3] == ["a", "b", "no_graph"]  # round 0 in the given order, then round 1 from "b"
+    assert [n for n in firsts if n != "broken"][3:6] == ["b", "no_graph", "a"]
+    assert isinstance(out["broken"], ValueError)
+    assert out["no_graph"]["fwd"]["method"] == "events" and "capture failed" in out["no_graph"]["fwd"]["graph_error"]
+    assert out["no_graph"]["fwd"]["ms"] == 0.5
+    for name in ("a", "b"):
+        for p in ("fwd", "fwd_bwd"):
+            assert out[name][p]["method"] == "cuda_graph"
+            assert len(given[(name, p)]) == 2 * kernel_ops.ROUNDS
+            assert out[name][p]["ms"] == statistics.median(given[(name, p)])
+            assert out[name][p]["events_ms"] == 0.5
