@@ -98,13 +98,15 @@ def _rms_norm_fwd_kernel(
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     x = _load_tile(X, rows, stride_x, cols, mask, EVICTION)
+    # w is loaded before the row reduction, not after it: the reduction's barrier would keep its load from being
+    # issued early, and each program would then wait out an L2 round trip between its reduction and its store.
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     if HAS_RESIDUAL:
         r = _load_tile(R, rows, stride_r, cols, mask, EVICTION)
         s = cast_rne(x + r, S.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     y = x * rstd[:, None] * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
