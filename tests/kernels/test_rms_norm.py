@@ -157,10 +157,12 @@ def test_strided_weight_is_read_by_its_strides():
     buf_ref = buf.detach().double().requires_grad_(True)
     fused_rmsnorm(x, buf[::2]).sum().backward()
     hf_rmsnorm(x.double(), buf_ref[::2], 1e-6, 0.0).sum().backward()
-    torch.testing.assert_close(fused_rmsnorm(x, buf[::2]).double(), hf_rmsnorm(x.double(), buf_ref[::2], 1e-6, 0.0))
-    torch.testing.assert_close(buf.grad.double(), buf_ref.grad)
+    # fp32 against float64: fp32's tolerances (float64's own, 1e-7, failed at 1e-6 relative on the H100's dw sums)
+    close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    close(fused_rmsnorm(x, buf[::2]), hf_rmsnorm(x.double(), buf_ref[::2], 1e-6, 0.0))
+    close(buf.grad, buf_ref.grad)
     s, y = fused_add_rmsnorm(x, r, buf[::2])
-    torch.testing.assert_close(y.double(), hf_rmsnorm((x + r).double(), buf_ref[::2], 1e-6, 0.0))
+    close(y, hf_rmsnorm((x + r).double(), buf_ref[::2], 1e-6, 0.0))
 
 
 @pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16)])
