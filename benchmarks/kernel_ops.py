@@ -352,9 +352,15 @@ def run(models, dtype, device, quick, ops, save=lambda res: None):
             save(result_so_far())
             inputs, grad_idx = _make_inputs(op, m, dtype, device, seed=0)
             _needs_grad(inputs, grad_idx)
-            upstream_shapes = [o.shape for o in _tuple(_eager(op, m["eps"])(*inputs))]
+            with torch.no_grad():
+                outs = _tuple(_eager(op, m["eps"])(*inputs))
             g = torch.Generator(device=device).manual_seed(1)
-            upstream = [torch.randn(s, generator=g, device=device).to(dtype) for s in upstream_shapes]
+            # Each upstream gradient in the memory layout of the output it belongs to (empty_like keeps the strides of
+            # RoPE's outputs: q's and k's [B, S, H, D] memory), as SDPA's backward hands dq/dk back in training.
+            # Contiguous [B, H, S, D] gradients had every RoPE backward read a layout training never gives it, and
+            # Liger's copy it first.
+            upstream = [torch.empty_like(o).normal_(generator=g) for o in outs]
+            del outs
             impls, missing = _implementations(op, m["eps"], inputs, device)
             result = check(op, m, impls, inputs, grad_idx, upstream, dtype)
             for name, res in result.items():
