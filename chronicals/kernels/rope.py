@@ -42,28 +42,27 @@ _LAUNCH: tuple[int, int] | None = None
 
 
 @triton.jit
-def _rotate_heads(X, Y, x_off, y_off, stride_xh, stride_yh, c1, c2, s1, s2, valid, N_HEADS: tl.constexpr,
-                  HALF: tl.constexpr, DENSE_HEADS: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr):
+def _heads(X, off, stride_h, valid, N_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
+           BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # Pointers to the first halves of one position's N_HEADS heads, and their mask.
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = ((h < N_HEADS)[:, None] & (d < HALF)[None, :]) & valid
     if DENSE_HEADS:  # heads back to back (HF's views): a constant stride, so the addressing folds at compile time
-        x_ptr = X + x_off + h[:, None] * (2 * HALF) + d[None, :]
-        y_ptr = Y + y_off + h[:, None] * (2 * HALF) + d[None, :]
-    else:
-        x_ptr = X + x_off + h[:, None].to(tl.int64) * stride_xh + d[None, :]
-        y_ptr = Y + y_off + h[:, None].to(tl.int64) * stride_yh + d[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        return X + off + h[:, None] * (2 * HALF) + d[None, :], mask
+    return X + off + h[:, None].to(tl.int64) * stride_h + d[None, :], mask
+
+
+@triton.jit
+def _rotate_store(y_ptr, mask, x1, x2, c1, c2, s1, s2, HALF: tl.constexpr, BACKWARD: tl.constexpr):
     if BACKWARD:
         o1 = x1 * c1[None, :] + x2 * s2[None, :]
         o2 = x2 * c2[None, :] - x1 * s1[None, :]
     else:
         o1 = x1 * c1[None, :] - x2 * s1[None, :]
         o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(y_ptr, cast_rne(o1, Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + HALF, cast_rne(o2, Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr, cast_rne(o1, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + HALF, cast_rne(o2, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -100,10 +99,22 @@ def _qk_rope_kernel(
         else:
             c2 = tl.load(COS + cos_off + HALF + d, mask=m, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + sin_off + HALF + d, mask=m, other=0.0).to(tl.float32)
-        _rotate_heads(Q, QO, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s, sq_h, sqo_h, c1, c2, s1, s2, valid,
-                      N_Q_HEADS, HALF, DENSE_HEADS, BACKWARD, BLOCK_HQ, BLOCK_HALF, EVICTION)
-        _rotate_heads(K, KO, b * sk_b + s * sk_s, b * sko_b + s * sko_s, sk_h, sko_h, c1, c2, s1, s2, valid,
-                      N_K_HEADS, HALF, DENSE_HEADS, BACKWARD, BLOCK_HK, BLOCK_HALF, EVICTION)
+        q_ptr, q_mask = _heads(Q, b * sq_b + s * sq_s, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
+                               BLOCK_HALF)
+        k_ptr, k_mask = _heads(K, b * sk_b + s * sk_s, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
+                               BLOCK_HALF)
+        # q's and k's loads all go out before the first store: as far as the compiler knows a store may alias a
+        # later load, so loading k after storing q would cost each program a second DRAM round trip.
+        q1 = tl.load(q_ptr, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        q2 = tl.load(q_ptr + HALF, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        qo_ptr, _ = _heads(QO, b * sqo_b + s * sqo_s, sqo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
+                           BLOCK_HALF)
+        ko_ptr, _ = _heads(KO, b * sko_b + s * sko_s, sko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
+                           BLOCK_HALF)
+        _rotate_store(qo_ptr, q_mask, q1, q2, c1, c2, s1, s2, HALF, BACKWARD)
+        _rotate_store(ko_ptr, k_mask, k1, k2, c1, c2, s1, s2, HALF, BACKWARD)
 
 
 def _settings(n_q_heads: int, n_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
