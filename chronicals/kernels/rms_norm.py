@@ -100,6 +100,8 @@ def _rms_norm_fwd_kernel(
     x = _load_tile(X, rows, stride_x, cols, mask, EVICTION)
     # w is loaded before the row reduction, not after it: the reduction's barrier would keep its load from being
     # issued early, and each program would then wait out an L2 round trip between its reduction and its store.
+    # Aimed at the H200's 6% gap to Liger at 4096 columns (67.7 against 64.1 us), which the H100 never showed; on
+    # the H100 no change (88.3 against Liger's 87.9 us; 88.6 against 88.1 before). Not yet timed on an H200.
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
     if HAS_RESIDUAL:
         r = _load_tile(R, rows, stride_r, cols, mask, EVICTION)

@@ -104,7 +104,8 @@ def _qk_rope_kernel(
         k_ptr, k_mask = _heads(K, b * sk_b + s * sk_s, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
                                BLOCK_HALF)
         # q's and k's loads all go out before the first store: as far as the compiler knows a store may alias a
-        # later load, so loading k after storing q would cost each program a second DRAM round trip.
+        # later load, so loading k after storing q would cost each program a second DRAM round trip. H100, Llama-3-8B:
+        # fwd / bwd 115.3 / 115.1 -> 113.5 / 113.5 us (Liger 116.4 / 115.5); at Qwen unchanged (25.2, Liger 24.3).
         q1 = tl.load(q_ptr, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         q2 = tl.load(q_ptr + HALF, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
