@@ -47,8 +47,13 @@ def bench_graph_ms(fn, *, calls: int = 20, replays: int = 10, warmup: int = 3) -
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     del graph
+    return summarize(times, "cuda_graph") | {"times_ms": times}
+
+
+def summarize(times: list[float], method: str) -> dict:
+    """Median and p20/p80 of per-call times (ms), with how they were taken."""
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": "cuda_graph", "times_ms": times}
+    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": method}
 
 
 def time_calls_ms(fn, calls: int, *, cuda: bool = True) -> tuple[list[float], object]:

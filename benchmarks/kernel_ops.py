@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks._timing import bench_graph_ms, bench_ms, copy_bandwidth_gbs, l2_bytes  # noqa: E402
+from benchmarks._timing import bench_graph_ms, bench_ms, copy_bandwidth_gbs, l2_bytes, summarize  # noqa: E402
 from chronicals.kernels import fused_add_rmsnorm, fused_qk_rope, fused_rmsnorm, fused_swiglu  # noqa: E402
 from harness.provenance import snapshot  # noqa: E402
 
@@ -291,11 +290,6 @@ def _fwd_and_fwdbwd(fn, sets, grad_idx):
     return fwd, fwd_bwd
 
 
-def _summary(times: list[float], method: str) -> dict:
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return {"ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "method": method}
-
-
 def time_impls(impls, sets, grad_idx, quick):
     """{impl: timing dict or the exception that stopped it}. Timed in ROUNDS interleaved rounds, each of which times
     every implementation once (graph replays of the forward, then of forward + backward), starting one further along
@@ -304,7 +298,7 @@ def time_impls(impls, sets, grad_idx, quick):
     names = list(impls)
     calls = len(sets) * max(1, (6 if quick else 20) // len(sets))
     times = {name: {"fwd": [], "fwd_bwd": []} for name in names}
-    methods, events, failed = {}, {}, {}
+    methods, per_call, graph_errors, failed = {}, {}, {}, {}
     for r in range(ROUNDS):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in failed:
@@ -322,22 +316,17 @@ def time_impls(impls, sets, grad_idx, quick):
                         except Exception as exc:  # a peer that cannot be captured is timed per call instead
                             torch.cuda.synchronize()
                             methods[(name, pas)] = "events"
-                            events[(name, "graph_error")] = f"{type(exc).__name__}: {exc}"[:300]
+                            graph_errors[(name, pas)] = f"{type(exc).__name__}: {exc}"[:300]
                             times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
                         if r == 0:  # the plain per-call time, with launch overhead, once for reference
-                            events[(name, pas)] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
+                            per_call[(name, pas)] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
             except Exception as exc:
                 torch.cuda.synchronize()
                 failed[name] = exc
-    out = {}
-    for name in names:
-        if name in failed:
-            out[name] = failed[name]
-            continue
-        out[name] = {pas: _summary(times[name][pas], methods[(name, pas)]) | {"events_ms": events[(name, pas)]}
-                     | ({"graph_error": events[(name, "graph_error")]} if (name, "graph_error") in events else {})
-                     for pas in ("fwd", "fwd_bwd")}
-    return out
+    return {name: failed[name] if name in failed else {
+        pas: summarize(times[name][pas], methods[(name, pas)]) | {"events_ms": per_call[(name, pas)]}
+        | ({"graph_error": graph_errors[(name, pas)]} if (name, pas) in graph_errors else {})
+        for pas in ("fwd", "fwd_bwd")} for name in names}
 
 
 def run(models, dtype, device, quick, ops, save=lambda res: None):
