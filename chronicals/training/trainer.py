@@ -30,7 +30,7 @@ from chronicals.config import ChronicalsConfig
 
 from . import checkpoint, dist_checkpoint, distributed, export, parallel
 from .batches import StepPlan
-from .build import autocast_dtype, build_optimizer, check_optional_packages, prepare_model
+from .build import SetupError, autocast_dtype, build_optimizer, check_optional_packages, prepare_model
 from .dataset import DataError, check_token_ids, prepare_training_data
 from .flops import attention_flops, matmul_params, peak_flops
 from .logger import MetricsLogger
@@ -112,6 +112,7 @@ class ChronicalsTrainer:
                 saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, scaler=self.scaler, rank=self.env.rank)
             state = {k: saved[k] for k in state}
+            _check_position(path, saved, state, plan.steps_per_epoch, cfg)
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
         if self.env.is_main:
@@ -311,6 +312,29 @@ class ChronicalsTrainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+# The fields that decide the rows and their order, hence what a saved position in an epoch means.
+_ORDER_FIELDS = ("dataset", "dataset_format", "dataset_split", "text_column", "prompt_column", "completion_column",
+                 "messages_column", "max_seq_length", "overflow", "use_sequence_packing", "batch_size",
+                 "gradient_accumulation_steps", "global_batch_size", "seed")
+
+
+def _check_position(path: Path, saved: dict[str, Any], state: dict[str, Any], steps_per_epoch: int,
+                    cfg: ChronicalsConfig) -> None:
+    """A checkpoint's position within its epoch must exist in this run's epochs: past their end, the loop would find
+    no step to run and go round forever."""
+    if state["step_in_epoch"] < steps_per_epoch:
+        return
+    before = saved.get("config") or {}
+    changed = [f"{name}: {before[name]!r} -> {getattr(cfg, name)!r}" for name in _ORDER_FIELDS
+               if name in before and before[name] != getattr(cfg, name)]
+    raise SetupError(
+        f"checkpoint {str(path)!r} stopped after step {state['step_in_epoch']} of epoch {state['epoch']}, but with "
+        f"this run's data and batch settings an epoch has only {steps_per_epoch} steps"
+        + (f" (changed since it was saved: {', '.join(changed)})" if changed else "")
+        + "; resume with the data and batch settings it was saved with"
+    )
 
 
 def _sequence_lengths(batch: dict[str, Any]) -> list[int]:

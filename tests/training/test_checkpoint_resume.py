@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from chronicals.training import ChronicalsTrainer, checkpoint
+from chronicals.training import ChronicalsTrainer, SetupError, checkpoint
 
 from .helpers import config, rows, tiny_model, tokenizer
 
@@ -138,3 +138,22 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path):
     _train(tmp_path, data, max_steps=1, batch_size=4)
     with pytest.raises(ValueError, match="saved with different LoRA settings"):
         _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, lora_rank=4, resume_from_checkpoint="latest")
+
+
+def test_resume_with_other_batch_settings_is_refused_not_an_endless_loop(tmp_path):
+    # The checkpoint's position (step 5 of an 8-step epoch) lies past the end of an epoch of batch_size=8 (2 steps):
+    # the loop then found no step to run and went round forever, at full CPU, without a word.
+    data = rows(16)
+    _train(tmp_path, data, max_steps=5, batch_size=2)
+
+    def endless(signum, frame):
+        raise TimeoutError("the resumed run went round without training a step")
+
+    previous = signal.signal(signal.SIGALRM, endless)
+    signal.alarm(60)
+    try:
+        with pytest.raises(SetupError, match="batch_size: 2 -> 8"):
+            _train(tmp_path, data, max_steps=8, batch_size=8, resume_from_checkpoint="latest")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
