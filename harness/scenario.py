@@ -4,6 +4,7 @@ error naming the file, the field and the valid choices."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("cuda", "cpu")
 MODES = ("full", "lora")
 DATA_KINDS = ("fixed", "varlen", "text")
+# What the harness reads from a checkpoint's config.json (its text_config for a multimodal one): the model type, the
+# vocabulary the data is drawn from, and the shape the FLOPs are counted on (metrics.Shape).
+CHECKPOINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads")
+SEED_MAX = 2**64 - 1  # torch's generators take unsigned 64-bit seeds
 DEFAULT_VARIANT = "default"
 
 
@@ -144,6 +150,7 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
                             f"{', '.join(sorted(PRESETS))}) or 'path' (a local checkpoint directory)")
     if preset is not None:
         preset = c.choice(m, "preset", tuple(sorted(PRESETS)), prefix="model.")
+        vocab_size = PRESETS[preset]["vocab_size"]
     else:
         ckpt = c.string(m, "path", prefix="model.")
         if not Path(ckpt).is_dir():
@@ -152,6 +159,7 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
         if not (Path(ckpt) / "config.json").is_file():
             raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, which has no config.json; give a local "
                                 "checkpoint saved with save_pretrained, or use 'preset'")
+        vocab_size = _checkpoint_config(source, ckpt)["vocab_size"]
     model = ModelSpec(preset=preset, path=ckpt, dtype=c.choice(m, "dtype", DTYPES, prefix="model.",
                                                                default="bfloat16"))
 
@@ -181,6 +189,14 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
     if data.kind != "fixed" and data.min_len > train.seq_len:
         raise ScenarioError(f"{source}: field 'data.min_len' ({data.min_len}) exceeds 'train.seq_len' "
                             f"({train.seq_len})")
+    if data.kind == "text":  # harness.data draws its tokens from the default tokenizer's ids
+        from chronicals.data import default_tokenizer
+
+        needed = len(default_tokenizer())
+        if vocab_size < needed:
+            c.fail("data.kind", f"is 'text', which feeds the default tokenizer's {needed} token ids, but the "
+                                f"model's vocab_size is {vocab_size}; use data.kind 'varlen' or a model with a "
+                                f"vocabulary of at least {needed}")
 
     v = c.table(raw, "verify", required=False)
     c.known(v, tuple(VerifySpec.__dataclass_fields__), "verify.")
@@ -255,7 +271,7 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
                             f"({', '.join(backends)}); every run is verified against the reference's run")
     return Scenario(
         name=name, path=source, description=c.string(raw, "description", default=""), device=device,
-        seed=c.integer(raw, "seed", 0, default=0), reference=reference,
+        seed=c.integer(raw, "seed", 0, default=0, maximum=SEED_MAX), reference=reference,
         timeout_s=c.number(raw, "timeout_s", default=600.0, positive=True),
         model=model, train=train, data=data, verify=verify, runs=tuple(runs),
     )
@@ -304,10 +320,12 @@ class _Checker:
             self.fail(prefix + name, f"is {x!r}; choose one of: {', '.join(choices)}")
         return x
 
-    def integer(self, t: dict, name: str, minimum: int, prefix: str = "", default: Any = None) -> int:
+    def integer(self, t: dict, name: str, minimum: int, prefix: str = "", default: Any = None,
+                maximum: int | None = None) -> int:
         x = self._get(t, name, prefix, _REQUIRED if default is None else default)
-        if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
-            self.fail(prefix + name, f"must be an integer >= {minimum}, not {x!r}")
+        if not isinstance(x, int) or isinstance(x, bool) or x < minimum or (maximum is not None and x > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            self.fail(prefix + name, f"must be an integer {bound}, not {x!r}")
         return x
 
     def number(self, t: dict, name: str, prefix: str = "", default: Any = None, positive: bool = False) -> float:
@@ -320,3 +338,23 @@ class _Checker:
 
 
 _REQUIRED = object()
+
+
+def _checkpoint_config(source: str, ckpt: str) -> dict:
+    """The checkpoint's config as the runner reads it (harness.checkpoint.config), refused here when the runner
+    could not use it: a config.json that is not JSON, or one without the fields the harness reads (a model that is not
+    a Llama-style decoder, e.g. GPT-2's n_embd/n_head), stopped the bench with a traceback after it had started."""
+    path = Path(ckpt) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, whose config.json is not valid JSON ({e}); "
+                            "give a local checkpoint saved with save_pretrained, or use 'preset'") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    lacking = [k for k in CHECKPOINT_FIELDS if k not in cfg]
+    if lacking or not isinstance(cfg["vocab_size"], int):
+        raise ScenarioError(f"{source}: field 'model.path' is {ckpt!r}, whose config.json lacks "
+                            f"{', '.join(lacking) or 'an integer vocab_size'}; the harness trains decoder-only "
+                            "models of the Llama family (Llama, Qwen2, Qwen3, Mistral: every field of "
+                            f"{', '.join(CHECKPOINT_FIELDS)}), or use 'preset'")
+    return cfg

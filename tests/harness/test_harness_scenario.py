@@ -4,6 +4,7 @@ field and the valid choices; `bench` exits non-zero on a bad scenario and says p
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,50 @@ def test_only_and_quick_narrow_a_scenario():
     assert small.train.steps == small.train.warmup + bench.QUICK_TIMED
     with pytest.raises(ScenarioError, match="--only names backend 'jax'"):
         bench.narrowed(sc, ["jax"], quick=False)
+
+
+def test_a_seed_torch_cannot_take_is_refused_before_anything_runs():
+    # torch seeds are unsigned 64-bit: a larger one passed the check and the bench died with a traceback ("Overflow
+    # when unpacking long long") while making the weights.
+    with pytest.raises(ScenarioError, match=r"field 'seed' must be an integer between 0 and 18446744073709551615"):
+        scenario.parse(bad(seed=2**64), "scenarios/bad.toml")
+    assert scenario.parse(bad(seed=2**64 - 1), "scenarios/bad.toml").seed == 2**64 - 1
+
+
+def test_text_data_on_a_model_too_small_for_the_default_tokenizer_is_refused():
+    # The tiny presets have 512 ids, the default tokenizer 4096: the bench died with a ValueError traceback after
+    # building the weights, instead of naming the field.
+    with pytest.raises(ScenarioError, match=r"bad.toml: field 'data.kind' is 'text'.*4096.*vocab_size is 512"):
+        scenario.parse(bad(data={"kind": "text"}), "scenarios/bad.toml")
+
+
+def _checkpoint(tmp_path, config) -> str:
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(tmp_path)
+
+
+LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 176,
+                "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", ["config.json is not valid JSON"]),
+    ({"model_type": "gpt2", "vocab_size": 300, "n_embd": 32, "n_layer": 1, "n_head": 2},
+     ["config.json lacks", "num_attention_heads", "intermediate_size"]),
+])
+def test_a_checkpoint_config_the_harness_cannot_read_is_refused_before_anything_runs(tmp_path, config, words):
+    # Both died with a traceback (JSONDecodeError, KeyError 'num_attention_heads') after the bench had started.
+    with pytest.raises(ScenarioError) as e:
+        scenario.parse(bad(model={"path": _checkpoint(tmp_path, config)}), "scenarios/bad.toml")
+    assert str(e.value).startswith("scenarios/bad.toml: field 'model.path'")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_checkpoint_is_checked_for_text_data_by_its_own_vocab(tmp_path):
+    path = _checkpoint(tmp_path, LLAMA_CONFIG)
+    assert scenario.parse(bad(model={"path": path}), "x.toml").model.path == path
+    with pytest.raises(ScenarioError, match="vocab_size is 300"):
+        scenario.parse(bad(model={"path": path}, data={"kind": "text"}), "x.toml")
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "vocab_size": 4096}))
+    assert scenario.parse(bad(model={"path": path}, data={"kind": "text"}), "x.toml").data.kind == "text"
