@@ -67,6 +67,7 @@ def load_model(cfg: ChronicalsConfig, tokenizer) -> nn.Module:
     name = cfg.model
     if name.lower() in PRESETS:
         overrides = dict(cfg.model_kwargs)
+        _check_model_kwargs(name, overrides)
         overrides.setdefault("vocab_size", max(PRESETS[name.lower()]["vocab_size"], len(tokenizer)))
         try:
             return build_model(name, seed=cfg.seed, attn_implementation=attn, dtype=torch.float32, **overrides)
@@ -90,6 +91,34 @@ def load_model(cfg: ChronicalsConfig, tokenizer) -> nn.Module:
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer (tokenizer: null)"
         )
     return model
+
+
+def _check_model_kwargs(name: str, overrides: dict) -> None:
+    """transformers' configs keep any keyword they do not know as a plain attribute, so a misspelt model_kwargs key
+    (num_hidden_layerz) would build the preset's default shape without a word. A key is known when the config class
+    takes it (its signature), holds it by default, or folds it into another field (rope_theta, absent from the built
+    config's fields); head_dim is read with getattr by every supported model, whether its config declares it or not."""
+    import difflib
+    import inspect
+
+    from chronicals.models import PRESETS
+    from chronicals.models.presets import preset_config
+
+    if not overrides:
+        return
+    try:
+        built = preset_config(name, **overrides).to_dict()
+    except Exception:  # a value transformers refuses: load_model's own error names it
+        return
+    default = preset_config(name)
+    known = set(inspect.signature(type(default).__init__).parameters) | set(default.to_dict()) | {"head_dim"}
+    for key in overrides:
+        if key in built and key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            model_type = PRESETS[name.lower()]["model_type"]
+            raise SetupError(f"config field 'model_kwargs' has {key!r}, which the {model_type} config of preset "
+                             f"{name!r} does not know{hint}")
 
 
 def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> nn.Module:

@@ -85,6 +85,17 @@ def test_model_kwargs_that_do_not_fit_the_preset():
         load_model(cfg, load_tokenizer(cfg))
 
 
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen3"])
+def test_a_misspelt_model_kwargs_key_is_an_error_not_ignored(model):
+    # transformers' configs keep any unknown keyword as an attribute, so the typo built the preset's default depth.
+    cfg = ChronicalsConfig(model=model, tokenizer="default", model_kwargs={"num_hidden_layerz": 3})
+    with pytest.raises(SetupError, match="'num_hidden_layerz'.*did you mean 'num_hidden_layers'"):
+        load_model(cfg, load_tokenizer(cfg))
+    # A key the config class takes under another name (rope_theta, folded into rope_parameters) still works.
+    ok = ChronicalsConfig(model=model, tokenizer="default", model_kwargs={"num_hidden_layers": 1, "rope_theta": 5e5})
+    assert load_model(ok, load_tokenizer(ok)).config.num_hidden_layers == 1
+
+
 def test_trainer_rejects_wrong_argument_types(tmp_path):
     with pytest.raises(TypeError, match="config must be a chronicals.config.ChronicalsConfig"):
         ChronicalsTrainer(tiny_model(), tokenizer(), {"learning_rate": 1})
