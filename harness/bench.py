@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         outcomes = run_scenario(sc, out, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                                logs_dir=out.parent / f"{out.stem}-logs")
+                                logs_dir=out.parent / f"{out.stem}-logs",
+                                only=sorted({r.backend for r in sc.runs}) if args.only else None)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"\n{sc.name}: {len(outcomes)} runs, rows appended to {out}")

@@ -96,11 +96,15 @@ def child_env(scenario: Scenario) -> dict:
 
 
 def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], None] = print,
-                 launcher: Callable[..., Launched] = launch, logs_dir: Path | None = None) -> list[Outcome]:
-    """Run every cell of the matrix, reference first; returns the outcomes (rows are already on disk)."""
+                 launcher: Callable[..., Launched] = launch, logs_dir: Path | None = None,
+                 only: list[str] | None = None) -> list[Outcome]:
+    """Run every cell of the matrix, reference first; returns the outcomes (rows are already on disk). `only`: the
+    backends `bench --only` kept, recorded so the report does not take the runs it left out for a stopped bench."""
     run_id = uuid.uuid4().hex[:12]
     base = {"run_id": run_id, "scenario_file": scenario.path, "commit": commit(), "versions": versions(),
             "host": platform.node()}
+    if only:
+        base["only"] = list(only)
     env = child_env(scenario)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:

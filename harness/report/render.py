@@ -91,8 +91,12 @@ def _not_run(rows, scenario_dir: Path) -> list[tuple[str, str, str]]:
             runs = scenario.load(path).runs
         except scenario.ScenarioError:  # edited since, or a checkpoint path gone: which runs it named is unknown
             continue
+        # A bench run with --only (provenance "only") was not asked for the other backends: a run is missing only
+        # when some bench of this scenario was asked for its backend (every backend, for one without --only).
+        asked = [r.provenance.get("only") for r in rows if r.scenario == name]
+        chosen = None if any(a is None for a in asked) else {b for a in asked for b in a}
         for run in runs:
-            if (name, run.variant, run.backend) not in done:
+            if (name, run.variant, run.backend) not in done and (chosen is None or run.backend in chosen):
                 missing.append((name, run.variant, run.backend))
     return missing
 

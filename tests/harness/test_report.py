@@ -139,6 +139,30 @@ def test_runs_the_scenario_names_but_that_left_no_row_are_listed_as_not_run(tmp_
     assert f"| smoke-cpu | {dropped[1]} | {dropped[0]} | not run |" in table
 
 
+def test_runs_left_out_by_bench_only_are_not_listed_as_stopped(tmp_path, monkeypatch):
+    """`bench --only torch` ran what it was asked to; the report said the bench "was stopped before it finished"
+    of every other run of the scenario. The bench records what --only kept; the report lists only runs of a
+    backend some bench of the scenario was asked to run."""
+    import dataclasses
+
+    from harness import bench, runner
+    from harness.report.render import _not_run
+
+    called = {}
+    monkeypatch.setattr(runner, "run_scenario", lambda sc, out, **kw: called.update(kw) or [])
+    assert bench.main(["--scenario", str(ROOT / "scenarios" / "smoke-cpu.toml"), "--only", "torch", "--out",
+                       str(tmp_path / "r.jsonl")]) == 0
+    assert called["only"] == ["torch"]
+    assert bench.main(["--scenario", str(ROOT / "scenarios" / "smoke-cpu.toml"), "--out",
+                       str(tmp_path / "r.jsonl")]) == 0
+    assert called["only"] is None
+
+    torch_only = [r for r in load(RESULTS.parent / "smoke-cpu.jsonl") if r.backend == "torch"]
+    narrowed = [dataclasses.replace(r, provenance={**r.provenance, "only": ["torch"]}) for r in torch_only]
+    assert _not_run(narrowed, ROOT / "scenarios") == []
+    assert [b for _, _, b in _not_run(torch_only, ROOT / "scenarios")] == ["chronicals"]  # a stopped bench
+
+
 def test_a_rerun_replaces_the_whole_earlier_run(tmp_path):
     first = [json.loads(line) for line in (RESULTS / "packing.jsonl").read_text().splitlines()]
     for r in first:
