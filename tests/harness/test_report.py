@@ -163,6 +163,16 @@ def test_runs_left_out_by_bench_only_are_not_listed_as_stopped(tmp_path, monkeyp
     assert [b for _, _, b in _not_run(torch_only, ROOT / "scenarios")] == ["chronicals"]  # a stopped bench
 
 
+def test_variable_length_data_alone_does_not_make_a_backend_comparison_a_packing_study(rows):
+    """Every run on varlen or text data records packing_efficiency. A scenario whose runs were all padded compares
+    backends, but it was taken for a padded-against-packed study: left out of the headline, its findings and the
+    speedup overview, and drawn as "padded against packed batches". Only layouts that differ are a packing study."""
+    padded = [r for r in rows if not (r.scenario == "packing" and r.variant == "packed")]
+    assert figures.is_packing(rows, "packing")
+    assert not figures.is_packing(padded, "packing")
+    assert "| packing | padded |" in tables.headline_table(padded)
+
+
 def test_a_rerun_replaces_the_whole_earlier_run(tmp_path):
     first = [json.loads(line) for line in (RESULTS / "packing.jsonl").read_text().splitlines()]
     for r in first:
