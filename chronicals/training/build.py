@@ -168,6 +168,9 @@ def _cast_weights(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     for p in model.parameters():
         if cfg.param_dtype == "bfloat16" or (compute is not None and cfg.param_dtype == "auto" and not p.requires_grad):
             p.data = p.data.to(compute)
+        elif cfg.param_dtype == "auto" and p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            # A model loaded in bf16 (the usual from_pretrained) would otherwise round every update to bf16.
+            p.data = p.data.float()
 
 
 def _convert_fp8(model: nn.Module, device: torch.device) -> None:
