@@ -121,6 +121,14 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
     expected = _trainable_state(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
+    # Same names, other shapes (another lora_rank or model_kwargs): copy_ would fail with a bare size mismatch.
+    reshaped = sorted(f"{n} {tuple(weights[n].shape)} vs {tuple(expected[n].shape)}"
+                      for n in set(expected) & set(weights) if weights[n].shape != expected[n].shape)
+    if reshaped:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds weights of other shapes than this model's (saved vs now: "
+            f"{reshaped[:3]}); resume with the same model and LoRA settings it was saved with (lora_rank, model_kwargs)"
+        )
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {str(path)!r} does not match this model's trainable weights (missing: {missing[:5]}, "

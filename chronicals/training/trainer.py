@@ -105,12 +105,18 @@ class ChronicalsTrainer:
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
-            if self.strategy == "fsdp2":
-                saved = dist_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer,
-                                                     scheduler=self.scheduler, rank=self.env.rank)
-            else:
-                saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                                   scheduler=self.scheduler, scaler=self.scaler, rank=self.env.rank)
+            try:  # another model's or LoRA setup's checkpoint: a SetupError (the CLI's one-line error), no traceback
+                if self.strategy == "fsdp2":
+                    saved = dist_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer,
+                                                         scheduler=self.scheduler, rank=self.env.rank)
+                else:
+                    saved = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                       scheduler=self.scheduler, scaler=self.scaler,
+                                                       rank=self.env.rank)
+            except SetupError:
+                raise
+            except ValueError as e:
+                raise SetupError(str(e)) from e
             state = {k: saved[k] for k in state}
             _check_position(path, saved, state, plan.steps_per_epoch, cfg)
             self.last_checkpoint = path

@@ -157,3 +157,14 @@ def test_resume_with_other_batch_settings_is_refused_not_an_endless_loop(tmp_pat
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("saved, resumed", [(dict(lora_rank=4), dict(lora_rank=8)), ({}, dict(lora_rank=4))],
+                         ids=["other-rank", "full-then-lora"])
+def test_resume_with_other_lora_shapes_is_a_setup_error(tmp_path, saved, resumed):
+    # A checkpoint whose weights have other shapes (lora_rank 4 -> 8) failed in copy_ with a bare RuntimeError, and
+    # the ValueErrors that name the cause escaped the CLI (which reports SetupError) as tracebacks.
+    data = rows(8)
+    _train(tmp_path, data, max_steps=1, batch_size=4, **{"use_lora": bool(saved), **saved})
+    with pytest.raises(SetupError, match="resume with the same model and LoRA settings|different LoRA settings"):
+        _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, resume_from_checkpoint="latest", **resumed)
