@@ -33,6 +33,18 @@ def check_optional_packages(cfg: ChronicalsConfig) -> None:
                          "pip install 'chronicals[tensorboard]' (or set tensorboard: false)")
 
 
+def check_output_dir(cfg: ChronicalsConfig) -> None:
+    """output_dir must be, or be creatable as, a directory: a file in its place is found here, not by the first write
+    after the data was tokenized (a FileExistsError / NotADirectoryError traceback)."""
+    path = Path(cfg.output_dir).absolute()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise SetupError(f"config field 'output_dir' is {cfg.output_dir!r}, but {str(p)!r} is a file; "
+                                 "pass a directory path")
+            return
+
+
 def load_tokenizer(cfg: ChronicalsConfig):
     from chronicals.data import default_tokenizer
     from chronicals.models import PRESETS

@@ -30,7 +30,7 @@ from chronicals.config import ChronicalsConfig
 
 from . import checkpoint, dist_checkpoint, distributed, export, parallel
 from .batches import StepPlan
-from .build import SetupError, autocast_dtype, build_optimizer, check_optional_packages, prepare_model
+from .build import SetupError, autocast_dtype, build_optimizer, check_optional_packages, check_output_dir, prepare_model
 from .dataset import DataError, check_token_ids, prepare_training_data
 from .flops import attention_flops, matmul_params, peak_flops
 from .logger import MetricsLogger
@@ -60,6 +60,7 @@ class ChronicalsTrainer:
         self.config = config
         self.tokenizer = tokenizer
         check_optional_packages(config)
+        check_output_dir(config)
         self.env = distributed.detect()
         self.device = distributed.device_for(self.env, config.device)
         if self.device.type == "cpu" and config.cpu_threads is not None:

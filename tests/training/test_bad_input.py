@@ -96,6 +96,15 @@ def test_a_misspelt_model_kwargs_key_is_an_error_not_ignored(model):
     assert load_model(ok, load_tokenizer(ok)).config.num_hidden_layers == 1
 
 
+@pytest.mark.parametrize("where", ["", "sub"], ids=["is-a-file", "under-a-file"])
+def test_an_output_dir_that_is_a_file_is_a_setup_error(tmp_path, where):
+    # It was a FileExistsError / NotADirectoryError traceback from the first write, after the data was tokenized.
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "taken" / where if where else tmp_path / "taken"
+    with pytest.raises(SetupError, match="output_dir.*is a file"):
+        ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, output_dir=str(out)))
+
+
 def test_trainer_rejects_wrong_argument_types(tmp_path):
     with pytest.raises(TypeError, match="config must be a chronicals.config.ChronicalsConfig"):
         ChronicalsTrainer(tiny_model(), tokenizer(), {"learning_rate": 1})
