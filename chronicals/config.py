@@ -94,6 +94,8 @@ class ChronicalsConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     use_lora_plus: bool = False
     lora_plus_ratio: float = 16.0
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA): a magnitude vector per adapted layer
+    use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
 
     # Outputs, logging, checkpoints.
     output_dir: str = "outputs/run"
@@ -310,8 +312,9 @@ def _check_values(cfg: ChronicalsConfig) -> None:
     need(bool(cfg.output_dir.strip()), "output_dir", "a directory path")
     if cfg.use_lora:
         need(len(cfg.lora_target_modules) > 0, "lora_target_modules", "a non-empty list of module names")
-    if cfg.use_lora_plus and not cfg.use_lora:
-        raise ConfigError("config field 'use_lora_plus' is true but 'use_lora' is false; LoRA+ needs use_lora: true")
+    for name, what in (("use_lora_plus", "LoRA+"), ("use_dora", "DoRA"), ("use_rslora", "rsLoRA")):
+        if getattr(cfg, name) and not cfg.use_lora:
+            raise ConfigError(f"config field '{name}' is true but 'use_lora' is false; {what} needs use_lora: true")
     if cfg.param_dtype == "bfloat16" and cfg.mixed_precision in ("no", "fp16"):
         raise ConfigError(
             f"config field 'param_dtype' is 'bfloat16' but 'mixed_precision' is {cfg.mixed_precision!r}; "

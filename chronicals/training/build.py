@@ -162,7 +162,8 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
 
         try:  # LoRAConfig's own checks (e.g. an empty target name) too: a SetupError naming the config fields
             lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              target_modules=list(cfg.lora_target_modules), fused=cfg.use_fused_kernels)
+                              target_modules=list(cfg.lora_target_modules), use_dora=cfg.use_dora,
+                              use_rslora=cfg.use_rslora, fused=cfg.use_fused_kernels)
             model = apply_lora(model, lora)
         except ValueError as e:
             raise SetupError(f"LoRA settings (lora_rank / lora_target_modules) do not fit this model: {e}") from e

@@ -32,3 +32,33 @@ def test_lora_plus_logs_the_configured_learning_rate_and_runs_b_at_the_ratio(tmp
     assert logged == pytest.approx([5e-4, 1e-3, 1e-3])
     assert [s["default"] for s in seen] == pytest.approx(logged)
     assert [s["lora_B"] for s in seen] == pytest.approx([8 * lr for lr in logged])
+
+
+def test_dora_and_rslora_from_the_config_train_and_export_for_peft(tmp_path):
+    # use_dora / use_rslora were LoRAConfig fields the trainer could not reach; the exported adapter must carry them,
+    # so PEFT rebuilds the same model (a DoRA magnitude, the rsLoRA scale) from the directory alone.
+    import torch
+    from peft import PeftModel
+
+    cfg = config(tmp_path, use_lora=True, use_dora=True, use_rslora=True, lora_rank=4, lora_alpha=8.0, max_steps=3,
+                 save_final_model=True)
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), cfg)
+    result = trainer.train(rows(8))
+    assert len(result.losses) == 3
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True and adapter["use_rslora"] is True
+    magnitudes = [n for n, p in trainer.model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert magnitudes
+    loaded = PeftModel.from_pretrained(tiny_model(), result.final_model).eval()
+    ids = torch.tensor([[3, 7, 11, 19, 23]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("field", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_without_lora_are_config_errors(tmp_path, field):
+    from chronicals.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"'{field}' is true but 'use_lora' is false"):
+        config(tmp_path, **{field: True})
