@@ -111,7 +111,7 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     """The rows, and each one's line number (None for a .json array); blank lines are skipped, so a row's index
     and its line differ."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
     lines = None
     if text.lstrip().startswith("["):  # a .json file holding one array of rows
         rows = json.loads(text)

@@ -134,6 +134,15 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     assert load_rows(path).rows == rows
 
 
+@pytest.mark.parametrize("name, body", [("rows.jsonl", '{"text": "a"}\n{"text": "b"}\n'),
+                                        ("rows.json", '[{"text": "a"}, {"text": "b"}]')])
+def test_a_byte_order_mark_is_read_past(tmp_path, name, body):
+    # Files saved by Windows editors start with a UTF-8 BOM; it was read as part of the first row ("not valid JSON").
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_rows(path).rows == [{"text": "a"}, {"text": "b"}]
+
+
 def test_truncation_is_warned_and_no_pad_token_pads_with_eos(tok):
     rows = [{"text": "x " * 300}, {"text": "short text"}]
     with pytest.warns(UserWarning, match="truncated"):
