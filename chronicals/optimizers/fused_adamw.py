@@ -71,3 +71,12 @@ class FusedAdamW(torch.optim.AdamW):
         use_fused = available if fused is None else fused
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=True if use_fused else None, foreach=None if use_fused else True)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A saved group carries its optimizer's fused/foreach choice (torch.optim.AdamW saves fused=None), which
+        # torch.optim would copy into ours: the fused kernel was dropped silently, and GradScaler, which hands a
+        # fused optimizer its scale, then failed in the single-tensor loop. Keep the choice made for these
+        # parameters (and so place each "step" where that implementation wants it).
+        groups = [{**saved, "fused": ours["fused"], "foreach": ours["foreach"]}
+                  for saved, ours in zip(state_dict["param_groups"], self.param_groups)]
+        super().load_state_dict({**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]})

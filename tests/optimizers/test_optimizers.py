@@ -92,6 +92,37 @@ def test_state_dict_round_trip_continues_identically(make):
         assert torch.equal(a, b)
 
 
+def test_a_torch_adamw_state_dict_keeps_the_fused_kernel_and_steps_under_grad_scaler():
+    # A state dict saved by torch.optim.AdamW (e.g. HF Trainer's adamw_torch, resumed with FusedAdamW) carries
+    # fused=None, which load_state_dict copied into our groups: the kernel was silently dropped, and GradScaler,
+    # which hands a fused optimizer its scale, ended in "AssertionError: Expected grad_scale and found_inf to be None".
+    params, twin = _params(), _params()
+    source = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    _run(source, params, 3)
+    state = _saved_and_loaded(source.state_dict())
+    for p, t in zip(params, twin):
+        t.data.copy_(p.data)
+    opt = FusedAdamW(twin, lr=1.0)
+    opt.load_state_dict(state)
+    assert [(g["fused"], g["foreach"], g["lr"]) for g in opt.param_groups] == [(True, None, 1e-2)]
+    assert state["param_groups"][0]["fused"] is None  # the caller's dict is left as it was
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    for step in (3, 4):
+        _grads(twin, step)
+        wanted = [t.grad for t in twin]
+        opt.zero_grad()
+        scaler.scale(sum((t * g).sum() for t, g in zip(twin, wanted))).backward()  # grads: 4 x wanted
+        scaler.step(opt)
+        scaler.update()
+    _run(source, params, 2, start=3)
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and the other way: fused=False stays on foreach after loading a fused optimizer's state
+    opt = FusedAdamW(_params(), fused=False)
+    opt.load_state_dict(FusedAdamW(_params()).state_dict())
+    assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, True)]
+
+
 def test_lora_plus_state_dict_round_trip_keeps_group_learning_rates():
     from chronicals.lora import LoRAConfig, apply_lora
     from chronicals.models import build_model
