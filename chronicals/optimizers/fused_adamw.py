@@ -69,8 +69,12 @@ class FusedAdamW(torch.optim.AdamW):
             raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters {what}; "
                              "leave fused=None to fall back to the foreach implementation")
         use_fused = available if fused is None else fused
+        # foreach takes no tensor lr or betas (torch.optim raises); with foreach=None torch.optim runs its
+        # single-tensor loop for them, as torch.optim.AdamW does.
+        hyper = [lr, *betas] + [v for g in params if isinstance(g, dict) for v in (g.get("lr"), *g.get("betas", ()))]
+        foreach = None if use_fused or any(isinstance(v, torch.Tensor) for v in hyper) else True
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         fused=True if use_fused else None, foreach=None if use_fused else True)
+                         fused=True if use_fused else None, foreach=foreach)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # A saved group carries its optimizer's fused/foreach choice (torch.optim.AdamW saves fused=None), which

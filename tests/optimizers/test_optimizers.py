@@ -123,6 +123,23 @@ def test_a_torch_adamw_state_dict_keeps_the_fused_kernel_and_steps_under_grad_sc
     assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, True)]
 
 
+def test_a_tensor_learning_rate_works_without_the_fused_kernel():
+    # torch.optim.AdamW takes a tensor lr (or betas) and runs its single-tensor loop; the forced foreach fallback
+    # (fused=False, or parameters with no fused kernel) raised "lr as a Tensor is not supported for
+    # capturable=False and foreach=True".
+    for lr, betas, group_lr in ((torch.tensor(1e-2), (0.9, 0.999), None),
+                                (1e-2, (torch.tensor(0.9), torch.tensor(0.99)), None),
+                                (1e-3, (0.9, 0.999), torch.tensor(1e-2))):
+        ours, ref = _params(), _params()
+        extra = {} if group_lr is None else {"lr": group_lr}
+        opt = FusedAdamW([{"params": ours, **extra}], lr=lr, betas=betas, fused=False)
+        ref_opt = torch.optim.AdamW([{"params": ref, **extra}], lr=lr, betas=betas, foreach=False)
+        _run(opt, ours, 5)
+        _run(ref_opt, ref, 5)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+
+
 def test_lora_plus_state_dict_round_trip_keeps_group_learning_rates():
     from chronicals.lora import LoRAConfig, apply_lora
     from chronicals.models import build_model
