@@ -16,8 +16,9 @@ def _is_b(name: str) -> bool:
 
 
 def _no_decay(name: str, param) -> bool:
-    # Norm weights, biases and DoRA magnitudes are vectors: decaying them toward 0 harms the model.
-    return param.ndim < 2 or name.endswith(".bias")
+    # Norm weights, biases and DoRA magnitudes are vectors: decaying them toward 0 harms the model. A conv
+    # layer's DoRA magnitude is shaped (1, out_channels, 1, ...), so it is known by its PEFT name.
+    return param.ndim < 2 or name.endswith(".bias") or ".lora_magnitude_vector." in f".{name}."
 
 
 def lora_plus_param_groups(model: nn.Module, *, base_lr: float, lr_ratio: float, weight_decay: float) -> list[dict]:

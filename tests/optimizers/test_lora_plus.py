@@ -51,6 +51,21 @@ def test_ours_and_peft_give_the_same_groups():
         [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in peft]
 
 
+def test_dora_magnitudes_of_conv_layers_are_not_decayed():
+    # PEFT keeps a conv layer's DoRA magnitude as (1, out_channels, 1, 1), not a vector: it went to the "default"
+    # group with weight decay, where the docs put every DoRA magnitude in "no_decay".
+    from peft import LoraConfig
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: sorted(names[id(p)] for p in g["params"])
+              for g in lora_plus_param_groups(model, base_lr=1e-3, lr_ratio=16, weight_decay=0.1)}
+    assert groups["no_decay"] == ["base_model.model.0.lora_magnitude_vector.default.weight",
+                                  "base_model.model.2.lora_magnitude_vector.default.weight"]
+    assert groups["default"] == ["base_model.model.0.lora_A.default.weight", "base_model.model.2.lora_A.default.weight"]
+
+
 def test_lora_plus_rejects_bad_inputs():
     with pytest.raises(ValueError, match="no trainable LoRA B matrices"):
         create_lora_plus_optimizer(build_model("tiny-llama", seed=0))
