@@ -120,7 +120,11 @@ def _set_forward(module: nn.Module, fn, kconcat: bool) -> None:
 
 def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:
     """Route the model's PEFT LoRA layers through the fused ops; returns how many modules were rerouted.
-    `kconcat`: use the ops' K-concatenated forwards (LoRAConfig.fused_kconcat)."""
+    `kconcat`: use the ops' K-concatenated forwards (LoRAConfig.fused_kconcat). Calling it again re-installs (to
+    switch `kconcat`, or to cover the layers of an adapter added since)."""
+    # Undo an earlier install first: stacked on it, the MLP kept the fused forward as the one to fall back to and
+    # called itself (RecursionError) whenever the fused path did not apply (adapters disabled, dropout in training).
+    remove_fused(model)
     count = 0
     grouped: set[int] = set()
     for parent in model.modules():

@@ -179,3 +179,26 @@ def test_composes_with_chronicals_apply_patches():
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_install_fused_again_reinstalls_instead_of_stacking():
+    """A second install_fused (here to switch to kconcat) kept the first install's fused MLP forward as the one to
+    fall back to: with the adapters disabled the MLP called itself until RecursionError, and remove_fused left the
+    attention's q/k/v rerouted to a group it had removed (AttributeError)."""
+    from chronicals.lora import install_fused, remove_fused
+
+    cfg = LoRAConfig(rank=4, alpha=8)
+    ours = apply_lora(_tiny(), cfg)
+    _randomize_b(ours)
+    ref = get_peft_model(_tiny(), peft_config(cfg, task_type="CAUSAL_LM"))
+    ref.load_state_dict(ours.state_dict())
+    assert install_fused(ours, kconcat=True) == install_fused(apply_lora(_tiny(), cfg))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert "_LoRASwiGLUMLPKConcatBackward" in graph_names(ours(input_ids=ids).logits)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        with ours.disable_adapter(), ref.disable_adapter():
+            torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+        remove_fused(ours)
+        assert not any("forward" in vars(m) for m in ours.modules())
+        torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
