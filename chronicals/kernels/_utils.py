@@ -89,6 +89,22 @@ def check_same(names_tensors: dict, *, dtype: bool = True, device: bool = True) 
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
 
 
+def autocast_inputs(*tensors):
+    """`tensors` as autocast's own matmul would take them when autocast is on for the first one's device type: the
+    floating tensors other than float64 on that device type cast to autocast's dtype (the casts stay on the autograd
+    graph, so fp32 master weights still receive their gradients), anything else as it is. Casting every argument
+    first made an int tensor pass the input checks (computed in bf16), cast a module passed in place of its weight
+    to bf16 in place before refusing it, and broke on a non-tensor with an AttributeError; left alone, the checks
+    refuse each by name. (autocast itself leaves float64 as it is, and so do the checks.)"""
+    first = tensors[0]
+    if not (isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)):
+        return tensors
+    device_type = first.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 and t.device.type == device_type else t for t in tensors)
+
+
 def backward_once(backward=None, *, what: str = "", fix: str = "use the unfused PyTorch op"):
     """Decorates an autograd.Function backward whose Triton kernels build no graph: under create_graph=True its
     gradients get a node that raises if a second backward reaches it. torch's once_differentiable adds that node

@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, backward_once, check_same, check_tensor, next_power_of_2, row_block_settings
+from ._utils import (
+    INTERPRET,
+    autocast_inputs,
+    backward_once,
+    check_same,
+    check_tensor,
+    next_power_of_2,
+    row_block_settings,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "vocab", "rows", "tiles")
@@ -527,12 +535,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     144.5 ms with the check and 123.5 ms without it in one benchmarks/step_profile.py run; the harness runs before
     and after the change, 120.6 and 126.5 ms, did not separate it from run-to-run noise.)
     """
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # As autocast would run the lm_head matmul: in its low-precision dtype (the casts stay on the
-        # autograd graph, so fp32 master weights still receive their gradient).
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    # As autocast would run the lm_head matmul: in its low-precision dtype (fp32 master weights still receive their
+    # gradient); an argument autocast would not cast is left for the checks below.
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
                   strategy, chunk, check_labels)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

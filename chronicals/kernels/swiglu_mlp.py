@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import backward_once, check_same, check_tensor
+from ._utils import autocast_inputs, backward_once, check_same, check_tensor
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -76,9 +76,7 @@ def fused_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
 
     Under autocast, x and the weights are cast to the autocast dtype first, as autocast's own linear would
     (the casts stay on the autograd graph, so fp32 master weights still get their gradients)."""
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    x, w_gate, w_up, w_down = autocast_inputs(x, w_gate, w_up, w_down)  # a tensor autocast would not cast is refused
     check_tensor("x", x)
     check_tensor("w_gate", w_gate, ndim=2)
     check_tensor("w_up", w_up, ndim=2)

@@ -214,6 +214,26 @@ def test_autocast_runs_in_its_dtype_and_reaches_fp32_weights():
     assert leaves[0].grad.dtype == leaves[1].grad.dtype == torch.float32
 
 
+def test_autocast_casts_only_what_autocast_would_and_the_checks_refuse_the_rest():
+    # Every argument was cast before the checks: an int hidden or weight passed them (computed in bf16), a module
+    # passed in place of its weight had its parameters cast to bf16 in place before the TypeError, and a non-tensor
+    # bias failed with an AttributeError. float64 stays float64 under autocast (as autocast leaves it) and is refused.
+    hidden, weight, _, labels = make_inputs(4, 5, 10, torch.float32, 0)
+    lm_head = torch.nn.Linear(5, 10, bias=False).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="hidden has dtype int64"):
+            fused_linear_cross_entropy(hidden.long(), weight, labels)
+        with pytest.raises(TypeError, match="weight has dtype int32"):
+            fused_linear_cross_entropy(hidden, weight.int(), labels)
+        with pytest.raises(TypeError, match="hidden has dtype float64"):
+            fused_linear_cross_entropy(hidden.double(), weight.double(), labels)
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            fused_linear_cross_entropy(hidden, weight, labels, 0.5)
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor, got Linear"):
+            fused_linear_cross_entropy(hidden, lm_head, labels)
+    assert lm_head.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_frozen_weight_and_constant_hidden(strategy):
     hidden, weight, _, labels = make_inputs(12, 7, 30, torch.float32, 4)

@@ -228,4 +228,15 @@ def test_bad_input_names_the_argument():
         fused_swiglu_mlp(x, w, w, wd.half())
     with pytest.raises(TypeError, match="x has dtype int64"):
         fused_swiglu_mlp(x.long(), w, w, wd)
+    # Under autocast too: only what autocast itself casts is cast (an int x was computed in bf16, float64 silently
+    # cast to bf16, and a module passed in place of a weight had its parameters cast in place before the TypeError).
+    gate_proj = nn.Linear(8, 6, bias=False).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="x has dtype int64"):
+            fused_swiglu_mlp(x.long(), w, w, wd)
+        with pytest.raises(TypeError, match="x has dtype float64"):
+            fused_swiglu_mlp(x.double(), w.double(), w.double(), wd.double())
+        with pytest.raises(TypeError, match="w_gate must be a torch.Tensor, got Linear"):
+            fused_swiglu_mlp(x, gate_proj, w, wd)
+    assert gate_proj.weight.dtype == torch.float32
 
