@@ -114,8 +114,11 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
             z = softcap * _tanh(z / softcap)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        # m starts at -inf and s at 0, so the first rescale is 0 · exp(-inf) = 0, never NaN.
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        # Rescale against m_new, or against 0 while every column so far is -inf (a -inf bias masking the vocabulary's
+        # start): exp(-inf - (-inf)) would be NaN, where the sum of those columns is simply 0. m starts at -inf and s
+        # at 0, so the first rescale is 0 · exp(-inf) = 0.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
         m = m_new
         # `mask` too: a label just past this block can sit in the tile's padding (masked to -inf).
         target += tl.sum(tl.where((cols == local_label) & mask, z, 0.0), axis=0)

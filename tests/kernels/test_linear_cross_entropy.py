@@ -140,6 +140,27 @@ def test_all_ignored_batch_is_zero_not_nan(reduction, strategy):
         assert torch.equal(t.grad.float(), torch.zeros_like(t.grad.float()))
 
 
+@pytest.mark.parametrize("strategy, chunk", [("vocab", 8), ("rows", 4), ("tiles", (2, 8))])
+def test_a_masked_start_of_the_vocabulary_is_finite(strategy, chunk):
+    # A -inf bias on the first 16 of 40 entries: the online log-sum-exp rescaled by exp(-inf - (-inf)) = NaN while
+    # every column so far was -inf, so loss and gradients were NaN where F.cross_entropy is finite.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 6, generator=gen).to(DEVICE)
+    weight = torch.randn(40, 6, generator=gen).to(DEVICE)
+    bias = torch.zeros(40, device=DEVICE)
+    bias[:16] = float("-inf")
+    labels = torch.tensor([16, 20, 39, 25, 30], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    loss = fused_linear_cross_entropy(leaves[0], leaves[1], labels, bias, strategy=strategy, chunk=chunk)
+    loss.backward()
+    ref_leaves = [t.double().clone().requires_grad_() for t in (hidden, weight)]
+    ref = F.cross_entropy(ref_leaves[0] @ ref_leaves[1].t() + bias.double(), labels)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 def test_empty_batch(strategy):
     h = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
