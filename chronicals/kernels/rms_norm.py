@@ -18,6 +18,7 @@ Memory-bound: each kernel moves its bytes once. Per row of H elements of b bytes
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -312,9 +313,10 @@ def _check(hidden_states, weight, eps, offset, residual=None) -> None:
                          f"(shape {tuple(hidden_states.shape)}) must equal it")
     if not 1 <= weight.shape[0] <= _MAX_BLOCK_N:
         raise ValueError(f"weight has {weight.shape[0]} elements; supported hidden sizes are 1..{_MAX_BLOCK_N}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    # numbers.Real: numpy scalars (np.float32 is no float) are numbers too; a bool is not meant as one.
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+    if not (isinstance(offset, numbers.Real) and not isinstance(offset, bool) and math.isfinite(offset)):
         raise ValueError(f"offset must be a finite number (0.0, or 1.0 for Gemma-style weights), got {offset!r}")
 
 

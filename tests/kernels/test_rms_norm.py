@@ -204,6 +204,18 @@ def test_bad_input_names_the_argument():
         fused_rmsnorm(torch.tensor(1.0, device=DEVICE), torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match="eps"):
         fused_rmsnorm(x, w, eps=float("nan"))
+    with pytest.raises(ValueError, match="eps"):
+        fused_rmsnorm(x, w, eps=True)
+
+
+def test_numpy_scalars_are_numbers():
+    # np.float32 is not a Python float: eps=np.float32(1e-6) (a config read through numpy) was refused as not a number.
+    import numpy as np
+
+    x = torch.randn(3, 8, device=DEVICE)
+    w = torch.rand(8, device=DEVICE)
+    torch.testing.assert_close(fused_rmsnorm(x, w, eps=np.float32(1e-5), offset=np.float64(1.0)),
+                               fused_rmsnorm(x, w, eps=1e-5, offset=1.0))
     with pytest.raises(ValueError, match="hidden sizes"):
         fused_rmsnorm(torch.randn(1, 40000, device=DEVICE), torch.ones(40000, device=DEVICE))
 
