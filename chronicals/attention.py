@@ -299,6 +299,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError(f"packed attention has no attention dropout; set config.attention_dropout = 0 (is {dropout})")
     if attention_mask is not None:
         raise ValueError("a packed batch takes no attention mask: sequence boundaries come from cu_seq_lens_q")
+    if torch.is_autocast_enabled(query.device.type):
+        # Under autocast with fp32 hidden states (fp32 master weights), HF's RoPE hands q and k back in fp32. Attention
+        # runs in autocast's dtype, as autocast runs SDPA and HF's flash path casts; fp32 would also select the
+        # per-sequence SDPA loop instead of a half-precision varlen kernel.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (x.to(dtype) if x.dtype == torch.float32 else x for x in (query, key, value))
     flat = lambda x: x.transpose(1, 2).reshape(batch * q_len, x.shape[1], head_dim)  # noqa: E731
     out = varlen_attention(flat(query), flat(key), flat(value), layout, scale=scaling, sliding_window=sliding_window)
     return out.view(batch, q_len, -1, head_dim), None

@@ -348,6 +348,28 @@ def test_backend_preference(monkeypatch):
     assert not attention.available("magic")
 
 
+def test_packed_attention_runs_in_autocasts_dtype(monkeypatch):
+    # Under autocast with fp32 hidden states HF's RoPE returns fp32 q/k; the varlen call then selected by fp32 (on a GPU
+    # the per-sequence SDPA loop, not FlashAttention). It must see autocast's dtype, as SDPA does under autocast.
+    seen = []
+    real = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention", lambda q, k, v, *a, **kw: seen.append(
+        (q.dtype, k.dtype, v.dtype)) or real(q, k, v, *a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 10, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 10, 16, generator=gen).to(DEVICE) for _ in range(2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    kind = torch.device(DEVICE).type
+    with torch.autocast(kind, dtype=torch.bfloat16):
+        out, _ = attention.packed_attention_forward(None, q, k, v.bfloat16(), None, cu_seq_lens_q=cu, max_length_q=6)
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    want, _ = attention.packed_attention_forward(None, q.bfloat16(), k.bfloat16(), v.bfloat16(), None,
+                                                 cu_seq_lens_q=cu, max_length_q=6)
+    torch.testing.assert_close(out, want)
+    out32, _ = attention.packed_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6)
+    assert out32.dtype == torch.float32  # without autocast, the inputs' own dtype
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash_attn_cute", "torch_varlen"])
 def test_gpu_backends_match_float64_reference(backend):
