@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated backends to run (the reference always runs: the others are "
                                   "verified against it)")
     p.add_argument("--quick", action="store_true", help=f"at most warm-up + {QUICK_TIMED} timed steps per run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the scenario's last bench in the results file (one that was stopped): the runs it "
+                        "recorded are kept, the others run and are verified against its reference; same code and "
+                        "--quick as that bench")
     args = p.parse_args(argv)
     try:
         sc = scenarios.load(args.scenario)
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or "reports/results")
     if out.is_dir() or args.out is None or args.out.endswith("/"):
         out = out / f"{sc.name}.jsonl"
-    from .runner import run_scenario
+    from .runner import ResumeError, run_scenario
     from .summary import table
 
     # SIGTERM (kill, a job scheduler's stop) would end this process at once, leaving the running worker (in its own
@@ -65,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes = run_scenario(sc, out, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                                 logs_dir=out.parent / f"{out.stem}-logs",
-                                only=sorted({r.backend for r in sc.runs}) if args.only else None)
+                                only=sorted({r.backend for r in sc.runs}) if args.only else None, resume=args.resume)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"\n{sc.name}: {len(outcomes)} runs, rows appended to {out}")

@@ -86,3 +86,32 @@ def reference_run(path: str | Path, scenario: str, run_id: str, run: Run) -> Ref
         return None
     params = scalars.get("trainable_params")
     return Reference(curves, None if params is None else int(params), scalars.get("first_batch_loss_after"))
+
+
+class Recorded(NamedTuple):
+    """The latest bench of a scenario in a results file: its provenance (run_id, commit, steps, ...) and the
+    (backend, variant) runs it recorded."""
+
+    provenance: dict
+    runs: set[tuple[str, str]]
+
+
+def latest_bench(path: str | Path, scenario: str) -> Recorded | None:
+    """The last bench of `scenario` in the results file (the run_id of its last row), or None when it has none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a torn line: the run that wrote it never finished
+                continue
+            if isinstance(r, dict) and r.get("scenario") == scenario and r.get("provenance", {}).get("run_id"):
+                rows.append(r)
+    if not rows:
+        return None
+    provenance = rows[-1]["provenance"]
+    runs = {(r["backend"], r["variant"]) for r in rows if r["provenance"]["run_id"] == provenance["run_id"]}
+    return Recorded(provenance, runs)

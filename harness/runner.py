@@ -97,14 +97,19 @@ def child_env(scenario: Scenario) -> dict:
 
 def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], None] = print,
                  launcher: Callable[..., Launched] = launch, logs_dir: Path | None = None,
-                 only: list[str] | None = None) -> list[Outcome]:
-    """Run every cell of the matrix, reference first; returns the outcomes (rows are already on disk). `only`: the
-    backends `bench --only` kept, recorded so the report does not take the runs it left out for a stopped bench."""
-    run_id = uuid.uuid4().hex[:12]
-    base = {"run_id": run_id, "scenario_file": scenario.path, "commit": commit(), "versions": versions(),
-            "host": platform.node()}
+                 only: list[str] | None = None, resume: bool = False) -> list[Outcome]:
+    """Run every cell of the matrix, reference first; returns the outcomes of the runs made (rows are already on
+    disk). `only`: the backends `bench --only` kept, recorded so the report does not take the runs it left out for a
+    stopped bench. `resume`: continue the scenario's last bench in `out` (see `resumed`): its recorded runs are kept
+    and skipped, the others run under its run_id, so they are verified against its reference."""
+    base = {"run_id": uuid.uuid4().hex[:12], "scenario_file": scenario.path, "commit": commit(),
+            "versions": versions(), "host": platform.node(), "train_steps": scenario.train.steps}
     if only:
         base["only"] = list(only)
+    done: set[tuple[str, str]] = set()
+    if resume:
+        base["run_id"], done = resumed(scenario, out, base)
+    run_id = base["run_id"]
     env = child_env(scenario)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
@@ -133,6 +138,9 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
                 log(f"matmul ceiling probe failed; MFU vs measured ceiling omitted:\n{probe.log_tail}")
         context = _Context(scenario, Path(out), run_id, base, device, ceiling, steps, flops)
         for i, run in enumerate(scenario.ordered_runs(), 1):
+            if (run.backend, run.variant) in done:
+                log(f"[{i}/{len(scenario.runs)}] {run.backend} ({run.variant}): recorded by the bench resumed, kept")
+                continue
             name = f"{i:02d}-{run.backend}-{run.variant}"
             job_path, result_path = tmp / f"{name}.job.json", tmp / f"{name}.result.json"
             job_path.write_text(json.dumps(_job(scenario, run, ckpt, cfg["model_type"], tmp / "data.pt")),
@@ -145,6 +153,25 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
             log(f"    {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
             outcomes.append(outcome)
     return outcomes
+
+
+class ResumeError(ValueError):
+    """`bench --resume` found nothing, or something else, to continue."""
+
+
+def resumed(scenario: Scenario, out: str | Path, base: dict) -> tuple[str, set[tuple[str, str]]]:
+    """(run_id, recorded runs) of the scenario's last bench in `out`, refused (ResumeError) when there is none or when
+    it ran other code or another number of steps: its rows and the new ones must be one matrix. Weights and data
+    are rebuilt from the scenario's seed, so they are the same."""
+    last = results.latest_bench(out, scenario.name)
+    if last is None:
+        raise ResumeError(f"--resume: {out} holds no bench of scenario {scenario.name!r} to continue; run it without "
+                         "--resume")
+    for key, what in (("commit", "code"), ("train_steps", "number of steps (give --quick as that bench did)")):
+        if last.provenance.get(key) != base[key]:
+            raise ResumeError(f"--resume: the last bench of {scenario.name!r} in {out} ran another {what}: {key} "
+                             f"{last.provenance.get(key)!r} there, {base[key]!r} now; run it again without --resume")
+    return last.provenance["run_id"], last.runs
 
 
 def _job(scenario: Scenario, run: Run, ckpt: Path, model_type: str, data_path: Path) -> dict:

@@ -5,6 +5,7 @@ status."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,43 @@ def test_a_blank_or_torn_line_in_the_results_file_neither_stops_the_matrix_nor_e
     lines = out.read_text().splitlines()
     assert lines[2] == '{"scenario": "killed mid-wri'  # the torn line stays alone on its line
     assert {json.loads(x)["scenario"] for x in lines[3:]} == {"s"}
+
+
+def test_resume_runs_only_what_the_stopped_bench_did_not_record(tmp_path, capsys):
+    """A matrix stopped in its third run, resumed: only that run is made, under the first bench's run_id, verified
+    against the first bench's reference."""
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None,
+                     launcher=Launcher(out, [good_result(), good_result(), KeyboardInterrupt()]))
+    launcher = Launcher(out, [good_result((5.0, 4.9, 9.0))])
+    outcomes = run_scenario(scenario.parse(RAW, "s.toml"), out, log=print, launcher=launcher, resume=True)
+    assert launcher.seen == [["liger", "torch"]]  # one launch: unsloth's
+    assert [(o.run.backend, o.status) for o in outcomes] == [("unsloth", "failed-verification")]
+    assert "loss 9 vs reference 4.8" in outcomes[0].reason  # checked against the stopped bench's torch run
+    assert "torch (default): recorded by the bench resumed, kept" in capsys.readouterr().out
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({r["provenance"]["run_id"] for r in rows}) == 1
+    assert {r["backend"] for r in rows} == {"torch", "liger", "unsloth"}
+
+
+def test_resume_refuses_nothing_to_continue_and_another_number_of_steps(tmp_path):
+    from harness.runner import ResumeError
+
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(ResumeError, match="holds no bench of scenario 's'"):
+        run_scenario(scenario.parse(RAW, "s.toml"), out, log=lambda m: None, launcher=Launcher(out, []), resume=True)
+    run_scenario(scenario.parse({**RAW, "backends": ["torch"]}, "s.toml"), out, log=lambda m: None,
+                 launcher=Launcher(out, [good_result()]))
+    longer = {**RAW, "train": {**RAW["train"], "steps": 4}}
+    with pytest.raises(ResumeError, match="number of steps .*train_steps 3 there, 4 now"):
+        run_scenario(scenario.parse(longer, "s.toml"), out, log=lambda m: None, launcher=Launcher(out, []),
+                     resume=True)
+
+
+def test_bench_resume_with_nothing_to_continue_is_a_plain_error(tmp_path, capsys):
+    from harness import bench
+
+    smoke = Path(__file__).resolve().parents[2] / "scenarios" / "smoke-cpu.toml"
+    assert bench.main(["--scenario", str(smoke), "--out", str(tmp_path / "none.jsonl"), "--resume"]) == 2
+    assert "holds no bench of scenario 'smoke-cpu'" in capsys.readouterr().err
