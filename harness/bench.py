@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM as above
+        print(f"\n{sc.name}: stopped; the runs that ended are in {out}. Continue with the same command and --resume.",
+              file=sys.stderr)
+        return e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"\n{sc.name}: {len(outcomes)} runs, rows appended to {out}")

@@ -88,3 +88,4 @@ def test_sigterm_to_bench_kills_the_running_worker_and_keeps_finished_rows(tmp_p
             os.killpg(worker, signal.SIGKILL)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["backend"], r["status"]) for r in rows] == [("fake_oom", "oom")]
+    assert "stopped; the runs that ended are in" in bench.stderr.read().decode()  # and how to continue: --resume
