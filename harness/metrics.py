@@ -5,8 +5,10 @@ sum(len - 1) per step for any layout. Statistics: median over the timed steps (a
 
 FLOP convention (model FLOPs, per training step; recomputation is never counted):
 - Matmul weights: N = the parameters of every linear layer, lm_head included (the embedding lookup and norms are
-  not matmuls). Per token, forward 2N; backward 2N for activation gradients plus 2N for weight gradients.
-  Full fine-tuning: 6N per token. LoRA: 4N for the frozen weights (no weight gradient) + 6 N_lora for the adapters.
+  not matmuls). Per token the model runs on (every position of a sequence: sum(len) per step, one more per
+  sequence than the tokens counted above), forward 2N; backward 2N for activation gradients plus 2N for weight
+  gradients. Full fine-tuning: 6N per token. LoRA: 4N for the frozen weights (no weight gradient) + 6 N_lora for
+  the adapters.
 - Attention (no weights): per layer and sequence of length L, forward QK^T and PV cost 2 * 2 * L^2 * H_q * d_head,
   halved for the causal mask; training is 3x forward: 6 * L^2 * H_q * d_head. Padding is not counted.
 MFU = achieved model TFLOP/s / peak: the datasheet's dense bf16 peak for the GPU, and the matmul ceiling measured on

@@ -25,8 +25,9 @@ METHOD = """\
   nor `ignore_index` (-100). Tokens/s is real training tokens per second, counted by the harness from the data, so
   padding never inflates a number (this is what separates padded from packed runs).
 - **FLOP convention** (`harness/metrics.py`). Model FLOPs per step, recomputation never counted. N = parameters of
-  every linear layer, `lm_head` included: 6N per counted token for full fine-tuning; for LoRA 4N for the frozen
-  weights (no weight gradient) plus 6 N_lora for the adapters. Attention adds 6 L^2 H_q d_head per layer and
+  every linear layer, `lm_head` included: 6N per token the model runs on (every position of a sequence of L
+  tokens, L in all: one more per sequence than the L - 1 tokens counted above) for full fine-tuning; for LoRA 4N for
+  the frozen weights (no weight gradient) plus 6 N_lora for the adapters. Attention adds 6 L^2 H_q d_head per layer and
   sequence of L tokens (QK^T and PV, halved for the causal mask, training = 3x forward); padding is not counted.
   MFU is stated twice: against the GPU's datasheet dense BF16 peak (989 TFLOP/s for an H200) and against a bf16
   matmul ceiling measured on the same GPU at the start of the same scenario run.
