@@ -18,7 +18,10 @@ class ProcessMemory:
 
             pynvml.nvmlInit()
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+            if visible.startswith(("GPU-", "MIG-")):  # a device named by UUID: index 0 would be another GPU
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
+            else:
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
             self._nvml = pynvml
         except Exception:
             self._nvml = None
