@@ -22,6 +22,14 @@ import torch
 from torch import nn
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5, or a build without torch.distributed: no FSDP2 either
+        return False
+    return isinstance(t, DTensor)
+
+
 class _Handle:
     __slots__ = ("index", "host", "device_copy", "ready")
 
@@ -46,7 +54,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.min_bytes = min_bytes if self.cuda else 0
         self.prefetch = prefetch
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # FSDP2's parameters are DTensor shards, which have no storage of their own to compare with (and are never
+        # what autograd saves: the forward uses the gathered weights, which _eligible recognises as parameters).
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if not _is_dtensor(p)}
         self.handles: list[_Handle] = []
         self.offloaded_bytes = 0
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -56,6 +66,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return (
             t.device == self.device
             and not isinstance(t, nn.Parameter)
+            # A view of a parameter (linear saves weight.t()), also of one FSDP2 gathered just for this forward,
+            # whose storage is in no list made before it: copying it would hold every gathered weight on the host.
+            and not isinstance(t._base, nn.Parameter)
             and t.untyped_storage().data_ptr() not in self.param_storages
             and t.numel() * t.element_size() >= self.min_bytes
             and t.layout == torch.strided

@@ -156,6 +156,17 @@ def bf16_export(out: Path) -> dict:
     return {"final_model": trainer.train(rows()).final_model}
 
 
+def offloaded_checkpointing(out: Path) -> dict:
+    """Gradient checkpointing with activation offloading, under FSDP2 on several processes (its parameters are
+    DTensor shards while the forward uses weights gathered just for it)."""
+    from chronicals.training import ChronicalsTrainer
+
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=2, use_gradient_checkpointing=True,
+                                                             activation_offload=True))
+    return {"strategy": trainer.strategy, "losses": trainer.train(rows()).losses,
+            "grad_norms": [r["grad_norm"] for r in metrics(out)]}
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -185,7 +196,8 @@ def all_runs(root: Path) -> dict:
             "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop"),
             "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch"),
             "dropout_ddp": dropout_resume(root / "dropout_ddp", "ddp"),
-            "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16")}
+            "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16"),
+            "offload": offloaded_checkpointing(root / "offload")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

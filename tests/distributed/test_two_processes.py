@@ -33,6 +33,7 @@ def test_two_gloo_processes(tmp_path):
     check_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs)
     check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(runs)
     check_every_rank_resumes_its_own_random_state(runs)
+    check_activation_offload_under_fsdp2_matches_one_process(runs)
 
 
 def check_fsdp2_losses_match_one_process(runs):
@@ -146,3 +147,13 @@ def check_every_rank_resumes_its_own_random_state(runs):
     for run in ("dropout_ddp", "dropout_fsdp2"):
         uninterrupted, resumed = ranks[0][run]["losses"], ranks[0][run]["resumed"]
         assert len(resumed) == 1 and resumed[0] == pytest.approx(uninterrupted[2], rel=1e-6), run
+
+
+def check_activation_offload_under_fsdp2_matches_one_process(runs):
+    # OffloadActivations read every parameter's storage, which FSDP2's DTensor shards do not have: a RuntimeError
+    # ("invalid python storage") in the first forward.
+    ranks, one, _ = runs
+    two = ranks[0]["offload"]
+    assert two["strategy"] == "fsdp2"
+    assert two["losses"] == pytest.approx(one["offload"]["losses"], rel=1e-4)
+    assert two["grad_norms"] == pytest.approx(one["offload"]["grad_norms"], rel=1e-4)
