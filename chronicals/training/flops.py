@@ -26,6 +26,7 @@ DATASHEET_BF16 = {
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,  # L40 datasheet: 362 with sparsity; without this row "NVIDIA L40" matched "L4" (121)
     "L4": 121e12,
     "A10G": 70e12,
     "RTX 4090": 165.2e12,

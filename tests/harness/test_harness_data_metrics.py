@@ -88,6 +88,7 @@ def test_speed_uses_real_tokens_and_both_peaks():
 @pytest.mark.parametrize("gpu, peak", [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", 165.2),
+    ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
     ("NVIDIA B300", None), ("", None), (None, None),
 ])
 def test_datasheet_peak_is_the_most_specific_match(gpu, peak, monkeypatch):
