@@ -38,7 +38,8 @@ class DistEnv:
 
 
 def detect() -> DistEnv:
-    """Rank, world size and local rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """Rank, world size and local rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or from the
+    process group when one is already initialized."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -47,6 +48,16 @@ def detect() -> DistEnv:
         raise RuntimeError(f"torchrun environment variables RANK/WORLD_SIZE/LOCAL_RANK must be integers: {e}") from e
     if world < 1 or not 0 <= rank < world:
         raise RuntimeError(f"inconsistent torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    if dist.is_available() and dist.is_initialized():
+        # A process group the caller started itself (torch.multiprocessing + init_process_group, which need not set
+        # these variables): its rank and size are the truth. Read from the environment alone, each process would
+        # train a model of its own as world size 1, all of them writing into the same output_dir.
+        group_rank, group_world = dist.get_rank(), dist.get_world_size()
+        if "WORLD_SIZE" in os.environ and (rank, world) != (group_rank, group_world):
+            raise RuntimeError(f"the environment says RANK={rank}, WORLD_SIZE={world} but the initialized process "
+                               f"group has rank {group_rank} of {group_world}")
+        return DistEnv(rank=group_rank, world_size=group_world,
+                       local_rank=int(os.environ.get("LOCAL_RANK", str(group_rank))))
     return DistEnv(rank=rank, world_size=world, local_rank=local)
 
 

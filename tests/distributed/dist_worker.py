@@ -219,6 +219,35 @@ def _worker(rank: int, world_size: int, root: str) -> None:
             dist.destroy_process_group()
 
 
+def _own_group_worker(rank: int, world_size: int, root: str) -> None:
+    """A process group started by the caller, without torchrun's variables (the torch.multiprocessing way)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    os.environ["TRITON_INTERPRET"] = "0"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from chronicals.training import ChronicalsTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        trainer = ChronicalsTrainer(model(), tokenizer(), config(Path(root) / "run", max_steps=1))
+        result = {"env": [trainer.env.rank, trainer.env.world_size], "strategy": trainer.strategy,
+                  "losses": trainer.train(rows()).losses}
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_own_group(world_size: int, root: Path) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    root.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_own_group_worker, args=(world_size, str(root)), nprocs=world_size, start_method="spawn")
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
 def spawn(world_size: int, root: Path) -> list[dict]:
     """Run `all_runs` on `world_size` gloo processes; returns each rank's results."""
     import torch.multiprocessing as mp

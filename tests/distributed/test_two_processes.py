@@ -36,6 +36,15 @@ def test_two_gloo_processes(tmp_path):
     check_activation_offload_under_fsdp2_matches_one_process(runs)
 
 
+def test_a_process_group_started_by_the_caller_is_used(tmp_path):
+    # torch.multiprocessing + init_process_group sets no RANK / WORLD_SIZE: the trainer read only those, so each
+    # process trained alone (strategy "none", world size 1) on the whole data, both writing one output_dir.
+    ranks = dist_worker.spawn_own_group(2, tmp_path)
+    assert [r["env"] for r in ranks] == [[0, 2], [1, 2]]
+    assert [r["strategy"] for r in ranks] == ["fsdp2", "fsdp2"]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # one training, its loss reduced over the ranks
+
+
 def check_fsdp2_losses_match_one_process(runs):
     ranks, one, _ = runs
     for run in ("full", "untied"):
