@@ -123,6 +123,9 @@ def gradient_sync(forward_model: nn.Module, sync: bool):
     reduce-scattering every micro-batch, so gradients stay sharded (skipping would hold them whole)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    # use_torch_compile wraps the DDP module (an OptimizedModule holding it as _orig_mod): look through it, or
+    # every micro-batch would be all-reduced.
+    forward_model = getattr(forward_model, "_orig_mod", forward_model)
     if not sync and isinstance(forward_model, DistributedDataParallel):
         return forward_model.no_sync()
     return contextlib.nullcontext()

@@ -105,3 +105,23 @@ def test_resume_needs_the_same_world_size_and_layout(tmp_path):
     (path / "trainer_state.json").write_text(json.dumps({"step": 4}))  # saved before multi-GPU support
     with pytest.raises(SetupError, match=r"saved by 1 process\(es\)"):
         dist_checkpoint.check_resumable(path, TWO, "fsdp2")
+
+
+def test_accumulation_skips_the_all_reduce_under_torch_compile_too(tmp_path):
+    # torch.compile wraps the DDP module in an OptimizedModule, which is no DistributedDataParallel: no_sync was
+    # never entered and every micro-batch was all-reduced (checked with a counting comm hook on 2 processes: 4
+    # reductions for 2 steps of 2 micro-batches, 2 with the fix). Compiling is lazy, so nothing compiles here.
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(torch.nn.Linear(2, 2))
+        for forward_model in (ddp, torch.compile(ddp)):
+            with parallel.gradient_sync(forward_model, sync=False):
+                assert not ddp.require_backward_grad_sync
+            with parallel.gradient_sync(forward_model, sync=True):
+                assert ddp.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()
