@@ -109,6 +109,9 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
     done: set[tuple[str, str]] = set()
     if resume:
         base["run_id"], done = resumed(scenario, out, base)
+        if all((r.backend, r.variant) in done for r in scenario.runs):
+            log(f"{scenario.name}: the bench resumed recorded every run; nothing left to run")
+            return []
     run_id = base["run_id"]
     env = child_env(scenario)
     outcomes: list[Outcome] = []

@@ -153,6 +153,9 @@ def test_resume_runs_only_what_the_stopped_bench_did_not_record(tmp_path, capsys
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len({r["provenance"]["run_id"] for r in rows}) == 1
     assert {r["backend"] for r in rows} == {"torch", "liger", "unsloth"}
+    # resumed again: every run is recorded, so nothing is built or launched
+    assert run_scenario(scenario.parse(RAW, "s.toml"), out, log=print, launcher=Launcher(out, []), resume=True) == []
+    assert "nothing left to run" in capsys.readouterr().out
 
 
 def test_resume_refuses_nothing_to_continue_and_another_number_of_steps(tmp_path):
