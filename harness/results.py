@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,23 +66,14 @@ def reference_run(path: str | Path, scenario: str, run_id: str, run: Run) -> Ref
     provenance); None when that run did not pass its own verification."""
     curves: dict[str, dict[int, float]] = {"loss": {}, "grad_norm": {}}
     scalars: dict[str, float] = {}
-    path = Path(path)
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a blank or torn line (another run's): not this run's reference
-                continue
-            if not (isinstance(r, dict) and r.get("scenario") == scenario and r.get("backend") == run.backend
-                    and r.get("variant") == run.variant
-                    and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"):
-                continue
-            if r.get("metric") in curves and r.get("step") is not None:
-                curves[r["metric"]][r["step"]] = r["value"]
-            elif r.get("metric") in ("trainable_params", "first_batch_loss_after"):
-                scalars[r["metric"]] = r["value"]
+    for r in _scenario_rows(path, scenario):
+        if not (r.get("backend") == run.backend and r.get("variant") == run.variant
+                and r.get("provenance", {}).get("run_id") == run_id and r.get("status") == "ok"):
+            continue
+        if r.get("metric") in curves and r.get("step") is not None:
+            curves[r["metric"]][r["step"]] = r["value"]
+        elif r.get("metric") in ("trainable_params", "first_batch_loss_after"):
+            scalars[r["metric"]] = r["value"]
     if not curves["loss"]:
         return None
     params = scalars.get("trainable_params")
@@ -98,20 +90,24 @@ class Recorded(NamedTuple):
 
 def latest_bench(path: str | Path, scenario: str) -> Recorded | None:
     """The last bench of `scenario` in the results file (the run_id of its last row), or None when it has none."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a torn line: the run that wrote it never finished
-                continue
-            if isinstance(r, dict) and r.get("scenario") == scenario and r.get("provenance", {}).get("run_id"):
-                rows.append(r)
+    rows = [r for r in _scenario_rows(path, scenario) if r.get("provenance", {}).get("run_id")]
     if not rows:
         return None
     provenance = rows[-1]["provenance"]
     runs = {(r["backend"], r["variant"]) for r in rows if r["provenance"]["run_id"] == provenance["run_id"]}
     return Recorded(provenance, runs)
+
+
+def _scenario_rows(path: str | Path, scenario: str) -> Iterator[dict]:
+    """The rows of `scenario` in the results file, in file order (none when there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a blank or torn line: the run that wrote it never finished
+                continue
+            if isinstance(r, dict) and r.get("scenario") == scenario:
+                yield r
