@@ -313,11 +313,15 @@ def _check(hidden_states, weight, eps, offset, residual=None) -> None:
                          f"(shape {tuple(hidden_states.shape)}) must equal it")
     if not 1 <= weight.shape[0] <= _MAX_BLOCK_N:
         raise ValueError(f"weight has {weight.shape[0]} elements; supported hidden sizes are 1..{_MAX_BLOCK_N}")
-    # numbers.Real: numpy scalars (np.float32 is no float) are numbers too; a bool is not meant as one.
-    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+    if not (_finite_number(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (isinstance(offset, numbers.Real) and not isinstance(offset, bool) and math.isfinite(offset)):
+    if not _finite_number(offset):
         raise ValueError(f"offset must be a finite number (0.0, or 1.0 for Gemma-style weights), got {offset!r}")
+
+
+def _finite_number(x) -> bool:
+    # numbers.Real: numpy scalars (np.float32 is no float) are numbers too; a bool is not meant as one.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
