@@ -307,16 +307,16 @@ def time_impls(impls, sets, grad_idx, quick):
             try:
                 with _settings_of(fn):
                     for pas, f in zip(("fwd", "fwd_bwd"), _fwd_and_fwdbwd(fn, sets, grad_idx)):
-                        if methods.get((name, pas)) == "events":
-                            times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
-                            continue
-                        try:
-                            times[name][pas] += bench_graph_ms(f, calls=calls, replays=3 if quick else 5)["times_ms"]
-                            methods[(name, pas)] = "cuda_graph"
-                        except Exception as exc:  # a peer that cannot be captured is timed per call instead
-                            torch.cuda.synchronize()
-                            methods[(name, pas)] = "events"
-                            graph_errors[(name, pas)] = f"{type(exc).__name__}: {exc}"[:300]
+                        if methods.get((name, pas)) != "events":
+                            try:
+                                times[name][pas] += bench_graph_ms(f, calls=calls,
+                                                                   replays=3 if quick else 5)["times_ms"]
+                                methods[(name, pas)] = "cuda_graph"
+                            except Exception as exc:  # a peer that cannot be captured is timed per call instead
+                                torch.cuda.synchronize()
+                                methods[(name, pas)] = "events"
+                                graph_errors[(name, pas)] = f"{type(exc).__name__}: {exc}"[:300]
+                        if methods[(name, pas)] == "events":
                             times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
                         if r == 0:  # the plain per-call time, with launch overhead, once for reference
                             per_call[(name, pas)] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
