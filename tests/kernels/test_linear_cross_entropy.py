@@ -374,3 +374,19 @@ def test_a_tile_spanning_the_vocabulary_is_not_recomputed(monkeypatch):
     calls.clear()
     check_against_reference(hidden, weight, bias, labels, torch.float32, strategy="tiles", chunk=(7, 82))
     assert whole == 3 + 1 and len(calls) == 3 * (2 + 2) + 2  # 3 row blocks of 2 tiles; dW written per tile
+
+
+@pytest.mark.gpu
+def test_gpu_row_blocks_free_the_logits_block_before_casting_dw():
+    # Several row blocks sum dW in fp32, cast to bf16 at the end. The [rows, V] logits block must be gone by then:
+    # the call's extra memory is the block, the fp32 dW and dH (plus O(N)), not the block and both dW copies.
+    hidden, weight, _, labels = make_inputs(2000, 512, 8000, torch.bfloat16, 3)
+    weight.requires_grad_(True)
+    hidden.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fused_linear_cross_entropy(hidden, weight, labels, strategy="rows", chunk=1000)
+    extra = torch.cuda.max_memory_allocated() - before
+    block, dw32, dh = 1000 * 8000 * 2, 8000 * 512 * 4, 2000 * 512 * 2
+    assert extra <= block + dw32 + dh + 2**20, extra
