@@ -5,7 +5,7 @@
 #   source .gpu-carry/unpack.sh; CHRONICALS_COMMIT=<hash of the tree sent> bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
 # (the host gets a copy of the working tree without .git, so the result rows learn their commit from that variable)
 #   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
-# Stages: tests, kernels, lce, packing, lora, trainer, profile, full, lora-matrix, ablation, packing-matrix.
+# Stages: tests, kernels, lce, packing, lora, trainer, profile, full, lora-matrix, shapes, ablation, packing-matrix.
 set -uo pipefail
 quick=()
 [ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
@@ -40,6 +40,11 @@ for spec in "$@"; do
                --variants "${VARIANTS:-full,lora,lora_kconcat,lora_unfused}" --profile full,lora ;;
     full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
     lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
+    # Shapes the headline scenarios do not cover (Qwen3 full and LoRA, Llama-3.2-1B full, Qwen2.5 LoRA); the
+    # limit is per scenario. On the H100 with --quick each took 120-175 s.
+    shapes) for sc in qwen3-full llama1b-full qwen25-lora qwen3-lora; do
+              stage "$sc" "$limit" python3 -m harness bench --scenario "scenarios/$sc.toml" --out "$res/$sc.jsonl" "${matrix[@]}"
+            done ;;
     ablation) stage ablation "$limit" python3 -m harness bench --scenario scenarios/ablation.toml --out "$res/ablation.jsonl" "${matrix[@]}" ;;
     packing-matrix) stage packing-matrix "$limit" python3 -m harness bench --scenario scenarios/packing.toml --out "$res/packing.jsonl" "${matrix[@]}" ;;
     *) echo "unknown stage $name" | tee -a "$res/stages.txt" ;;
