@@ -31,6 +31,14 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
     query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     cos, sin = position_embeddings
+    if cos.shape[-1] != self.head_dim:
+        # rope_parameters' partial_rotary_factor < 1 makes the tables narrower than head_dim, but these families
+        # rotate whole heads (HF's own forward fails on it). A table head_dim / 2 wide (factor 0.5) would pass for
+        # the kernel's half table and rotate every dimension with the wrong frequencies, so it is refused here.
+        factor = (getattr(self.config, "rope_parameters", None) or {}).get("partial_rotary_factor")
+        raise ValueError(f"the rotary embedding's cos/sin are {cos.shape[-1]} wide for head_dim {self.head_dim}: "
+                         f"{type(self).__name__} rotates whole heads, so config.rope_parameters"
+                         f"['partial_rotary_factor'] (is {factor}) must be 1.0")
     if kernels_usable(query):
         from chronicals.kernels import fused_qk_rope
 
