@@ -5,7 +5,7 @@
 #   source .gpu-carry/unpack.sh; CHRONICALS_COMMIT=<hash of the tree sent> bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
 # (the host gets a copy of the working tree without .git, so the result rows learn their commit from that variable)
 #   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
-# Stages: tests, kernels, lce, packing, lora, trainer, profile, full, lora-matrix, shapes, ablation, packing-matrix.
+# Stages: tests, kernels, memory, lce, packing, lora, trainer, profile, full, lora-matrix, shapes, ablation, packing-matrix.
 set -uo pipefail
 quick=()
 [ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
@@ -31,6 +31,7 @@ for spec in "$@"; do
              -p no:cacheprovider tests/lora tests/optimizers tests/training tests/models tests/test_attention.py \
              tests/kernels ;;
     kernels) stage kernels "$limit" python3 benchmarks/kernel_ops.py --out "$res" "${quick[@]}" ;;
+    memory) stage memory "$limit" python3 benchmarks/step_memory.py --out "$res" "${quick[@]}" ;;
     lce) stage lce "$limit" python3 benchmarks/linear_cross_entropy.py --out "$res" "${quick[@]}" ;;
     packing) stage packing "$limit" python3 benchmarks/packing.py --out "$res" "${quick[@]}" ;;
     lora) stage lora "$limit" python3 benchmarks/lora_step.py --out "$res" "${quick[@]}" ;;

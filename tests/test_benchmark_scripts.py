@@ -117,3 +117,16 @@ def test_timing_rounds_interleave_and_survive_failures(monkeypatch):
             assert len(given[(name, p)]) == 2 * kernel_ops.ROUNDS
             assert out[name][p]["ms"] == statistics.median(given[(name, p)])
             assert out[name][p]["events_ms"] == 0.5
+
+
+def test_step_memory_cpu_mode_measures_saved_activations(tmp_path, capsys):
+    # On CPU the script measures what autograd saves (no peaks); the patched model saves less per token and layer
+    # than HF's (its MLP recomputes silu(g) * u, its loss never holds the logits).
+    from benchmarks import step_memory
+
+    assert step_memory.main(["--out", str(tmp_path), "--presets", "qwen3-0.6b", "--impls", "chronicals,hf"]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "step_memory.json").read_text())["rows"]}
+    assert rows["chronicals"]["status"] == rows["hf"]["status"] == "ok"
+    assert rows["chronicals"]["preset"] == "tiny-qwen3" and rows["chronicals"]["overall"] is None
+    assert 0 < rows["chronicals"]["saved_per_token_layer"] < rows["hf"]["saved_per_token_layer"]
+    assert "wrote" in capsys.readouterr().out
