@@ -144,10 +144,15 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
         if not hasattr(chronicals, "apply"):
             raise SetupError("chronicals.apply (model patching) is not available in this install; set "
                              "use_fused_kernels: false and use_sequence_packing: false")
+        from chronicals.models.swiglu import SILU_NAMES
+
         fused = cfg.use_fused_kernels
+        # The SwiGLU kernel is silu's alone: a model with another gated activation keeps HF's MLP and every other
+        # fused kernel (there is no per-kernel switch in the config to turn off just this one).
+        gated_silu = getattr(model.config, "hidden_act", "silu") in SILU_NAMES
         try:
-            chronicals.apply(model, rms_norm=fused, swiglu=fused, rope=fused, linear_cross_entropy=fused,
-                             packed_attention=cfg.use_sequence_packing)
+            chronicals.apply(model, rms_norm=fused, swiglu=fused and gated_silu, rope=fused,
+                             linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing)
         except ValueError as e:
             raise SetupError(f"{e}; or set use_fused_kernels: false and use_sequence_packing: false to train it "
                              "unpatched") from e

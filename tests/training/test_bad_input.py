@@ -6,6 +6,7 @@ import pytest
 
 from chronicals.config import ChronicalsConfig
 from chronicals.data import default_tokenizer
+from chronicals.models import build_model
 from chronicals.training import ChronicalsTrainer, DataError, SetupError
 from chronicals.training.build import load_model, load_tokenizer, prepare_model
 
@@ -77,6 +78,20 @@ def test_architecture_chronicals_cannot_patch(tmp_path):
     cfg = config(tmp_path, use_fused_kernels=True)
     with pytest.raises(SetupError, match="gpt2.*use_fused_kernels: false"):
         prepare_model(model, cfg, __import__("torch").device("cpu"))
+
+
+def test_a_gated_activation_other_than_silu_keeps_hf_mlp_and_the_other_kernels(tmp_path):
+    # The SwiGLU kernel is silu's only. The trainer passed swiglu=True whatever the activation, so a gelu model was
+    # refused with a hint (pass swiglu=False) that its config cannot follow; it now keeps HF's MLP and the rest.
+    import torch
+
+    from chronicals.models.swiglu import swiglu_mlp_forward
+
+    model = build_model("tiny-llama", seed=0, hidden_act="gelu_pytorch_tanh")
+    prepare_model(model, config(tmp_path, use_fused_kernels=True), torch.device("cpu"))
+    layer = model.model.layers[0]
+    assert getattr(layer.mlp.forward, "func", None) is not swiglu_mlp_forward
+    assert getattr(layer.self_attn.forward, "func", None) is not None  # the fused RoPE attention
 
 
 def test_model_kwargs_that_do_not_fit_the_preset():
