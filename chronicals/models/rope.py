@@ -53,8 +53,7 @@ def rope_attention_forward(self, hidden_states, position_embeddings=None, attent
     else:
         query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
 
-    if past_key_values is not None:
-        # A cache may keep the tensor it is given: a view of the fused q/k/v output would keep all of it alive.
+    if past_key_values is not None:  # a cache may keep what it is given: v is its own tensor (above), not a view
         key, value = past_key_values.update(key, value, self.layer_idx)
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
