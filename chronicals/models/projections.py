@@ -4,9 +4,14 @@ HF runs three `nn.Linear` calls on the same hidden states. With the weights conc
 forward is one GEMM, and so is the backward: one dx matmul (autograd would otherwise add three dx contributions),
 one weight-gradient matmul (k and v alone are thin GEMMs, [Hkv*D, N] @ [N, d], that run as slow split-K kernels)
 and one bias reduction (Qwen2's q/k/v biases). The output is split into views of one [..., (Hq + 2 Hkv) D] tensor
-(no copy); their gradients are joined by one `cat` in the split's backward. The concatenated weight is rebuilt
-each forward (a copy of the q/k/v weights, small next to the activations) so the gradients reach the three
-parameters through `cat`'s backward (views of one gradient), fp32 master weights under autocast included.
+(no copy); their gradients are joined by one `cat` in the split's backward. The concatenated weight [Wq; Wk; Wv]
+is a copy of the three weights, built by the forward and again by the backward, and never saved: the op saves the
+input and the three weights themselves (as nn.Linear saves its weight), and the three weight gradients are views
+of one [(Hq + 2 Hkv) D, d] gradient. (F.linear on the concatenated weight saved that copy, which stayed alive from
+each layer's forward to its backward: (Hq + 2 Hkv) D * d elements per layer, e.g. Llama-3.2-1B bf16 12 MiB per
+layer, 192 MiB over its 16 layers; Qwen3-0.6B 224 MiB; Llama-3-8B 1.5 GiB, whatever the batch.) Under autocast the
+input, weights and biases are cast to autocast's dtype first, as autocast's linear casts them (fp32 master weights
+still get their gradients through the casts).
 
 Only plain `torch.nn.Linear` modules are fused: a LoRA layer (PEFT), a quantised linear or a module with hooks
 or a replaced forward (DeepSpeed ZeRO-3, accelerate offloading) is called as a module, as HF does.
@@ -49,8 +54,44 @@ def qkv_projections(attention: nn.Module, hidden_states: torch.Tensor
     q_proj, k_proj, v_proj = attention.q_proj, attention.k_proj, attention.v_proj
     if not qkv_fusable(attention):
         return q_proj(hidden_states), k_proj(hidden_states), v_proj(hidden_states)
-    weight = torch.cat([q_proj.weight, k_proj.weight, v_proj.weight])
-    bias = None if q_proj.bias is None else torch.cat([q_proj.bias, k_proj.bias, v_proj.bias])
-    qkv = F.linear(hidden_states, weight, bias)
-    sizes = [q_proj.weight.shape[0], k_proj.weight.shape[0], v_proj.weight.shape[0]]
-    return qkv.split(sizes, dim=-1)
+    tensors = (hidden_states, q_proj.weight, k_proj.weight, v_proj.weight, q_proj.bias, k_proj.bias, v_proj.bias)
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):  # autocast's linear casts its floating inputs (not float64) likewise
+        dtype = torch.get_autocast_dtype(device_type)
+        tensors = tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                        for t in tensors)
+    x, w_q, w_k, w_v, *biases = tensors
+    bias = None if biases[0] is None else torch.cat(biases)  # not saved: the bias gradient is a sum of dy
+    qkv = _QKVLinear.apply(x, w_q, w_k, w_v, bias)
+    return qkv.split([w_q.shape[0], w_k.shape[0], w_v.shape[0]], dim=-1)
+
+
+class _QKVLinear(torch.autograd.Function):
+    """x @ [Wq; Wk; Wv]^T + bias as one matmul, saving x and the three weights (not their concatenation). The
+    backward is F.linear's (dx = dy @ W, dW = dy^T x, db = sum dy) in plain torch ops, so it is differentiable
+    again (create_graph)."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_k, w_v, bias):
+        with torch.autocast(x.device.type, enabled=False):  # inputs already in the dtype autocast would pick
+            out = F.linear(x, torch.cat((w_q, w_k, w_v)), bias)
+        ctx.save_for_backward(x, w_q, w_k, w_v)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_q, w_k, w_v = ctx.saved_tensors
+        need_x, *need_w, need_bias = ctx.needs_input_grad
+        dx = db = None
+        d_w = [None] * 3
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            if need_x:
+                dx = dy @ torch.cat((w_q, w_k, w_v))  # the concatenated weight rebuilt, freed on return
+            if any(need_w):
+                d_all = dy2.t() @ x.reshape(-1, x.shape[-1])
+                d_w = [g if need else None for g, need in
+                       zip(d_all.split([w_q.shape[0], w_k.shape[0], w_v.shape[0]]), need_w)]
+            if need_bias:
+                db = dy2.sum(0)
+        return dx, *d_w, db
