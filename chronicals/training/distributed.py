@@ -103,6 +103,14 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_reduce_count(n: int, env: DistEnv, device) -> int:
+    """The sum of the integer `n` over ranks, exact: an int64 sum (one in fp32 rounds past 2**24, so a step of more
+    label tokens than that would be normalised by a count that differs from the true one)."""
+    if not env.enabled:
+        return n
+    return int(all_reduce_sum(torch.tensor(n, dtype=torch.int64, device=device), env).item())
+
+
 def gather_object(obj, env: DistEnv) -> list | None:
     """`obj` of every rank in rank order, on rank 0 (None on the others); [obj] on one process."""
     if not env.enabled:

@@ -181,10 +181,8 @@ class ChronicalsTrainer:
         cfg = self.config
         start = self._step_clock if self._step_clock is not None else time.perf_counter()
         local_tokens = sum(int(mb.pop("num_label_tokens")) for mb in micro_batches)
-        label_tokens = local_tokens
-        if self.env.enabled:  # one unavoidable sync: every rank must divide by the same global count
-            label_tokens = int(distributed.all_reduce_sum(torch.tensor(float(local_tokens), device=self.device),
-                                                          self.env).item())
+        # One unavoidable sync under several processes: every rank must divide by the same global count.
+        label_tokens = distributed.all_reduce_count(local_tokens, self.env, self.device)
         if label_tokens == 0:
             raise DataError(f"step {step} has no label tokens on any rank; nothing to train on (check the masking)")
         seq_lens = [n for mb in micro_batches for n in _sequence_lengths(mb)]

@@ -47,3 +47,14 @@ def test_a_device_this_machine_lacks_is_a_setup_error(monkeypatch):
     monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     with pytest.raises(SetupError, match="LOCAL_RANK=2 but the node shows only 2 CUDA GPU"):
         distributed.device_for(DistEnv(rank=2, world_size=4, local_rank=2), "auto")
+
+
+def test_the_global_label_count_is_summed_exactly(monkeypatch):
+    # The count was summed as fp32, which rounds past 2**24: 2**24 + 1 tokens on each of two ranks came out 2**25.
+    def two_ranks(t, op=None):
+        t.add_(t)  # what an all-reduce sum over two ranks holding the same value gives
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", two_ranks)
+    n = 2**24 + 1
+    assert distributed.all_reduce_count(n, DistEnv(0, 2, 0), "cpu") == 2 * n
+    assert distributed.all_reduce_count(n, DistEnv(), "cpu") == n
