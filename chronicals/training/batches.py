@@ -29,10 +29,10 @@ class StepPlan:
         self.seed = seed
         self.env = env = env or DistEnv()
         # A micro-batch spans every rank: the batch_size x world_size rows that one process would take as one
-        # micro-batch, split over the ranks. A last, shorter one is kept when it gives every rank a row.
+        # micro-batch, split over the ranks. A last, shorter one is kept, as one process keeps it; a rank it gives no
+        # row runs a stand-in row with no label (`_micro_batch`).
         self.rows_per_micro_batch = batch_size * env.world_size
-        micro_batches = len(units) // self.rows_per_micro_batch + \
-            (len(units) % self.rows_per_micro_batch >= env.world_size)
+        micro_batches = -(-len(units) // self.rows_per_micro_batch)
         self.steps_per_epoch = micro_batches // self.accumulation
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -47,7 +47,20 @@ class StepPlan:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.units), generator=g).tolist()
         size = self.rows_per_micro_batch
-        mine = [distributed.shard(order[i:i + size], self.env) for i in range(0, len(order), size)]
+        groups = [order[i:i + size] for i in range(0, len(order), size)]
         for step in range(start, self.steps_per_epoch):
-            chunk = mine[step * self.accumulation:(step + 1) * self.accumulation]
-            yield [self.collate([self.units[i] for i in group]) for group in chunk]
+            chunk = groups[step * self.accumulation:(step + 1) * self.accumulation]
+            yield [self._micro_batch(group) for group in chunk]
+
+    def _micro_batch(self, group: list[int]) -> dict[str, Any]:
+        """This rank's share of one micro-batch's rows, collated. A last micro-batch with fewer rows than processes
+        leaves some ranks none: such a rank still runs a forward and backward (FSDP2's and DDP's collectives need
+        every rank), on the micro-batch's first row with every label ignored, so it adds nothing to the loss, the
+        gradients or the token count."""
+        mine = distributed.shard(group, self.env)
+        if mine:
+            return self.collate([self.units[i] for i in mine])
+        batch = self.collate([self.units[group[0]]])
+        batch["labels"] = torch.full_like(batch["labels"], getattr(self.collate, "ignore_index", -100))
+        batch["num_label_tokens"] = 0
+        return batch

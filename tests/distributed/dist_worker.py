@@ -124,12 +124,13 @@ def lora(out: Path, strategy: str = "auto") -> dict:
             "grad_norms": [r["grad_norm"] for r in metrics(out)], "final_model": result.final_model}
 
 
-def epoch_with_a_short_last_batch(out: Path) -> dict:
-    """One epoch of 20 rows with a global batch of 8: steps of 8, 8 and 4 rows; the ranks split the last one."""
+def epoch_with_a_short_last_batch(out: Path, n_rows: int = 20) -> dict:
+    """One epoch of 20 rows with a global batch of 8: steps of 8, 8 and 4 rows; the ranks split the last one. With
+    17 rows the last step has 1 row: on two ranks, one of them runs a stand-in row that carries no label."""
     from chronicals.training import ChronicalsTrainer
 
     trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=-1, epochs=1))
-    result = trainer.train(rows(20))
+    result = trainer.train(rows(n_rows))
     return {"losses": result.losses, "grad_norms": [r["grad_norm"] for r in metrics(out)],
             "label_tokens": [r["label_tokens"] for r in metrics(out)]}
 
@@ -195,6 +196,7 @@ def all_runs(root: Path) -> dict:
             "untied": full_fine_tune(root / "untied", "tiny-llama"), "lora": lora(root / "lora"),
             "lora_fsdp2": lora(root / "lora_fsdp2", "fsdp2"), "stop": stop_on_one_rank(root / "stop"),
             "short_last_batch": epoch_with_a_short_last_batch(root / "short_last_batch"),
+            "one_row_last_batch": epoch_with_a_short_last_batch(root / "one_row_last_batch", n_rows=17),
             "dropout_ddp": dropout_resume(root / "dropout_ddp", "ddp"),
             "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16"),
             "offload": offloaded_checkpointing(root / "offload")}

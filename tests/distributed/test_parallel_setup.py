@@ -66,9 +66,26 @@ def test_ranks_together_take_the_rows_one_process_takes_tail_included(rows, accu
             assert all(mb for r in split for mb in r)  # no rank is handed an empty micro-batch
             for m, micro_batch in enumerate(alone):
                 assert split[0][m] + split[1][m] == micro_batch
-    # A last micro-batch of fewer rows than ranks cannot give each rank a row: the ranks leave it out.
-    assert StepPlan(list(range(17)), list, batch_size=4, seed=0, env=TWO,
-                    gradient_accumulation_steps=1).steps_per_epoch == 2
+
+
+def test_a_last_micro_batch_with_fewer_rows_than_ranks_is_kept():
+    # 17 rows at batch 4 on two ranks: micro-batches of 8, 8 and 1 row, as one process at batch 8 has. The ranks
+    # left the last one out (an epoch one step shorter than on one process). The rank without a row now runs a
+    # stand-in row with every label ignored, which adds nothing to the loss or the token count.
+    import torch
+
+    def collate(rows):
+        ids = torch.tensor(rows)
+        return {"input_ids": ids, "labels": ids.clone(), "num_label_tokens": len(rows)}
+
+    plans = [StepPlan(list(range(17)), collate, batch_size=4, seed=0, env=DistEnv(rank=r, world_size=2, local_rank=r),
+                      gradient_accumulation_steps=1) for r in range(2)]
+    one = StepPlan(list(range(17)), collate, batch_size=8, seed=0, env=ONE, gradient_accumulation_steps=1)
+    assert [p.steps_per_epoch for p in plans] == [one.steps_per_epoch] * 2 == [3, 3]
+    last_0, last_1 = (list(p.epoch_steps(0))[-1][0] for p in plans)  # each rank's last micro-batch
+    alone = list(one.epoch_steps(0))[-1][0]
+    assert last_1["input_ids"].tolist() == alone["input_ids"].tolist() and last_1["num_label_tokens"] == 1
+    assert last_0["num_label_tokens"] == 0 and bool((last_0["labels"] == -100).all())
 
 
 def test_config_fields_are_validated():
