@@ -100,6 +100,7 @@ class SequencePacker:
             "split_sequences": self.stats.split_sequences,
             "dropped_sequences": self.stats.dropped_sequences,
             "dropped_tokens": self.stats.dropped_tokens,
+            "padding_tokens": self.stats.padding_tokens,
         }
 
 

@@ -32,11 +32,14 @@ class FitStats:
     split_sequences: int = 0  # input sequences cut into several by overflow="split"
     dropped_sequences: int = 0  # sequences with no label token left (nothing to learn from)
     dropped_tokens: int = 0
+    padding_tokens: int = 0  # tokens an item's attention_mask marks as padding (0), removed before fitting
 
 
-def as_sequence(item: Any, index: int, ignore_index: int = -100) -> tuple[Tokens, Tokens]:
+def as_sequence(item: Any, index: int, ignore_index: int = -100,
+                stats: FitStats | None = None) -> tuple[Tokens, Tokens]:
     """One dataset item -> (input_ids, labels). An item is a list of token ids, or a mapping with `input_ids` and
-    optionally `labels` (defaulting to the input_ids: every token is a target)."""
+    optionally `labels` (defaulting to the input_ids: every token is a target) and `attention_mask`, whose 0s mark
+    padding: those tokens are removed (counted in `stats.padding_tokens`), as packing and the collators pad anew."""
     if isinstance(item, Mapping):
         if "input_ids" not in item:
             raise KeyError(f"example {index} has no 'input_ids' (keys: {sorted(item)}); tokenize the dataset first")
@@ -48,12 +51,34 @@ def as_sequence(item: Any, index: int, ignore_index: int = -100) -> tuple[Tokens
                 f"example {index}: labels has {len(labels)} entries but input_ids has {len(input_ids)}; "
                 "they must be aligned one to one"
             )
+        if item.get("attention_mask") is not None:
+            input_ids, labels = _unpadded(item["attention_mask"], input_ids, labels, index, stats)
     else:
         input_ids = _token_list(item, f"example {index}")
         labels = list(input_ids)
     if not input_ids:
         raise ValueError(f"example {index} is a zero-length sequence; remove empty examples before packing")
     return input_ids, labels
+
+
+def _unpadded(mask: Any, input_ids: Tokens, labels: Tokens, index: int,
+              stats: FitStats | None) -> tuple[Tokens, Tokens]:
+    # Rows tokenized with padding (padding="max_length", labels copied from input_ids) would otherwise train on their
+    # padding, and in a packed row let real tokens attend to it.
+    mask = mask.tolist() if hasattr(mask, "tolist") else mask
+    if isinstance(mask, (str, bytes)) or not isinstance(mask, Sequence) or len(mask) != len(input_ids):
+        size = len(mask) if isinstance(mask, Sequence) else type(mask).__name__
+        raise ValueError(f"example {index}: attention_mask must be a list of 0/1 as long as input_ids "
+                         f"({len(input_ids)}), got {size}")
+    if not set(mask) <= {0, 1}:
+        raise ValueError(f"example {index}: attention_mask must hold only 0 (padding) and 1, found "
+                         f"{sorted(set(mask) - {0, 1}, key=repr)[:3]}")
+    if 0 not in mask:
+        return input_ids, labels
+    if stats is not None:
+        stats.padding_tokens += mask.count(0)
+    keep = [i for i, m in enumerate(mask) if m]
+    return [input_ids[i] for i in keep], [labels[i] for i in keep]
 
 
 def _token_list(value: Any, what: str, ignore_index: int | None = None) -> Tokens:
@@ -95,7 +120,7 @@ def fit_sequences(
     stats = FitStats()
     fitted: list[tuple[Tokens, Tokens]] = []
     for index, item in enumerate(dataset):
-        input_ids, labels = as_sequence(item, index, ignore_index)
+        input_ids, labels = as_sequence(item, index, ignore_index, stats)
         stats.num_sequences += 1
         stats.original_tokens += len(input_ids)
         if len(input_ids) <= max_seq_length:
@@ -135,6 +160,8 @@ def _check_and_warn(stats: FitStats, kept: int, max_seq_length: int, overflow: s
             "e.g. chat examples without an assistant turn, or one-token texts)"
         )
     notes = []
+    if stats.padding_tokens:
+        notes.append(f"{stats.padding_tokens} padding token(s) (attention_mask 0) were removed")
     if stats.truncated_sequences:
         notes.append(
             f"{stats.truncated_sequences} sequence(s) longer than max_seq_length={max_seq_length} were truncated "

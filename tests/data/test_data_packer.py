@@ -3,11 +3,12 @@ boundary, determinism) and its bad inputs."""
 
 import warnings
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chronicals.data import SequencePacker, best_fit_decreasing
+from chronicals.data import PaddedCollator, SequencePacker, best_fit_decreasing
 
 IGNORE = -100
 
@@ -176,3 +177,20 @@ def test_bool_tensors_and_arrays_are_refused_by_packer_and_collators():
     # numpy integers stay accepted.
     rows = SequencePacker(max_seq_length=8, padding_token_id=0).pack([np.array([1, 2, 3])])
     assert rows[0]["input_ids"] == [1, 2, 3]
+
+
+def test_attention_mask_padding_is_removed_not_trained():
+    # Rows tokenized with padding="max_length" and labels copied from input_ids: the pad positions are no tokens.
+    padded = [{"input_ids": [5, 6, 7, 1, 1], "labels": [5, 6, 7, 1, 1], "attention_mask": [1, 1, 1, 0, 0]},
+              {"input_ids": np.array([1, 8, 9]), "labels": np.array([1, 8, 9]), "attention_mask": np.array([0, 1, 1])}]
+    packer = SequencePacker(max_seq_length=16, padding_token_id=0)
+    with pytest.warns(UserWarning, match="3 padding token"):
+        (row,) = packer.pack(padded)
+    assert row["input_ids"] == [5, 6, 7, 8, 9] and row["labels"] == [IGNORE, 6, 7, IGNORE, 9]
+    assert packer.summary()["padding_tokens"] == 3 and packer.summary()["packed_tokens"] == 5
+    batch = PaddedCollator(padding_token_id=0)(padded)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]] and batch["num_label_tokens"] == 3
+    with pytest.raises(ValueError, match="example 0: attention_mask must be a list of 0/1 as long as input_ids"):
+        packer.pack([{"input_ids": [5, 6, 7], "attention_mask": [1, 1]}])
+    with pytest.raises(ValueError, match=r"only 0 \(padding\) and 1, found \[2\]"):
+        packer.pack([{"input_ids": [5, 6, 7], "attention_mask": [1, 2, 1]}])
