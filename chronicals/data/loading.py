@@ -114,7 +114,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors write one) is dropped
     lines = None
     if text.lstrip().startswith("["):  # a .json file holding one array of rows
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:  # a trailing comma, say: name the file and where
+            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json file must hold one "
+                             "array of row objects, with no comma after the last") from e
     else:
         rows, lines = [], []
         # Split on "\n" only: str.splitlines also breaks at U+2028, form feeds and the like, which JSON strings may

@@ -97,6 +97,10 @@ def test_bad_files(tok, tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         load_rows(bad)
+    trailing_comma = tmp_path / "rows.json"
+    trailing_comma.write_text('[{"text": "one"},\n {"text": "two"},\n]')
+    with pytest.raises(ValueError, match="rows.json:3:1: not valid JSON .* no comma after the last"):
+        load_rows(trailing_comma)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
