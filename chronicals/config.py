@@ -21,7 +21,7 @@ import yaml
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "no"]
 ParamDtype = Literal["auto", "float32", "bfloat16"]
-DatasetFormat = Literal["auto", "text", "prompt_completion", "messages"]
+DatasetFormat = Literal["auto", "text", "prompt_completion", "messages", "sharegpt", "alpaca"]
 Overflow = Literal["truncate", "split"]
 NonFinite = Literal["stop", "skip"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -44,7 +44,9 @@ class ChronicalsConfig:
     tokenizer: Union[str, None] = None
 
     # Data: a JSONL/Parquet file, a saved dataset directory, an HF dataset name, or "default" (the embedded text).
-    # Formats: "text", "prompt_completion" (loss on the completion), "messages" (chat; loss on assistant turns).
+    # Formats: "text", "prompt_completion" (loss on the completion), "messages" (chat; loss on assistant turns),
+    # "sharegpt" (a `conversations` column of {from, value} turns, as messages), "alpaca" (instruction, optional
+    # input, output; loss on the output); "auto" picks one from the columns.
     dataset: str = "default"
     dataset_format: DatasetFormat = "auto"
     dataset_split: str = "train"

@@ -115,3 +115,16 @@ def test_comma_list_from_the_command_line_and_demo_defaults():
 def test_output_dir_expands_the_home_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert ChronicalsConfig(output_dir="~/runs/a").output_dir == str(tmp_path / "runs" / "a")
+
+
+def test_dataset_format_takes_every_row_format_the_data_layer_reads():
+    import typing
+
+    from chronicals.config import DatasetFormat
+    from chronicals.data import FORMATS
+
+    # "tokenized" is found from the rows (input_ids), never named in a config.
+    assert set(typing.get_args(DatasetFormat)) == {"auto", *FORMATS} - {"tokenized"}
+    assert ChronicalsConfig(dataset_format="sharegpt").dataset_format == "sharegpt"
+    with pytest.raises(ConfigError, match="'dataset_format' is 'chatml'; valid values: .*'sharegpt' \\| 'alpaca'"):
+        ChronicalsConfig(dataset_format="chatml")

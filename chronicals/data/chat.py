@@ -14,29 +14,65 @@ from collections.abc import Mapping
 from typing import Any
 
 ROLES_TRAINED = ("assistant",)
+# ShareGPT turns (`{"from", "value"}`) -> roles. Its names are refused in a `role`, where a template would render them
+# verbatim ("<|im_start|>gpt") and no turn would be trained.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool"}
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str, column: str = "messages") -> list[dict[str, Any]]:
+    """The conversation as `{"role", "content"}` dicts, or an error naming the row, turn and fix. ShareGPT turns
+    (`{"from", "value"}`) are mapped to roles, and a content given as a list of `{"type": "text", "text"}` parts is
+    joined into one string."""
     if not isinstance(messages, list) or not messages:
-        raise TypeError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts, "
+        raise TypeError(f"{where}: {column!r} must be a non-empty list of {{'role', 'content'}} dicts, "
                         f"got {type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}")
-    for turn, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise TypeError(f"{where}: messages[{turn}] must be a dict with a str 'role' and a str 'content'")
-        if not isinstance(message.get("content"), str):
-            raise TypeError(
-                f"{where}: messages[{turn}]['content'] must be a str, got {type(message.get('content')).__name__}"
-            )
-        role = message["role"]
-        if role not in ROLES_TRAINED and role.strip().lower() in ROLES_TRAINED:
-            # Roles match exactly (as chat templates compare them), so 'Assistant' would train nothing, silently.
-            raise ValueError(f"{where}: messages[{turn}]['role'] is {role!r}; the loss is taken on turns whose role is "
-                             f"exactly {ROLES_TRAINED[0]!r}: rename the role")
-    return [dict(m) for m in messages]
+    return [_message(message, f"{where}: {column}[{turn}]") for turn, message in enumerate(messages)]
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns."""
+def _message(message: Any, where: str) -> dict[str, Any]:
+    if isinstance(message, Mapping) and message.get("role") is None and isinstance(message.get("from"), str):
+        if message["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"{where}['from'] is {message['from']!r}; ShareGPT turns must be from one of "
+                             f"{', '.join(map(repr, SHAREGPT_ROLES))}: rename it")
+        rest = {k: v for k, v in message.items() if k not in ("from", "value")}
+        message = {**rest, "role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
+    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+        raise TypeError(f"{where} must be a dict with a str 'role' and a str 'content' (or ShareGPT's 'from' and "
+                        "'value')")
+    role, content = message["role"], message.get("content")
+    if role not in ROLES_TRAINED and role.strip().lower() in ROLES_TRAINED:
+        # Roles match exactly (as chat templates compare them), so 'Assistant' would train nothing, silently.
+        raise ValueError(f"{where}['role'] is {role!r}; the loss is taken on turns whose role is exactly "
+                         f"{ROLES_TRAINED[0]!r}: rename the role")
+    if role in ("human", "gpt"):
+        raise ValueError(f"{where}['role'] is {role!r}, a ShareGPT name: use 'user' and 'assistant' (or give the "
+                         "turns as {'from', 'value'} dicts, which are mapped)")
+    if isinstance(content, list):
+        content = _joined_parts(content, where)
+    if not isinstance(content, str):
+        hint = "; tool calls are not supported, give the call as text" if message.get("tool_calls") else ""
+        raise TypeError(f"{where}['content'] must be a str, got {type(content).__name__}{hint}")
+    return {**message, "content": content}
+
+
+def _joined_parts(parts: list[Any], where: str) -> str:
+    # OpenAI / TRL multimodal layout, [{"type": "text", "text": ...}, ...]: text-only models take the text, in order.
+    texts = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise TypeError(f"{where}['content'][{index}] is a {kind!r} part; only {{'type': 'text', 'text': str}} "
+                            "parts can be trained on (a text-only model): remove the others")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str,
+                first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns from turn `first` on (a
+    conversational completion's, after its prompt), except those with `"weight": 0` (axolotl's ShareGPT mark for a
+    turn not to train on)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat_template, so 'messages' rows cannot be rendered; set tokenizer.chat_template "
@@ -45,7 +81,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str) -> t
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for turn, message in enumerate(messages):
-        if message["role"] not in ROLES_TRAINED:
+        if turn < first or message["role"] not in ROLES_TRAINED or message.get("weight") == 0:
             continue
         if turn:
             context = _render(tokenizer, messages[:turn], add_generation_prompt=True)

@@ -2,7 +2,11 @@
 
 - `text`: every token is a target; the tokenizer's own special tokens are added and eos is appended.
 - `prompt`/`completion`: loss on the completion (and the eos appended after it) only.
-- `messages`: rendered by the chat template; loss on assistant turns only (see chat.py).
+- `messages`: rendered by the chat template; loss on assistant turns only (see chat.py). `sharegpt` is the same
+  from a `conversations` column, whose `{"from", "value"}` turns are mapped to roles (human -> user, gpt -> assistant).
+- `prompt`/`completion` given as message lists (TRL's conversational prompt-completion): rendered by the chat
+  template; loss on the completion's assistant turns only.
+- `alpaca`: `instruction`, an optional `input` and `output`, in the Alpaca prompt (alpaca.py); loss on the output.
 - `tokenized`: rows already hold `input_ids` (and optionally `labels`); they pass through untouched.
 
 Every format is rendered to one string plus the character spans that carry loss, tokenized in batches with offset
@@ -15,25 +19,31 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .alpaca import alpaca_input, alpaca_prompt
 from .chat import check_messages, render_chat
 from .loading import row_label
 
-FORMATS = ("tokenized", "messages", "prompt_completion", "text")  # the order "auto" tries them in
-COLUMNS = {"tokenized": ("input_ids",), "messages": ("messages",), "prompt_completion": ("prompt", "completion"),
-           "text": ("text",)}
+# The order "auto" tries them in: Alpaca before text, as Alpaca files often hold a `text` column too (prompt and
+# output in one, which would train on the prompt).
+FORMATS = ("tokenized", "messages", "sharegpt", "prompt_completion", "alpaca", "text")
+COLUMNS = {"tokenized": ("input_ids",), "messages": ("messages",), "sharegpt": ("conversations",),
+           "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output"), "text": ("text",)}
+CHAT_FORMATS = ("messages", "sharegpt")
 BATCH_SIZE = 1000
 
 
 def detect_format(columns: Sequence[str], format: str = "auto") -> str:
-    """The row format: given, or found from the columns (`input_ids`, `messages`, `prompt`+`completion`, `text`)."""
+    """The row format: given, or found from the columns (`input_ids`, `messages`, `conversations`,
+    `prompt`+`completion`, `instruction`+`output`, `text`)."""
     if format == "auto":
         for name in FORMATS:
             if all(c in columns for c in COLUMNS[name]):
                 return name
         raise KeyError(
             f"cannot tell the row format from the columns {sorted(columns)}: expected 'text', 'prompt' and "
-            "'completion', 'messages', or 'input_ids' (rename the columns, or set the config field dataset_format, "
-            "format= in the Python API)"
+            "'completion', 'messages', 'conversations' (ShareGPT), 'instruction' and 'output' (Alpaca), or "
+            "'input_ids' (rename the columns, or name yours in the config fields text_column, prompt_column, "
+            "completion_column or messages_column)"
         )
     if format not in FORMATS:
         raise ValueError(f"format must be 'auto' or one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -55,12 +65,15 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
             f"{type(tokenizer).__name__} is not a fast tokenizer; loss masking needs offset mappings, which only "
             "fast (Rust) tokenizers give: load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
         )
-    add_special = format != "messages"  # a chat template writes its own special tokens
-    eos = tokenizer.eos_token_id if format != "messages" else None
+    # Prompt/completion rows are conversational when the first one's prompt is a list of messages.
+    chat = format in CHAT_FORMATS or (format == "prompt_completion" and len(rows) > 0 and isinstance(rows[0], Mapping)
+                                      and isinstance(rows[0].get("prompt"), list))
+    add_special = not chat  # a chat template writes its own special tokens
+    eos = None if chat else tokenizer.eos_token_id
     examples: list[dict[str, list[int]]] = []
     batch: list[tuple[str, list[tuple[int, int]]]] = []
     for index, row in enumerate(rows):
-        batch.append(_render(row, row_label(index, lines), format, tokenizer))
+        batch.append(_render(row, row_label(index, lines), format, tokenizer, chat))
         if len(batch) == BATCH_SIZE:
             examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
             batch = []
@@ -69,23 +82,35 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
     return examples
 
 
-def _render(row: Mapping[str, Any], where: str, format: str, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _render(row: Mapping[str, Any], where: str, format: str, tokenizer: Any,
+            chat: bool) -> tuple[str, list[tuple[int, int]]]:
     if not isinstance(row, Mapping):
         raise TypeError(f"{where} must be a dict of columns, got {type(row).__name__}")
     for column in COLUMNS[format]:
         if column not in row or row[column] is None:
-            raise KeyError(f"{where} has no {column!r} (format {format!r} needs {list(COLUMNS[format])})")
-    if format == "messages":
-        return render_chat(tokenizer, check_messages(row["messages"], where), where)
+            what = f"{where}: {column!r} is null" if column in row else f"{where} has no {column!r}"
+            raise KeyError(f"{what} (format {format!r} needs {list(COLUMNS[format])})")
+    if format in CHAT_FORMATS:
+        column = COLUMNS[format][0]
+        return render_chat(tokenizer, check_messages(row[column], where, column), where)
+    if chat:  # conversational prompt/completion
+        prompt = check_messages(row["prompt"], where, "prompt")
+        return render_chat(tokenizer, prompt + check_messages(row["completion"], where, "completion"), where,
+                           first=len(prompt))
     fields = [_text_field(row, column, where) for column in COLUMNS[format]]
     if format == "text":
         return fields[0], [(0, len(fields[0]))]
     prompt, completion = fields
+    if format == "alpaca":
+        prompt = alpaca_prompt(prompt, alpaca_input(row, where))
     return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
 
 
 def _text_field(row: Mapping[str, Any], column: str, where: str) -> str:
     value = row[column]
+    if isinstance(value, list) and column in ("prompt", "completion"):
+        raise TypeError(f"{where}: {column!r} is a list, but the first row's prompt is a str: give every row's prompt "
+                        "and completion as str, or every row's as a list of messages (conversational)")
     if not isinstance(value, str):
         raise TypeError(f"{where}: {column!r} must be a str, got {type(value).__name__} ({value!r:.60})")
     if not value:

@@ -44,10 +44,10 @@ def prepare_dataset(
     pad_to_multiple_of: int | None = None,
     ignore_index: int = -100,
 ) -> PreparedData:
-    """Load `source` (see `load_rows`), tokenize it in `format` ("auto", "text", "prompt_completion", "messages", or
-    "tokenized" for rows that already hold `input_ids` and optionally `labels`), reusing the tokenization cache under
-    `cache_dir` (default ~/.cache/chronicals), then fit it to `max_seq_length` and, with `packing` (the default),
-    pack it with `SequencePacker`. The collator matches: `PackedCollator` for
+    """Load `source` (see `load_rows`), tokenize it in `format` ("auto", "text", "prompt_completion", "messages",
+    "sharegpt", "alpaca", or "tokenized" for rows that already hold `input_ids` and optionally `labels`), reusing
+    the tokenization cache under `cache_dir` (default ~/.cache/chronicals), then fit it to `max_seq_length` and,
+    with `packing` (the default), pack it with `SequencePacker`. The collator matches: `PackedCollator` for
     packed rows, `PaddedCollator` padding to the longest example otherwise."""
     check_int("max_seq_length", max_seq_length, minimum=2)
     loaded = load_rows(source, split)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 # Raised whenever the cached examples would change: the file layout, or what tokenization writes (2: the eos a
-# tokenizer appends itself carries loss).
-LAYOUT_VERSION = 2
+# tokenizer appends itself carries loss; 3: a chat turn with "weight": 0 carries none).
+LAYOUT_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -126,7 +126,7 @@ def test_detect_format():
         ([{"text": "ok"}, {"text": 5}], "text", TypeError, "row 1: 'text' must be a str, got int"),
         ([{"text": ""}], "text", ValueError, "row 0: 'text' is empty"),
         ([{"text": "ok"}, {"body": "x"}], "text", KeyError, "row 1 has no 'text'"),
-        ([{"prompt": "a", "completion": None}], "prompt_completion", KeyError, "row 0 has no 'completion'"),
+        ([{"prompt": "a", "completion": None}], "prompt_completion", KeyError, "row 0: 'completion' is null"),
         ([{"messages": "hello"}], "messages", TypeError, "row 0: 'messages' must be a non-empty list"),
         ([{"messages": []}], "messages", TypeError, "an empty list"),
         ([{"messages": [{"role": "user"}]}], "messages", TypeError, "messages\\[0\\]\\['content'\\] must be a str"),
