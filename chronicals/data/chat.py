@@ -78,16 +78,16 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str,
             "the tokenizer has no chat_template, so 'messages' rows cannot be rendered; set tokenizer.chat_template "
             "or give rows as 'text' or 'prompt'/'completion'"
         )
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, False, where)
     spans = []
     for turn, message in enumerate(messages):
         if turn < first or message["role"] not in ROLES_TRAINED or message.get("weight") == 0:
             continue
         if turn:
-            context = _render(tokenizer, messages[:turn], add_generation_prompt=True)
+            context = _render(tokenizer, messages[:turn], True, where)
         else:
             context = _opening(tokenizer, message, where)
-        through = _render(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        through = _render(tokenizer, messages[: turn + 1], False, where)
         if not (through.startswith(context) and full.startswith(through)):
             raise ValueError(
                 f"{where}: the chat template is not prefix-stable (rendering the first {turn + 1} messages is not "
@@ -98,8 +98,17 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str,
     return full, spans
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:
+        # A template's own raise_exception (Gemma's and Mistral's refuse a system turn; others turns that do not
+        # alternate user/assistant) is a jinja2 error, outside ValueError: name the row and the way out.
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        raise ValueError(f"{where}: the tokenizer's chat template refused this conversation ({e}); change the row "
+                         "(merge a system turn into the first user turn, make user and assistant turns alternate) "
+                         "or use a tokenizer whose template accepts it") from e
 
 
 def _opening(tokenizer: Any, message: dict[str, str], where: str) -> str:
@@ -107,7 +116,7 @@ def _opening(tokenizer: Any, message: dict[str, str], where: str) -> str:
     # header), which must not count as the reply. Transformers refuses to render an empty conversation, so the
     # reply is rendered with a marker for its content and the text before the marker is taken.
     marker = "\x00chronicals-reply\x00"
-    rendered = _render(tokenizer, [{**message, "content": marker}], add_generation_prompt=False)
+    rendered = _render(tokenizer, [{**message, "content": marker}], False, where)
     if marker not in rendered:
         raise ValueError(f"{where}: the chat template does not render an assistant message's content verbatim, "
                          "so the opening reply's tokens cannot be located")

@@ -141,3 +141,14 @@ def test_bad_rows_name_the_row_and_field(tok, rows, fmt, error, match):
 def test_slow_tokenizer_is_refused():
     with pytest.raises(TypeError, match="not a fast tokenizer"):
         tokenize_rows([{"text": "hi"}], types.SimpleNamespace(is_fast=False), "text")
+
+
+def test_chat_template_refusing_a_conversation_names_the_row(tok):
+    # Like Gemma's and Mistral's templates: a jinja2 TemplateError, which is no ValueError and named no row.
+    strict = copy.copy(tok)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}" + tok.chat_template)
+    assert tokenize_rows([{"messages": CHAT[1:3]}], strict, "messages")
+    with pytest.raises(ValueError, match=r"row 1: the tokenizer's chat template refused this conversation \(System "
+                                         r"role not supported\); change the row \(merge a system turn"):
+        tokenize_rows([{"messages": CHAT[1:3]}, {"messages": CHAT}], strict, "messages")
