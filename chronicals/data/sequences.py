@@ -157,7 +157,8 @@ def _check_and_warn(stats: FitStats, kept: int, max_seq_length: int, overflow: s
     if kept == 0:
         raise ValueError(
             f"none of the {stats.num_sequences} sequences has a label token to train on (labels all ignore_index, "
-            "e.g. chat examples without an assistant turn, or one-token texts)"
+            "e.g. chat examples without an assistant turn, or whose assistant turns all have weight 0, or one-token "
+            "texts)"
         )
     notes = []
     if stats.padding_tokens:

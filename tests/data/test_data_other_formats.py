@@ -74,6 +74,9 @@ def test_content_parts_and_extra_keys_and_weight(tok):
     weighted = [*SHAREGPT[:3], *SHAREGPT[3:4], {**SHAREGPT[4], "weight": 0}]
     (example,) = tokenize_rows([{"conversations": weighted}], tok, "sharegpt")
     assert trained_text(tok, example) == "Nothing.<|im_end|>\n"
+    unweighted = [*SHAREGPT[:2], {**SHAREGPT[2], "weight": 0}]
+    with pytest.raises(ValueError, match="none of the 1 sequences has a label token .* all have weight 0"):
+        prepare_dataset([{"conversations": unweighted}], tok, use_cache=False)
 
 
 @pytest.mark.parametrize(
