@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .default_text import default_dataset
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -31,7 +33,12 @@ def row_label(index: int, lines: Sequence[int] | None) -> str:
 
 def load_rows(source: Any, split: str = "train") -> LoadedRows:
     """Rows from a path (.jsonl/.json/.ndjson, .parquet, a `save_to_disk` directory), a hub dataset name, a
-    `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), or a list of dicts."""
+    `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), a list of dicts, or "default" (the embedded
+    text, `default_dataset()`, as the config's `dataset: default` means)."""
+    if isinstance(source, str) and source == "default":
+        loaded = _from_list(default_dataset())  # the fingerprint of the same rows passed as a list
+        loaded.description = f"the embedded default text ({len(loaded.rows)} rows)"
+        return loaded
     if isinstance(source, (str, Path)):
         return _load_path(source, split)
     datasets = _datasets_module()

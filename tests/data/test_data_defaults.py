@@ -37,3 +37,15 @@ def test_default_pipeline_packs_efficiently():
         packed = packer.pack(examples)
     assert packer.original_tokens == packer.packed_tokens
     assert packer.efficiency > 0.9 and len(packed) < len(examples)
+
+
+def test_prepare_dataset_reads_default_as_the_embedded_text(tmp_path):
+    # docs/TRAINING.md: `train` takes whatever prepare_dataset reads, "default" included; it was looked up on the hub.
+    from chronicals.data import load_rows, prepare_dataset
+
+    loaded = load_rows("default")
+    assert loaded.rows == default_dataset() and loaded.columns == ["text"] and "embedded" in loaded.description
+    tok = default_tokenizer()
+    prepared = prepare_dataset("default", tok, max_seq_length=128, overflow="split", cache_dir=tmp_path)
+    as_list = prepare_dataset(default_dataset(), tok, max_seq_length=128, overflow="split", cache_dir=tmp_path)
+    assert prepared.format == "text" and prepared.rows == as_list.rows and as_list.cache_hit
