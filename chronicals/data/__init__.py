@@ -1,7 +1,9 @@
 """The data layer: loading (JSONL, Parquet, Hugging Face datasets), row formats (text, prompt/completion, chat
-messages with assistant-only loss), cached tokenization, SequencePacker, the packed and padded collators, and the
-embedded defaults (a tokenizer and text that ship with the project, so the main job runs without any download)."""
+messages with assistant-only loss, ShareGPT conversations, Alpaca), cached tokenization, SequencePacker, the packed
+and padded collators, and the embedded defaults (a tokenizer and text that ship with the project, so the main job
+runs without any download)."""
 
+from .alpaca import alpaca_prompt
 from .default_text import default_dataset, default_texts
 from .default_tokenizer import default_tokenizer
 from .formats import FORMATS, detect_format, tokenize_rows
@@ -20,6 +22,7 @@ __all__ = [
     "PaddedCollator",
     "PreparedData",
     "SequencePacker",
+    "alpaca_prompt",
     "best_fit_decreasing",
     "default_dataset",
     "default_texts",
