@@ -552,7 +552,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     # A count of 0 means no valid label in any micro-batch, so the sum is 0 too: divide by 1, not 0.
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32).reshape(())
-        normalizer = torch.where(normalizer == 0, 1.0, normalizer)
+        # 0 counts as 1; a negative count (checking it here would cost a host sync per call) makes the loss NaN
+        # rather than silently flipping its sign, so the trainer's non-finite check stops or skips the step.
+        normalizer = torch.where(normalizer == 0, 1.0, torch.where(normalizer < 0, float("nan"), normalizer))
     elif normalizer is not None:
         normalizer = float(normalizer) or 1.0
     return LinearCrossEntropyFunction.apply(

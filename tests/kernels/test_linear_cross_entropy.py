@@ -188,6 +188,17 @@ def test_normalizer_makes_accumulation_equal_one_batch(strategy):
     torch.testing.assert_close(parts[1].grad, whole[1].grad, rtol=1e-5, atol=1e-6)
 
 
+def test_a_negative_normalizer_tensor_gives_nan_not_a_flipped_loss():
+    # A number is refused up front; a tensor is not read back (a host sync per call), so a negative count made the
+    # loss and its gradients change sign silently. It now makes them NaN, which the trainer's non-finite check sees.
+    hidden, weight, _, labels = make_inputs(6, 5, 10, torch.float32, 0)
+    hidden.requires_grad_(True)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, normalizer=torch.tensor(-4.0))
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(hidden.grad[labels != IGNORE]).all()
+    assert fused_linear_cross_entropy(hidden, weight, labels, normalizer=torch.tensor(0.0)).isfinite()
+
+
 def test_random_tokens_give_ln_vocab_and_no_hidden_shift():
     # An uninformed model (tiny hidden states) scores random next tokens at ln(V).
     v = 97
