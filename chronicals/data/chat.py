@@ -75,8 +75,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], where: str,
     turn not to train on)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat_template, so 'messages' rows cannot be rendered; set tokenizer.chat_template "
-            "or give rows as 'text' or 'prompt'/'completion'"
+            "the tokenizer has no chat_template, so chat rows ('messages', ShareGPT 'conversations', or 'prompt' and "
+            "'completion' as lists of messages) cannot be rendered; set tokenizer.chat_template or give rows as "
+            "'text' or as 'prompt'/'completion' strings"
         )
     full = _render(tokenizer, messages, False, where)
     spans = []

@@ -1,6 +1,7 @@
 """The formats other fine-tuning tools' users bring: ShareGPT `conversations`, Alpaca, TRL's conversational
 prompt/completion, OpenAI content parts; what carries loss in each, auto-detection, and the errors for bad rows."""
 
+import copy
 import json
 
 import datasets
@@ -77,6 +78,17 @@ def test_content_parts_and_extra_keys_and_weight(tok):
     unweighted = [*SHAREGPT[:2], {**SHAREGPT[2], "weight": 0}]
     with pytest.raises(ValueError, match="none of the 1 sequences has a label token .* all have weight 0"):
         prepare_dataset([{"conversations": unweighted}], tok, use_cache=False)
+
+
+def test_a_tokenizer_without_a_chat_template_is_named_for_every_kind_of_chat_row(tok):
+    # The advice was "give rows as 'text' or 'prompt'/'completion'", which a conversational row already is.
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    for row, fmt in [({"conversations": SHAREGPT}, "sharegpt"),
+                     ({"prompt": MESSAGES[:2], "completion": MESSAGES[2:3]}, "prompt_completion")]:
+        with pytest.raises(ValueError, match=r"no chat_template, so chat rows .* lists of messages\) cannot be "
+                                             r"rendered; .* or as 'prompt'/'completion' strings"):
+            tokenize_rows([row], bare, fmt)
 
 
 @pytest.mark.parametrize(
