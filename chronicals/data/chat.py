@@ -31,12 +31,14 @@ def check_messages(messages: Any, where: str, column: str = "messages") -> list[
 
 
 def _message(message: Any, where: str) -> dict[str, Any]:
+    field = "content"  # the name the row gives the turn's text, for the errors
     if isinstance(message, Mapping) and message.get("role") is None and isinstance(message.get("from"), str):
         if message["from"] not in SHAREGPT_ROLES:
             raise ValueError(f"{where}['from'] is {message['from']!r}; ShareGPT turns must be from one of "
                              f"{', '.join(map(repr, SHAREGPT_ROLES))}: rename it")
         rest = {k: v for k, v in message.items() if k not in ("from", "value")}
         message = {**rest, "role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
+        field = "value"
     if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
         raise TypeError(f"{where} must be a dict with a str 'role' and a str 'content' (or ShareGPT's 'from' and "
                         "'value')")
@@ -49,10 +51,10 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}['role'] is {role!r}, a ShareGPT name: use 'user' and 'assistant' (or give the "
                          "turns as {'from', 'value'} dicts, which are mapped)")
     if isinstance(content, list):
-        content = _joined_parts(content, where)
+        content = _joined_parts(content, f"{where}[{field!r}]")
     if not isinstance(content, str):
         hint = "; tool calls are not supported, give the call as text" if message.get("tool_calls") else ""
-        raise TypeError(f"{where}['content'] must be a str, got {type(content).__name__}{hint}")
+        raise TypeError(f"{where}[{field!r}] must be a str, got {type(content).__name__}{hint}")
     return {**message, "content": content}
 
 
@@ -62,7 +64,7 @@ def _joined_parts(parts: list[Any], where: str) -> str:
     for index, part in enumerate(parts):
         if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise TypeError(f"{where}['content'][{index}] is a {kind!r} part; only {{'type': 'text', 'text': str}} "
+            raise TypeError(f"{where}[{index}] is a {kind!r} part; only {{'type': 'text', 'text': str}} "
                             "parts can be trained on (a text-only model): remove the others")
         texts.append(part["text"])
     return "".join(texts)

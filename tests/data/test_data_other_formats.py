@@ -102,6 +102,11 @@ def test_a_tokenizer_without_a_chat_template_is_named_for_every_kind_of_chat_row
          r"messages\[0\]\['content'\]\[0\] is a 'image' part; only .* parts can be trained on"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]}, "messages",
          TypeError, r"messages\[0\]\['content'\] must be a str, got NoneType; tool calls are not supported"),
+        # A ShareGPT turn's text is its 'value' (it has no 'content', which the error named).
+        ({"conversations": [{"from": "human", "value": None}]}, "sharegpt", TypeError,
+         r"row 0: conversations\[0\]\['value'\] must be a str, got NoneType"),
+        ({"conversations": [{"from": "human", "value": [{"type": "image"}]}]}, "sharegpt", TypeError,
+         r"row 0: conversations\[0\]\['value'\]\[0\] is a 'image' part"),
         ({"instruction": "Say hi.", "input": 3, "output": "hi"}, "alpaca", TypeError, "row 0: 'input' must be a str"),
         ({"instruction": "Say hi.", "output": ""}, "alpaca", ValueError, "row 0: 'output' is empty"),
         ({"instruction": None, "output": "hi"}, "alpaca", KeyError, "row 0: 'instruction' is null"),
