@@ -1,6 +1,7 @@
-"""Alpaca rows (`instruction`, an optional `input`, `output`) as prompt/completion text, in the Stanford Alpaca prompt
-that Unsloth's notebooks and axolotl's `alpaca` type use; the loss is on the output (and the eos after it) only.
-Prompt the trained model the same way: `alpaca_prompt(instruction, input)`."""
+"""Alpaca rows (`instruction`, an optional `input`, `output`) as prompt/completion text, in Stanford Alpaca's two
+prompts (with and without an input) as axolotl's `alpaca` type writes them, ending in "### Response:" and a newline;
+the loss is on the output (and the eos after it) only. Prompt the trained model the same way:
+`alpaca_prompt(instruction, input)`."""
 
 from __future__ import annotations
 
