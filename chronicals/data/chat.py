@@ -47,7 +47,7 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         # Roles match exactly (as chat templates compare them), so 'Assistant' would train nothing, silently.
         raise ValueError(f"{where}['role'] is {role!r}; the loss is taken on turns whose role is exactly "
                          f"{ROLES_TRAINED[0]!r}: rename the role")
-    if role in ("human", "gpt"):
+    if role.strip().lower() in ("human", "gpt"):  # any case: a template renders 'GPT' verbatim too
         raise ValueError(f"{where}['role'] is {role!r}, a ShareGPT name: use 'user' and 'assistant' (or give the "
                          "turns as {'from', 'value'} dicts, which are mapped)")
     if isinstance(content, list):

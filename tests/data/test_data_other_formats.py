@@ -98,6 +98,9 @@ def test_a_tokenizer_without_a_chat_template_is_named_for_every_kind_of_chat_row
          r"row 0: conversations\[0\]\['from'\] is 'bing'; ShareGPT turns must be from one of"),
         ({"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]}, "messages", ValueError,
          r"row 0: messages\[0\]\['role'\] is 'human', a ShareGPT name: use 'user' and 'assistant'"),
+        # In any case: 'GPT' is rendered verbatim by a template too, and trained nothing.
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "GPT", "content": "yo"}]}, "messages", ValueError,
+         r"row 0: messages\[1\]\['role'\] is 'GPT', a ShareGPT name"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}]}, "messages", TypeError,
          r"messages\[0\]\['content'\]\[0\] is a 'image' part; only .* parts can be trained on"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]}, "messages",
