@@ -103,6 +103,8 @@ class ChronicalsTrainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.warmup_steps, total_steps=total,
                                          schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
         state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+        self._data_summary = _data_summary(data.rows, plan.steps_per_epoch)
+        changed_data = None
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
@@ -120,6 +122,7 @@ class ChronicalsTrainer:
                 raise SetupError(str(e)) from e
             state = {k: saved[k] for k in state}
             _check_position(path, saved, state, plan.steps_per_epoch, cfg)
+            changed_data = _changed_data(saved.get("data"), self._data_summary)
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
         if self.env.is_main:
@@ -136,6 +139,11 @@ class ChronicalsTrainer:
             logger.message(f"warning: {out} already holds {stale.name} from an earlier run; this run starts at step 0 "
                            "and resume_from_checkpoint=latest picks the highest step there, so give this run its own "
                            "output_dir (or resume_from_checkpoint=latest to continue that run)")
+        if changed_data:
+            # Not an error: continuing on other data can be meant. But the position saved in the checkpoint then points
+            # into other batches than the interrupted run would have trained next.
+            logger.message(f"warning: {self.last_checkpoint} was saved with other training data or batch settings "
+                           f"({changed_data}); the resumed run does not see the batches the interrupted one would have")
         logger.message(f"training {total} steps on {where} ({len(data.rows)} "
                        f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
@@ -252,7 +260,8 @@ class ChronicalsTrainer:
 
     def _save(self, state: dict[str, Any]) -> Path:
         path = Path(self.config.output_dir) / f"checkpoint-{state['step']}"
-        trainer_state = {**state, "world_size": self.env.world_size, "config": self.config.to_dict()}
+        trainer_state = {**state, "world_size": self.env.world_size, "config": self.config.to_dict(),
+                         "data": self._data_summary}
         # Each rank's generators have moved on by its own batches (dropout), so each rank's are kept.
         rng_states = distributed.gather_object(checkpoint._rng_state(), self.env)
         if self.strategy == "fsdp2":  # every rank writes its shards
@@ -340,6 +349,22 @@ def _check_position(path: Path, saved: dict[str, Any], state: dict[str, Any], st
         + (f" (changed since it was saved: {', '.join(changed)})" if changed else "")
         + "; resume with the data and batch settings it was saved with"
     )
+
+
+def _data_summary(rows, steps_per_epoch: int) -> dict[str, int]:
+    """Counts that a resumed run compares with its checkpoint's, to tell whether it trains on the same batches
+    (cheap: no hash of the data; the label count assumes ignore_index -100, which is what every collator writes)."""
+    return {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
+            "label_tokens": sum(len(r["labels"]) - list(r["labels"]).count(-100) for r in rows),
+            "steps_per_epoch": steps_per_epoch}
+
+
+def _changed_data(saved: dict[str, int] | None, now: dict[str, int]) -> str | None:
+    """'name: saved -> now' for each count that differs; None when they agree or the checkpoint has none (older)."""
+    if not saved:
+        return None
+    changed = [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    return ", ".join(changed) or None
 
 
 def _sequence_lengths(batch: dict[str, Any]) -> list[int]:

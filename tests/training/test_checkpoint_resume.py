@@ -56,6 +56,21 @@ def test_a_fresh_run_warns_of_an_earlier_run_s_checkpoints(tmp_path, capsys):
     assert "already holds" not in capsys.readouterr().out
 
 
+def test_resuming_on_other_data_warns_that_the_batches_differ(tmp_path, capsys):
+    # A checkpoint keeps its position in the epoch's batch order; resumed on other rows (another dataset, or the
+    # same file read differently by a newer version), that position points into other batches, without a word.
+    _train(tmp_path, rows(16), max_steps=4, batch_size=4, save_steps=2)
+    checkpoint_2 = str(tmp_path / "run" / "checkpoint-2")
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())["data"]
+    assert saved["rows"] == 16 and saved["steps_per_epoch"] == 4 and 0 < saved["label_tokens"] < saved["tokens"]
+    capsys.readouterr()
+    _train(tmp_path, rows(16), max_steps=4, batch_size=4, resume_from_checkpoint=checkpoint_2)
+    assert "other training data" not in capsys.readouterr().out
+    _train(tmp_path, rows(16, seed=1), max_steps=4, batch_size=4, resume_from_checkpoint=checkpoint_2)
+    out = capsys.readouterr().out
+    assert "checkpoint-2 was saved with other training data or batch settings (tokens:" in out
+
+
 def test_resume_latest_and_missing_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         checkpoint.resolve("latest", tmp_path)
