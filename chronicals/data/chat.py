@@ -109,6 +109,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
         # alternate user/assistant) is a jinja2 error, outside ValueError: name the row and the way out.
         if not type(e).__module__.startswith("jinja2"):
             raise
+        if type(e).__name__ == "TemplateSyntaxError":  # the template itself is broken, whatever the row
+            raise ValueError(f"{where}: the tokenizer's chat template does not parse ({e}); fix "
+                             "tokenizer.chat_template or use a tokenizer with a working one") from e
         raise ValueError(f"{where}: the tokenizer's chat template refused this conversation ({e}); change the row "
                          "(merge a system turn into the first user turn, make user and assistant turns alternate) "
                          "or use a tokenizer whose template accepts it") from e

@@ -152,3 +152,9 @@ def test_chat_template_refusing_a_conversation_names_the_row(tok):
     with pytest.raises(ValueError, match=r"row 1: the tokenizer's chat template refused this conversation \(System "
                                          r"role not supported\); change the row \(merge a system turn"):
         tokenize_rows([{"messages": CHAT[1:3]}, {"messages": CHAT}], strict, "messages")
+    # A template that does not parse is broken for every row: it is not reported as this row's refusal.
+    broken = copy.copy(tok)
+    broken.chat_template = "{% for m in messages %}{{ m['content'] }}"
+    with pytest.raises(ValueError, match=r"row 0: the tokenizer's chat template does not parse \(.*\); fix "
+                                         r"tokenizer.chat_template"):
+        tokenize_rows([{"messages": CHAT}], broken, "messages")
