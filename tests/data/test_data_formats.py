@@ -6,19 +6,8 @@ import types
 
 import pytest
 
-from chronicals.data import default_tokenizer, detect_format, tokenize_rows
-
-IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-def trained_text(tok, example):
-    return tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
-
+from chronicals.data import detect_format, tokenize_rows
+from tests.data.helpers import IGNORE, trained_text
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -7,20 +7,9 @@ import json
 import datasets
 import pytest
 
-from chronicals.data import FORMATS, default_tokenizer, detect_format, prepare_dataset, tokenize_rows
+from chronicals.data import FORMATS, detect_format, prepare_dataset, tokenize_rows
 from chronicals.data.alpaca import alpaca_prompt
-
-IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-def trained_text(tok, example):
-    return tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
-
+from tests.data.helpers import trained_text
 
 SHAREGPT = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What does pass do?"},
             {"from": "gpt", "value": "Nothing."}, {"from": "human", "value": "And assert?"},

@@ -17,11 +17,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
