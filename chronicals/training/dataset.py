@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from chronicals.config import ChronicalsConfig
-from chronicals.data import PackedCollator, PaddedCollator, SequencePacker, default_dataset, fit_sequences
+from chronicals.data import PackedCollator, PaddedCollator, SequencePacker, fit_sequences
 from chronicals.data.loading import load_rows
 from chronicals.data.prepare import PreparedData, padding_id, prepare_dataset
 
@@ -19,12 +19,12 @@ class DataError(ValueError):
 
 
 def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> PreparedData:
-    source = default_dataset() if isinstance(dataset, str) and dataset == "default" else dataset
+    # "default" needs no case here: the data layer's load_rows reads it as the embedded text.
     what = repr(dataset) if isinstance(dataset, str) else type(dataset).__name__
     try:
-        if _is_tokenized(source):
-            return _prepare_tokenized(source, tokenizer, cfg)
-        return prepare_dataset(_renamed(source, cfg), tokenizer, max_seq_length=cfg.max_seq_length,
+        if _is_tokenized(dataset):
+            return _prepare_tokenized(dataset, tokenizer, cfg)
+        return prepare_dataset(_renamed(dataset, cfg), tokenizer, max_seq_length=cfg.max_seq_length,
                                format=cfg.dataset_format, packing=cfg.use_sequence_packing, overflow=cfg.overflow,
                                split=cfg.dataset_split)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
