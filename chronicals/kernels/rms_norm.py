@@ -36,6 +36,7 @@ _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is hap
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
 _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
+_MAX_BWD_STAGES = 3  # backward: deepest software pipeline tried (tiles in flight per program), within the budget above
 # L2 policy of the forward's loads ("" is the default policy, "evict_first" marks data read once): None picks it by
 # the rule in _fwd_eviction, a value fixes it (benchmarks/kernel_ops.py A/Bs both). Neither wins everywhere, on H100
 # and H200 alike, 2026-12-06, 16384 rows bf16: at 896 columns evict_first (H200 15.2 us against 16.3; H100 20.1
@@ -69,7 +70,7 @@ def _bwd_stages(block_m: int, block_n: int, n_streams: int, elem_bytes: int) -> 
     if INTERPRET:
         return 0
     per_stage = block_m * block_n * n_streams * elem_bytes
-    return max((s for s in (3, 2, 1) if (s - 1) * per_stage <= _PREFETCH_BYTES), default=1)
+    return max((s for s in range(1, _MAX_BWD_STAGES + 1) if (s - 1) * per_stage <= _PREFETCH_BYTES), default=1)
 
 
 def _num_programs(device: torch.device, n_tiles: int) -> int:

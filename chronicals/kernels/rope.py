@@ -71,18 +71,19 @@ def _qk_rope_kernel(
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s,
     sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
     scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
-    n_pos, seq_len,
+    seq_len,
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
     HALF_TABLE: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
 ):
+    # The grid is (position blocks of a sequence, batch): b and s come from the program ids. A flat grid over B * S
+    # would divide by S for them (int64 division, a long instruction sequence) before any address is known.
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < HALF
+    b = tl.program_id(1).to(tl.int64)
     for i in tl.static_range(POS_PER_PROG):
-        t = tl.program_id(0).to(tl.int64) * POS_PER_PROG + i  # flat position b * S + s
-        valid = t < n_pos
-        b = t // seq_len
-        s = t % seq_len
+        s = tl.program_id(0).to(tl.int64) * POS_PER_PROG + i
+        valid = s < seq_len
         if HAS_POS:
             row = tl.load(POS + b * spos_b + s * spos_s, mask=valid, other=0).to(tl.int64)
             cos_off = row * scos_s
@@ -150,12 +151,24 @@ _qk_rope_tuned = triton.autotune(
 )(_qk_rope_kernel)
 
 
+_MAX_GRID_BATCH = 65535  # CUDA's limit on the grid's second dimension, which runs over the batch
+
+
 def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -> None:
     """Rotate q, k ([B, H, S, D], unit last stride) into q_out, k_out (or un-rotate when `backward`).
 
     cos/sin: [Bc, S, D] with Bc in (1, B) when position_ids is None, else a [max_pos, D] table; either may hold
     only the first half of each row (last dimension D/2) when its halves are equal, as HF's are."""
     batch, n_q_heads, seq_len, head_dim = q.shape
+    if batch > _MAX_GRID_BATCH:  # launch per slice of the batch; per-row cos/sin and position_ids are sliced along
+        for b0 in range(0, batch, _MAX_GRID_BATCH):
+            rows = slice(b0, b0 + _MAX_GRID_BATCH)
+            per_row = position_ids is None and cos.shape[0] > 1
+            qk_rope_launch(q[rows], k[rows], q_out[rows], k_out[rows], cos[rows] if per_row else cos,
+                           sin[rows] if per_row else sin,
+                           position_ids[rows] if position_ids is not None and position_ids.shape[0] > 1
+                           else position_ids, backward)
+        return
     n_k_heads = k.shape[1]
     n_pos = batch * seq_len
     if n_pos == 0:
@@ -174,7 +187,7 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
         scos_b, scos_s, ssin_b, ssin_s, spos_b, spos_s,
-        n_pos, seq_len,
+        seq_len,
     )
     dense = all(t.shape[1] == 1 or t.stride(1) == head_dim for t in (q, k, q_out, k_out))
     blocks = dict(N_Q_HEADS=n_q_heads, N_K_HEADS=n_k_heads, HALF=head_dim // 2, DENSE_HEADS=dense,
@@ -182,15 +195,15 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
                   BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, EVICTION=_EVICTION)
     if _LAUNCH is not None:
         pos_per_prog, num_warps = _LAUNCH
-        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks,
-                                                             num_warps=num_warps)
+        _qk_rope_kernel[(triton.cdiv(seq_len, pos_per_prog), batch)](*args, POS_PER_PROG=pos_per_prog, **blocks,
+                                                                     num_warps=num_warps)
     elif INTERPRET or n_pos < _TUNE_MIN_POSITIONS:
         per_pos = _per_position(block_hq, block_hk, block_half)
         num_warps = min(16, max(1, next_power_of_2(per_pos // 2048 + 1)))  # ~32 elements per thread
-        _qk_rope_kernel[(triton.cdiv(n_pos, pos_per_prog),)](*args, POS_PER_PROG=pos_per_prog, **blocks,
-                                                             num_warps=num_warps)
+        _qk_rope_kernel[(triton.cdiv(seq_len, pos_per_prog), batch)](*args, POS_PER_PROG=pos_per_prog, **blocks,
+                                                                     num_warps=num_warps)
     else:
-        _qk_rope_tuned[lambda meta: (triton.cdiv(n_pos, meta["POS_PER_PROG"]),)](*args, **blocks)
+        _qk_rope_tuned[lambda meta: (triton.cdiv(seq_len, meta["POS_PER_PROG"]), batch)](*args, **blocks)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -162,6 +162,28 @@ def test_expanded_inputs_and_gradients_keep_head_dim_innermost():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("cos_mode", ["per_batch", "shared", "table"])
+def test_batches_beyond_the_grid_limit_launch_per_slice(monkeypatch, cos_mode):
+    """The grid's second dimension runs over the batch (CUDA allows 65535); larger batches launch per slice, with
+    per-row cos/sin and position_ids sliced along. The limit is lowered here so that a small batch crosses it."""
+    from chronicals.kernels import rope
+
+    gen = torch.Generator().manual_seed(3)
+    q = make_qk(5, 3, 4, 8, torch.float32, True, gen)
+    k = make_qk(5, 1, 4, 8, torch.float32, True, gen)
+    pos = packed_positions(5, 4, gen).to(DEVICE)
+    cos_t, sin_t = rope_table(8, 8, torch.float32)
+    if cos_mode == "table":
+        call = lambda: fused_qk_rope(q, k, cos_t, sin_t, position_ids=pos)  # noqa: E731
+        cos, sin = cos_t[pos], sin_t[pos]
+    else:
+        cos, sin = (cos_t[pos], sin_t[pos]) if cos_mode == "per_batch" else (cos_t[pos[:1]], sin_t[pos[:1]])
+        call = lambda: fused_qk_rope(q, k, cos, sin)  # noqa: E731
+    monkeypatch.setattr(rope, "_MAX_GRID_BATCH", 2)
+    for got, want in zip(call(), hf_rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(1, 4, 5, 8, device=DEVICE)
     k = torch.randn(1, 2, 5, 8, device=DEVICE)
