@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Every linear layer of the supported decoder blocks (Llama, Qwen2/3, Mistral): attention and MLP.
@@ -39,13 +40,14 @@ class LoRAConfig:
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRAConfig.rank must be a positive integer, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        # Finite too: NaN fails every comparison, and a NaN or infinite scale turns every adapted output NaN / inf.
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"LoRAConfig.alpha must be a finite positive number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        targets = list(self.target_modules)
+        targets = list(self.target_modules) if isinstance(self.target_modules, (list, tuple, set)) else []
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(
                 f"LoRAConfig.target_modules must be a non-empty list of module names such as "

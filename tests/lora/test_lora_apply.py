@@ -202,3 +202,16 @@ def test_install_fused_again_reinstalls_instead_of_stacking():
         remove_fused(ours)
         assert not any("forward" in vars(m) for m in ours.modules())
         torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_alpha_must_be_finite(alpha):
+    # A NaN or infinite alpha passed (NaN fails every comparison) and made every adapted output NaN or inf.
+    with pytest.raises(ValueError, match="LoRAConfig.alpha must be a finite positive number"):
+        LoRAConfig(alpha=alpha)
+
+
+def test_target_modules_none_names_the_field():
+    # None (PEFT's "pick defaults for this model type") failed with "'NoneType' object is not iterable".
+    with pytest.raises(ValueError, match="LoRAConfig.target_modules must be a non-empty list"):
+        LoRAConfig(target_modules=None)
