@@ -35,13 +35,18 @@ def _all_linear(model: nn.Module) -> list[str]:
             if n and m is not head and (isinstance(m, nn.Linear) or (Conv1D and isinstance(m, Conv1D)))]
 
 
+def carries_adapters(model: nn.Module) -> bool:
+    """Whether `model` is a PeftModel or holds PEFT's layers (e.g. the base of one)."""
+    return hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules())
+
+
 def check_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Names of the modules the config adapts; raises a clear error for anything that cannot work."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a chronicals.lora.LoRAConfig, got {type(config).__name__}")
-    if hasattr(model, "peft_config") or any(hasattr(m, "lora_A") for m in model.modules()):
+    if carries_adapters(model):
         raise ValueError("model already carries LoRA adapters; apply_lora takes the plain base model")
     modules = dict(model.named_modules())
     if config.target_modules == [ALL_LINEAR]:

@@ -28,6 +28,12 @@ def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool =
     """Load adapters saved by save_lora (or by PEFT) onto `base_model`; returns the peft.PeftModel."""
     from peft import PeftModel
 
+    from .apply import carries_adapters
+
+    # PEFT would wrap it in a second PeftModel whose names match none of the saved ones: nothing loaded, no error.
+    if isinstance(base_model, nn.Module) and carries_adapters(base_model):
+        raise ValueError("base_model already carries LoRA adapters; load_lora takes the plain base model (a fresh "
+                         "one, or merge_lora's result)")
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{directory} has no adapter_config.json; pass the directory save_lora wrote")

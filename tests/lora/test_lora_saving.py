@@ -95,3 +95,13 @@ def test_fused_forward_is_used_after_loading(tmp_path):
     save_lora(_trained(LoRAConfig(rank=4, alpha=8)), tmp_path)
     model = load_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), tmp_path).train()
     assert "_LoRASwiGLUMLPBackward" in graph_names(model(input_ids=IDS).logits)
+
+
+def test_load_onto_a_model_that_already_carries_adapters_is_refused(tmp_path):
+    # The PeftModel from apply_lora (or its base, which holds PEFT's layers) was wrapped in a second PeftModel whose
+    # key names matched none of the saved ones: the saved weights were silently not loaded (logits off by ~0.8).
+    save_lora(_trained(LoRAConfig(rank=4, alpha=8)), tmp_path)
+    adapted = apply_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), LoRAConfig(rank=4, alpha=8))
+    for model in (adapted, adapted.base_model.model):
+        with pytest.raises(ValueError, match="already carries LoRA adapters.*plain base model"):
+            load_lora(model, tmp_path)
