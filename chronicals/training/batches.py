@@ -30,17 +30,15 @@ class StepPlan:
         self.env = env = env or DistEnv()
         # A micro-batch spans every rank: the batch_size x world_size rows that one process would take as one
         # micro-batch, split over the ranks. A last, shorter one is kept, as one process keeps it; a rank it gives no
-        # row runs a stand-in row with no label (`_micro_batch`).
+        # row runs a stand-in row with no label (`_micro_batch`). Likewise the epoch's last step takes the micro-batches
+        # left over when gradient_accumulation_steps does not divide them (as HF Trainer does): every row is trained
+        # on each epoch, and batch_size 4 x 2 micro-batches takes the steps of batch_size 8 (each step's loss is
+        # normalised by its own label tokens, so a shorter step is exact too).
         self.rows_per_micro_batch = batch_size * env.world_size
         micro_batches = -(-len(units) // self.rows_per_micro_batch)
-        self.steps_per_epoch = micro_batches // self.accumulation
+        self.steps_per_epoch = -(-micro_batches // self.accumulation)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the dataset gives {len(units)} rows, i.e. {micro_batches} micro-batch(es) of "
-                f"batch_size={batch_size}, too few for one optimizer step of "
-                f"gradient_accumulation_steps={self.accumulation} on {env.world_size} process(es); "
-                "lower batch_size or gradient_accumulation_steps, or add data"
-            )
+            raise ValueError("the dataset gives no rows, so there is nothing for an optimizer step to train on")
 
     def epoch_steps(self, epoch: int, start: int = 0) -> Iterator[list[dict[str, Any]]]:
         """This rank's optimizer steps of `epoch` from step `start` on; each is a list of collated micro-batches."""
