@@ -46,5 +46,32 @@ def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool =
 def merge_lora(model) -> nn.Module:
     """Fold the adapters into the base weights; returns the plain base model (adapters removed)."""
     _require_peft_model(model, "merge_lora")
+    _refuse_tied(model)
     remove_fused(model)
     return model.merge_and_unload()
+
+
+def _refuse_tied(model) -> None:
+    """A merge writes W + s B A into the base weight; a weight shared with another layer (tied embeddings: lm_head
+    and embed_tokens) would change that layer too, so the merged model would compute something else."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    tied = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and module.active_adapters and not module.merged:
+            base = module.get_base_layer()
+            weight = getattr(base, "weight", None)
+            others = [n for n in holders.get(id(weight), []) if n != name and not n.startswith(name + ".")]
+            if others:
+                tied.append(f"{name!r} (shared with {others[0]!r})")
+    if tied:
+        raise ValueError(
+            f"merge_lora: the adapted layer {', '.join(tied)} holds a weight tied to another layer (tied embeddings); "
+            "merging would change both layers and the merged model would give other logits. Keep the adapters "
+            "unmerged (save_lora / load_lora), or untie the weights before apply_lora (tie_word_embeddings=False, "
+            "lm_head with its own copy of the embedding matrix)"
+        )

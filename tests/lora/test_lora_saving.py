@@ -105,3 +105,29 @@ def test_load_onto_a_model_that_already_carries_adapters_is_refused(tmp_path):
     for model in (adapted, adapted.base_model.model):
         with pytest.raises(ValueError, match="already carries LoRA adapters.*plain base model"):
             load_lora(model, tmp_path)
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["embed_tokens", "q_proj"]])
+def test_merge_refuses_an_adapter_on_a_tied_weight(targets):
+    # With tied embeddings (Llama-3.2-1B/3B, small Qwen2.5/Qwen3, Gemma) lm_head and embed_tokens hold one matrix:
+    # PEFT's merge folded the head's (or the embedding's) adapter into it, changing the other layer too, and the
+    # merged model's logits were off by ~3 with only a warning. The unmerged adapters stay usable.
+    model = apply_lora(build_model("tiny-llama", dtype=torch.float32, seed=0, tie_word_embeddings=True),
+                       LoRAConfig(rank=4, alpha=8, target_modules=targets))
+    head, embed = model.get_base_model().lm_head, model.get_base_model().model.embed_tokens
+    assert getattr(head, "base_layer", head).weight is getattr(embed, "base_layer", embed).weight
+    with pytest.raises(ValueError, match=r"merge_lora: .*(lm_head|embed_tokens).* tied .*save_lora"):
+        merge_lora(model)
+    assert model(input_ids=IDS).logits.isfinite().all()  # untouched: still the adapted model
+
+
+def test_merge_of_untied_layers_of_a_tied_model_is_allowed():
+    model = apply_lora(build_model("tiny-llama", dtype=torch.float32, seed=0, tie_word_embeddings=True),
+                       LoRAConfig(rank=4, alpha=8))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        logits = model.eval()(input_ids=IDS).logits
+        torch.testing.assert_close(merge_lora(model)(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
