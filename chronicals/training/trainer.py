@@ -77,6 +77,7 @@ class ChronicalsTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.scheduler = None
+        self._learning_rate = config.learning_rate  # the base of the logged lr: a resumed run's is its checkpoint's
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
         self._step_clock: float | None = None  # when the current step began, its batches' collation included
@@ -104,7 +105,7 @@ class ChronicalsTrainer:
                                          schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
         state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
         self._data_summary = _data_summary(data.rows, plan.steps_per_epoch)
-        changed_data = None
+        changed_data = kept_settings = None
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
@@ -123,6 +124,8 @@ class ChronicalsTrainer:
             state = {k: saved[k] for k in state}
             _check_position(path, saved, state, plan.steps_per_epoch, cfg)
             changed_data = _changed_data(saved.get("data"), self._data_summary)
+            kept_settings = _kept_optimizer_settings(saved.get("config") or {}, cfg)
+            self._learning_rate = (saved.get("config") or {}).get("learning_rate", cfg.learning_rate)
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
         if self.env.is_main:
@@ -144,6 +147,12 @@ class ChronicalsTrainer:
             # into other batches than the interrupted run would have trained next.
             logger.message(f"warning: {self.last_checkpoint} was saved with other training data or batch settings "
                            f"({changed_data}); the resumed run does not see the batches the interrupted one would have")
+        if kept_settings:
+            # HF Trainer's behaviour too (the optimizer's and scheduler's state carry these), but without a word the
+            # new values look applied, and the logged lr was the new learning_rate's while the old one trained.
+            logger.message(f"warning: {self.last_checkpoint} was saved with {kept_settings}; its optimizer state keeps "
+                           "the saved values, so the resumed run trains with those (start a new run, without "
+                           "resume_from_checkpoint, to change them)")
         logger.message(f"training {total} steps on {where} ({len(data.rows)} "
                        f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
@@ -209,7 +218,7 @@ class ChronicalsTrainer:
         distributed.all_reduce_sum(loss_sum, self.env)
         loss_value, norm_value = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)]).tolist()
         # The learning_rate as scheduled: the first group's may be LoRA+'s B matrices, at lora_plus_ratio times it.
-        lr = cfg.learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
+        lr = self._learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
         skipped = False
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.scaler is None):
             self.optimizer.zero_grad(set_to_none=True)
@@ -349,6 +358,20 @@ def _check_position(path: Path, saved: dict[str, Any], state: dict[str, Any], st
         + (f" (changed since it was saved: {', '.join(changed)})" if changed else "")
         + "; resume with the data and batch settings it was saved with"
     )
+
+
+# Settings that a checkpoint's optimizer and scheduler state hold (the groups' lr, weight_decay, betas, eps; the
+# scheduler's base learning rates), so a resume keeps the saved ones whatever the config now says.
+_OPTIMIZER_FIELDS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lora_plus_ratio")
+
+
+def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
+    """'name saved (this config: new)' for each optimizer setting the resumed config changes; None when none does."""
+    lora_plus = cfg.use_lora_plus and before.get("use_lora_plus")  # lora_plus_ratio matters only under LoRA+
+    names = [n for n in _OPTIMIZER_FIELDS if n != "lora_plus_ratio" or lora_plus]
+    changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in names
+               if name in before and before[name] != getattr(cfg, name)]
+    return ", ".join(changed) or None
 
 
 def _data_summary(rows, steps_per_epoch: int) -> dict[str, int]:

@@ -183,3 +183,21 @@ def test_resume_with_other_lora_shapes_is_a_setup_error(tmp_path, saved, resumed
     _train(tmp_path, data, max_steps=1, batch_size=4, **{"use_lora": bool(saved), **saved})
     with pytest.raises(SetupError, match="resume with the same model and LoRA settings|different LoRA settings"):
         _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, resume_from_checkpoint="latest", **resumed)
+
+
+def test_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept_and_logs_it(tmp_path, capsys):
+    # The optimizer and scheduler state restore the saved lr and weight_decay (as in HF Trainer), but nothing said so
+    # and metrics.jsonl logged the new learning_rate's schedule while the old one trained.
+    data = rows(16)
+    _train(tmp_path, data, max_steps=2, batch_size=4, lr_schedule="constant", learning_rate=1e-2)
+    capsys.readouterr()
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(
+        tmp_path, max_steps=4, batch_size=4, lr_schedule="constant", learning_rate=1e-3, weight_decay=0.5,
+        resume_from_checkpoint="latest"))
+    applied = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
+    trainer.train(data)
+    out = capsys.readouterr().out
+    assert "saved with learning_rate 0.01 (this config: 0.001), weight_decay 0.0 (this config: 0.5)" in out
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert applied == [0.01, 0.01] and logged == [0.01] * 4
