@@ -138,6 +138,14 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise SetupError(f"the model ({type(model).__name__}) has no Hugging Face config; pass a transformers model")
+    dropout = getattr(model.config, "attention_dropout", 0.0) or 0.0
+    if cfg.use_sequence_packing and dropout:  # else a ValueError from inside the first forward, after tokenizing
+        raise SetupError(
+            f"config field 'use_sequence_packing' is true but the model has attention_dropout={dropout}, which packed "
+            "(varlen) attention does not apply; set use_sequence_packing: false (padded batches keep the dropout), "
+            "or attention_dropout 0 (model_kwargs.attention_dropout for a preset, model.config.attention_dropout = 0 "
+            "from Python)"
+        )
     if cfg.use_fused_kernels or cfg.use_sequence_packing:
         import chronicals
 
