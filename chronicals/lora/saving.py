@@ -56,16 +56,16 @@ def _refuse_tied(model) -> None:
     and embed_tokens) would change that layer too, so the merged model would compute something else."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    holders: dict[int, list[str]] = {}
+    # By module object, not name: a module registered under two names (an alias) holds nothing of another layer.
+    holders: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for p in module.parameters(recurse=False):
-            holders.setdefault(id(p), []).append(name)
+            holders.setdefault(id(p), {}).setdefault(id(module), name)
     tied = []
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer) and module.active_adapters and not module.merged:
             base = module.get_base_layer()
-            weight = getattr(base, "weight", None)
-            others = [n for n in holders.get(id(weight), []) if n != name and not n.startswith(name + ".")]
+            others = [n for m, n in holders.get(id(getattr(base, "weight", None)), {}).items() if m != id(base)]
             if others:
                 tied.append(f"{name!r} (shared with {others[0]!r})")
     if tied:
