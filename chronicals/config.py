@@ -30,6 +30,33 @@ Strategy = Literal["auto", "fsdp2", "ddp", "none"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+_EVAL = "the trainer has no evaluation loop: evaluate the saved model (output_dir/final) on its own"
+_BATCH = "use 'batch_size' (rows per micro-batch on each process; global_batch_size for all of a step's rows)"
+# Field names of HF TrainingArguments / TRL SFTConfig / torchtune that chronicals spells otherwise or lacks, and what
+# to write instead.
+OTHER_TRAINERS_NAMES = {
+    "lr": "use 'learning_rate'",
+    "num_train_epochs": "use 'epochs' (whole epochs; max_steps for a number of steps)",
+    "num_epochs": "use 'epochs' (whole epochs; max_steps for a number of steps)",
+    "per_device_train_batch_size": _BATCH, "train_batch_size": _BATCH, "micro_batch_size": _BATCH,
+    "lr_scheduler_type": "use 'lr_schedule' (cosine | linear | constant)",
+    "warmup_ratio": "use 'warmup_steps', a number of steps (not a fraction of the run)",
+    "max_length": "use 'max_seq_length'", "max_seq_len": "use 'max_seq_length'",
+    "gradient_checkpointing": "use 'use_gradient_checkpointing'",
+    "bf16": "use mixed_precision: bf16", "fp16": "use mixed_precision: fp16",
+    "packing": "use 'use_sequence_packing'",
+    "model_name_or_path": "use 'model'",
+    "dataset_text_field": "use 'text_column'",
+    "lora_r": "use 'lora_rank'", "target_modules": "use 'lora_target_modules'",
+    "optim": "the optimizer is AdamW; use_8bit_optimizer: true for 8-bit Adam",
+    "torch_compile": "use 'use_torch_compile'",
+    "save_strategy": "use 'save_steps' (0: a checkpoint only at the end)",
+    "report_to": "metrics go to output_dir/metrics.jsonl; tensorboard: true adds TensorBoard",
+    **{name: _EVAL for name in ("eval_dataset", "eval_steps", "eval_strategy", "evaluation_strategy", "do_eval",
+                                "per_device_eval_batch_size")},
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is unusable; the message names the field and what it accepts."""
 
@@ -122,6 +149,10 @@ class ChronicalsConfig:
     global_batch_size: Union[int, None] = None
 
     def __post_init__(self):
+        if isinstance(self.resume_from_checkpoint, bool):  # HF Trainer's resume_from_checkpoint=True
+            raise ConfigError(f"config field 'resume_from_checkpoint' is {str(self.resume_from_checkpoint).lower()}; "
+                              "it takes 'latest' (the newest checkpoint in output_dir), a checkpoint directory, or "
+                              "null to start afresh")
         _check_types(self)
         _check_values(self)
         # "~/runs/x" means the home directory, as it does for dataset paths (not a folder named "~").
@@ -137,6 +168,8 @@ class ChronicalsConfig:
             if key not in names:
                 near = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
+                if key in OTHER_TRAINERS_NAMES:  # difflib's guess there misleads: eval_steps -> max_steps
+                    hint = f" (a Hugging Face / TRL / torchtune name); {OTHER_TRAINERS_NAMES[key]}"
                 valid = ", ".join(f.name for f in dataclasses.fields(cls))
                 raise ConfigError(f"unknown config field {key!r}{hint} (valid fields: {valid})")
         return cls(**values)
