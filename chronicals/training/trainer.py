@@ -296,8 +296,12 @@ class ChronicalsTrainer:
             from chronicals.lora import save_lora
 
             save_lora(self.model, directory)
+        elif all(p.requires_grad for p in self.model.parameters()):
+            self.model.config.save_pretrained(directory)  # beside model.safetensors, which holds every weight
         else:
-            self.model.config.save_pretrained(directory)
+            # Some weights frozen (not LoRA): resuming reads trainable.safetensors, which from_pretrained cannot load
+            # alone, so the whole model goes beside it (model.safetensors and config.json).
+            self.model.save_pretrained(directory, safe_serialization=True)
 
     def _export_final(self, directory: Path) -> Path:
         if self.strategy == "fsdp2":  # the shards are gathered into one model (a collective)

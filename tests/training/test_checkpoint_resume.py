@@ -201,3 +201,28 @@ def test_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept_and_log
     assert "saved with learning_rate 0.01 (this config: 0.001), weight_decay 0.0 (this config: 0.5)" in out
     logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert applied == [0.01, 0.01] and logged == [0.01] * 4
+
+
+def test_a_full_fine_tune_with_frozen_weights_saves_checkpoints_that_load_with_from_pretrained(tmp_path):
+    # Freezing the embeddings of a full fine-tune made the checkpoint keep only the trainable weights
+    # (trainable.safetensors, for resuming) beside config.json: from_pretrained found no model.safetensors in it.
+    from transformers import AutoModelForCausalLM
+
+    def frozen():
+        model = tiny_model()
+        model.model.embed_tokens.weight.requires_grad_(False)
+        return model
+
+    data = rows(16)
+    full = ChronicalsTrainer(frozen(), tokenizer(), config(tmp_path / "full", max_steps=4, lr_schedule="constant"))
+    full = full.train(data)
+    trainer = ChronicalsTrainer(frozen(), tokenizer(), config(tmp_path, max_steps=2, lr_schedule="constant"))
+    path = trainer.train(data).checkpoint
+    x = torch.tensor([[5, 6, 7, 8]])
+    trainer.model.eval()
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, trainer.model(input_ids=x).logits)
+    resumed = ChronicalsTrainer(frozen(), tokenizer(), config(tmp_path, max_steps=4, lr_schedule="constant",
+                                                              resume_from_checkpoint=path))
+    assert resumed.train(data).losses == full.losses[2:]
