@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -304,19 +306,31 @@ class ChronicalsTrainer:
             self.model.save_pretrained(directory, safe_serialization=True)
 
     def _export_final(self, directory: Path) -> Path:
+        # Written into a hidden directory that then replaces `directory`: saved into an earlier run's final/, the files
+        # this run does not write stayed there (a LoRA run's adapter_config.json, which from_pretrained then applied
+        # to this full fine-tune's weights).
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        if self.env.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        distributed.barrier(self.env)
         if self.strategy == "fsdp2":  # the shards are gathered into one model (a collective)
-            return export.export_sharded(self.model, directory, env=self.env, lora=self.config.use_lora,
-                                         tokenizer=self.tokenizer)
-        if self.env.is_main:
-            directory.mkdir(parents=True, exist_ok=True)
+            export.export_sharded(self.model, tmp, env=self.env, lora=self.config.use_lora, tokenizer=self.tokenizer)
+        elif self.env.is_main:
+            tmp.mkdir(parents=True)
             if self.config.use_lora:
                 from chronicals.lora import save_lora
 
-                save_lora(self.model, directory)
+                save_lora(self.model, tmp)
             else:
-                self.model.save_pretrained(directory, safe_serialization=True)
+                self.model.save_pretrained(tmp, safe_serialization=True)
             if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(directory)
+                self.tokenizer.save_pretrained(tmp)
+        if self.env.is_main:
+            if directory.is_dir():
+                shutil.rmtree(directory)
+            elif directory.exists():
+                directory.unlink()
+            os.replace(tmp, directory)
         distributed.barrier(self.env)
         return directory
 

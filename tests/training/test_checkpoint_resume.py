@@ -226,3 +226,22 @@ def test_a_full_fine_tune_with_frozen_weights_saves_checkpoints_that_load_with_f
     resumed = ChronicalsTrainer(frozen(), tokenizer(), config(tmp_path, max_steps=4, lr_schedule="constant",
                                                               resume_from_checkpoint=path))
     assert resumed.train(data).losses == full.losses[2:]
+
+
+def test_final_replaces_an_earlier_run_s_final_not_mixes_with_it(tmp_path):
+    # A full fine-tune saved into the final/ of an earlier LoRA run in the same output_dir kept that run's
+    # adapter_config.json beside its model.safetensors, and from_pretrained(final) applied the stale adapter.
+    from transformers import AutoModelForCausalLM
+
+    _train(tmp_path, rows(8), max_steps=1, use_lora=True, lora_rank=4, lora_target_modules=["q_proj"],
+           save_final_model=True)
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    trainer, result = _train(tmp_path, rows(8), max_steps=1, save_final_model=True)
+    final = tmp_path / "run" / "final"
+    assert result.final_model == str(final) and not list(final.glob("adapter*"))
+    assert not (tmp_path / "run" / ".final.tmp").exists()
+    x = torch.tensor([[5, 6, 7, 8]])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=x).logits
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(final)(input_ids=x).logits, expected)
