@@ -123,6 +123,11 @@ class ChronicalsTrainer:
                 raise
             except ValueError as e:
                 raise SetupError(str(e)) from e
+            rescaled = _changed_lora_scale(saved.get("config") or {}, cfg)
+            if rescaled:
+                raise SetupError(f"checkpoint {str(path)!r} trained its adapters with {rescaled}: the adapters' "
+                                 "scale (alpha / rank, or alpha / sqrt(rank) under rsLoRA) would change, so the "
+                                 "resumed model would not be the saved one; resume with the values it was saved with")
             state = {k: saved[k] for k in state}
             _check_position(path, saved, state, plan.steps_per_epoch, cfg)
             changed_data = _changed_data(saved.get("data"), self._data_summary)
@@ -388,6 +393,16 @@ def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> s
     lora_plus = cfg.use_lora_plus and before.get("use_lora_plus")  # lora_plus_ratio matters only under LoRA+
     names = [n for n in _OPTIMIZER_FIELDS if n != "lora_plus_ratio" or lora_plus]
     changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in names
+               if name in before and before[name] != getattr(cfg, name)]
+    return ", ".join(changed) or None
+
+
+def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
+    """'name saved (this config: new)' for lora_alpha / use_rslora when a LoRA checkpoint's differ from this config's.
+    Other LoRA changes already fail the weights' names or shapes (rank, targets, DoRA); these two load silently."""
+    if not (cfg.use_lora and before.get("use_lora")):
+        return None
+    changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in ("lora_alpha", "use_rslora")
                if name in before and before[name] != getattr(cfg, name)]
     return ", ".join(changed) or None
 

@@ -185,6 +185,20 @@ def test_resume_with_other_lora_shapes_is_a_setup_error(tmp_path, saved, resumed
         _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, resume_from_checkpoint="latest", **resumed)
 
 
+@pytest.mark.parametrize("resumed", [dict(lora_alpha=64.0), dict(use_rslora=True)], ids=["alpha", "rslora"])
+def test_resume_with_another_lora_scale_is_a_setup_error(tmp_path, resumed):
+    # lora_alpha and use_rslora change no weight's name or shape, so the adapters loaded and trained on at another
+    # scale: the resumed model was not the saved one, silently.
+    data = rows(8)
+    _train(tmp_path, data, max_steps=1, batch_size=4, use_lora=True, lora_alpha=8.0)
+    name = next(iter(resumed))
+    with pytest.raises(SetupError, match=f"{name} .* \\(this config: .*resume with the values it was saved with"):
+        _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, resume_from_checkpoint="latest",
+               **{"lora_alpha": 8.0, **resumed})
+    _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, lora_alpha=8.0, lora_dropout=0.1,
+           resume_from_checkpoint="latest")  # dropout changes no weight's meaning: resumes
+
+
 def test_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept_and_logs_it(tmp_path, capsys):
     # The optimizer and scheduler state restore the saved lr and weight_decay (as in HF Trainer), but nothing said so
     # and metrics.jsonl logged the new learning_rate's schedule while the old one trained.
