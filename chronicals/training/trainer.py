@@ -160,6 +160,10 @@ class ChronicalsTrainer:
             logger.message(f"warning: {self.last_checkpoint} was saved with {kept_settings}; its optimizer state keeps "
                            "the saved values, so the resumed run trains with those (start a new run, without "
                            "resume_from_checkpoint, to change them)")
+        if state["step"] >= total:
+            logger.message(f"warning: {self.last_checkpoint} is at step {state['step']}, and this run trains {total} "
+                           "steps (max_steps, or epochs x steps per epoch): there is nothing left to train; raise "
+                           "max_steps or epochs to train on from it")
         logger.message(f"training {total} steps on {where} ({len(data.rows)} "
                        f"{'packed rows' if cfg.use_sequence_packing else 'sequences'}, "
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
@@ -309,6 +313,8 @@ class ChronicalsTrainer:
             # Some weights frozen (not LoRA): resuming reads trainable.safetensors, which from_pretrained cannot load
             # alone, so the whole model goes beside it (model.safetensors and config.json).
             self.model.save_pretrained(directory, safe_serialization=True)
+        if hasattr(self.tokenizer, "save_pretrained"):  # as HF Trainer's checkpoints: a checkpoint loads on its own
+            self.tokenizer.save_pretrained(directory)
 
     def _export_final(self, directory: Path) -> Path:
         # Written into a hidden directory that then replaces `directory`: saved into an earlier run's final/, the files

@@ -259,3 +259,21 @@ def test_final_replaces_an_earlier_run_s_final_not_mixes_with_it(tmp_path):
     with torch.no_grad():
         expected = trainer.model(input_ids=x).logits
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(final)(input_ids=x).logits, expected)
+
+
+def test_checkpoints_hold_the_tokenizer_and_a_resume_past_the_end_says_so(tmp_path, capsys):
+    # A checkpoint held no tokenizer (HF Trainer's do), so it did not load on its own; and resuming a checkpoint at or
+    # past this run's last step trained nothing and re-saved it without a word.
+    from transformers import AutoTokenizer
+
+    from chronicals.data import default_tokenizer
+
+    tok = default_tokenizer()
+    data = rows(8)
+    path = ChronicalsTrainer(tiny_model(), tok, config(tmp_path, max_steps=2, batch_size=4)).train(data).checkpoint
+    loaded = AutoTokenizer.from_pretrained(path)
+    assert loaded("a checkpoint's tokenizer")["input_ids"] == tok("a checkpoint's tokenizer")["input_ids"]
+    capsys.readouterr()
+    result = ChronicalsTrainer(tiny_model(), tok, config(tmp_path, max_steps=2, batch_size=4,
+                                                         resume_from_checkpoint="latest")).train(data)
+    assert result.losses == [] and "is at step 2, and this run trains 2 steps" in capsys.readouterr().out
