@@ -18,6 +18,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib
+
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "no"]
 ParamDtype = Literal["auto", "float32", "bfloat16"]
@@ -177,18 +182,24 @@ class ChronicalsConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: typing.Sequence[str] = (),
                   base: ChronicalsConfig | None = None) -> ChronicalsConfig:
-        """Fields from the YAML file at `path` (or from `base`, default the class defaults, when None), then
-        `overrides` of the form `key=value` / `key.subkey=value`, values parsed as YAML scalars."""
+        """Fields from the YAML (or, named *.toml, TOML) file at `path` (or from `base`, default the class defaults,
+        when None), then `overrides` of the form `key=value` / `key.subkey=value`, values parsed as YAML scalars."""
         values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
         if path is not None:
             p = Path(path)
             if not p.is_file():
                 what = "is a directory, not a YAML file" if p.is_dir() else "does not exist"
                 raise ConfigError(f"config file {str(p)!r} {what}")
-            try:
-                loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_one_line(e)}") from None
+            if p.suffix.lower() == ".toml":  # torchtitan's format; anything else is read as YAML (JSON included)
+                try:
+                    loaded = tomllib.loads(p.read_text(encoding="utf-8"))
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"config file {str(p)!r} is not valid TOML: {_one_line(e)}") from None
+            else:
+                try:
+                    loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+                except (yaml.YAMLError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_one_line(e)}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {str(p)!r} must hold a mapping of field: value")
             values.update(loaded)

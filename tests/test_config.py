@@ -73,6 +73,19 @@ def test_yaml_then_overrides(tmp_path):
     assert ChronicalsConfig.from_yaml(again) == cfg  # to_yaml round-trips
 
 
+def test_a_toml_file_reads_as_the_same_yaml(tmp_path):
+    # A *.toml config was parsed as YAML: "must hold a mapping", or wrong values.
+    yaml_file, toml_file = tmp_path / "run.yaml", tmp_path / "run.toml"
+    yaml_file.write_text("learning_rate: 1.0e-4\nuse_lora: true\nlora_target_modules: [q_proj]\n"
+                         "model_kwargs:\n  num_hidden_layers: 3\n")
+    toml_file.write_text('learning_rate = 1e-4\nuse_lora = true\nlora_target_modules = ["q_proj"]\n\n'
+                         "[model_kwargs]\nnum_hidden_layers = 3\n")
+    assert ChronicalsConfig.from_yaml(toml_file) == ChronicalsConfig.from_yaml(yaml_file)
+    toml_file.write_text("learning_rate = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        ChronicalsConfig.from_yaml(toml_file)
+
+
 def test_mixed_precision_no_reads_as_no_from_yaml_and_overrides(tmp_path):
     # YAML 1.1 reads a bare `no` as false; the documented value 'no' must still work in a file and on the CLI.
     path = tmp_path / "run.yaml"
