@@ -170,7 +170,7 @@ def _liger(op, eps, example):
 # SwiGLU: (elements per program, warps), default (1024, 4), Inductor's pointwise launch (its SASS for SwiGLU matches
 # ours per element, nvdisasm of both built for sm90); RMSNorm: elements per program (default 2048) and the forward's
 # L2 policy fixed in place of its rule, and for the backward (60-70% of copy at Qwen's 896 columns) its pipeline
-# depth, programs per SM (default 2) and the dw reduction's rows per step (default 64); RoPE: fixed (positions per
+# depth, programs per SM (default 2) and the dw reduction's rows per step (default 256); RoPE: fixed (positions per
 # program, warps) in place of the tuner, and the public call with HF's full cos/sin rows in place of the patched
 # models' first halves.
 SWIGLU_LAUNCHES = ((4096, 8), (2048, 4))
@@ -215,7 +215,7 @@ def _launch_variants(op, eps):
                 **{f"chronicals[bwd {n} stages]": _Variant(_ours(op, eps), rms_norm, _MAX_BWD_STAGES=n)
                    for n in RMSNORM_BWD_STAGES},
                 "chronicals[4 bwd programs/SM]": _Variant(_ours(op, eps), rms_norm, _PROGRAMS_PER_SM=4),
-                "chronicals[dw reduce 256 rows]": _Variant(_ours(op, eps), rms_norm, _REDUCE_BLOCK_P=256),
+                "chronicals[dw reduce 64 rows]": _Variant(_ours(op, eps), rms_norm, _REDUCE_BLOCK_P=64),
                 "chronicals[fwd evict_first]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="evict_first"),
                 "chronicals[fwd default L2]": _Variant(_ours(op, eps), rms_norm, _FWD_EVICTION="")}
     return {**{f"chronicals[p{p}w{w}]": _Variant(rope_as_patched, rope, _LAUNCH=(p, w)) for p, w in ROPE_LAUNCHES},

@@ -46,7 +46,12 @@ _MAX_BWD_STAGES = 3  # backward: deepest software pipeline tried (tiles in fligh
 # tell 1.3 us apart, and it kept the slower policy at 896 (21.6 us, H100). The backward keeps evict_first (99.0 us at
 # 4096 on the H200, against Liger's 183.1).
 _FWD_EVICTION: str | None = None
-_REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 64, 32  # dw reduction tile: 32 fp32 columns = one 128-byte line per row
+# dw reduction tile: 32 fp32 columns = one 128-byte line per row; 256 partial rows per step, so the ~264 partials (2
+# programs x 132 SMs) take 2 dependent load rounds, not 5 (its grid is only n_cols / 32 programs, 28 at 896 columns).
+# H100, 2026-12-06, 16384 rows bf16, same run: 64 -> 256 rows: RMSNorm bwd 147.5 -> 142.6 us at 4096 columns, 41.8 ->
+# 40.1 at 896; add + RMSNorm bwd 186.9 -> 184.7 and 46.1 -> 44.2. More programs per SM (4) or a deeper pipeline (5 or
+# 8 stages) in the main loop were slower or within the run's spread.
+_REDUCE_BLOCK_P, _REDUCE_BLOCK_N = 256, 32
 
 
 def _settings(n_rows: int, n_cols: int) -> tuple[int, int, int]:

@@ -77,7 +77,9 @@ def _qk_rope_kernel(
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
 ):
     # The grid is (position blocks of a sequence, batch): b and s come from the program ids. A flat grid over B * S
-    # would divide by S for them (int64 division, a long instruction sequence) before any address is known.
+    # would divide by S for them (int64 division, a long instruction sequence) before any address is known. H100,
+    # 2026-12-06, Qwen2.5-0.5B fwd, same call, two runs each: flat 25.3 / 25.3 us, 2-D 24.7 / 24.7 (Liger 24.2 / 24.3);
+    # the backward and Llama-3-8B's shapes unchanged within 0.5%.
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < HALF
     b = tl.program_id(1).to(tl.int64)
