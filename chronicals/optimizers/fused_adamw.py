@@ -40,15 +40,40 @@ def _tensors(params) -> list[torch.Tensor]:
     return out
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """True when `t`'s elements fill numel() consecutive memory slots (in some dimension order), as PyTorch's fused
+    AdamW assumes: it walks the raw memory of each parameter, grad and moment."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def fused_available(params) -> bool:
-    """True when every parameter is a floating tensor on one device type that has PyTorch's fused AdamW."""
+    """True when every parameter is a dense floating tensor on one device type that has PyTorch's fused AdamW
+    (a strided view such as `buffer[:, ::2]` is not dense: the fused kernel would write between its elements)."""
     tensors = _tensors(params)
     types = {t.device.type for t in tensors}
     return (
         len(types) == 1
         and types <= set(_get_fused_kernels_supported_devices())
-        and all(torch.is_floating_point(t) for t in tensors)
+        and all(torch.is_floating_point(t) and _dense(t) for t in tensors)
     )
+
+
+def _match_layout(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` (p's grad or a moment of p) with p's strides: a copy where they differ."""
+    if t.stride() == p.stride() or t.shape != p.shape:
+        return t
+    if not _dense(p):
+        raise ValueError(f"FusedAdamW: a parameter of shape {tuple(p.shape)} is a strided view (strides "
+                         f"{p.stride()}), which PyTorch's fused AdamW would update at the wrong memory; make the "
+                         "optimizer with fused=False")
+    return torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 class FusedAdamW(torch.optim.AdamW):
@@ -65,7 +90,11 @@ class FusedAdamW(torch.optim.AdamW):
             tensors = _tensors(params)
             devices = sorted({t.device.type for t in tensors})
             others = sorted({str(t.dtype) for t in tensors if not torch.is_floating_point(t)})
-            what = f"of dtype {others} (it takes floating-point ones)" if others else f"on {devices}"
+            views = [tuple(t.stride()) for t in tensors if not _dense(t)]
+            what = (f"of dtype {others} (it takes floating-point ones)" if others else
+                    f"that are strided views (strides {views[0]}; it would write between their elements)"
+                    if views and len(devices) == 1 and devices[0] in _get_fused_kernels_supported_devices()
+                    else f"on {devices}")
             raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters {what}; "
                              "leave fused=None to fall back to the foreach implementation")
         use_fused = available if fused is None else fused
@@ -76,6 +105,19 @@ class FusedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=True if use_fused else None, foreach=foreach)
 
+    def _init_group(self, group, *args, **kwargs):
+        # PyTorch's fused kernel walks a parameter's memory and its grad's in step: where their strides differ (a
+        # grad assigned by hand, or made by torch.compile or by a size-1 dimension in a batched matmul) the CPU
+        # kernel paired the wrong elements, silently, and the CUDA one raises "params, grads, exp_avgs, and
+        # exp_avg_sqs must have same dtype, device, and layout". Such a grad is copied into the parameter's layout
+        # here, where step collects the grads (after a closure has run; overriding step itself would run the step
+        # hooks twice, torch.optim having wrapped Adam.step for them).
+        if group["fused"]:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.stride() != p.stride():
+                    p.grad = _match_layout(p, p.grad)
+        return super()._init_group(group, *args, **kwargs)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # A saved group carries its optimizer's fused/foreach choice (torch.optim.AdamW saves fused=None), which
         # torch.optim would copy into ours: the fused kernel was dropped silently, and GradScaler, which hands a
@@ -84,3 +126,12 @@ class FusedAdamW(torch.optim.AdamW):
         groups = [{**saved, "fused": ours["fused"], "foreach": ours["foreach"]}
                   for saved, ours in zip(state_dict["param_groups"], self.param_groups)]
         super().load_state_dict({**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]})
+        # A moment saved with other strides than the parameter has here (e.g. made contiguous by a checkpoint
+        # tool, for a channels_last or transposed parameter) takes its layout, as step does for grads.
+        for group in self.param_groups:
+            if group["fused"]:
+                for p in group["params"]:
+                    state = self.state.get(p, {})
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor) and key != "step":
+                            state[key] = _match_layout(p, value)

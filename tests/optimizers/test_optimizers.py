@@ -211,3 +211,52 @@ def test_adam8bit_on_gpu_steps_and_round_trips():
     torch.testing.assert_close(params[0], twin[0])
     with pytest.raises(ValueError, match="move the model to CUDA"):
         Adam8bit(_params(), lr=1e-3)
+
+
+def test_fused_adamw_pairs_each_element_with_its_own_grad_and_moments_whatever_the_strides():
+    # PyTorch's CPU fused kernel walks raw memory: a grad with other strides than its parameter (assigned by hand,
+    # or made by torch.compile), or moments loaded with other strides, were paired with the wrong elements, silently
+    # (0.2 off after 20 steps); and a strided-view parameter had the elements between its own overwritten.
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, 9, generator=g)
+    grads = [torch.randn(5, 9, generator=g) for _ in range(6)]
+    ref = w0.clone().requires_grad_(True)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, foreach=False)
+    for grad in grads:
+        ref.grad = grad.clone()
+        ref_opt.step()
+    column_major = w0.t().contiguous().t().requires_grad_(True)
+    for p, grad_of in ((w0.clone().requires_grad_(True), lambda x: x.t().contiguous().t()),
+                       (column_major, lambda x: x.clone())):
+        opt = FusedAdamW([p], lr=1e-2)
+        assert opt.defaults["fused"] is True
+        for grad in grads:
+            p.grad = grad_of(grad)
+            opt.step()
+        torch.testing.assert_close(p, ref)
+    # moments saved contiguous, loaded for a column-major parameter
+    p = w0.clone().requires_grad_(True)
+    opt = FusedAdamW([p], lr=1e-2)
+    for grad in grads[:3]:
+        p.grad = grad.clone()
+        opt.step()
+    state = _saved_and_loaded(opt.state_dict())
+    assert state["state"][0]["exp_avg"].is_contiguous()
+    twin = p.detach().t().contiguous().t().requires_grad_(True)
+    opt = FusedAdamW([twin], lr=1e-2)
+    opt.load_state_dict(state)
+    for grad in grads[3:]:
+        twin.grad = grad.t().contiguous().t()
+        opt.step()
+    torch.testing.assert_close(twin, ref)
+    # a strided view: not fused, and the elements between its own are left alone
+    buffer = torch.zeros(6, 8)
+    view = buffer[:, ::2].requires_grad_(True)
+    opt = FusedAdamW([view], lr=1.0, weight_decay=0.0)
+    assert opt.defaults["fused"] is None
+    view.grad = torch.ones(6, 4)
+    opt.step()
+    torch.testing.assert_close(buffer[:, ::2], torch.full((6, 4), -1.0))
+    assert (buffer[:, 1::2] == 0).all()
+    with pytest.raises(ValueError, match="strided views \\(strides \\(8, 2\\)"):
+        FusedAdamW([view], fused=True)
