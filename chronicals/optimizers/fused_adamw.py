@@ -65,6 +65,22 @@ def fused_available(params) -> bool:
     )
 
 
+def _why_not_fused(params) -> str:
+    tensors = _tensors(params)
+    devices = sorted({t.device.type for t in tensors})
+    others = sorted({str(t.dtype) for t in tensors if not torch.is_floating_point(t)})
+    views = [tuple(t.stride()) for t in tensors if not _dense(t)]
+    if others:
+        return f"of dtype {others} (it takes floating-point ones)"
+    if views and len(devices) == 1 and devices[0] in _get_fused_kernels_supported_devices():
+        return f"that are strided views (strides {views[0]}; it would write between their elements)"
+    return f"on {devices}"
+
+
+def _has_tensor_hyper(group: dict) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in (group.get("lr"), *group.get("betas", ())))
+
+
 def _match_layout(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """`t` (p's grad or a moment of p) with p's strides: a copy where they differ."""
     if t.stride() == p.stride() or t.shape != p.shape:
@@ -87,23 +103,31 @@ class FusedAdamW(torch.optim.AdamW):
             raise ValueError("FusedAdamW got no parameters; pass the model's trainable parameters")
         available = fused_available(params)
         if fused and not available:
-            tensors = _tensors(params)
-            devices = sorted({t.device.type for t in tensors})
-            others = sorted({str(t.dtype) for t in tensors if not torch.is_floating_point(t)})
-            views = [tuple(t.stride()) for t in tensors if not _dense(t)]
-            what = (f"of dtype {others} (it takes floating-point ones)" if others else
-                    f"that are strided views (strides {views[0]}; it would write between their elements)"
-                    if views and len(devices) == 1 and devices[0] in _get_fused_kernels_supported_devices()
-                    else f"on {devices}")
-            raise ValueError(f"FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters {what}; "
-                             "leave fused=None to fall back to the foreach implementation")
+            raise ValueError("FusedAdamW(fused=True): PyTorch has no fused AdamW for parameters "
+                             f"{_why_not_fused(params)}; leave fused=None to fall back to the foreach implementation")
         use_fused = available if fused is None else fused
         # foreach takes no tensor lr or betas (torch.optim raises); with foreach=None torch.optim runs its
         # single-tensor loop for them, as torch.optim.AdamW does.
-        hyper = [lr, *betas] + [v for g in params if isinstance(g, dict) for v in (g.get("lr"), *g.get("betas", ()))]
-        foreach = None if use_fused or any(isinstance(v, torch.Tensor) for v in hyper) else True
+        tensor_hyper = _has_tensor_hyper({"lr": lr, "betas": betas}) or any(
+            _has_tensor_hyper(g) for g in params if isinstance(g, dict))
+        foreach = None if use_fused or tensor_hyper else True
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          fused=True if use_fused else None, foreach=foreach)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # A group added after construction takes the implementation chosen for the first parameters. A tensor lr or
+        # betas there failed the first step under foreach ("lr as a Tensor is not supported for capturable=False and
+        # foreach=True") where torch.optim.AdamW runs it, and parameters the fused kernel cannot take failed with
+        # "`fused=True` requires ...", which the caller never asked for.
+        if isinstance(param_group, dict) and "params" in param_group:
+            param_group = _param_list([param_group])[0]
+            if param_group.get("fused", self.defaults["fused"]) and not fused_available([param_group]):
+                raise ValueError("FusedAdamW.add_param_group: this optimizer runs PyTorch's fused AdamW, chosen for "
+                                 f"its first parameters, which has no kernel for parameters "
+                                 f"{_why_not_fused([param_group])}; make the optimizer with fused=False to mix them")
+            if "foreach" not in param_group and self.defaults["foreach"] and _has_tensor_hyper(param_group):
+                param_group["foreach"] = None
+        super().add_param_group(param_group)
 
     def _init_group(self, group, *args, **kwargs):
         # PyTorch's fused kernel walks a parameter's memory and its grad's in step: where their strides differ (a

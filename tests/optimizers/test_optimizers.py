@@ -260,3 +260,24 @@ def test_fused_adamw_pairs_each_element_with_its_own_grad_and_moments_whatever_t
     assert (buffer[:, 1::2] == 0).all()
     with pytest.raises(ValueError, match="strided views \\(strides \\(8, 2\\)"):
         FusedAdamW([view], fused=True)
+
+
+def test_groups_added_after_construction_step_as_torch_adamw_steps_them():
+    # A group with a tensor lr added to a foreach FusedAdamW failed its first step ("lr as a Tensor is not supported
+    # for capturable=False and foreach=True"; torch.optim.AdamW runs it), and one the fused kernel cannot take
+    # failed at step with "`fused=True` requires ...", an option the caller never set.
+    for fused in (None, False):
+        ours, ref = _params(), _params()
+        opt = FusedAdamW(ours[:1], lr=1e-2, fused=fused)
+        ref_opt = torch.optim.AdamW(ref[:1], lr=1e-2, foreach=False)
+        _run(opt, ours, 2)
+        _run(ref_opt, ref, 2)
+        for o, ps in ((opt, ours), (ref_opt, ref)):
+            o.add_param_group({"params": iter(ps[1:]), "lr": torch.tensor(3e-2), "betas": (0.5, 0.9)})
+        _run(opt, ours, 3, start=2)
+        _run(ref_opt, ref, 3, start=2)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b)
+    opt = FusedAdamW(_params())
+    with pytest.raises(ValueError, match="add_param_group: .*parameters of dtype \\['torch.complex64'\\].*fused=False"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
