@@ -92,6 +92,27 @@ def _match_layout(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
+def _check_state_shapes(state_dict: dict, param_groups: list[dict]) -> None:
+    """Refuse a saved state whose moments do not have the shapes of the parameters they map onto (by position, as
+    torch.optim maps them): saved for another model or another parameter order. torch.optim loads it, and the
+    fused kernel then read and wrote past the smaller tensors (NaN weights, then "free(): invalid size")."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, param_groups)):
+        return  # torch.optim says so
+    params = {i: (n, j, p) for n, (s, g) in enumerate(zip(saved_groups, param_groups))
+              for j, (i, p) in enumerate(zip(s["params"], g["params"]))}
+    for index, state in state_dict.get("state", {}).items():
+        if index not in params:
+            continue
+        n, j, p = params[index]
+        for key, value in state.items():
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                raise ValueError(f"the optimizer state does not fit these parameters: its {key!r} for parameter {j} "
+                                 f"of group {n} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}; it was "
+                                 "saved for another model, or with the parameters in another order")
+
+
 class FusedAdamW(torch.optim.AdamW):
     """AdamW (decoupled weight decay). `fused=None` picks PyTorch's fused implementation when the parameters
     allow it (CUDA, and CPU in recent PyTorch) and the foreach implementation otherwise; `fused=True` insists."""
@@ -149,6 +170,7 @@ class FusedAdamW(torch.optim.AdamW):
         # parameters (and so place each "step" where that implementation wants it).
         groups = [{**saved, "fused": ours["fused"], "foreach": ours["foreach"]}
                   for saved, ours in zip(state_dict["param_groups"], self.param_groups)]
+        _check_state_shapes(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]})
         # A moment saved with other strides than the parameter has here (e.g. made contiguous by a checkpoint
         # tool, for a channels_last or transposed parameter) takes its layout, as step does for grads.

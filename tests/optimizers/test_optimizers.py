@@ -281,3 +281,24 @@ def test_groups_added_after_construction_step_as_torch_adamw_steps_them():
     opt = FusedAdamW(_params())
     with pytest.raises(ValueError, match="add_param_group: .*parameters of dtype \\['torch.complex64'\\].*fused=False"):
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_state_saved_for_other_parameters_is_refused_with_the_shapes(fused):
+    # torch.optim maps a saved state onto the parameters by position and loads moments of any shape: the fused
+    # kernel then read and wrote past the smaller ones (NaN weights, then "free(): invalid size" aborting Python),
+    # and foreach said "output with shape [5] doesn't match the broadcast shape [7, 5]".
+    params = _params()
+    opt = FusedAdamW(params, fused=fused)
+    _run(opt, params, 1)
+    state = _saved_and_loaded(opt.state_dict())
+    swapped = [params[1].detach().clone().requires_grad_(True), params[0].detach().clone().requires_grad_(True),
+               params[2].detach().clone().requires_grad_(True)]
+    other = FusedAdamW(swapped, fused=fused)
+    with pytest.raises(ValueError, match="its 'exp_avg' for parameter 0 of group 0 has shape \\(7, 5\\), the "
+                                         "parameter \\(5,\\); it was saved for another model, or with the parameters"):
+        other.load_state_dict(state)
+    assert not other.state  # nothing was loaded
+    transposed = [torch.zeros(5, 7, requires_grad=True), *swapped[:1], swapped[2]]  # same numel, other shape
+    with pytest.raises(ValueError, match="has shape \\(7, 5\\), the parameter \\(5, 7\\)"):
+        FusedAdamW(transposed, fused=fused).load_state_dict(state)
