@@ -42,6 +42,24 @@ class _Timer:
         return (self._t1 - self._t0) * 1e3
 
 
+def next_token_loss(model, sequences: list[torch.Tensor], device: str) -> float:
+    """The mean cross-entropy of every token of `sequences` but each one's first given the tokens before it, computed
+    here from the model's logits, one unpadded sequence at a time (no labels, so every backend runs its model's plain
+    forward; chronicals' and the peers' fused losses run only with labels). A loss kernel that shifts its labels one
+    too far, or a collator that hands it other labels, trains on a task as hard as the real one on random tokens: its
+    loss and gradient norm stay within the per-step tolerances and its own loss on what it trained on falls as the
+    reference's does; on the true next tokens it does not. The model it is given (`Trainable.model`) is the eager
+    module, not a compiled wrapper, so no_grad does not recompile anything."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in sequences:
+            ids = s.reshape(1, -1).to(device)
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:], reduction="sum"))
+            count += s.numel() - 1
+    return total / count
+
+
 def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str, device: str, lr: float,
           weight_decay: float, max_grad_norm: float, on_step=None) -> dict:
     """Train on `steps` (each a list of token sequences) and return per-step records and memory peaks:
@@ -83,9 +101,10 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
         if on_step is not None:
             on_step(record)
     peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    # The first batch again, after training: how much of it the model has learnt. Through the training forward as is
-    # (grad mode on, no backward): under no_grad a compiled model would recompile, and a peer could take another path.
-    first_batch_loss_after = float(forward(data.to_device(collate(steps[0]), device)).detach().float())
+    # The first batch again, after training: how much of it the model has learnt, judged by the harness's own loss on
+    # the true next tokens (see next_token_loss), not by the backend's: a loss that trains on the wrong targets learns
+    # them and its own loss on them falls as far as the reference's.
+    first_batch_loss_after = next_token_loss(model, steps[0], device)
     return {
         "steps": records,
         "first_batch_loss_after": first_batch_loss_after,

@@ -115,6 +115,24 @@ class NoiseUpdateBackend(TorchBackend):
         return t
 
 
+class ShiftedLabelsBackend(TorchBackend):
+    """Its loss shifts the labels one position too far (a fused cross-entropy's off-by-one): it trains the model to
+    predict the token after next. On random tokens that task is as hard as the real one, so the loss, the gradient
+    norm and its own loss on the first batch all fall as the reference's do; its loss on the true next tokens does
+    not."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+
+        def forward(batch):
+            labels = torch.full_like(batch["labels"], data.IGNORE_INDEX)
+            labels[:, :-1] = batch["labels"][:, 1:]
+            return t.model(**{**batch, "labels": labels}).loss
+
+        t.forward = forward
+        return t
+
+
 class HardCrashBackend(Backend):
     """The process dies without a word (as a segfault in a peer's extension would)."""
 
@@ -142,6 +160,7 @@ FAKES = {
     "fake_frozen_layer": "FrozenLayerBackend",
     "fake_ascent": "GradientAscentBackend",
     "fake_noise_update": "NoiseUpdateBackend",
+    "fake_shifted_labels": "ShiftedLabelsBackend",
     "fake_hard_crash": "HardCrashBackend",
     "fake_hang": "HangBackend",
     "fake_oom": "OutOfMemoryBackend",

@@ -21,7 +21,7 @@ BASE = {
     "data": {"kind": "varlen", "min_len": 8},
 }
 FAULTS = ["fake_zero_grad", "fake_frozen", "fake_padding_tokens", "fake_diverging", "fake_frozen_layer", "fake_ascent",
-          "fake_noise_update"]
+          "fake_noise_update", "fake_shifted_labels"]
 
 
 def in_process(module, args, timeout_s, env, log_path, result_path):
@@ -61,6 +61,7 @@ def test_reference_passes_and_reports_speed(matrix):
     ("fake_frozen_layer", "parameters, the reference"),
     ("fake_ascent", "the loss on the first batch went from"),
     ("fake_noise_update", "the loss on the first batch went from"),
+    ("fake_shifted_labels", "the loss on the first batch went from"),
 ])
 def test_planted_fault_is_flagged_and_its_speed_never_reported(matrix, backend, why):
     outcomes, rows = matrix
