@@ -189,6 +189,30 @@ def test_bad_optimizer_inputs_fail_clearly():
         FusedAdamW([{"params": set(model.parameters())}])
 
 
+def test_create_optimizer_names_the_bad_hyper_parameter():
+    # torch.optim takes an infinite lr or weight_decay (the first step made the weights NaN), and a string, None or a
+    # bare beta failed with "'<=' not supported between instances of 'float' and 'str'" or "Value after * must be an
+    # iterable, not float", naming no field.
+    for kwargs, message in (
+        ({"lr": float("inf")}, "optimizer lr must be a number in \\[0, inf\\); got inf"),
+        ({"lr": "1e-3"}, "optimizer lr must be a number in \\[0, inf\\); got '1e-3'"),
+        ({"lr": 1e-3, "weight_decay": float("inf")}, "optimizer weight_decay must be a number"),
+        ({"lr": 1e-3, "weight_decay": None}, "optimizer weight_decay must be a number .*got None"),
+        ({"lr": 1e-3, "eps": float("nan")}, "optimizer eps must be a number"),
+        ({"lr": 1e-3, "betas": 0.9}, "optimizer betas must be a pair \\(beta1, beta2\\)"),
+        ({"lr": 1e-3, "betas": (0.9, 1.0)}, "optimizer betas\\[1\\] must be a number in \\[0, 1.0\\); got 1.0"),
+    ):
+        for name in ("adamw_fused", "adamw"):
+            with pytest.raises(ValueError, match=message):
+                create_optimizer(name, _params(), **kwargs)
+    # what torch.optim takes still goes through: 0, numpy scalars, tensors, a list of betas
+    import numpy as np
+
+    opt = create_optimizer("adamw_fused", _params(), lr=np.float32(0.0), weight_decay=np.float64(0.1),
+                           betas=[torch.tensor(0.9), torch.tensor(0.99)])
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is present")
 def test_adam8bit_without_a_gpu_says_so():
     with pytest.raises(RuntimeError, match="Adam8bit needs a CUDA GPU"):
