@@ -118,7 +118,9 @@ class FusedAdamW(torch.optim.AdamW):
     allow it (CUDA, and CPU in recent PyTorch) and the foreach implementation otherwise; `fused=True` insists."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
-                 *, fused: bool | None = None):
+                 amsgrad: bool = False, *, maximize: bool = False, fused: bool | None = None):
+        # amsgrad and maximize as torch.optim.AdamW takes them (the fused kernel has both): a drop-in replacement
+        # failed with "unexpected keyword argument 'amsgrad'".
         params = _param_list(params)
         if not params:
             raise ValueError("FusedAdamW got no parameters; pass the model's trainable parameters")
@@ -132,8 +134,8 @@ class FusedAdamW(torch.optim.AdamW):
         tensor_hyper = _has_tensor_hyper({"lr": lr, "betas": betas}) or any(
             _has_tensor_hyper(g) for g in params if isinstance(g, dict))
         foreach = None if use_fused or tensor_hyper else True
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         fused=True if use_fused else None, foreach=foreach)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, fused=True if use_fused else None, foreach=foreach)
 
     def add_param_group(self, param_group: dict) -> None:
         # A group added after construction takes the implementation chosen for the first parameters. A tensor lr or

@@ -44,6 +44,18 @@ def test_fused_adamw_uses_the_fused_kernel_and_matches_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_amsgrad_and_maximize_are_taken_as_torch_adamw_takes_them():
+    # FusedAdamW(params, amsgrad=True) failed with "unexpected keyword argument 'amsgrad'"
+    for fused in (None, False):
+        ours, ref = _params(), _params()
+        opt = FusedAdamW(ours, 1e-2, (0.9, 0.99), 1e-8, 0.1, True, maximize=True, fused=fused)
+        assert (opt.defaults["amsgrad"], opt.defaults["maximize"]) == (True, True)
+        _run(opt, ours, 4)
+        _run(torch.optim.AdamW(ref, 1e-2, (0.9, 0.99), 1e-8, 0.1, True, maximize=True, foreach=False), ref, 4)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_group_dicts_holding_generators_keep_their_parameters():
     # {"params": model.parameters()} is a generator: the device check must not use it up before torch.optim does.
     model = torch.nn.Linear(4, 3)
