@@ -42,7 +42,9 @@ METHOD = """\
   as the reference's did. A run that fails is drawn in no speed or memory figure and is listed under *Failed and
   unavailable runs* with its reason.
   Loss curves of failed runs are still drawn (dashed) so the divergence can be seen.
-- **Repeated runs.** When a results file holds the same run twice, only the newer run's rows are used.
+- **Repeated runs.** When a results file holds the same run twice, only the newer run's rows are used. A scenario
+  measured on several GPUs is reported once per GPU (the newest GPU's under its name, the others' as
+  `<scenario>@<gpu>`): no speedup compares one GPU with another.
 """
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import document, figures, style, tables
-from .rows import ResultsError, latest, load, scenario_file, scenarios
+from .rows import ResultsError, by_device, latest, load, scenario_file, scenarios
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADINGS = {
@@ -28,7 +28,7 @@ CAPTIONS = {
 
 def render(results: list[Path], out: Path, scenario_dir: Path = ROOT / "scenarios") -> list[Path]:
     """Write every figure (PNG + SVG), its table and REPORT.md under `out`; return the files written."""
-    rows = latest(load(results))
+    rows = latest(by_device(load(results)))
     if not rows:
         raise ResultsError(f"{', '.join(map(str, results))}: no result rows; run `python -m harness bench` first")
     fig_dir, table_dir = out / "figures", out / "tables"

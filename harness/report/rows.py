@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -86,6 +86,21 @@ def latest(rows: list[Row]) -> list[Row]:
         if row.provenance.get("run_id") == newest[row.run]:
             keep[(*row.run, row.metric, row.step)] = row
     return list(keep.values())
+
+
+def by_device(rows: list[Row]) -> list[Row]:
+    """Rows of one scenario measured on several devices (a results file appended to on an H200, then on an H100 by
+    `bench --only`) split into one scenario per device: `latest` keeps the newest run per backend, so a scenario's
+    runs could come from different GPUs and their speedups compare one GPU with another, while the report named one
+    device. The device of the scenario's newest row keeps the name; the others' rows become `<scenario>@<gpu-slug>`
+    (`cpu` for a CPU run), each compared within itself."""
+    newest: dict[str, tuple] = {}
+    for position, r in enumerate(rows):
+        key = (_time(r.provenance.get("time")) or datetime.min.replace(tzinfo=timezone.utc), position)
+        if r.scenario not in newest or key >= newest[r.scenario][0]:
+            newest[r.scenario] = (key, r.gpu)
+    return [r if r.gpu == newest[r.scenario][1] else replace(r, scenario=f"{r.scenario}@{slug(r.gpu or 'cpu')}")
+            for r in rows]
 
 
 def _run_groups(rows: list[Row]) -> dict[tuple[str, str, str], dict]:

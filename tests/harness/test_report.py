@@ -272,3 +272,27 @@ def test_the_newest_run_by_time_is_reported_whatever_order_the_files_are_given_i
         path = tmp_path / "same-file.jsonl"
         path.write_text(run("first", first) + run("second", second))
         assert {r.provenance["run_id"] for r in latest(load(path))} == {"second"}, (first, second)
+
+
+def test_a_scenario_measured_on_two_gpus_is_compared_within_each_gpu(tmp_path):
+    """A later `bench --only liger` of h200-full on an H100, appended to the H200 results: the newest run per backend
+    took torch and liger from the H100 and the rest from the H200, and the headline put Chronicals (H200) at x3.29
+    PyTorch (H100) under the one device the report named. Each GPU's runs are now a scenario of their own."""
+    first = [json.loads(line) for line in (RESULTS / "h200-full.jsonl").read_text().splitlines()]
+    later = []
+    for r in first:
+        if r["backend"] in ("torch", "liger"):
+            x = json.loads(json.dumps(r))
+            x["provenance"].update(gpu="NVIDIA H100 80GB HBM3", run_id="b", time="2026-12-01T00:00:00Z")
+            if x["metric"] == "tokens_per_s" and x["step"] is None:
+                x.update(value=x["value"] / 2, p20=x["p20"] / 2, p80=x["p80"] / 2)
+            later.append(x)
+    path = tmp_path / "h200-full.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*first, *later]))
+    render([path], tmp_path / "out", scenario_dir=tmp_path / "no-scenarios")
+    lines = (tmp_path / "out" / "tables" / "headline.md").read_text().splitlines()
+    h200 = next(line for line in lines if line.startswith("| h200-full@nvidia-h200 |"))
+    h100 = next(line for line in lines if line.startswith("| h200-full |"))
+    assert "x1.64" in h200 and "21,000" in h200  # Chronicals against PyTorch on the same H200, as before
+    assert "x3.29" not in h100 and "10,500" in h100 and h100.endswith("| - | - |")  # no Chronicals run on the H100
+    assert "| h200-full | NVIDIA H100 80GB HBM3 |" in (tmp_path / "out" / "REPORT.md").read_text()
