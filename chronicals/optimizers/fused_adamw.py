@@ -92,10 +92,12 @@ def _match_layout(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
-def _check_state_shapes(state_dict: dict, param_groups: list[dict]) -> None:
-    """Refuse a saved state whose moments do not have the shapes of the parameters they map onto (by position, as
-    torch.optim maps them): saved for another model or another parameter order. torch.optim loads it, and the
-    fused kernel then read and wrote past the smaller tensors (NaN weights, then "free(): invalid size")."""
+def _check_saved_state(state_dict: dict, param_groups: list[dict]) -> None:
+    """Refuse a saved state that is not AdamW's for these parameters, before torch.optim loads it: moments whose
+    shapes differ from the parameters they map onto (by position, as torch.optim maps them: another model, or another
+    parameter order), which the fused kernel read and wrote past (NaN weights, then "free(): invalid size"); or the
+    state of another optimizer (bitsandbytes' 8-bit Adam keeps state1/state2), which failed the first step with
+    KeyError: 'exp_avg'."""
     saved_groups = state_dict.get("param_groups", [])
     if len(saved_groups) != len(param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, param_groups)):
@@ -103,9 +105,13 @@ def _check_state_shapes(state_dict: dict, param_groups: list[dict]) -> None:
     params = {i: (n, j, p) for n, (s, g) in enumerate(zip(saved_groups, param_groups))
               for j, (i, p) in enumerate(zip(s["params"], g["params"]))}
     for index, state in state_dict.get("state", {}).items():
-        if index not in params:
+        if index not in params or not state:
             continue
         n, j, p = params[index]
+        if not {"exp_avg", "exp_avg_sq"} <= set(state):
+            raise ValueError(f"the optimizer state is not AdamW's: parameter {j} of group {n} holds "
+                             f"{sorted(state)}, not exp_avg and exp_avg_sq (bitsandbytes' 8-bit Adam keeps state1 and "
+                             "state2); load it into the optimizer it was saved from (use_8bit_optimizer as then)")
         for key, value in state.items():
             if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
                 raise ValueError(f"the optimizer state does not fit these parameters: its {key!r} for parameter {j} "
@@ -172,7 +178,7 @@ class FusedAdamW(torch.optim.AdamW):
         # parameters (and so place each "step" where that implementation wants it).
         groups = [{**saved, "fused": ours["fused"], "foreach": ours["foreach"]}
                   for saved, ours in zip(state_dict["param_groups"], self.param_groups)]
-        _check_state_shapes(state_dict, self.param_groups)
+        _check_saved_state(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]})
         # A moment saved with other strides than the parameter has here (e.g. made contiguous by a checkpoint
         # tool, for a channels_last or transposed parameter) takes its layout, as step does for grads.

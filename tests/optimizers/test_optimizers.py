@@ -338,3 +338,17 @@ def test_a_state_saved_for_other_parameters_is_refused_with_the_shapes(fused):
     transposed = [torch.zeros(5, 7, requires_grad=True), *swapped[:1], swapped[2]]  # same numel, other shape
     with pytest.raises(ValueError, match="has shape \\(7, 5\\), the parameter \\(5, 7\\)"):
         FusedAdamW(transposed, fused=fused).load_state_dict(state)
+
+
+def test_the_state_of_another_optimizer_is_refused_on_load():
+    # An 8-bit Adam checkpoint (state1/state2) resumed with AdamW loaded, then failed the first step with
+    # KeyError: 'exp_avg'.
+    params = [torch.zeros(4, 3, requires_grad=True)]
+    bnb_like = {"state": {0: {"step": 3, "state1": torch.zeros(4, 3), "state2": torch.zeros(4, 3)}},
+                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": [0]}]}
+    sgd = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    _run(sgd, sgd.param_groups[0]["params"], 1)
+    for state, held in ((bnb_like, "\\['state1', 'state2', 'step'\\]"), (sgd.state_dict(), "\\['momentum_buffer'\\]")):
+        opt = FusedAdamW(params if state is bnb_like else _params())
+        with pytest.raises(ValueError, match=f"not AdamW's: parameter 0 of group 0 holds {held}, not exp_avg"):
+            opt.load_state_dict(state)
