@@ -142,11 +142,40 @@ def _provenance(rows: list[Row]) -> str:
                           if k not in ("gpu", "commit", "time", "versions", "run_id") and v is not None)
         ceiling = next((r.value for r in rows if r.scenario == sc and r.ok and r.metric == "matmul_ceiling_tflops"),
                        None)
+        if isinstance(versions, dict):
+            version_text += _differing_versions([r for r in rows if r.scenario == sc], versions)
         body.append([
-            sc, str(first.get("gpu") or "cpu"), f"{ceiling:.0f}" if ceiling else "-", str(first.get("commit", "-")),
-            f"{times[0]} .. {times[-1]}" if times else "-", version_text, other or "-",
+            sc, str(first.get("gpu") or "cpu"), f"{ceiling:.0f}" if ceiling else "-",
+            _commits([r for r in rows if r.scenario == sc]), f"{times[0]} .. {times[-1]}" if times else "-",
+            version_text, other or "-",
         ])
     return markdown(["scenario", "device", "matmul ceiling [TFLOP/s]", "commit", "time", "versions", "other"], body)
+
+
+def _commits(rows: list[Row]) -> str:
+    """The commit the scenario's runs were made at; when they were made at several (a bench re-run with --only), each
+    commit with the backends measured there. The first row's alone named one commit for runs of three."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        names = by.setdefault(str(r.provenance.get("commit") or "not recorded"), [])
+        if label(r.backend) not in names:
+            names.append(label(r.backend))
+    if len(by) == 1:
+        return next(iter(by))
+    return "; ".join(f"{c} ({', '.join(names)})" for c, names in by.items())
+
+
+def _differing_versions(rows: list[Row], first: dict) -> str:
+    """Packages whose recorded version differs between the scenario's runs, each other version with its backends."""
+    notes = []
+    for package in first:
+        other: dict[str, list[str]] = {}
+        for r in rows:
+            v = (r.provenance.get("versions") or {}).get(package)
+            if v != first[package] and label(r.backend) not in other.setdefault(str(v), []):
+                other[str(v)].append(label(r.backend))
+        notes += [f"{package} {v} ({', '.join(names)})" for v, names in other.items()]
+    return f"; other versions: {', '.join(notes)}" if notes else ""
 
 
 def _scenario_settings(rows: list[Row], scenario_dir: Path) -> str | None:

@@ -296,3 +296,20 @@ def test_a_scenario_measured_on_two_gpus_is_compared_within_each_gpu(tmp_path):
     assert "x1.64" in h200 and "21,000" in h200  # Chronicals against PyTorch on the same H200, as before
     assert "x3.29" not in h100 and "10,500" in h100 and h100.endswith("| - | - |")  # no Chronicals run on the H100
     assert "| h200-full | NVIDIA H100 80GB HBM3 |" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+def test_runs_made_at_several_commits_name_each_commit_with_its_backends(tmp_path):
+    """A scenario re-run for some backends at a later commit: the hardware table named the first row's commit (or
+    None) for every run. It names each commit with the backends measured there, and a package at another version."""
+    rows = [json.loads(line) for line in (RESULTS / "h200-full.jsonl").read_text().splitlines()]
+    for r in rows:
+        if r["backend"] == "chronicals":
+            r["provenance"] = {**r["provenance"], "commit": "later",
+                               "versions": {**r["provenance"]["versions"], "triton": "3.7.0"}}
+    path = tmp_path / "h200-full.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    render([path], tmp_path / "out", scenario_dir=tmp_path / "no-scenarios")
+    line = next(x for x in (tmp_path / "out" / "REPORT.md").read_text().splitlines()
+                if x.startswith("| h200-full | NVIDIA H200 |"))
+    assert "55edbab (PyTorch/HF (eager), PyTorch/HF + torch.compile, Liger-Kernel, Unsloth); later (Chronicals)" in line
+    assert "other versions: triton 3.7.0 (Chronicals)" in line
