@@ -251,8 +251,13 @@ def parse(raw: dict[str, Any], source: str = "<scenario>") -> Scenario:
                 raise ScenarioError(f"{source}: field '{where}layout' is 'packed' but data.kind is 'fixed' (every "
                                     "sequence is seq_len long, nothing to pack); use data.kind 'varlen' or 'text'")
             name_default = DEFAULT_VARIANT if not mine else f"variant{i}"
-            runs.append(Run(backend=b, variant=c.string(x, "name", prefix=where, default=name_default),
-                            flags={**cls.FLAGS, **flags}, layout=layout))
+            variant = c.string(x, "name", prefix=where, default=name_default)
+            if not variant.strip() or variant in (".", "..") or any(sep in variant for sep in ("/", "\\")):
+                # it names the run's log file (<results stem>-logs/NN-<backend>-<name>.log): a '/' there stopped the
+                # bench with FileNotFoundError after the reference had run; an empty name reads back as 'default'
+                c.fail(f"{where}name", f"is {variant!r}; it names the run's log file and its rows, so it must be a "
+                                       "non-empty name without '/' or '\\'")
+            runs.append(Run(backend=b, variant=variant, flags={**cls.FLAGS, **flags}, layout=layout))
     for i, x in enumerate(variants):
         if "backend" not in x:
             c.fail(f"variants[{i}].backend", f"is missing; name one of 'backends' ({', '.join(backends)})")

@@ -81,6 +81,11 @@ def test_good_scenario_parses_runs_and_flags():
     (bad(name=""), ["'name'", "non-empty file name"]),
     (bad(name="a/b"), ["'name'", "'a/b'", "without '/'"]),
     (bad(variants=[{"name": "x"}]), ["'variants[0].backend'", "is missing", "torch, chronicals"]),
+    # a variant's name names its job, result and log files: 'rope/off' stopped the bench after the reference ran
+    # (FileNotFoundError), and an empty one read back as 'default'
+    (bad(variants=[{"backend": "chronicals", "name": "rope/off"}]), ["'variants[0].name'", "'rope/off'",
+                                                                      "without '/'"]),
+    (bad(variants=[{"backend": "chronicals", "name": ""}]), ["'variants[0].name'", "non-empty"]),
 ])
 def test_bad_input_names_file_field_and_choices(raw, words):
     with pytest.raises(ScenarioError) as e:
