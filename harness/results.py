@@ -37,11 +37,11 @@ def append(path: str | Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A line cut short (a process killed mid-write) must not swallow the next row: start on a line of our own.
     torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+    # One write of the run's rows, not one per row: a signal between rows left part of a run on disk, which --resume
+    # then took for a finished run.
+    text = ("\n" if torn else "") + "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
     with open(path, "a", encoding="utf-8") as f:
-        if torn:
-            f.write("\n")
-        for r in rows:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 

@@ -89,3 +89,15 @@ def test_sigterm_to_bench_kills_the_running_worker_and_keeps_finished_rows(tmp_p
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["backend"], r["status"]) for r in rows] == [("fake_oom", "oom")]
     assert "stopped; the runs that ended are in" in bench.stderr.read().decode()  # and how to continue: --resume
+
+
+def test_a_run_s_rows_reach_the_file_all_together_or_not_at_all(tmp_path):
+    """Rows were written one by one: a run cut short between them (here a row that cannot be written, a NaN) left its
+    first rows on disk, and --resume then took the run for finished."""
+    from harness import results
+
+    out = tmp_path / "r.jsonl"
+    results.append(out, [{"metric": "loss", "value": 1.0}])
+    with pytest.raises(ValueError):
+        results.append(out, [{"metric": "loss", "value": 2.0}, {"metric": "grad_norm", "value": float("nan")}])
+    assert out.read_text() == '{"metric": "loss", "value": 1.0}\n'
