@@ -60,11 +60,33 @@ def next_token_loss(model, sequences: list[torch.Tensor], device: str) -> float:
     return total / count
 
 
+def packed_leak(forward, collate, sequences: list[torch.Tensor], device: str) -> float | None:
+    """How much the loss of a packed row's last sequence moves when the sequences before it change (each reversed):
+    the relative change, 0 when packed attention keeps the sequences apart. Labels before the last sequence are
+    ignored, so the loss is the last sequence's alone. None with fewer than two sequences, or a batch that is not one
+    packed row with labels. On random tokens a run whose sequences attend to each other trains no worse, so its loss,
+    gradient norm and learnt-first-batch checks all pass; this looks at the isolation itself."""
+    if len(sequences) < 2:
+        return None
+    changed = [s.flip(0) for s in sequences[:-1]] + [sequences[-1]]
+    losses = []
+    for seqs in (sequences, changed):
+        batch = collate(seqs)
+        if "labels" not in batch or batch["labels"].shape[0] != 1:
+            return None
+        batch["labels"] = batch["labels"].clone()
+        batch["labels"][0, : batch["labels"].shape[1] - sequences[-1].numel()] = data.IGNORE_INDEX
+        with torch.no_grad():
+            losses.append(float(forward(data.to_device(batch, device)).float()))
+    return abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-12)
+
+
 def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str, device: str, lr: float,
           weight_decay: float, max_grad_norm: float, on_step=None) -> dict:
     """Train on `steps` (each a list of token sequences) and return per-step records and memory peaks:
     {"steps": [{"loss", "grad_norm", "time_ms", "label_tokens", "real_tokens", "processed_tokens"}],
-     "first_batch_loss_after", "peak_mem_alloc_gib", "peak_mem_nvml_gib", "weights_changed", "trainable_params"}.
+     "first_batch_loss_after", "packed_leak" (packed layout only), "peak_mem_alloc_gib", "peak_mem_nvml_gib",
+     "weights_changed", "trainable_params"}.
     `on_step(record)` sees each record."""
     params = list(trainable.params)
     if not params:
@@ -108,6 +130,7 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
     return {
         "steps": records,
         "first_batch_loss_after": first_batch_loss_after,
+        "packed_leak": packed_leak(forward, collate, steps[0], device) if layout == "packed" else None,
         "peak_mem_alloc_gib": peak_alloc,
         "peak_mem_nvml_gib": nvml.peak if nvml is not None else None,
         "weights_changed": sample.changed_fraction(),

@@ -220,7 +220,8 @@ class _Context:
                     no_reference = [f"the reference run ({sc.reference}, {sc.reference_run.variant}) did not pass, "
                                     "so this run's loss and gradient norm cannot be checked"]
             failures = verify.check(records, res.get("weights_changed"), sc.train.steps, sc.verify, reference,
-                                    res.get("trainable_params"), res.get("first_batch_loss_after"))
+                                    res.get("trainable_params"), res.get("first_batch_loss_after"),
+                                    res.get("packed_leak"))
             if failures or no_reference:
                 status, reason = "failed-verification", "; ".join(no_reference + failures)
         provenance = {**self.base, **self.device, **((res or {}).get("device") or {}), "time": now()}

@@ -10,6 +10,7 @@ import torch
 
 from harness import data
 from harness.backends import Backend, BuildSpec, Trainable
+from harness.backends.chronicals import ChronicalsBackend
 from harness.backends.torch import TorchBackend
 
 
@@ -133,6 +134,16 @@ class ShiftedLabelsBackend(TorchBackend):
         return t
 
 
+class PackedLeakBackend(ChronicalsBackend):
+    """Chronicals' packed training with the sequence boundaries left out of the forward (no position_ids, no
+    cu_seq_lens): the packed row's sequences attend to each other. On random tokens that trains as well."""
+
+    def build(self, spec: BuildSpec) -> Trainable:
+        t = super().build(spec)
+        t.forward = lambda batch: t.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        return t
+
+
 class HardCrashBackend(Backend):
     """The process dies without a word (as a segfault in a peer's extension would)."""
 
@@ -161,6 +172,7 @@ FAKES = {
     "fake_ascent": "GradientAscentBackend",
     "fake_noise_update": "NoiseUpdateBackend",
     "fake_shifted_labels": "ShiftedLabelsBackend",
+    "fake_packed_leak": "PackedLeakBackend",
     "fake_hard_crash": "HardCrashBackend",
     "fake_hang": "HangBackend",
     "fake_oom": "OutOfMemoryBackend",

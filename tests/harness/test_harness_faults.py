@@ -73,6 +73,19 @@ def test_planted_fault_is_flagged_and_its_speed_never_reported(matrix, backend, 
     assert not {r["metric"] for r in mine} & {"tokens_per_s", "step_time_ms", "tflops", "mfu_measured"}
 
 
+def test_packed_sequences_that_attend_to_each_other_are_flagged(tmp_path):
+    """Chronicals' packed run passes; the same with its sequence boundaries left out of the forward trained as well
+    on random tokens and passed every other check."""
+    out = tmp_path / "packed.jsonl"
+    sc = scenario.parse({**BASE, "name": "packed", "backends": ["torch", "chronicals", "fake_packed_leak"],
+                         "variants": [{"backend": "chronicals", "name": "packed", "layout": "packed"},
+                                      {"backend": "fake_packed_leak", "name": "packed", "layout": "packed"}]})
+    outcomes = {o.run.backend: o for o in run_scenario(sc, out, log=lambda m: None, launcher=in_process)}
+    assert outcomes["chronicals"].status == "ok", outcomes["chronicals"].reason
+    leak = outcomes["fake_packed_leak"]
+    assert leak.status == "failed-verification" and "packed sequences are not kept apart" in leak.reason, leak.reason
+
+
 def test_diverging_loss_is_caught_against_the_reference(matrix):
     reason = matrix[0]["fake_diverging"].reason
     assert "vs reference" in reason and "relative difference" in reason
