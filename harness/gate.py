@@ -97,6 +97,14 @@ def compare_gpu(rows: list[Row], baseline: dict, tol: Tolerances) -> list[Check]
         if sc not in baseline["scenarios"]:
             raise Refused(f"the baseline for {baseline['gpu']} has no scenario '{sc}'; record one with "
                           f"`python -m harness gate --results <{sc}.jsonl> --update-baseline`")
+        then = baseline["scenarios"][sc].get("provenance", {}).get("workload")
+        now = _first(rows, sc).provenance.get("workload")
+        if then and now and then != now:  # baselines recorded before provenance had "workload" are not checked
+            changed = ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+                                if then.get(k) != now.get(k))
+            raise Refused(f"scenario '{sc}' was measured with other settings than its baseline ({changed}); speeds "
+                          "of different workloads are not comparable. If the change is intended, record a new "
+                          f"baseline with `python -m harness gate --results <{sc}.jsonl> --update-baseline`")
         runs = baseline["scenarios"][sc]["runs"]
         got = {m: measured(rows, m, sc) for m in GATED}
         for variant, backends in runs.items():

@@ -103,7 +103,8 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
     stopped bench. `resume`: continue the scenario's last bench in `out` (see `resumed`): its recorded runs are kept
     and skipped, the others run under its run_id, so they are verified against its reference."""
     base = {"run_id": uuid.uuid4().hex[:12], "scenario_file": scenario.path, "commit": commit(),
-            "versions": versions(), "host": platform.node(), "train_steps": scenario.train.steps}
+            "versions": versions(), "host": platform.node(), "train_steps": scenario.train.steps,
+            "workload": workload(scenario)}
     if only:
         base["only"] = list(only)
     done: set[tuple[str, str]] = set()
@@ -156,6 +157,16 @@ def run_scenario(scenario: Scenario, out: str | Path, *, log: Callable[[str], No
             log(f"    {outcome.status}" + (f": {outcome.reason}" if outcome.reason else ""))
             outcomes.append(outcome)
     return outcomes
+
+
+def workload(scenario: Scenario) -> dict:
+    """What a run's speed and memory depend on besides the code: model, precision, batch, data, optimizer. The gate
+    compares a scenario's runs with its baseline only when these match (a scenario file edited since, say to another
+    batch size, keeps its name)."""
+    m, t, d = scenario.model, scenario.train, scenario.data
+    return {"model": m.label, "dtype": m.dtype, "mode": t.mode, "lora_rank": t.lora_rank, "lora_alpha": t.lora_alpha,
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "lr": t.lr, "weight_decay": t.weight_decay,
+            "max_grad_norm": t.max_grad_norm, "data": d.kind, "min_len": d.min_len, "seed": scenario.seed}
 
 
 class ResumeError(ValueError):

@@ -140,6 +140,24 @@ def test_results_from_another_gpu_are_refused(baseline, tmp_path, capsys):
     assert "measured on NVIDIA A100-SXM4-80GB" in out and "baseline for NVIDIA H200" in out
 
 
+def test_results_of_another_workload_than_the_baseline_s_are_refused(tmp_path, capsys):
+    """The baseline is matched by scenario name: a scenario file edited since (another batch size, say) was compared
+    with it as if nothing had changed."""
+    def workload(batch_size):
+        def change(row):
+            row["provenance"]["workload"] = {"model": "qwen2.5-0.5b", "batch_size": batch_size, "seq_len": 2048}
+        return change
+
+    folder = tmp_path / "baselines"
+    (tmp_path / "a").mkdir()
+    recorded = _planted(tmp_path / "a", GPU_RESULTS, workload(8))
+    assert gate.main(["--results", str(recorded), "--baseline", str(folder), "--update-baseline"]) == 0
+    rc, out = _gpu_gate(recorded, folder, capsys)
+    assert rc == 0, out
+    rc, out = _gpu_gate(_planted(tmp_path, GPU_RESULTS, workload(4)), folder, capsys)
+    assert rc == 2 and "batch_size 8 -> 4" in out and "--update-baseline" in out
+
+
 def test_baseline_update_keeps_other_scenarios(baseline):
     lora = FIXTURES / "results" / "packing.jsonl"
     assert gate.main(["--results", str(lora), "--baseline", str(baseline), "--update-baseline"]) == 0
