@@ -185,6 +185,10 @@ def resumed(scenario: Scenario, out: str | Path, base: dict) -> tuple[str, set[t
         if last.provenance.get(key) != base[key]:
             raise ResumeError(f"--resume: the last bench of {scenario.name!r} in {out} ran another {what}: {key} "
                              f"{last.provenance.get(key)!r} there, {base[key]!r} now; run it again without --resume")
+    if last.provenance.get("workload") not in (None, base["workload"]):  # None: rows from before it was recorded
+        raise ResumeError(f"--resume: the last bench of {scenario.name!r} in {out} ran other settings (workload "
+                          f"{last.provenance['workload']} there, {base['workload']} now: the scenario file changed); "
+                          "run it again without --resume")
     return last.provenance["run_id"], last.runs
 
 

@@ -158,7 +158,7 @@ def test_resume_runs_only_what_the_stopped_bench_did_not_record(tmp_path, capsys
     assert "nothing left to run" in capsys.readouterr().out
 
 
-def test_resume_refuses_nothing_to_continue_and_another_number_of_steps(tmp_path):
+def test_resume_refuses_nothing_to_continue_and_another_number_of_steps_or_settings(tmp_path):
     from harness.runner import ResumeError
 
     out = tmp_path / "r.jsonl"
@@ -169,6 +169,10 @@ def test_resume_refuses_nothing_to_continue_and_another_number_of_steps(tmp_path
     longer = {**RAW, "train": {**RAW["train"], "steps": 4}}
     with pytest.raises(ResumeError, match="number of steps .*train_steps 3 there, 4 now"):
         run_scenario(scenario.parse(longer, "s.toml"), out, log=lambda m: None, launcher=Launcher(out, []),
+                     resume=True)
+    wider = {**RAW, "train": {**RAW["train"], "batch_size": 4}}  # the scenario file edited between the two benches
+    with pytest.raises(ResumeError, match="ran other settings .*'batch_size': 2.* there, .*'batch_size': 4"):
+        run_scenario(scenario.parse(wider, "s.toml"), out, log=lambda m: None, launcher=Launcher(out, []),
                      resume=True)
 
 
