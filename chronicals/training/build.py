@@ -4,6 +4,7 @@ switches on, applied in the one order that works), the optimizer and the autocas
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -34,14 +35,18 @@ def check_optional_packages(cfg: ChronicalsConfig) -> None:
 
 
 def check_output_dir(cfg: ChronicalsConfig) -> None:
-    """output_dir must be, or be creatable as, a directory: a file in its place is found here, not by the first write
-    after the data was tokenized (a FileExistsError / NotADirectoryError traceback)."""
+    """output_dir must be, or be creatable as, a writable directory: a file in its place, or a directory this user
+    cannot write to, is found here, not by the first write after the data was tokenized (a FileExistsError /
+    NotADirectoryError / PermissionError traceback)."""
     path = Path(cfg.output_dir).absolute()
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 raise SetupError(f"config field 'output_dir' is {cfg.output_dir!r}, but {str(p)!r} is a file; "
                                  "pass a directory path")
+            if not os.access(p, os.W_OK | os.X_OK):  # else a PermissionError traceback at the first write
+                raise SetupError(f"config field 'output_dir' is {cfg.output_dir!r}, but {str(p)!r} is not writable "
+                                 "by this user; pass a directory you can write to")
             return
 
 

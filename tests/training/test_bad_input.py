@@ -124,6 +124,19 @@ def test_an_output_dir_that_is_a_file_is_a_setup_error(tmp_path, where):
         ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, output_dir=str(out)))
 
 
+def test_an_output_dir_this_user_cannot_write_is_a_setup_error(tmp_path, monkeypatch):
+    # A PermissionError traceback from the first write, after the data was tokenized. This machine's tests may run as
+    # root, who may write anywhere, so the permission is refused through os.access for the parent directory.
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    with pytest.raises(SetupError, match="output_dir.*is not writable"):
+        ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, output_dir=str(locked / "run")))
+
+
 def test_trainer_rejects_wrong_argument_types(tmp_path):
     with pytest.raises(TypeError, match="config must be a chronicals.config.ChronicalsConfig"):
         ChronicalsTrainer(tiny_model(), tokenizer(), {"learning_rate": 1})
