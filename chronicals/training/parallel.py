@@ -89,6 +89,10 @@ def wrap(model: nn.Module, strategy: str, device: torch.device, compute_dtype: t
 
 def shard_fsdp2(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
     fully_shard, MixedPrecisionPolicy = fully_shard_api()
+    # fully_shard keeps each rank's own slice of its own copy: ranks whose models differ (built or initialised with
+    # another seed, new embedding rows drawn per rank) trained a patchwork of them, with no error. DDP broadcasts rank
+    # 0's model at construction; so does this, and both strategies train rank 0's model.
+    broadcast_from_rank0(model)
     # Weights are gathered in the compute dtype; gradients are reduced in fp32 so that summing over ranks loses
     # nothing, and land on the fp32 master shards.
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
@@ -103,6 +107,17 @@ def shard_fsdp2(model: nn.Module, compute_dtype: torch.dtype | None) -> None:
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Every rank's parameters and buffers become rank 0's (in place; a collective every rank joins)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:  # each shared (tied) tensor once
+            dist.broadcast(tensor.detach(), src=0)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

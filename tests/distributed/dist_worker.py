@@ -36,11 +36,11 @@ def rows(n: int = 32, seed: int = 0):
     return out
 
 
-def model(name: str = "tiny-qwen2"):
+def model(name: str = "tiny-qwen2", seed: int = 0):
     from chronicals.models import build_model
 
     # tiny-qwen2 ties the embedding and the lm_head, the case where both must sit in FSDP2's root unit.
-    return build_model(name, seed=0, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+    return build_model(name, seed=seed, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                        num_attention_heads=2, num_key_value_heads=1, dtype=torch.float32)
 
 
@@ -168,6 +168,17 @@ def offloaded_checkpointing(out: Path) -> dict:
             "grad_norms": [r["grad_norm"] for r in metrics(out)]}
 
 
+def models_that_differ_per_rank(out: Path, strategy: str) -> dict:
+    """Each rank builds its model with a seed of its own (seed = rank, as a script seeding torch with its rank
+    would): the ranks must train rank 0's model, as one process given it does."""
+    from chronicals.training import ChronicalsTrainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    trainer = ChronicalsTrainer(model(seed=rank), tokenizer(), config(out, max_steps=2, distributed_strategy=strategy))
+    return {"strategy": trainer.strategy, "losses": trainer.train(rows()).losses,
+            "grad_norms": [r["grad_norm"] for r in metrics(out)]}
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -199,7 +210,9 @@ def all_runs(root: Path) -> dict:
             "one_row_last_batch": epoch_with_a_short_last_batch(root / "one_row_last_batch", n_rows=17),
             "dropout_ddp": dropout_resume(root / "dropout_ddp", "ddp"),
             "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16"),
-            "offload": offloaded_checkpointing(root / "offload")}
+            "offload": offloaded_checkpointing(root / "offload"),
+            "rank_models_fsdp2": models_that_differ_per_rank(root / "rank_models_fsdp2", "fsdp2"),
+            "rank_models_ddp": models_that_differ_per_rank(root / "rank_models_ddp", "ddp")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

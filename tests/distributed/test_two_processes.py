@@ -34,6 +34,7 @@ def test_two_gloo_processes(tmp_path):
     check_a_short_last_batch_is_split_over_the_ranks_as_one_process_trains_it(runs)
     check_every_rank_resumes_its_own_random_state(runs)
     check_activation_offload_under_fsdp2_matches_one_process(runs)
+    check_ranks_whose_models_differ_train_rank_0s_model(runs)
 
 
 def test_a_process_group_started_by_the_caller_is_used(tmp_path):
@@ -169,3 +170,15 @@ def check_activation_offload_under_fsdp2_matches_one_process(runs):
     assert two["strategy"] == "fsdp2"
     assert two["losses"] == pytest.approx(one["offload"]["losses"], rel=1e-4)
     assert two["grad_norms"] == pytest.approx(one["offload"]["grad_norms"], rel=1e-4)
+
+
+def check_ranks_whose_models_differ_train_rank_0s_model(runs):
+    # Each rank built its model with its own seed. DDP broadcasts rank 0's weights; fully_shard kept each rank's slice
+    # of its own copy, so FSDP2 trained a patchwork of both models, silently (other losses than one process given
+    # rank 0's model).
+    ranks, one, _ = runs
+    for run in ("rank_models_fsdp2", "rank_models_ddp"):
+        two = ranks[0][run]
+        assert two["strategy"] == run.rsplit("_", 1)[1], run
+        assert two["losses"] == pytest.approx(one[run]["losses"], rel=1e-4), run
+        assert two["grad_norms"] == pytest.approx(one[run]["grad_norms"], rel=1e-4), run
