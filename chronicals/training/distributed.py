@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,6 +119,34 @@ def gather_object(obj, env: DistEnv) -> list | None:
     gathered = [None] * env.world_size if env.is_main else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def check_same_on_every_rank(what: str, values: dict[str, Any], env: DistEnv) -> None:
+    """Every rank must hold the same `values` (a dict of plain values): a SetupError, raised on every rank, naming
+    each key that differs and every rank's value. Ranks that disagree on the settings or the data silently train on
+    a mix of them (another learning rate per shard, another seed drawing another data order, so rows are trained
+    twice or never) or wait in a collective the others never join until the timeout."""
+    if not env.enabled:
+        return
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, values)
+    differ = [k for k in values if any(other.get(k) != gathered[0].get(k) for other in gathered)]
+    if differ:
+        raise SetupError(
+            f"{what} differs between the processes: "
+            + "; ".join(f"{k!r} is {_by_rank([v.get(k) for v in gathered])}" for k in differ)
+            + ". Every process must run the same config on the same data (torchrun starts the same command on each "
+            "node)"
+        )
+
+
+def _by_rank(values: list) -> str:
+    """'3 on rank 0, 4 on ranks 1, 2, 3': each distinct value once, with the ranks that hold it."""
+    ranks: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        ranks.setdefault(repr(v), []).append(r)
+    return ", ".join(f"{v} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs[:8]))}"
+                     f"{', ...' if len(rs) > 8 else ''}" for v, rs in ranks.items())
 
 
 def barrier(env: DistEnv) -> None:

@@ -68,6 +68,7 @@ class ChronicalsTrainer:
         if self.device.type == "cpu" and config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)
         distributed.setup(self.env, self.device)
+        distributed.check_same_on_every_rank("the config (ChronicalsConfig)", _rank_config(config), self.env)
         self.amp_dtype = autocast_dtype(config, self.device)
         _seed_everything(config.seed)
         self.model = prepare_model(model, config, self.device)
@@ -107,6 +108,7 @@ class ChronicalsTrainer:
                                          schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
         state = {"step": 0, "epoch": 0, "step_in_epoch": 0}
         self._data_summary = _data_summary(data.rows, plan.steps_per_epoch)
+        distributed.check_same_on_every_rank("the training data", self._data_summary, self.env)
         changed_data = kept_settings = None
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -411,6 +413,16 @@ def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | 
     changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in ("lora_alpha", "use_rslora")
                if name in before and before[name] != getattr(cfg, name)]
     return ", ".join(changed) or None
+
+
+# Fields that may differ between ranks: paths (a node's own copy of the model or data: the data's contents are
+# compared, and FSDP2 takes rank 0's weights, as DDP does) and what only rank 0 or each process alone uses.
+_PER_RANK_FIELDS = ("model", "tokenizer", "dataset", "output_dir", "device", "cpu_threads", "logging_steps",
+                    "progress_bar", "tensorboard")
+
+
+def _rank_config(cfg: ChronicalsConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _PER_RANK_FIELDS}
 
 
 def _data_summary(rows, steps_per_epoch: int) -> dict[str, int]:

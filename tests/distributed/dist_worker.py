@@ -179,6 +179,23 @@ def models_that_differ_per_rank(out: Path, strategy: str) -> dict:
             "grad_norms": [r["grad_norm"] for r in metrics(out)]}
 
 
+def settings_that_differ_per_rank(out: Path) -> dict:
+    """The error each rank meets when the ranks run other configs (a seed of their own) or other data (rank r drops
+    r rows); None where there is none."""
+    from chronicals.training import ChronicalsTrainer, SetupError
+
+    rank = int(os.environ.get("RANK", "0"))
+    errors = {}
+    for name, changes, n_rows in (("config", {"seed": rank, "learning_rate": 1e-2}, 32),
+                                  ("data", {}, 32 - rank)):
+        try:
+            ChronicalsTrainer(model(), tokenizer(), config(out / name, max_steps=1, **changes)).train(rows(n_rows))
+            errors[name] = None
+        except SetupError as e:
+            errors[name] = str(e)
+    return errors
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -212,7 +229,8 @@ def all_runs(root: Path) -> dict:
             "dropout_fsdp2": dropout_resume(root / "dropout_fsdp2", "fsdp2"), "bf16_export": bf16_export(root / "bf16"),
             "offload": offloaded_checkpointing(root / "offload"),
             "rank_models_fsdp2": models_that_differ_per_rank(root / "rank_models_fsdp2", "fsdp2"),
-            "rank_models_ddp": models_that_differ_per_rank(root / "rank_models_ddp", "ddp")}
+            "rank_models_ddp": models_that_differ_per_rank(root / "rank_models_ddp", "ddp"),
+            "rank_settings": settings_that_differ_per_rank(root / "rank_settings")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

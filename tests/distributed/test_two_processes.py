@@ -35,6 +35,7 @@ def test_two_gloo_processes(tmp_path):
     check_every_rank_resumes_its_own_random_state(runs)
     check_activation_offload_under_fsdp2_matches_one_process(runs)
     check_ranks_whose_models_differ_train_rank_0s_model(runs)
+    check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
 
 
 def test_a_process_group_started_by_the_caller_is_used(tmp_path):
@@ -182,3 +183,18 @@ def check_ranks_whose_models_differ_train_rank_0s_model(runs):
         assert two["strategy"] == run.rsplit("_", 1)[1], run
         assert two["losses"] == pytest.approx(one[run]["losses"], rel=1e-4), run
         assert two["grad_norms"] == pytest.approx(one[run]["grad_norms"], rel=1e-4), run
+
+
+def check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs):
+    # Nothing compared them: ranks with another seed drew other data orders (rows trained twice or never), another
+    # learning_rate updated each shard at its own rate, other data gave each rank its own batches, all silently; other
+    # max_steps or gradient_accumulation_steps waited in a collective until the timeout (a bare gloo/NCCL error).
+    ranks, one, _ = runs
+    assert one["rank_settings"] == {"config": None, "data": None}
+    for rank in ranks:
+        errors = rank["rank_settings"]
+        assert "the config (ChronicalsConfig) differs between the processes: 'seed' is 0 on rank 0, 1 on rank 1." \
+            in errors["config"], errors
+        assert "'learning_rate'" not in errors["config"]  # only what differs is named
+        assert "the training data differs between the processes: 'rows' is 32 on rank 0, 31 on rank 1" \
+            in errors["data"], errors
