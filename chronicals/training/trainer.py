@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ class ChronicalsTrainer:
     # ---- the run ---------------------------------------------------------------------------------------------------
     def train(self, train_dataset) -> TrainResult:
         cfg = self.config
-        with parallel.main_first(self.env):  # the other ranks then read rank 0's token cache
+        with parallel.main_first(self.env), warnings.catch_warnings():  # the others then read rank 0's token cache
+            if not self.env.is_main:  # rank 0 warns about the data (truncated rows...) once; the others have the same
+                warnings.simplefilter("ignore")
             data = prepare_training_data(train_dataset, self.tokenizer, cfg)
         check_token_ids(data.rows, self.model, self.tokenizer)
         batch_size = parallel.micro_batch_size(cfg, self.env)

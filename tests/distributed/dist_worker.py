@@ -196,6 +196,18 @@ def settings_that_differ_per_rank(out: Path) -> dict:
     return errors
 
 
+def data_warnings(out: Path) -> list[str]:
+    """The warnings this rank emits while training on rows that max_seq_length truncates."""
+    import warnings
+
+    from chronicals.training import ChronicalsTrainer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=1, max_seq_length=16)).train(rows())
+    return [str(w.message) for w in caught if "max_seq_length" in str(w.message)]
+
+
 def stop_on_one_rank(out: Path) -> dict:
     """Ctrl-C seen by the last rank only, during step 1: every rank must stop after step 1 and save together
     (a rank that went on alone would wait forever in the next step's collectives)."""
@@ -230,7 +242,8 @@ def all_runs(root: Path) -> dict:
             "offload": offloaded_checkpointing(root / "offload"),
             "rank_models_fsdp2": models_that_differ_per_rank(root / "rank_models_fsdp2", "fsdp2"),
             "rank_models_ddp": models_that_differ_per_rank(root / "rank_models_ddp", "ddp"),
-            "rank_settings": settings_that_differ_per_rank(root / "rank_settings")}
+            "rank_settings": settings_that_differ_per_rank(root / "rank_settings"),
+            "data_warnings": data_warnings(root / "data_warnings")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

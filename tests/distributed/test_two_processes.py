@@ -36,6 +36,7 @@ def test_two_gloo_processes(tmp_path):
     check_activation_offload_under_fsdp2_matches_one_process(runs)
     check_ranks_whose_models_differ_train_rank_0s_model(runs)
     check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
+    check_a_data_warning_is_printed_once_not_once_per_rank(runs)
 
 
 def test_a_process_group_started_by_the_caller_is_used(tmp_path):
@@ -198,3 +199,12 @@ def check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
         assert "'learning_rate'" not in errors["config"]  # only what differs is named
         assert "the training data differs between the processes: 'rows' is 32 on rank 0, 31 on rank 1" \
             in errors["data"], errors
+
+
+def check_a_data_warning_is_printed_once_not_once_per_rank(runs):
+    # Every rank prepares the data (the others from rank 0's cache) and every rank printed its warnings: on 8 GPUs
+    # the same "sequence(s) longer than max_seq_length" eight times, where the metrics and messages come from rank 0.
+    ranks, one, _ = runs
+    assert len(one["data_warnings"]) == 1, one["data_warnings"]
+    assert ranks[0]["data_warnings"] == one["data_warnings"]
+    assert ranks[1]["data_warnings"] == []
