@@ -64,10 +64,14 @@ def detect() -> DistEnv:
 
 def setup(env: DistEnv, device: torch.device) -> None:
     """Join the process group (NCCL for CUDA, gloo for CPU) when launched by torchrun with more than one process."""
-    if not env.enabled or dist.is_initialized():
+    if not env.enabled:
         return
     if device.type == "cuda":
+        # Under a process group the caller started too: NCCL's object collectives (the RNG states gathered for a
+        # checkpoint, the config check) run on the current device, cuda:0 on every rank unless it is set.
         torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=env.rank,
                             world_size=env.world_size)
 

@@ -142,3 +142,22 @@ def test_accumulation_skips_the_all_reduce_under_torch_compile_too(tmp_path):
                 assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def test_a_process_group_started_by_the_caller_still_gets_each_rank_its_own_gpu(monkeypatch):
+    # setup() returned at once for a group the caller had started (torch.multiprocessing + init_process_group, as in
+    # test_a_process_group_started_by_the_caller_is_used), leaving every rank's current CUDA device at cuda:0, where
+    # NCCL runs object collectives (the checkpoint's gather of every rank's RNG states): two ranks on one GPU.
+    import torch
+
+    from chronicals.training import distributed
+
+    chosen = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("already initialized"))
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    distributed.setup(DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
+    assert chosen == [torch.device("cuda", 1)]
+    distributed.setup(DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cpu"))  # gloo on CPU: no GPU to set
+    distributed.setup(ONE, torch.device("cuda", 0))  # one process: left as it is
+    assert chosen == [torch.device("cuda", 1)]
