@@ -276,7 +276,8 @@ def _check(q, k, cos, sin, position_ids) -> None:
                              "those, or a [max_pos, D] cos/sin table together with position_ids")
         if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
             raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [1 or {batch}, {seq_len}, "
-                             f"{head_dim} or {head_dim // 2}]")
+                             f"{head_dim} or {head_dim // 2}] for q of shape {tuple(q.shape)}, read as [B, heads, S, "
+                             "D] (HF's layout; a [B, S, heads, D] q or k needs .transpose(1, 2))")
         return
     if position_ids is None:
         return

@@ -211,6 +211,9 @@ def test_bad_input_names_the_argument():
         fused_qk_rope(q, k, cos3.requires_grad_(), sin3)
     with pytest.raises(ValueError, match="sin is on meta"):
         fused_qk_rope(q, k, cos3.detach(), torch.empty(1, 5, 8, device="meta"))
+    # q and k in [B, S, heads, D] (equal head counts pass the shape checks): the message says which layout is read.
+    with pytest.raises(ValueError, match=r"read as \[B, heads, S, D\].*transpose\(1, 2\)"):
+        fused_qk_rope(q.transpose(1, 2), q.transpose(1, 2), cos3.detach(), sin3)
 
 
 @pytest.mark.gpu
