@@ -7,9 +7,7 @@ in fp32 and rounded once (HF rounds x * rstd to the input dtype before multiplyi
 no less accurate). `offset` is 1.0 for Gemma-style weights (scale = 1 + w), else 0. A weight of a wider
 dtype than x (fp32 weights, bf16 activations, as HF autocast runs them): with offset 0 the output has
 Llama's dtype, torch.promote_types(x, w) (`w * xn.to(x.dtype)` promotes), and x * rstd is rounded to x's
-dtype first, as Llama rounds it; with an offset it stays in x's dtype (Gemma's `.type_as(x)`). `out_dtype`
-picks the output's dtype instead (one rounding): out_dtype=x.dtype keeps an fp32-weight norm in bf16, half
-the bytes of HF's fp32 output (e.g. Qwen3's q/k norms under autocast, whose attention casts back to bf16).
+dtype first, as Llama rounds it; with an offset it stays in x's dtype (Gemma's `.type_as(x)`).
 
 The fused variant computes s = x + residual (rounded to the input dtype, exactly as PyTorch's add)
 and returns (s, rmsnorm(s)), saving a full read of s between the two ops in every decoder layer.
@@ -29,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, SUPPORTED_DTYPES, backward_once, cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, backward_once, cast_rne, check_same, check_tensor, next_power_of_2
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns, about this many elements (rows of 4096 or more: one row
 # per program). H100, 2026-12-06 (benchmarks/kernel_ops.py, 16384 rows of 896 bf16): 2048 (2 rows, 4 warps) against
@@ -212,10 +210,9 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                     residual2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                     round_xn: bool = False):
+                     residual2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
     """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual. y is in
-    `out_dtype` (x2's when None); `round_xn` rounds x * rstd to x2's dtype before the weight (Llama's casting)."""
+    `out_dtype` (x2's when None); a wider one rounds x * rstd to x2's dtype before the weight (Llama's casting)."""
     n_rows, n_cols = x2.shape
     out_dtype = x2.dtype if out_dtype is None else out_dtype
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
@@ -231,7 +228,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         x2, r_arg, s_arg, y, weight, rstd,
         x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         n_rows, n_cols, eps, offset,
-        HAS_RESIDUAL=residual2 is not None, ROUND_XN=round_xn, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_RESIDUAL=residual2 is not None, ROUND_XN=out_dtype != x2.dtype, BLOCK_M=block_m, BLOCK_N=block_n,
         EVICTION=eviction,
         num_warps=num_warps,
     )
@@ -269,9 +266,9 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, out_dtype, round_xn):
+    def forward(ctx, x, weight, eps, offset):
         x2 = _rows(x, weight.shape[0])
-        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, out_dtype=out_dtype, round_xn=round_xn)
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, out_dtype=_out_dtype(x, weight, offset))
         # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
         # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
         # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
@@ -287,15 +284,15 @@ class RMSNormFunction(torch.autograd.Function):
         x2 = _rows(x, weight.shape[0])
         dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
                                    ctx.needs_input_grad[1])
-        return dx.view(dy.shape), dw, None, None, None, None
+        return dx.view(dy.shape), dw, None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, offset, out_dtype, round_xn):
+    def forward(ctx, x, residual, weight, eps, offset):
         n_cols = weight.shape[0]
-        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols), out_dtype,
-                                      round_xn)
+        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols),
+                                      _out_dtype(x, weight, offset))
         ctx.save_for_backward(s, weight, rstd)
         ctx.offset = offset
         ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient to read
@@ -307,25 +304,18 @@ class AddRMSNormFunction(torch.autograd.Function):
         s2, weight, rstd = ctx.saved_tensors
         n_cols = s2.shape[1]
         if dy is None:  # only the sum was used: the norm contributes nothing
-            return ds, ds, None, None, None, None, None
+            return ds, ds, None, None, None
         ds2 = _rows(ds, n_cols) if ds is not None else None
         dx, dw = rms_norm_backward(_rows(dy, n_cols), s2, weight, rstd, ctx.offset, ds2, ctx.needs_input_grad[2])
         dx = dx.view(dy.shape)
         # x and residual enter only through s = x + residual, so both receive d(s).
-        return dx, dx, dw, None, None, None, None
+        return dx, dx, dw, None, None
 
 
-def _output(x: torch.Tensor, weight: torch.Tensor, offset: float, out_dtype) -> tuple[torch.dtype, bool]:
-    """(the normed output's dtype, whether x * rstd rounds to x's dtype first). Unless `out_dtype` says, as HF
-    computes it: Llama's `weight * xn.to(x.dtype)` promotes (an fp32 weight with bf16 x gives fp32), rounding xn
-    first; Gemma's offset form ends in `.type_as(x)`."""
-    if out_dtype is not None:
-        if out_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"out_dtype must be torch.float32, torch.bfloat16, torch.float16 or None, "
-                            f"got {out_dtype!r}")
-        return out_dtype, False
-    dtype = torch.promote_types(x.dtype, weight.dtype) if offset == 0 else x.dtype
-    return dtype, dtype != x.dtype
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
+    """The normed output's dtype, as HF computes it: Llama's `weight * xn.to(x.dtype)` promotes (an fp32 weight
+    with bf16 x gives fp32); Gemma's offset form ends in `.type_as(x)`."""
+    return torch.promote_types(x.dtype, weight.dtype) if offset == 0 else x.dtype
 
 
 def _check(hidden_states, weight, eps, offset, residual=None) -> None:
@@ -364,27 +354,22 @@ def _finite_number(x) -> bool:
 # autotuned launches, nor the interpreter's).
 @torch.compiler.disable
 def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                  offset: float = 0.0, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  offset: float = 0.0) -> torch.Tensor:
     """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype, or with
-    offset 0 and a wider weight (fp32 with bf16 x) in torch.promote_types of both, as HF's LlamaRMSNorm; or in
-    `out_dtype` when given (computed in fp32, rounded once)."""
+    offset 0 and a wider weight (fp32 with bf16 x) in torch.promote_types of both, as HF's LlamaRMSNorm."""
     _check(hidden_states, weight, eps, offset)
-    out = _output(hidden_states, weight, offset, out_dtype)
     # The kernels read weight with unit stride; a strided view (a slice of a wider buffer) would read the wrong
     # elements. contiguous() is a no-op for a Parameter and stays on the graph for a view (dw reaches its base).
-    return RMSNormFunction.apply(hidden_states, weight.contiguous(), float(eps), float(offset), *out)
+    return RMSNormFunction.apply(hidden_states, weight.contiguous(), float(eps), float(offset))
 
 
 @torch.compiler.disable
 def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float = 1e-6, offset: float = 0.0, *,
-                      out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory; s in the inputs' dtype,
-    rmsnorm(s) in fused_rmsnorm's (`out_dtype` as there)."""
+    rmsnorm(s) in fused_rmsnorm's."""
     _check(hidden_states, weight, eps, offset, residual)
-    out = _output(hidden_states, weight, offset, out_dtype)
-    return AddRMSNormFunction.apply(hidden_states, residual, weight.contiguous(), float(eps), float(offset),  # as above
-                                    *out)
+    return AddRMSNormFunction.apply(hidden_states, residual, weight.contiguous(), float(eps), float(offset))  # as above
 
 
 class FusedRMSNorm(torch.nn.Module):
