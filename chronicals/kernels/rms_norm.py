@@ -2,12 +2,9 @@
 
     y = x * rstd * (offset + w),   rstd = 1 / sqrt(mean(x^2) + eps)
 
-Casting follows Hugging Face: statistics in fp32, output in the input's dtype. The whole row is computed
-in fp32 and rounded once (HF rounds x * rstd to the input dtype before multiplying by w; one rounding is
-no less accurate). `offset` is 1.0 for Gemma-style weights (scale = 1 + w), else 0. A weight of a wider
-dtype than x (fp32 weights, bf16 activations, as HF autocast runs them): with offset 0 the output has
-Llama's dtype, torch.promote_types(x, w) (`w * xn.to(x.dtype)` promotes), and x * rstd is rounded to x's
-dtype first, as Llama rounds it; with an offset it stays in x's dtype (Gemma's `.type_as(x)`).
+Casting follows Hugging Face Llama: statistics in fp32, output in the input's dtype. The whole row
+is computed in fp32 and rounded once (HF rounds x * rstd to the input dtype before multiplying by w;
+one rounding is no less accurate). `offset` is 1.0 for Gemma-style weights (scale = 1 + w), else 0.
 
 The fused variant computes s = x + residual (rounded to the input dtype, exactly as PyTorch's add)
 and returns (s, rmsnorm(s)), saving a full read of s between the two ops in every decoder layer.
@@ -72,13 +69,12 @@ def _fwd_eviction(n_cols: int, has_residual: bool) -> str:
     return "evict_first" if n_cols <= 1024 and not has_residual else ""
 
 
-def _bwd_stages(block_m: int, block_n: int, stream_bytes: int) -> int:
+def _bwd_stages(block_m: int, block_n: int, n_streams: int, elem_bytes: int) -> int:
     """Software-pipeline depth of the backward loop (0: the interpreter's while loop). Each extra
-    stage holds one tile of every streamed input (`stream_bytes`: their element sizes summed) in
-    shared memory; keep that within the budget."""
+    stage holds one tile of every streamed input in shared memory; keep that within the budget."""
     if INTERPRET:
         return 0
-    per_stage = block_m * block_n * stream_bytes
+    per_stage = block_m * block_n * n_streams * elem_bytes
     return max((s for s in range(1, _MAX_BWD_STAGES + 1) if (s - 1) * per_stage <= _PREFETCH_BYTES), default=1)
 
 
@@ -99,8 +95,7 @@ def _rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
     n_rows, n_cols, eps, offset,
-    HAS_RESIDUAL: tl.constexpr, ROUND_XN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVICTION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVICTION: tl.constexpr,
 ):
     # One tile of BLOCK_M rows: x <- x + r (rounded, stored as s) when fused;
     # rstd = 1/sqrt(sum(x^2)/H + eps); y = x * rstd * (offset + w), all in fp32, stored once.
@@ -121,10 +116,7 @@ def _rms_norm_fwd_kernel(
         tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)  # normalise the stored (rounded) sum, as the unfused ops would
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-    if ROUND_XN:  # Y wider than X (Llama's promoted output): x * rstd rounded to X's dtype, then times w
-        y = cast_rne(x * rstd[:, None], X.dtype.element_ty).to(tl.float32) * w[None, :]
-    else:
-        y = x * rstd[:, None] * w[None, :]
+    y = x * rstd[:, None] * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -210,14 +202,12 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                     residual2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
-    """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual. y is in
-    `out_dtype` (x2's when None); a wider one rounds x * rstd to x2's dtype before the weight (Llama's casting)."""
+                     residual2: torch.Tensor | None = None):
+    """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual."""
     n_rows, n_cols = x2.shape
-    out_dtype = x2.dtype if out_dtype is None else out_dtype
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
+    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-    s = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device) if residual2 is not None else None
+    s = torch.empty_like(y) if residual2 is not None else None
     if n_rows == 0:
         return y, rstd, s
     block_m, block_n, num_warps = _settings(n_rows, n_cols)
@@ -228,8 +218,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         x2, r_arg, s_arg, y, weight, rstd,
         x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         n_rows, n_cols, eps, offset,
-        HAS_RESIDUAL=residual2 is not None, ROUND_XN=out_dtype != x2.dtype, BLOCK_M=block_m, BLOCK_N=block_n,
-        EVICTION=eviction,
+        HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=eviction,
         num_warps=num_warps,
     )
     return y, rstd, s
@@ -252,8 +241,7 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
         dy2.stride(0), ds_arg.stride(0), x2.stride(0), dx.stride(0),
         n_rows, n_cols, n_tiles, offset,
         HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        NUM_STAGES=_bwd_stages(block_m, block_n, x2.element_size() + dy2.element_size()
-                               + (ds2.element_size() if ds2 is not None else 0)),
+        NUM_STAGES=_bwd_stages(block_m, block_n, 3 if ds2 is not None else 2, x2.element_size()),
     )
     if not compute_dw:
         return dx, None
@@ -268,7 +256,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
         x2 = _rows(x, weight.shape[0])
-        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, out_dtype=_out_dtype(x, weight, offset))
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset)
         # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
         # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
         # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
@@ -291,8 +279,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, offset):
         n_cols = weight.shape[0]
-        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols),
-                                      _out_dtype(x, weight, offset))
+        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols))
         ctx.save_for_backward(s, weight, rstd)
         ctx.offset = offset
         ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient to read
@@ -310,12 +297,6 @@ class AddRMSNormFunction(torch.autograd.Function):
         dx = dx.view(dy.shape)
         # x and residual enter only through s = x + residual, so both receive d(s).
         return dx, dx, dw, None, None
-
-
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: float) -> torch.dtype:
-    """The normed output's dtype, as HF computes it: Llama's `weight * xn.to(x.dtype)` promotes (an fp32 weight
-    with bf16 x gives fp32); Gemma's offset form ends in `.type_as(x)`."""
-    return torch.promote_types(x.dtype, weight.dtype) if offset == 0 else x.dtype
 
 
 def _check(hidden_states, weight, eps, offset, residual=None) -> None:
@@ -355,8 +336,7 @@ def _finite_number(x) -> bool:
 @torch.compiler.disable
 def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                   offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype, or with
-    offset 0 and a wider weight (fp32 with bf16 x) in torch.promote_types of both, as HF's LlamaRMSNorm."""
+    """RMSNorm over the last dimension of `hidden_states` (any leading shape); output in its dtype."""
     _check(hidden_states, weight, eps, offset)
     # The kernels read weight with unit stride; a strided view (a slice of a wider buffer) would read the wrong
     # elements. contiguous() is a no-op for a Parameter and stays on the graph for a view (dw reaches its base).
@@ -366,8 +346,7 @@ def fused_rmsnorm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float 
 @torch.compiler.disable
 def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                       eps: float = 1e-6, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory; s in the inputs' dtype,
-    rmsnorm(s) in fused_rmsnorm's."""
+    """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory."""
     _check(hidden_states, weight, eps, offset, residual)
     return AddRMSNormFunction.apply(hidden_states, residual, weight.contiguous(), float(eps), float(offset))  # as above
 

@@ -38,14 +38,12 @@ SCRIPT = textwrap.dedent("""
                     ("col_blocks", "i32"), ("stride_a", "i32"), ("stride_b", "i32"), ("stride_c", "i32"),
                     ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
-        # The last: an fp32 weight with bf16 x, whose output is fp32 (Llama's promotion, x * rstd rounded first).
-        for residual, y, w in ((True, bf, bf), (False, bf, bf), (True, "*fp32", "*fp32")):
-            c = {"HAS_RESIDUAL": residual, "ROUND_XN": y != bf, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction}
-            build(rms_norm._rms_norm_fwd_kernel, sig([("X", bf), ("R", bf), ("S", bf), ("Y", y), ("W", w),
+        for residual in (True, False):
+            c = {"HAS_RESIDUAL": residual, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction}
+            build(rms_norm._rms_norm_fwd_kernel, sig([("X", bf), ("R", bf), ("S", bf), ("Y", bf), ("W", bf),
                   ("RSTD", "*fp32"), ("stride_x", "i32"), ("stride_r", "i32"), ("stride_s", "i32"),
                   ("stride_y", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("eps", "fp32"), ("offset", "fp32"),
-                  ("HAS_RESIDUAL", ""), ("ROUND_XN", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", "")], c),
-                  c, 8)
+                  ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", "")], c), c, 8)
     for write_c, eviction in ((True, "evict_first"), (False, "")):
         c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction}
         ptx = build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf),
@@ -53,9 +51,9 @@ SCRIPT = textwrap.dedent("""
                     ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
                     ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
-    for has_ds, dy, w in ((True, bf, bf), (False, bf, bf), (True, "*fp32", "*fp32")):  # last: the promoted output's
+    for has_ds in (True, False):
         c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 1024, "NUM_STAGES": 2}
-        build(rms_norm._rms_norm_bwd_kernel, sig([("DY", dy), ("DS", bf), ("X", bf), ("W", w), ("RSTD", "*fp32"),
+        build(rms_norm._rms_norm_bwd_kernel, sig([("DY", bf), ("DS", bf), ("X", bf), ("W", bf), ("RSTD", "*fp32"),
               ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", "i32"), ("stride_ds", "i32"), ("stride_x", "i32"),
               ("stride_dx", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
               ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("NUM_STAGES", "")], c), c, 8)
