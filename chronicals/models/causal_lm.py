@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
 from .dispatch import kernels_usable
+from .projections import plain_linear
 
 
 def shift_left(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -51,8 +52,9 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, 
 @can_return_tuple
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    # A LoRA-wrapped (or otherwise replaced) lm_head has its own forward that the fused loss would skip.
-    if labels is None or not self.training or type(self.lm_head) is not torch.nn.Linear:
+    # A LoRA-wrapped, hooked or otherwise replaced lm_head (PEFT, a user's hook, DeepSpeed ZeRO-3 or accelerate
+    # offloading) has a forward of its own that the fused loss, reading lm_head.weight directly, would skip.
+    if labels is None or not self.training or not plain_linear(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,

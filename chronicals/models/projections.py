@@ -24,11 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def no_hooks(module) -> bool:
+    """No forward or backward hooks on `module` (global module hooks apply to every call alike)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def plain_linear(module) -> bool:
     """A bare `nn.Linear` (no subclass, hooks or replaced forward) whose weight may be read and used directly."""
-    return (type(module) is nn.Linear and "forward" not in vars(module)
-            and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                     or module._backward_pre_hooks))
+    return type(module) is nn.Linear and "forward" not in vars(module) and no_hooks(module)
 
 
 def qkv_fusable(attention: nn.Module) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import kernels_usable
+from .projections import no_hooks
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,7 +43,7 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         **kwargs,
     )
     norm = self.post_attention_layernorm
-    if kernels_usable(hidden_states):
+    if kernels_usable(hidden_states) and _plain_rms_norm(norm, self):
         from chronicals.kernels import fused_add_rmsnorm
 
         # summed = attn_out + residual becomes the next residual; normed = RMSNorm(summed) feeds the MLP.
@@ -54,3 +55,13 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         residual = residual + hidden_states
         hidden_states = norm(residual)
     return residual + self.mlp(hidden_states)
+
+
+def _plain_rms_norm(norm, layer) -> bool:
+    """Whether the post-attention norm is the family's own RMSNorm, read directly (weight, eps) by the fused add +
+    norm: no hooks, no forward other than HF's or ours. A wrapped or hooked norm (PEFT's LN tuning, a user's hook,
+    DeepSpeed ZeRO-3 / accelerate offloading) is called as a module instead, as HF calls it."""
+    cls = type(norm)
+    forward = vars(norm).get("forward")
+    return (cls.__module__ == type(layer).__module__ and cls.__name__.endswith("RMSNorm")
+            and (forward is None or getattr(forward, "func", None) is rms_norm_forward) and no_hooks(norm))

@@ -1,0 +1,87 @@
+"""Modules the patched forwards read directly (weights, eps) instead of calling: the post-attention RMSNorm (fused
+into the residual add) and the lm_head (fused into the loss). A hooked or wrapped one (a user's hook, PEFT's LN
+tuning, DeepSpeed ZeRO-3 or accelerate offloading) is called as HF calls it, so the loss and gradients stay HF's;
+plain ones still take the fused kernels."""
+
+import copy
+
+import pytest
+import torch
+
+import chronicals
+import chronicals.kernels
+from chronicals.models import build_model
+from tests.conftest import DEVICE
+from tests.models.test_patch import KERNEL_SHAPE, assert_same_training_step, needs_kernels
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(chronicals.kernels, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chronicals.kernels, name, counted)
+    return calls
+
+
+def scale_output(module, args, output):
+    return output * 2.0
+
+
+def halve_input(module, args):
+    return (args[0] * 0.5,)
+
+
+HOOKS = {
+    "post_attention_layernorm forward hook":
+        lambda m: m.model.layers[0].post_attention_layernorm.register_forward_hook(scale_output),
+    "post_attention_layernorm pre-hook":
+        lambda m: m.model.layers[1].post_attention_layernorm.register_forward_pre_hook(halve_input),
+    "lm_head forward hook": lambda m: m.lm_head.register_forward_hook(scale_output),
+    "lm_head pre-hook": lambda m: m.lm_head.register_forward_pre_hook(halve_input),
+}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_hooked_module_read_by_a_fused_kernel_keeps_its_hook(hook):
+    needs_kernels()
+    reference = build_model("tiny-llama", seed=0).to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    HOOKS[hook](reference)
+    HOOKS[hook](patched)
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+
+
+def test_plain_modules_still_take_the_fused_add_norm_and_loss(monkeypatch):
+    needs_kernels()
+    add_norm = count_calls(monkeypatch, "fused_add_rmsnorm")
+    loss = count_calls(monkeypatch, "fused_linear_cross_entropy")
+    reference = build_model("tiny-qwen3", seed=0).to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    out = assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+    assert out.logits is None
+    assert len(add_norm) == patched.config.num_hidden_layers and len(loss) == 1
+
+
+def test_peft_ln_tuning_of_the_post_attention_norm_trains_as_in_hf():
+    # PEFT's LN tuning wraps each norm in a layer with a trainable copy (no `variance_epsilon`): the fused add + norm
+    # failed on it with an AttributeError.
+    needs_kernels()
+    from peft import LNTuningConfig, get_peft_model
+
+    def ln_tuned():
+        model = get_peft_model(build_model("tiny-llama", seed=0).to(DEVICE),
+                               LNTuningConfig(target_modules=["post_attention_layernorm"]))
+        with torch.no_grad():  # the trained copies differ from the frozen base norms
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+        return model
+
+    with pytest.warns(UserWarning, match="Unsupported layer type"):  # PEFT's own note on RMSNorm
+        reference, patched = ln_tuned(), ln_tuned()
+    chronicals.apply(patched)
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
