@@ -97,7 +97,13 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
             if isinstance(module, cls):
                 # A partial rather than types.MethodType: a bound method pickles as getattr(module, "<function
                 # name>"), which fails on load, so torch.save / pickle of a patched model could not be read back.
-                module.forward = functools.partial(forward, module)
+                patched = functools.partial(forward, module)
+                if hasattr(module, "_hf_hook") and "_old_forward" in vars(module):
+                    # accelerate's hook (from_pretrained with a device_map: devices, offloading) replaced forward
+                    # with one that moves inputs and loads weights, then calls `_old_forward`: patch inside it.
+                    module._old_forward = patched
+                else:
+                    module.forward = patched
 
     if packed_attention:
         import chronicals.attention as attention

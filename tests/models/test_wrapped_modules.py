@@ -85,3 +85,25 @@ def test_peft_ln_tuning_of_the_post_attention_norm_trains_as_in_hf():
         reference, patched = ln_tuned(), ln_tuned()
     chronicals.apply(patched)
     assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+
+
+def test_a_model_dispatched_by_accelerate_keeps_its_hooks(tmp_path):
+    # from_pretrained(device_map=...) wraps each module's forward in accelerate's hook (move inputs, load offloaded
+    # weights, then `_old_forward`). `apply` replaced that forward, so an offloaded layer ran on meta weights:
+    # "weight is on meta but hidden_states is on cpu". The patched forwards now go inside the hook.
+    needs_kernels()
+    from transformers import AutoModelForCausalLM
+
+    reference = build_model("tiny-llama", seed=0)
+    reference.save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                      offload_folder=tmp_path / "offload")
+    chronicals.apply(dispatched)
+    ids = torch.randint(0, reference.config.vocab_size, KERNEL_SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(dispatched.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    attention = dispatched.model.layers[1].self_attn  # patched, inside the hook
+    assert attention._old_forward.func is chronicals.models.rope.rope_attention_forward
