@@ -43,7 +43,7 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         **kwargs,
     )
     norm = self.post_attention_layernorm
-    if kernels_usable(hidden_states) and _plain_rms_norm(norm, self):
+    if kernels_usable(hidden_states) and _plain_rms_norm(norm):
         from chronicals.kernels import fused_add_rmsnorm
 
         # summed = attn_out + residual becomes the next residual; normed = RMSNorm(summed) feeds the MLP.
@@ -57,11 +57,12 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
     return residual + self.mlp(hidden_states)
 
 
-def _plain_rms_norm(norm, layer) -> bool:
+def _plain_rms_norm(norm) -> bool:
     """Whether the post-attention norm is the family's own RMSNorm, read directly (weight, eps) by the fused add +
     norm: no hooks, no forward other than HF's or ours. A wrapped or hooked norm (PEFT's LN tuning, a user's hook,
     DeepSpeed ZeRO-3 / accelerate offloading) is called as a module instead, as HF calls it."""
+    # By the norm's class alone, not the layer's: FSDP2 swaps a sharded layer's class for one defined in torch.
     cls = type(norm)
     forward = vars(norm).get("forward")
-    return (cls.__module__ == type(layer).__module__ and cls.__name__.endswith("RMSNorm")
+    return (cls.__module__.startswith("transformers.models.") and cls.__name__.endswith("RMSNorm")
             and (forward is None or getattr(forward, "func", None) is rms_norm_forward) and no_hooks(norm))

@@ -79,7 +79,10 @@ def full_fine_tune(out: Path, name: str = "tiny-qwen2") -> dict:
         sharded_in_forward.extend(type(module).__name__ for p in module.parameters(recurse=False)
                                   if type(p).__name__ == "DTensor")
 
-    hooks = [m.register_forward_pre_hook(check) for m in trainer.model.modules()]
+    # Not on the lm_head: a hooked lm_head is called as a module (its hook must run), which leaves the fused loss
+    # whose weight the spy checks instead.
+    head = trainer.model.get_output_embeddings()
+    hooks = [m.register_forward_pre_hook(check) for m in trainer.model.modules() if m is not head]
     causal_lm.linear_cross_entropy_loss = spy
     try:
         result = trainer.train(rows())

@@ -66,6 +66,20 @@ def test_plain_modules_still_take_the_fused_add_norm_and_loss(monkeypatch):
     assert len(add_norm) == patched.config.num_hidden_layers and len(loss) == 1
 
 
+def test_layers_whose_class_fsdp2_swapped_still_take_the_fused_add_norm(monkeypatch):
+    # fully_shard gives each sharded decoder layer a class of its own, defined in torch (FSDP<LayerClass>); the check
+    # for a plain norm compared the norm's module with that class's, so under FSDP2 no layer took the fused add + norm.
+    needs_kernels()
+    add_norm = count_calls(monkeypatch, "fused_add_rmsnorm")
+    reference = build_model("tiny-qwen3", seed=0).to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    for layer in patched.model.layers:
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),),
+                               {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+    assert len(add_norm) == patched.config.num_hidden_layers
+
+
 def test_peft_ln_tuning_of_the_post_attention_norm_trains_as_in_hf():
     # PEFT's LN tuning wraps each norm in a layer with a trainable copy (no `variance_epsilon`): the fused add + norm
     # failed on it with an AttributeError.
