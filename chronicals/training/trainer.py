@@ -13,6 +13,7 @@ copied from pinned memory with non_blocking, and the only host syncs per step ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -428,16 +429,23 @@ def _rank_config(cfg: ChronicalsConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in _PER_RANK_FIELDS}
 
 
-def _data_summary(rows, steps_per_epoch: int) -> dict[str, int]:
-    """Counts that a resumed run compares with its checkpoint's, to tell whether it trains on the same batches
-    (cheap: no hash of the data; the label count assumes ignore_index -100, which is what every collator writes)."""
+def _data_summary(rows, steps_per_epoch: int) -> dict[str, Any]:
+    """Counts and a digest of the rows, which a resumed run compares with its checkpoint's and the processes with each
+    other's, to tell whether they train on the same batches (the label count assumes ignore_index -100, which is what
+    every collator writes). The digest catches data of the same size but other tokens or order: one pass of sha256
+    over the token ids, at start-up only."""
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(np.asarray(r["input_ids"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(r["labels"], dtype=np.int64).tobytes())
     return {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
             "label_tokens": sum(len(r["labels"]) - list(r["labels"]).count(-100) for r in rows),
-            "steps_per_epoch": steps_per_epoch}
+            "steps_per_epoch": steps_per_epoch, "digest": digest.hexdigest()[:16]}
 
 
-def _changed_data(saved: dict[str, int] | None, now: dict[str, int]) -> str | None:
-    """'name: saved -> now' for each count that differs; None when they agree or the checkpoint has none (older)."""
+def _changed_data(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """'name: saved -> now' for each count (or the digest) that differs; None when they agree or the checkpoint has
+    none (older; one without a digest is compared by its counts)."""
     if not saved:
         return None
     changed = [f"{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]

@@ -69,6 +69,10 @@ def test_resuming_on_other_data_warns_that_the_batches_differ(tmp_path, capsys):
     _train(tmp_path, rows(16, seed=1), max_steps=4, batch_size=4, resume_from_checkpoint=checkpoint_2)
     out = capsys.readouterr().out
     assert "checkpoint-2 was saved with other training data or batch settings (tokens:" in out
+    shuffled = rows(16)[::-1]  # the same rows in another order: every count agrees, the batches do not
+    _train(tmp_path, shuffled, max_steps=4, batch_size=4, resume_from_checkpoint=checkpoint_2)
+    out = capsys.readouterr().out
+    assert "checkpoint-2 was saved with other training data or batch settings (digest:" in out
 
 
 def test_resume_latest_and_missing_checkpoint_errors(tmp_path):
