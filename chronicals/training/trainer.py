@@ -432,15 +432,16 @@ def _rank_config(cfg: ChronicalsConfig) -> dict[str, Any]:
 def _data_summary(rows, steps_per_epoch: int) -> dict[str, Any]:
     """Counts and a digest of the rows, which a resumed run compares with its checkpoint's and the processes with each
     other's, to tell whether they train on the same batches (the label count assumes ignore_index -100, which is what
-    every collator writes). The digest catches data of the same size but other tokens or order: one pass of sha256
-    over the token ids, at start-up only."""
-    digest = hashlib.sha256()
+    every collator writes). The digest catches data of the same size but other tokens or order: one pass of blake2b
+    over the token ids and labels as int32, at start-up only (~40 ns a token from Python lists, most of it the
+    conversion: 4 s for 100M tokens)."""
+    digest = hashlib.blake2b(digest_size=8)
     for r in rows:
-        digest.update(np.asarray(r["input_ids"], dtype=np.int64).tobytes())
-        digest.update(np.asarray(r["labels"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(r["input_ids"], dtype=np.int32).tobytes())
+        digest.update(np.asarray(r["labels"], dtype=np.int32).tobytes())
     return {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
             "label_tokens": sum(len(r["labels"]) - list(r["labels"]).count(-100) for r in rows),
-            "steps_per_epoch": steps_per_epoch, "digest": digest.hexdigest()[:16]}
+            "steps_per_epoch": steps_per_epoch, "digest": digest.hexdigest()}
 
 
 def _changed_data(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
