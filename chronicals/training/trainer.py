@@ -400,23 +400,26 @@ def _check_position(path: Path, saved: dict[str, Any], state: dict[str, Any], st
 _OPTIMIZER_FIELDS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "lora_plus_ratio")
 
 
-def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
-    """'name saved (this config: new)' for each optimizer setting the resumed config changes; None when none does."""
-    lora_plus = cfg.use_lora_plus and before.get("use_lora_plus")  # lora_plus_ratio matters only under LoRA+
-    names = [n for n in _OPTIMIZER_FIELDS if n != "lora_plus_ratio" or lora_plus]
+def _changed_settings(before: dict[str, Any], cfg: ChronicalsConfig, names) -> str | None:
+    """'name saved (this config: new)' for each of `names` the checkpoint's config (`before`) has with another value
+    than this one; None when none differs."""
     changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in names
                if name in before and before[name] != getattr(cfg, name)]
     return ", ".join(changed) or None
 
 
+def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
+    """The optimizer settings the resumed config changes (_changed_settings)."""
+    lora_plus = cfg.use_lora_plus and before.get("use_lora_plus")  # lora_plus_ratio matters only under LoRA+
+    return _changed_settings(before, cfg, [n for n in _OPTIMIZER_FIELDS if n != "lora_plus_ratio" or lora_plus])
+
+
 def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
-    """'name saved (this config: new)' for lora_alpha / use_rslora when a LoRA checkpoint's differ from this config's.
-    Other LoRA changes already fail the weights' names or shapes (rank, targets, DoRA); these two load silently."""
+    """lora_alpha / use_rslora when a LoRA checkpoint's differ from this config's (_changed_settings). Other LoRA
+    changes already fail the weights' names or shapes (rank, targets, DoRA); these two load silently."""
     if not (cfg.use_lora and before.get("use_lora")):
         return None
-    changed = [f"{name} {before[name]!r} (this config: {getattr(cfg, name)!r})" for name in ("lora_alpha", "use_rslora")
-               if name in before and before[name] != getattr(cfg, name)]
-    return ", ".join(changed) or None
+    return _changed_settings(before, cfg, ("lora_alpha", "use_rslora"))
 
 
 # Fields that may differ between ranks: paths (a node's own copy of the model or data: the data's contents are
