@@ -152,14 +152,20 @@ def _provenance(rows: list[Row]) -> str:
     return markdown(["scenario", "device", "matmul ceiling [TFLOP/s]", "commit", "time", "versions", "other"], body)
 
 
+def _backends_by(rows: list[Row], value) -> dict[str, list[str]]:
+    """{str(value(row)): the backends (labels, each once, in row order) of the rows with that value}."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        names = by.setdefault(str(value(r)), [])
+        if label(r.backend) not in names:
+            names.append(label(r.backend))
+    return by
+
+
 def _commits(rows: list[Row]) -> str:
     """The commit the scenario's runs were made at; when they were made at several (a bench re-run with --only), each
     commit with the backends measured there. The first row's alone named one commit for runs of three."""
-    by: dict[str, list[str]] = {}
-    for r in rows:
-        names = by.setdefault(str(r.provenance.get("commit") or "not recorded"), [])
-        if label(r.backend) not in names:
-            names.append(label(r.backend))
+    by = _backends_by(rows, lambda r: r.provenance.get("commit") or "not recorded")
     if len(by) == 1:
         return next(iter(by))
     return "; ".join(f"{c} ({', '.join(names)})" for c, names in by.items())
@@ -169,11 +175,8 @@ def _differing_versions(rows: list[Row], first: dict) -> str:
     """Packages whose recorded version differs between the scenario's runs, each other version with its backends."""
     notes = []
     for package in first:
-        other: dict[str, list[str]] = {}
-        for r in rows:
-            v = (r.provenance.get("versions") or {}).get(package)
-            if v != first[package] and label(r.backend) not in other.setdefault(str(v), []):
-                other[str(v)].append(label(r.backend))
+        version = lambda r, p=package: (r.provenance.get("versions") or {}).get(p)  # noqa: E731
+        other = _backends_by([r for r in rows if version(r) != first[package]], version)
         notes += [f"{package} {v} ({', '.join(names)})" for v, names in other.items()]
     return f"; other versions: {', '.join(notes)}" if notes else ""
 
