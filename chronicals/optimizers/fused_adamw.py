@@ -56,25 +56,23 @@ def _dense(t: torch.Tensor) -> bool:
 def fused_available(params) -> bool:
     """True when every parameter is a dense floating tensor on one device type that has PyTorch's fused AdamW
     (a strided view such as `buffer[:, ::2]` is not dense: the fused kernel would write between its elements)."""
-    tensors = _tensors(params)
-    types = {t.device.type for t in tensors}
-    return (
-        len(types) == 1
-        and types <= set(_get_fused_kernels_supported_devices())
-        and all(torch.is_floating_point(t) and _dense(t) for t in tensors)
-    )
+    return _why_not_fused(params) is None
 
 
-def _why_not_fused(params) -> str:
+def _why_not_fused(params) -> str | None:
+    """Why PyTorch's fused AdamW cannot take `params` (the end of a sentence "... for parameters <this>"); None when
+    it can."""
     tensors = _tensors(params)
     devices = sorted({t.device.type for t in tensors})
     others = sorted({str(t.dtype) for t in tensors if not torch.is_floating_point(t)})
     views = [tuple(t.stride()) for t in tensors if not _dense(t)]
     if others:
         return f"of dtype {others} (it takes floating-point ones)"
-    if views and len(devices) == 1 and devices[0] in _get_fused_kernels_supported_devices():
+    if len(devices) != 1 or devices[0] not in _get_fused_kernels_supported_devices():
+        return f"on {devices}"
+    if views:
         return f"that are strided views (strides {views[0]}; it would write between their elements)"
-    return f"on {devices}"
+    return None
 
 
 def _has_tensor_hyper(group: dict) -> bool:
