@@ -1,7 +1,8 @@
 """The tokenization cache: tokenized examples stored once per (data, tokenizer, format) and reused by every later run.
 
 The key hashes the source's content fingerprint, the tokenizer's full definition (vocabulary, merges, normalizer,
-special tokens, chat template), the format and the ignore_index written into the labels, plus a layout version.
+special tokens, chat template, and `split_special_tokens`, which makes special tokens' text ordinary text), the
+format and the ignore_index written into the labels, plus a layout version.
 It leaves out `max_seq_length` and the overflow mode on purpose: tokenization does not depend on them, and fitting
 and packing are redone on every run in a fraction of the tokenization time, so changing the length reuses the cache
 instead of re-tokenizing.
@@ -36,7 +37,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [type(tokenizer).__name__, definition, str(getattr(tokenizer, "chat_template", None)),
-             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), str(tokenizer.eos_token_id)]
+             json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), str(tokenizer.eos_token_id),
+             # Read on each call, outside the backend's definition: it decides whether "<|im_end|>" in a text is the
+             # special token or the tokens of its characters.
+             str(bool(getattr(tokenizer, "split_special_tokens", False)))]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
