@@ -14,7 +14,9 @@ runs anywhere (the CPU path, and any dtype). Left out on measurement: cuDNN's ra
 100-119 ms for what FA4 does in 0.74 ms, and PyTorch's backward for it gave wrong, even infinite, gradients.
 
 Registered with transformers as attn_implementation "chronicals_varlen": batches without `cu_seq_lens_q`
-(padded batches, generation) take HF's SDPA path unchanged.
+(padded batches, generation) take HF's SDPA path unchanged. A forward called with `output_attentions=True` runs
+HF's eager attention over the same mask instead and returns its weights (where HF's SDPA returns none); without
+it, the only cost is one dict lookup per layer.
 """
 
 from __future__ import annotations
@@ -281,10 +283,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              sliding_window=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """HF attention interface: query [B, Hq, S, D], key/value [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
+    """HF attention interface: query [B, Hq, S, D], key/value [B, Hkv, S, D] -> ([B, S, Hq, D], None).
+
+    Called with `output_attentions=True` (model(..., output_attentions=True)), the layer runs HF's eager attention
+    over the same mask instead (causal, within each packed sequence, within the sliding window) and returns its
+    weights [B, Hq, S, S_kv], as an eager model would; SDPA and the varlen kernels have no weights to give."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, _, q_len, head_dim = query.shape
+    with_weights = kwargs.get("output_attentions", False)
     if cu_seq_lens_q is not None:
         if max_length_q is None:  # no collator int and no `chronicals.apply` hook: read it (a sync per layer)
             max_length_q = int(cu_seq_lens_q.diff().max())
@@ -293,12 +300,17 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         # One sequence per row with a window shorter than the row: SDPA would need a dense banded mask.
         layout = PackedLayout(torch.arange(0, batch * q_len + 1, q_len, device=query.device, dtype=torch.int32), q_len)
     else:
+        if with_weights:
+            return eager_attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
+                                                sliding_window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if dropout:
         raise ValueError(f"packed attention has no attention dropout; set config.attention_dropout = 0 (is {dropout})")
     if attention_mask is not None:
         raise ValueError("a packed batch takes no attention mask: sequence boundaries come from cu_seq_lens_q")
+    if with_weights:
+        return eager_attention_with_weights(module, query, key, value, None, 0.0, scaling, sliding_window, layout)
     if torch.is_autocast_enabled(query.device.type):
         # Under autocast with fp32 hidden states (fp32 master weights), HF's RoPE hands q and k back in fp32. Attention
         # runs in autocast's dtype, as autocast runs SDPA and HF's flash path casts; fp32 would also select the
@@ -308,6 +320,37 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     flat = lambda x: x.transpose(1, 2).reshape(batch * q_len, x.shape[1], head_dim)  # noqa: E731
     out = varlen_attention(flat(query), flat(key), flat(value), layout, scale=scaling, sliding_window=sliding_window)
     return out.view(batch, q_len, -1, head_dim), None
+
+
+def eager_attention_with_weights(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                 layout: PackedLayout | None = None):
+    """HF's eager attention (softmax weights returned) over the mask the other paths apply: `attention_mask` when
+    the mask function gave one (HF's SDPA mask: padding, cache offsets, window), else causal with the queries the
+    last q_len keys (as SDPA's is_causal where HF leaves the mask out), within `sliding_window` and, given a
+    packed `layout`, within each sequence. Dense [B, 1, S, S_kv]: only for output_attentions, which returns as much."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward  # the families' eager is one code
+
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    device, low = query.device, torch.finfo(query.dtype).min
+    if attention_mask is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+        distance = q_pos[:, None] - torch.arange(kv_len, device=device)[None, :]
+        allowed = (distance >= 0) & (distance < (sliding_window or kv_len + 1))
+        if layout is not None:
+            lengths = layout.cu_seqlens.diff().long()
+            sequence = torch.repeat_interleave(torch.arange(layout.num_sequences, device=device), lengths,
+                                               output_size=batch * q_len).view(batch, q_len)
+            if batch > 1 and bool((sequence[1:, 0] == sequence[:-1, -1]).any()):
+                raise ValueError("output_attentions needs each packed sequence within one row of the batch; "
+                                 "cu_seq_lens_q has a sequence that runs on into the next row")
+            allowed = allowed & (sequence[:, :, None] == sequence[:, None, :])
+        attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=device).masked_fill_(~allowed, low)
+        attention_mask = attention_mask.expand(batch, -1, -1)[:, None]
+    elif attention_mask.dtype == torch.bool:  # HF's SDPA mask (True: attend) as eager's additive one
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(~attention_mask, low)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
 
 
 def packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):

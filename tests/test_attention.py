@@ -415,3 +415,98 @@ def test_failing_optional_backend_falls_back_once(monkeypatch):
     assert calls == [1] and "flash_attn" in attention._BROKEN and not attention.available("flash_attn")
     with pytest.raises(RuntimeError, match="no kernel"):
         varlen_attention(q, q, q, layout_of([4, 6], "cpu"), backend="flash_attn")
+
+
+# output_attentions: HF's SDPA and flash paths return no weights (a logged warning); the packed implementation runs
+# HF's eager attention over its own mask for such a call, so the weights, outputs and gradients are an eager model's.
+def attentions_batch(kind, vocab):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (2, 11), generator=gen).to(DEVICE)
+    if kind == "padded":
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0  # left padding
+        return {"input_ids": ids, "attention_mask": mask}
+    if kind == "packed":  # rows [4 + 7] and [6 + 5]: boundaries from position_ids
+        pos = torch.stack([torch.cat([torch.arange(n, device=DEVICE) for n in row]) for row in ([4, 7], [6, 5])])
+        return {"input_ids": ids, "position_ids": pos}
+    if kind == "cu_seq_lens":  # the same two rows given as a collator's cu_seq_lens_q alone
+        return {"input_ids": ids, "cu_seq_lens_q": layout_of([4, 7, 6, 5]).cu_seqlens, "max_length_q": 7}
+    return {"input_ids": ids}
+
+
+def patched_model(name, all_flags=False, **config):
+    flags = {} if all_flags else {"rms_norm": False, "swiglu": False, "rope": False, "linear_cross_entropy": False}
+    return chronicals.apply(build_model(name, seed=0, **config).to(DEVICE), **flags).train()
+
+
+@pytest.mark.parametrize("name, kind, window, all_flags", [
+    ("tiny-llama", "plain", None, False), ("tiny-qwen2", "padded", None, False), ("tiny-qwen3", "packed", None, False),
+    ("tiny-llama", "cu_seq_lens", None, False), ("tiny-mistral", "plain", 3, False),
+    ("tiny-mistral", "packed", 3, False), ("tiny-mistral", "padded", 3, False), ("tiny-qwen3", "packed", None, True),
+])
+def test_output_attentions_returns_the_weights_of_hf_eager_attention(name, kind, window, all_flags):
+    if all_flags:
+        pytest.importorskip("chronicals.kernels.rope")
+    extra = {} if window is None else {"sliding_window": window}
+    hf = build_model(name, seed=0, attn_implementation="eager", **extra).to(DEVICE).train()
+    model = patched_model(name, all_flags, **extra)
+    batch = attentions_batch(kind, model.config.vocab_size)
+    ref_batch = dict(batch)
+    if kind == "cu_seq_lens":  # HF's eager model reads packed boundaries from position_ids
+        del ref_batch["cu_seq_lens_q"], ref_batch["max_length_q"]
+        ref_batch["position_ids"] = attentions_batch("packed", model.config.vocab_size)["position_ids"]
+    outs = []
+    for m, b in ((hf, ref_batch), (model, batch)):
+        m.zero_grad(set_to_none=True)
+        out = m(**b, labels=b["input_ids"], output_attentions=True, use_cache=False)
+        out.loss.backward()
+        outs.append((out, {n: p.grad for n, p in m.named_parameters()}))
+    (ref, ref_grads), (got, got_grads) = outs
+    assert len(got.attentions) == model.config.num_hidden_layers
+    for a, b in zip(ref.attentions, got.attentions):
+        assert b.shape == a.shape == (2, model.config.num_attention_heads, 11, 11)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    if not all_flags:  # the fused loss returns no logits
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_output_attentions_during_generation_match_hf_eager():
+    hf = build_model("tiny-mistral", seed=0, attn_implementation="eager", sliding_window=4).to(DEVICE).eval()
+    model = patched_model("tiny-mistral", sliding_window=4).eval()
+    ids = torch.randint(0, 512, (2, 6), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    gen = dict(max_new_tokens=3, do_sample=False, attention_mask=mask, pad_token_id=0, output_attentions=True,
+               return_dict_in_generate=True)
+    ref, got = hf.generate(ids, **gen), model.generate(ids, **gen)
+    assert torch.equal(got.sequences, ref.sequences) and len(got.attentions) == len(ref.attentions) == 3
+    for step_ref, step_got in zip(ref.attentions, got.attentions):
+        assert len(step_got) == len(step_ref) == model.config.num_hidden_layers
+        for a, b in zip(step_ref, step_got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_without_output_attentions_no_weights_are_computed(monkeypatch):
+    calls = []
+    real = attention.eager_attention_with_weights
+    monkeypatch.setattr(attention, "eager_attention_with_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = packed_model("tiny-qwen2")
+    for kind in ("plain", "packed"):
+        out = model(**attentions_batch(kind, model.config.vocab_size))
+        assert out.attentions is None
+    assert calls == []
+    model(**attentions_batch("packed", model.config.vocab_size), output_attentions=True)
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_output_attentions_refuses_a_packed_sequence_that_runs_into_the_next_row():
+    # Varlen attention reads the batch as one stream of tokens; weights are per row, [B, H, S, S].
+    model = patched_model("tiny-llama")
+    batch = attentions_batch("cu_seq_lens", model.config.vocab_size)
+    batch.update(cu_seq_lens_q=layout_of([4, 11, 7]).cu_seqlens, max_length_q=11)
+    assert model(**batch).logits.shape[:2] == (2, 11)
+    with pytest.raises(ValueError, match="output_attentions needs each packed sequence within one row"):
+        model(**batch, output_attentions=True)
