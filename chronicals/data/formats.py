@@ -1,6 +1,7 @@
 """Row formats -> tokenized examples `{"input_ids", "labels"}` (labels aligned, `ignore_index` where no loss).
 
-- `text`: every token is a target; the tokenizer's own special tokens are added and eos is appended.
+- `text`: every token is a target; the tokenizer's own special tokens are added and eos is appended (a tokenizer
+  without an eos token is refused for `text`, `prompt`/`completion` and `alpaca` rows).
 - `prompt`/`completion`: loss on the completion (and the eos appended after it) only.
 - `messages`: rendered by the chat template; loss on assistant turns only (see chat.py). `sharegpt` is the same
   from a `conversations` column, whose `{"from", "value"}` turns are mapped to roles (human -> user, gpt -> assistant).
@@ -70,6 +71,13 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
                                       and isinstance(rows[0].get("prompt"), list))
     add_special = not chat  # a chat template writes its own special tokens
     eos = None if chat else tokenizer.eos_token_id
+    if not chat and eos is None:
+        # Without it the model would never learn where a text or completion ends, and would not stop generating.
+        raise ValueError(
+            f"the tokenizer has no eos token, and format {format!r} ends every row with eos so that the model learns "
+            "to stop: set tokenizer.eos_token to the token that ends a text in its vocabulary (the one the model "
+            "stops on), or give the rows already tokenized"
+        )
     examples: list[dict[str, list[int]]] = []
     batch: list[tuple[str, list[tuple[int, int]]]] = []
     for index, row in enumerate(rows):

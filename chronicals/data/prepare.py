@@ -54,10 +54,10 @@ def prepare_dataset(
     if len(loaded.rows) == 0:
         raise ValueError(f"the dataset ({loaded.description}) is empty: there are no rows to train on")
     fmt = detect_format(loaded.columns, format)
+    pad_id = check_padding_token_id(padding_id(tokenizer))  # before tokenizing: a missing one fails at once
     examples, cache_file, cache_hit = _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index)
-    pad_id = padding_id(tokenizer)
     if packing:
-        packer = SequencePacker(max_seq_length, check_padding_token_id(pad_id), overflow, ignore_index)
+        packer = SequencePacker(max_seq_length, pad_id, overflow, ignore_index)
         rows = packer.pack(examples)
         stats = packer.summary()
         collator = PackedCollator(pad_id, pad_to_multiple_of, ignore_index)
@@ -67,7 +67,7 @@ def prepare_dataset(
         # No efficiency here: padding waste depends on how the trainer batches rows, so the collator's batches
         # (num_label_tokens over their size) are where it is measured.
         stats = {**vars(fit), "num_rows": len(rows), "packed_tokens": sum(len(ids) for ids, _ in sequences)}
-        collator = PaddedCollator(check_padding_token_id(pad_id), None, pad_to_multiple_of, ignore_index)
+        collator = PaddedCollator(pad_id, None, pad_to_multiple_of, ignore_index)
     stats["label_tokens"] = sum(len(row["labels"]) - row["labels"].count(ignore_index) for row in rows)
     return PreparedData(rows, collator, fmt, stats, cache_file, cache_hit)
 

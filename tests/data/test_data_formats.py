@@ -147,3 +147,16 @@ def test_chat_template_refusing_a_conversation_names_the_row(tok):
     with pytest.raises(ValueError, match=r"row 0: the tokenizer's chat template does not parse \(.*\); fix "
                                          r"tokenizer.chat_template"):
         tokenize_rows([{"messages": CHAT}], broken, "messages")
+
+
+@pytest.mark.parametrize("fmt, row", [("text", {"text": "The pass statement."}),
+                                      ("prompt_completion", {"prompt": "Q: pass?", "completion": " Nothing."}),
+                                      ("alpaca", {"instruction": "Say it.", "output": "It."})])
+def test_a_tokenizer_without_eos_is_refused_where_eos_ends_the_row(tok, fmt, row):
+    # These rows end with eos so that the model learns to stop; without one it would never learn to, silently.
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    with pytest.raises(ValueError, match=f"has no eos token.*format {fmt!r}.*tokenizer.eos_token"):
+        tokenize_rows([row], no_eos, fmt)
+    # Chat rows end each turn as the template writes it, eos or not.
+    assert tokenize_rows([{"messages": CHAT}], no_eos, "messages")[0]["labels"]
