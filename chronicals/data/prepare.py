@@ -6,6 +6,7 @@ every sequence over the limit, no label token anywhere) is found here, before th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,5 +88,10 @@ def _tokenized(loaded, tokenizer, fmt, cache_dir, use_cache, ignore_index):
     if examples is not None:
         return examples, path, True
     examples = tokenize_rows(loaded.rows, tokenizer, fmt, ignore_index, loaded.lines)
-    token_cache.save(path, examples)
+    try:
+        token_cache.save(path, examples)
+    except OSError as e:  # a read-only home, a full disk: the cache only saves time, so the run goes on without it
+        warnings.warn(f"the tokenization cache could not be written to {path} ({e}); going on without it: set "
+                      "cache_dir (or CHRONICALS_CACHE) to a writable directory, or pass use_cache=False", stacklevel=3)
+        return examples, None, False
     return examples, path, False
