@@ -83,10 +83,10 @@ def tokenize_rows(rows: Sequence[Mapping[str, Any]], tokenizer: Any, format: str
     for index, row in enumerate(rows):
         batch.append(_render(row, row_label(index, lines), format, tokenizer, chat))
         if len(batch) == BATCH_SIZE:
-            examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
+            examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index, len(examples), lines)
             batch = []
     if batch:
-        examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index)
+        examples += _tokenize_batch(batch, tokenizer, add_special, eos, ignore_index, len(examples), lines)
     return examples
 
 
@@ -126,11 +126,17 @@ def _text_field(row: Mapping[str, Any], column: str, where: str) -> str:
     return value
 
 
-def _tokenize_batch(batch, tokenizer, add_special: bool, eos: int | None, ignore_index: int):
-    encoded = tokenizer(
-        [text for text, _ in batch], add_special_tokens=add_special, return_offsets_mapping=True,
-        return_attention_mask=False,
-    )
+def _tokenize_batch(batch, tokenizer, add_special: bool, eos: int | None, ignore_index: int, first: int,
+                    lines: Sequence[int] | None):
+    """`batch` holds rows `first`, `first + 1`, ... (for the errors)."""
+    try:
+        encoded = tokenizer(
+            [text for text, _ in batch], add_special_tokens=add_special, return_offsets_mapping=True,
+            return_attention_mask=False,
+        )
+    except TypeError:
+        _check_encodable(batch, first, lines)
+        raise
     examples = []
     for (_, spans), ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"]):
         labels = [t if any(a <= start < b for a, b in spans) else ignore_index for t, (start, _) in zip(ids, offsets)]
@@ -143,3 +149,17 @@ def _tokenize_batch(batch, tokenizer, add_special: bool, eos: int | None, ignore
             labels = [*labels, eos]
         examples.append({"input_ids": list(ids), "labels": labels})
     return examples
+
+
+def _check_encodable(batch, first: int, lines: Sequence[int] | None) -> None:
+    # The Rust tokenizer refuses a str that is not valid Unicode with a TypeError that names neither the row nor the
+    # cause; an unpaired surrogate (JSON's "\ud800" escape without its other half) is what makes one.
+    for offset, (text, _) in enumerate(batch):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{row_label(first + offset, lines)}: an unpaired surrogate {text[e.start:e.end]!r} (character "
+                f"{e.start} of the row as rendered) is not valid Unicode and cannot be tokenized; fix or remove the "
+                "row (in JSON, a \\ud800-\\udfff escape must come in a pair)"
+            ) from None

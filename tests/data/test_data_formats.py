@@ -160,3 +160,19 @@ def test_a_tokenizer_without_eos_is_refused_where_eos_ends_the_row(tok, fmt, row
         tokenize_rows([row], no_eos, fmt)
     # Chat rows end each turn as the template writes it, eos or not.
     assert tokenize_rows([{"messages": CHAT}], no_eos, "messages")[0]["labels"]
+
+
+def test_an_unpaired_surrogate_names_its_row(tok, tmp_path):
+    # JSON may escape half of a surrogate pair ("\ud800"), which json.loads turns into a str no tokenizer can encode.
+    rows = [{"text": "fine"}, {"text": "half of a pair: \ud800."}]
+    with pytest.raises(ValueError, match=r"row 1: an unpaired surrogate '\\ud800' \(character 16 of the row"):
+        tokenize_rows(rows, tok, "text")
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\udfff"}]}]
+    with pytest.raises(ValueError, match="row 0: .*unpaired surrogate"):
+        tokenize_rows(chat, tok, "messages")
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "half \\ud800"}\n')
+    from chronicals.data import prepare_dataset
+
+    with pytest.raises(ValueError, match=r"row 1 \(line 3\): .*unpaired surrogate"):
+        prepare_dataset(path, tok, use_cache=False)
