@@ -99,6 +99,8 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
     hub_name = isinstance(source, str) and not path.suffix and not source.startswith((".", "/", "~"))
     if not path.is_dir() and not hub_name:
         raise FileNotFoundError(f"dataset path {path} does not exist")
+    if path.is_dir():
+        _check_saved_dataset_dir(path)
     datasets = _datasets_module()
     if datasets is None:
         raise ImportError(f"dataset {source!r} is a saved-dataset directory or a hub name, which needs the `datasets` "
@@ -113,6 +115,23 @@ def _load_path(source: str | Path, split: str) -> LoadedRows:
                 f"dataset {source!r} is not a local file or directory, and loading it as a hub dataset failed: {e}"
             ) from e
     return load_rows(loaded, split)
+
+
+def _check_saved_dataset_dir(path: Path) -> None:
+    # A directory of data files (shards) is what a directory most often holds; datasets' own refusal of it ("neither a
+    # `Dataset` directory nor a `DatasetDict` directory") does not say what to pass instead.
+    if any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        return
+    message = (f"dataset directory {path} is not a saved dataset (datasets' save_to_disk writes a state.json or "
+               "dataset_dict.json there)")
+    for kind, suffixes in (("json", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+        if files:
+            raise FileNotFoundError(
+                f"{message}; it holds {len(files)} {files[0].suffix} file(s): pass one file, or load them all with "
+                f"datasets.load_dataset({kind!r}, data_files={str(path / ('*' + files[0].suffix))!r}, split='train') "
+                "and pass that dataset")
+    raise FileNotFoundError(f"{message}; pass a .jsonl or .parquet file, or a directory written by save_to_disk")
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:

@@ -174,3 +174,16 @@ def test_lists_and_files_load_without_the_datasets_package(tmp_path, monkeypatch
         loading.load_rows("some-org/some-dataset")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         loading.load_rows(tmp_path / "missing.jsonl")
+
+
+def test_a_directory_that_is_not_a_saved_dataset_says_what_to_pass(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        pq.write_table(pa.Table.from_pylist(ROWS), shards / f"part-{i}.parquet")
+    with pytest.raises(FileNotFoundError, match=r"not a saved dataset.*2 \.parquet file\(s\).*load_dataset\('parquet'"):
+        load_rows(shards)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved dataset.*save_to_disk"):
+        load_rows(empty)
