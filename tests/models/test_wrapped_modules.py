@@ -1,7 +1,7 @@
-"""Modules the patched forwards read directly (weights, eps) instead of calling: the post-attention RMSNorm (fused
-into the residual add) and the lm_head (fused into the loss). A hooked or wrapped one (a user's hook, PEFT's LN
-tuning, DeepSpeed ZeRO-3 or accelerate offloading) is called as HF calls it, so the loss and gradients stay HF's;
-plain ones still take the fused kernels."""
+"""Modules the patched forwards read directly (weights, eps) or compute in place of calling: the post-attention
+RMSNorm (fused into the residual add), the lm_head (fused into the loss) and the MLP's act_fn and projections (one
+fused SwiGLU op). A hooked or wrapped one (a user's hook, PEFT's LN tuning, DeepSpeed ZeRO-3 or accelerate
+offloading) is called as HF calls it, so the loss and gradients stay HF's; plain ones still take the fused kernels."""
 
 import copy
 
@@ -15,15 +15,15 @@ from tests.conftest import DEVICE
 from tests.models.test_patch import KERNEL_SHAPE, assert_same_training_step, needs_kernels
 
 
-def count_calls(monkeypatch, name):
+def count_calls(monkeypatch, name, module=chronicals.kernels):
     calls = []
-    original = getattr(chronicals.kernels, name)
+    original = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(chronicals.kernels, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -42,6 +42,11 @@ HOOKS = {
         lambda m: m.model.layers[1].post_attention_layernorm.register_forward_pre_hook(halve_input),
     "lm_head forward hook": lambda m: m.lm_head.register_forward_hook(scale_output),
     "lm_head pre-hook": lambda m: m.lm_head.register_forward_pre_hook(halve_input),
+    "mlp.act_fn forward hook": lambda m: m.model.layers[0].mlp.act_fn.register_forward_hook(scale_output),
+    "mlp.act_fn pre-hook": lambda m: m.model.layers[1].mlp.act_fn.register_forward_pre_hook(halve_input),
+    "mlp.gate_proj pre-hook": lambda m: m.model.layers[0].mlp.gate_proj.register_forward_pre_hook(halve_input),
+    "mlp.up_proj forward hook": lambda m: m.model.layers[1].mlp.up_proj.register_forward_hook(scale_output),
+    "mlp.down_proj forward hook": lambda m: m.model.layers[0].mlp.down_proj.register_forward_hook(scale_output),
 }
 
 
@@ -78,6 +83,71 @@ def test_layers_whose_class_fsdp2_swapped_still_take_the_fused_add_norm(monkeypa
                                {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
     assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
     assert len(add_norm) == patched.config.num_hidden_layers
+
+
+class DoubledSiLU(torch.nn.SiLU):
+    """A wrapper of HF's activation, as a user's module (subclassing nn.SiLU, with a forward of its own)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+ACT_FNS = {
+    "a subclass of nn.SiLU": DoubledSiLU,
+    "another activation (GELU) put in its place": lambda: torch.nn.GELU(approximate="tanh"),
+    "a replaced forward (accelerate's hook)": lambda: _with_own_forward(torch.nn.SiLU()),
+}
+
+
+def _with_own_forward(act):
+    act.forward = lambda x: torch.nn.functional.silu(x) * 0.5
+    return act
+
+
+@pytest.mark.parametrize("act", ACT_FNS)
+def test_a_replaced_act_fn_is_called_as_hf_calls_it(act):
+    # The fused SwiGLU computed silu itself, whatever module mlp.act_fn held.
+    needs_kernels()
+    reference = build_model("tiny-llama", seed=0).to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    for model in (reference, patched):
+        model.model.layers[1].mlp.act_fn = ACT_FNS[act]()
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+
+
+def test_a_hooked_act_fn_between_lora_wrapped_projections_keeps_its_hook():
+    # LoRA on gate/up (PEFT's layers, no chronicals.lora fusion): the projections stay module calls and
+    # silu(gate) * up was one kernel that skipped act_fn's hook.
+    needs_kernels()
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        config = LoraConfig(r=4, target_modules=["gate_proj", "up_proj"], init_lora_weights=False)
+        model = get_peft_model(build_model("tiny-llama", seed=0).to(DEVICE), config)
+        model.get_base_model().model.layers[0].mlp.act_fn.register_forward_hook(scale_output)
+        return model
+
+    reference, patched = lora_model(), lora_model()
+    patched.load_state_dict(reference.state_dict())
+    chronicals.apply(patched)
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+
+
+def test_plain_mlps_still_take_the_fused_swiglu_also_under_fsdp2s_classes(monkeypatch):
+    # The check looks at the act_fn module alone: fully_shard's FSDP<Class> swap of a layer (or of an MLP) keeps it.
+    needs_kernels()
+    import chronicals.kernels.swiglu_mlp
+
+    mlp_calls = count_calls(monkeypatch, "fused_swiglu_mlp", chronicals.kernels.swiglu_mlp)
+    swiglu_calls = count_calls(monkeypatch, "fused_swiglu")
+    reference = build_model("tiny-qwen3", seed=0).to(DEVICE)
+    patched = chronicals.apply(copy.deepcopy(reference))
+    for layer in patched.model.layers:
+        for module in (layer, layer.mlp):
+            module.__class__ = type(f"FSDP{type(module).__name__}", (type(module),),
+                                    {"__module__": "torch.distributed.fsdp._fully_shard._fully_shard"})
+    assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)
+    assert len(mlp_calls) == patched.config.num_hidden_layers and swiglu_calls == []
 
 
 def test_peft_ln_tuning_of_the_post_attention_norm_trains_as_in_hf():
