@@ -35,7 +35,7 @@ Strategy = Literal["auto", "fsdp2", "ddp", "none"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-_EVAL = "the trainer has no evaluation loop: evaluate the saved model (output_dir/final) on its own"
+_EVAL = "set 'eval_dataset' (held-out data, evaluated at the end) and 'eval_steps' (also every N steps)"
 _BATCH = "use 'batch_size' (rows per micro-batch on each process; global_batch_size for all of a step's rows)"
 # Field names of HF TrainingArguments / TRL SFTConfig / torchtune that chronicals spells otherwise or lacks, and what
 # to write instead.
@@ -57,8 +57,8 @@ OTHER_TRAINERS_NAMES = {
     "torch_compile": "use 'use_torch_compile'",
     "save_strategy": "use 'save_steps' (0: a checkpoint only at the end)",
     "report_to": "metrics go to output_dir/metrics.jsonl; tensorboard: true adds TensorBoard",
-    **{name: _EVAL for name in ("eval_dataset", "eval_steps", "eval_strategy", "evaluation_strategy", "do_eval",
-                                "per_device_eval_batch_size")},
+    **{name: _EVAL for name in ("eval_strategy", "evaluation_strategy", "do_eval")},
+    "per_device_eval_batch_size": "evaluation uses 'batch_size' (or global_batch_size's rows per process)",
 }
 
 
@@ -88,6 +88,10 @@ class ChronicalsConfig:
     messages_column: str = "messages"
     max_seq_length: int = 2048
     overflow: Overflow = "truncate"  # a sequence over max_seq_length: cut it, or split it into several
+    # Held-out data in the same formats, read like `dataset` (its split too): its mean token loss and perplexity are
+    # logged after training, and every eval_steps optimizer steps when that is > 0.
+    eval_dataset: Union[str, None] = None
+    eval_steps: int = 0
 
     # Optimisation.
     learning_rate: float = 2e-5
@@ -173,7 +177,7 @@ class ChronicalsConfig:
             if key not in names:
                 near = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
-                if key in OTHER_TRAINERS_NAMES:  # difflib's guess there misleads: eval_steps -> max_steps
+                if key in OTHER_TRAINERS_NAMES:  # difflib's guess there misleads: warmup_ratio -> warmup_steps
                     hint = f" (a Hugging Face / TRL / torchtune name); {OTHER_TRAINERS_NAMES[key]}"
                 valid = ", ".join(f.name for f in dataclasses.fields(cls))
                 raise ConfigError(f"unknown config field {key!r}{hint} (valid fields: {valid})")
@@ -336,7 +340,7 @@ def _check_values(cfg: ChronicalsConfig) -> None:
         need(getattr(cfg, name) >= 1, name, "an integer >= 1")
     need(cfg.max_seq_length >= 2, "max_seq_length", "an integer >= 2 (a token and the one it predicts)")
     need(0 <= cfg.seed < 2**32, "seed", "an integer in [0, 2**32)")
-    for name in ("warmup_steps", "save_steps"):
+    for name in ("warmup_steps", "save_steps", "eval_steps"):
         need(getattr(cfg, name) >= 0, name, "an integer >= 0")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "-1 (use epochs) or an integer >= 1")
     need(cfg.learning_rate > 0, "learning_rate", "> 0")
@@ -356,6 +360,8 @@ def _check_values(cfg: ChronicalsConfig) -> None:
     need(bool(cfg.model.strip()), "model", "a preset name (e.g. 'tiny-llama'), a local path or a hub name")
     need(bool(cfg.dataset.strip()), "dataset", "a file, a directory, a hub dataset name, or 'default'")
     need(bool(cfg.output_dir.strip()), "output_dir", "a directory path")
+    need(cfg.eval_dataset is None or bool(cfg.eval_dataset.strip()), "eval_dataset",
+         "null, or a file, a directory or a hub dataset name")
     if cfg.use_lora:
         need(len(cfg.lora_target_modules) > 0, "lora_target_modules", "a non-empty list of module names")
     for name, what in (("use_lora_plus", "LoRA+"), ("use_dora", "DoRA"), ("use_rslora", "rsLoRA")):

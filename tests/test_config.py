@@ -37,9 +37,9 @@ def test_has_the_documented_fields():
         ({"activation_offload": True}, "set use_gradient_checkpointing: true as well"),
         ({"use_lora": True, "lora_target_modules": []}, "'lora_target_modules' is []"),
         ({"learnin_rate": 1e-3}, "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
-        # Other trainers' names: what to write instead, not difflib's guess (eval_steps -> 'max_steps').
-        ({"eval_steps": 50}, "unknown config field 'eval_steps' (a Hugging Face / TRL / torchtune name); the trainer "
-                             "has no evaluation loop"),
+        # Other trainers' names: what to write instead, not difflib's guess (eval_strategy -> 'eval_steps').
+        ({"eval_strategy": "steps"}, "unknown config field 'eval_strategy' (a Hugging Face / TRL / torchtune name); "
+                                     "set 'eval_dataset'"),
         ({"num_train_epochs": 3}, "'num_train_epochs' (a Hugging Face / TRL / torchtune name); use 'epochs'"),
         ({"warmup_ratio": 0.1}, "use 'warmup_steps', a number of steps"),
         ({"resume_from_checkpoint": True}, "'resume_from_checkpoint' is true; it takes 'latest'"),

@@ -18,9 +18,10 @@ class DataError(ValueError):
     """The training data cannot be trained on; the message says what is wrong and where."""
 
 
-def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> PreparedData:
+def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig, what: str = "training data") -> PreparedData:
+    """`what` names the data in errors ("training data", "evaluation data")."""
     # "default" needs no case here: the data layer's load_rows reads it as the embedded text.
-    what = repr(dataset) if isinstance(dataset, str) else type(dataset).__name__
+    what = f"{what} {dataset!r}" if isinstance(dataset, str) else f"{what} {type(dataset).__name__}"
     try:
         if _is_tokenized(dataset):
             return _prepare_tokenized(dataset, tokenizer, cfg)
@@ -29,7 +30,7 @@ def prepare_training_data(dataset: Any, tokenizer, cfg: ChronicalsConfig) -> Pre
                                split=cfg.dataset_split)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise DataError(f"training data {what}: {message}") from e
+        raise DataError(f"{what}: {message}") from e
 
 
 def check_token_ids(rows, model, tokenizer) -> None:

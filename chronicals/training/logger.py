@@ -1,5 +1,6 @@
-"""Where a run's metrics go: `output_dir/metrics.jsonl` (one row per optimizer step), a progress bar (loss, tokens/s,
-lr, ETA), a console line every `logging_steps`, and TensorBoard when asked. Only rank 0 writes anything."""
+"""Where a run's metrics go: `output_dir/metrics.jsonl` (one row per optimizer step and per evaluation), a progress
+bar (loss, tokens/s, lr, ETA), a console line every `logging_steps`, and TensorBoard when asked. Only rank 0 writes
+anything."""
 
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ class MetricsLogger:
                 f"step {step:>6}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
                 f"grad_norm {metrics['grad_norm']:.3f}  tokens/s {metrics['tokens_per_s']:.0f}"
             )
+
+    def log_eval(self, metrics: dict[str, Any]) -> None:
+        """An evaluation's row (step, eval_loss, eval_perplexity, eval_tokens, eval_time_s) in metrics.jsonl beside
+        the steps' rows, a console line, and TensorBoard's eval/ scalars."""
+        if not self.enabled:
+            return
+        step = metrics["step"]
+        self.file.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("eval_loss", "eval_perplexity"):
+                self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", metrics[key], step)
+        self.message(f"step {step:>6}  eval_loss {metrics['eval_loss']:.4f}  eval_perplexity "
+                     f"{metrics['eval_perplexity']:.2f}  ({metrics['eval_tokens']} tokens, "
+                     f"{metrics['eval_time_s']:.1f} s)")
 
     def message(self, text: str) -> None:
         if not self.enabled:

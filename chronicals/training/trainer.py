@@ -53,6 +53,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: str | None = None
     final_model: str | None = None
+    eval_metrics: dict[str, Any] | None = None  # the last evaluation's (eval_loss, eval_perplexity, eval_tokens...)
 
 
 class ChronicalsTrainer:
@@ -94,13 +95,16 @@ class ChronicalsTrainer:
         self._peak = peak_flops(self.device)
 
     # ---- the run ---------------------------------------------------------------------------------------------------
-    def train(self, train_dataset) -> TrainResult:
+    def train(self, train_dataset, eval_dataset=None) -> TrainResult:
+        """Train on `train_dataset`; `eval_dataset` (or the config's eval_dataset) is evaluated every eval_steps
+        optimizer steps and at the end."""
         cfg = self.config
-        with parallel.main_first(self.env), warnings.catch_warnings():  # the others then read rank 0's token cache
-            if not self.env.is_main:  # rank 0 warns about the data (truncated rows...) once; the others have the same
-                warnings.simplefilter("ignore")
-            data = prepare_training_data(train_dataset, self.tokenizer, cfg)
-        check_token_ids(data.rows, self.model, self.tokenizer)
+        data = self._prepare(train_dataset, "training data")
+        eval_source = eval_dataset if eval_dataset is not None else cfg.eval_dataset
+        if cfg.eval_steps and eval_source is None:
+            raise SetupError(f"config field 'eval_steps' is {cfg.eval_steps} but there is no evaluation data; set "
+                             "eval_dataset (or pass eval_dataset= to train), or eval_steps: 0")
+        eval_data = self._prepare(eval_source, "evaluation data") if eval_source is not None else None
         batch_size = parallel.micro_batch_size(cfg, self.env)
         try:
             plan = StepPlan(data.rows, data.collator, batch_size=batch_size, seed=cfg.seed, env=self.env,
@@ -191,12 +195,17 @@ class ChronicalsTrainer:
                         result.losses.append(metrics["loss"])
                         # Ctrl-C reaches the ranks at slightly different moments; all stop after the same step.
                         self._stop_requested = parallel.any_rank(self._stop_requested, self.env, self.device)
+                        if eval_data is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 \
+                                and state["step"] < total:
+                            result.eval_metrics = self._log_evaluation(eval_data, state["step"], logger)
                         if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
                             self._save(state)
                         if state["step"] >= total or self._stop_requested:
                             break
                         self._step_clock = time.perf_counter()  # the next step's time includes collating it
             result.steps = state["step"]
+            if eval_data is not None and not self._stop_requested:
+                result.eval_metrics = self._log_evaluation(eval_data, state["step"], logger)
             result.checkpoint = str(self._save(state))
             if self._stop_requested:
                 result.interrupted = True
@@ -209,6 +218,60 @@ class ChronicalsTrainer:
         finally:
             logger.close()
         return result
+
+    def evaluate(self, eval_dataset=None) -> dict[str, Any]:
+        """Mean loss over the label tokens of `eval_dataset` (default: the config's eval_dataset), and its perplexity,
+        with the model as it is now: {"eval_loss", "eval_perplexity", "eval_tokens", "eval_time_s"}. Under several
+        processes every rank calls it and gets the same numbers (each evaluates its share of the rows)."""
+        source = eval_dataset if eval_dataset is not None else self.config.eval_dataset
+        if source is None:
+            raise SetupError("evaluate() was given no data and config field 'eval_dataset' is null; pass the data "
+                             "(evaluate(rows_or_path)) or set eval_dataset")
+        return self._evaluate(self._prepare(source, "evaluation data"))
+
+    # ---- data and evaluation -----------------------------------------------------------------------------------------
+    def _prepare(self, source, what: str):
+        with parallel.main_first(self.env), warnings.catch_warnings():  # the others then read rank 0's token cache
+            if not self.env.is_main:  # rank 0 warns about the data (truncated rows...) once; the others have the same
+                warnings.simplefilter("ignore")
+            data = prepare_training_data(source, self.tokenizer, self.config, what=what)
+        check_token_ids(data.rows, self.model, self.tokenizer)
+        return data
+
+    def _log_evaluation(self, data, step: int, logger: MetricsLogger) -> dict[str, Any]:
+        metrics = self._evaluate(data)
+        logger.log_eval({"step": step, **metrics})
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self, data) -> dict[str, Any]:
+        """Every row once, in micro-batches of the training's size (StepPlan's: each rank its share, and a rank left
+        without rows runs a stand-in with no labels, since FSDP2's forward is a collective). Each forward is given
+        num_items_in_batch=1, so its loss is the sum of its token losses; the sums and counts are added over ranks.
+        The model runs unwrapped and uncompiled: no gradients to synchronise, and no recompilation for eval mode."""
+        start = time.perf_counter()
+        plan = StepPlan(data.rows, data.collator, batch_size=parallel.micro_batch_size(self.config, self.env),
+                        gradient_accumulation_steps=1, seed=0, env=self.env)
+        if self.env.enabled:  # another count of rows on one rank would leave the others waiting in a collective
+            distributed.check_same_on_every_rank("the evaluation data", _data_summary(data.rows, plan.steps_per_epoch),
+                                                 self.env)
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        try:
+            for (mb,) in plan.epoch_steps(0):
+                tokens += int(mb.pop("num_label_tokens"))
+                batch = {k: self._to_device(v) for k, v in mb.items()}
+                with self._autocast():
+                    loss_sum += self.model(**batch, use_cache=False, num_items_in_batch=1).loss.float()
+        finally:
+            self.model.train(was_training)
+        distributed.all_reduce_sum(loss_sum, self.env)
+        tokens = distributed.all_reduce_count(tokens, self.env, self.device)
+        loss = loss_sum.item() / tokens  # prepare_training_data refuses data without a label token
+        return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
+                "eval_tokens": tokens, "eval_time_s": time.perf_counter() - start}
 
     # ---- one optimizer step ----------------------------------------------------------------------------------------
     def _train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, Any]:
@@ -225,7 +288,7 @@ class ChronicalsTrainer:
             batch = {k: self._to_device(v) for k, v in mb.items()}
             with self._autocast(), self._offload(), \
                     parallel.gradient_sync(self.forward_model, sync=i == len(micro_batches) - 1):
-                loss = self.forward_model(**batch, num_items_in_batch=label_tokens).loss
+                loss = self.forward_model(**batch, use_cache=False, num_items_in_batch=label_tokens).loss
             scaled = loss * self.env.loss_scale
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
@@ -424,8 +487,8 @@ def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | 
 
 # Fields that may differ between ranks: paths (a node's own copy of the model or data: the data's contents are
 # compared, and FSDP2 takes rank 0's weights, as DDP does) and what only rank 0 or each process alone uses.
-_PER_RANK_FIELDS = ("model", "tokenizer", "dataset", "output_dir", "device", "cpu_threads", "logging_steps",
-                    "progress_bar", "tensorboard")
+_PER_RANK_FIELDS = ("model", "tokenizer", "dataset", "eval_dataset", "output_dir", "device", "cpu_threads",
+                    "logging_steps", "progress_bar", "tensorboard")
 
 
 def _rank_config(cfg: ChronicalsConfig) -> dict[str, Any]:

@@ -232,6 +232,19 @@ def stop_on_one_rank(out: Path) -> dict:
     return {"steps": result.steps, "interrupted": result.interrupted, "checkpoint": result.checkpoint}
 
 
+def evaluation(out: Path, strategy: str) -> dict:
+    """Evaluation every 2 steps and at the end, on 13 rows (micro-batches of 8 and 5 over the ranks) and on 1 row (a
+    rank without a row runs a stand-in: FSDP2's forward is a collective every rank joins)."""
+    from chronicals.training import ChronicalsTrainer
+
+    lora = dict(use_lora=True, lora_rank=4) if strategy == "ddp" else {}
+    trainer = ChronicalsTrainer(model(), tokenizer(), config(out, eval_steps=2, distributed_strategy=strategy, **lora))
+    result = trainer.train(rows(), eval_dataset=rows(13, seed=1))
+    return {"strategy": trainer.strategy, "losses": result.losses,
+            "evals": [[r["step"], r["eval_loss"], r["eval_tokens"]] for r in metrics(out) if "eval_loss" in r],
+            "one_row": trainer.evaluate(rows(1, seed=2))["eval_loss"]}
+
+
 def all_runs(root: Path) -> dict:
     # tiny-llama has an untied lm_head (as Llama-3.1-8B): its embedding is a unit of its own, the head stays in
     # the root.
@@ -246,7 +259,8 @@ def all_runs(root: Path) -> dict:
             "rank_models_fsdp2": models_that_differ_per_rank(root / "rank_models_fsdp2", "fsdp2"),
             "rank_models_ddp": models_that_differ_per_rank(root / "rank_models_ddp", "ddp"),
             "rank_settings": settings_that_differ_per_rank(root / "rank_settings"),
-            "data_warnings": data_warnings(root / "data_warnings")}
+            "data_warnings": data_warnings(root / "data_warnings"),
+            "eval_fsdp2": evaluation(root / "eval_fsdp2", "fsdp2"), "eval_ddp": evaluation(root / "eval_ddp", "ddp")}
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:

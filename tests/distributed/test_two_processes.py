@@ -37,6 +37,7 @@ def test_two_gloo_processes(tmp_path):
     check_ranks_whose_models_differ_train_rank_0s_model(runs)
     check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
     check_a_data_warning_is_printed_once_not_once_per_rank(runs)
+    check_evaluation_over_two_ranks_matches_one_process(runs)
 
 
 def test_a_process_group_started_by_the_caller_is_used(tmp_path):
@@ -208,3 +209,16 @@ def check_a_data_warning_is_printed_once_not_once_per_rank(runs):
     assert len(one["data_warnings"]) == 1, one["data_warnings"]
     assert ranks[0]["data_warnings"] == one["data_warnings"]
     assert ranks[1]["data_warnings"] == []
+
+
+def check_evaluation_over_two_ranks_matches_one_process(runs):
+    # Each rank scores its share of the rows and the sums are reduced: every rank reports the loss one process does,
+    # also when one rank has no row of its own (it runs a stand-in without labels, or FSDP2's gathers would hang).
+    ranks, one, _ = runs
+    for run in ("eval_fsdp2", "eval_ddp"):
+        two, alone = ranks[0][run], one[run]
+        assert two["strategy"] == run.split("_")[1], run
+        assert [e[0] for e in two["evals"]] == [2, 3] and [e[2] for e in two["evals"]] == [e[2] for e in alone["evals"]]
+        assert [e[1] for e in two["evals"]] == pytest.approx([e[1] for e in alone["evals"]], rel=1e-4), run
+        assert two["one_row"] == pytest.approx(alone["one_row"], rel=1e-4), run
+        assert ranks[1][run]["one_row"] == two["one_row"], run
