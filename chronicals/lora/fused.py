@@ -23,10 +23,11 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from chronicals.kernels.lora import dora_linear, lora_projections, lora_swiglu_mlp
+from chronicals.models.projections import no_hooks, plain_linear
+from chronicals.models.swiglu import SILU_MODULES, plain_silu
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-_SILU_NAMES = ("SiLU", "SiLUActivation")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -54,7 +55,8 @@ def _adapter(module: PeftLoraLinear, dt: torch.dtype, *, dora: bool = False):
     if module.training and not isinstance(module.lora_dropout[name], nn.Identity):
         return None
     base = module.get_base_layer()
-    if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != dt:
+    # Its weight is read, not called: a hooked or replaced base layer (a user's hook, accelerate's) is PEFT's to run.
+    if not plain_linear(base) or base.weight.requires_grad or base.weight.dtype != dt:
         return None
     if base.bias is not None and (base.bias.requires_grad or base.bias.dtype != dt):
         return None
@@ -106,7 +108,11 @@ def _grouped_forward(self: PeftLoraLinear, x, *args, **kwargs):
 
 
 def _mlp_forward(self: nn.Module, x, *args, **kwargs):
-    params = None if (args or kwargs) else [_adapter(getattr(self, n), compute_dtype(x)) for n in MLP_PARTS]
+    # The one op stands in for the calls of act_fn and the three adapted layers: it applies only while none of them
+    # has hooks (or act_fn a replacement), which would otherwise be skipped.
+    parts = [getattr(self, n) for n in MLP_PARTS]
+    fusable = not (args or kwargs) and plain_silu(self.act_fn) and all(no_hooks(m) for m in parts)
+    params = [_adapter(m, compute_dtype(x)) for m in parts] if fusable else None
     if params is None or any(p is None for p in params):
         return self._chronicals_unfused_forward(x, *args, **kwargs)
     return _run_fused(lora_swiglu_mlp, x, *params, kconcat=self.__dict__.get("_chronicals_kconcat", False))
@@ -129,7 +135,8 @@ def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:
     grouped: set[int] = set()
     for parent in model.modules():
         kids = {n: getattr(parent, n, None) for n in (*MLP_PARTS, "q_proj", "k_proj", "v_proj")}
-        if all(isinstance(kids[n], PeftLoraLinear) for n in MLP_PARTS) and _is_silu(getattr(parent, "act_fn", None)):
+        if all(isinstance(kids[n], PeftLoraLinear) for n in MLP_PARTS) and type(getattr(parent, "act_fn", None)) in \
+                SILU_MODULES:
             parent._chronicals_unfused_forward = parent.forward
             _set_forward(parent, _mlp_forward, kconcat)
             count += 1
@@ -161,7 +168,3 @@ def remove_fused(model: nn.Module) -> None:
             for attr in ("_chronicals_unfused_forward", "_chronicals_group", "_chronicals_group_index",
                          "_chronicals_kconcat"):
                 module.__dict__.pop(attr, None)
-
-
-def _is_silu(act) -> bool:
-    return act is not None and type(act).__name__ in _SILU_NAMES

@@ -152,3 +152,18 @@ def test_swiglu_backward_plain_pytorch_path_matches_float64(monkeypatch, dtype):
     outs = dict(zip(("h", "de", "dg"), lora_kernels.swiglu_backward_inplace(dh.clone(), e.clone(), g.clone())))
     for name in refs:
         assert_no_worse(name, outs[name], natives[name], refs[name], dtype)
+
+
+@pytest.mark.parametrize("where", ["act_fn", "gate_proj", "down_proj.base_layer", "q_proj.base_layer"])
+def test_hooked_modules_the_fused_ops_would_skip_are_called(where):
+    # The fused MLP op stands in for act_fn and the three adapted layers, and every fused op reads its base layer's
+    # weight without calling it: a hook there was skipped silently (outputs off by ~0.5 on a tiny Llama).
+    torch.manual_seed(0)
+    block = QKVO(12, 12, 6) if where.startswith("q_proj") else MLP(12, 20)
+    _, native, ours = three_precisions(adapted(block, 4, 8.0), torch.float32)
+    for model in (native, ours):
+        model.get_submodule(where).register_forward_hook(lambda module, args, out: out * 1.5 + 0.25)
+    x = torch.randn(3, 12, device=DEVICE)
+    torch.testing.assert_close(ours(x), native(x))
+    names = graph_names(ours(x.requires_grad_(True)))
+    assert "_LoRASwiGLUMLPBackward" not in names
