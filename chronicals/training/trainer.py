@@ -104,7 +104,7 @@ class ChronicalsTrainer:
         if cfg.eval_steps and eval_source is None:
             raise SetupError(f"config field 'eval_steps' is {cfg.eval_steps} but there is no evaluation data; set "
                              "eval_dataset (or pass eval_dataset= to train), or eval_steps: 0")
-        eval_data = self._prepare(eval_source, "evaluation data") if eval_source is not None else None
+        eval_data = self._prepare_eval(eval_source) if eval_source is not None else None
         batch_size = parallel.micro_batch_size(cfg, self.env)
         try:
             plan = StepPlan(data.rows, data.collator, batch_size=batch_size, seed=cfg.seed, env=self.env,
@@ -227,7 +227,7 @@ class ChronicalsTrainer:
         if source is None:
             raise SetupError("evaluate() was given no data and config field 'eval_dataset' is null; pass the data "
                              "(evaluate(rows_or_path)) or set eval_dataset")
-        return self._evaluate(self._prepare(source, "evaluation data"))
+        return self._evaluate(self._prepare_eval(source))
 
     # ---- data and evaluation -----------------------------------------------------------------------------------------
     def _prepare(self, source, what: str):
@@ -236,6 +236,12 @@ class ChronicalsTrainer:
                 warnings.simplefilter("ignore")
             data = prepare_training_data(source, self.tokenizer, self.config, what=what)
         check_token_ids(data.rows, self.model, self.tokenizer)
+        return data
+
+    def _prepare_eval(self, source):
+        data = self._prepare(source, "evaluation data")
+        if self.env.enabled:  # another count of rows on one rank would leave the others waiting in _evaluate's forwards
+            distributed.check_same_on_every_rank("the evaluation data", _data_summary(data.rows, 0), self.env)
         return data
 
     def _log_evaluation(self, data, step: int, logger: MetricsLogger) -> dict[str, Any]:
@@ -252,9 +258,6 @@ class ChronicalsTrainer:
         start = time.perf_counter()
         plan = StepPlan(data.rows, data.collator, batch_size=parallel.micro_batch_size(self.config, self.env),
                         gradient_accumulation_steps=1, seed=0, env=self.env)
-        if self.env.enabled:  # another count of rows on one rank would leave the others waiting in a collective
-            distributed.check_same_on_every_rank("the evaluation data", _data_summary(data.rows, plan.steps_per_epoch),
-                                                 self.env)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)

@@ -196,6 +196,11 @@ def settings_that_differ_per_rank(out: Path) -> dict:
             errors[name] = None
         except SetupError as e:
             errors[name] = str(e)
+    try:  # evaluation data: rank r drops r rows
+        ChronicalsTrainer(model(), tokenizer(), config(out / "eval", max_steps=1)).evaluate(rows(8 - rank))
+        errors["eval"] = None
+    except SetupError as e:
+        errors["eval"] = str(e)
     return errors
 
 

@@ -192,7 +192,7 @@ def check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
     # learning_rate updated each shard at its own rate, other data gave each rank its own batches, all silently; other
     # max_steps or gradient_accumulation_steps waited in a collective until the timeout (a bare gloo/NCCL error).
     ranks, one, _ = runs
-    assert one["rank_settings"] == {"config": None, "data": None}
+    assert one["rank_settings"] == {"config": None, "data": None, "eval": None}
     for rank in ranks:
         errors = rank["rank_settings"]
         assert "the config (ChronicalsConfig) differs between the processes: 'seed' is 0 on rank 0, 1 on rank 1." \
@@ -200,6 +200,8 @@ def check_ranks_with_other_configs_or_data_are_refused_naming_what_differs(runs)
         assert "'learning_rate'" not in errors["config"]  # only what differs is named
         assert "the training data differs between the processes: 'rows' is 32 on rank 0, 31 on rank 1" \
             in errors["data"], errors
+        assert "the evaluation data differs between the processes: 'rows' is 8 on rank 0, 7 on rank 1" \
+            in errors["eval"], errors
 
 
 def check_a_data_warning_is_printed_once_not_once_per_rank(runs):
