@@ -297,6 +297,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
             max_length_q = int(cu_seq_lens_q.diff().max())
         layout = PackedLayout(cu_seq_lens_q, int(max_length_q))
     elif attention_mask is None and sliding_window is not None and q_len == key.shape[2] and q_len > sliding_window:
+        if dropout and not with_weights:
+            # Not a packed batch, so not refused as one: attention dropout (which the varlen kernels lack) runs in
+            # HF's SDPA over the banded causal mask that packed_mask left out, as an unpatched model's does.
+            distance = torch.arange(q_len, device=query.device)[:, None] - torch.arange(q_len, device=query.device)
+            band = ((distance >= 0) & (distance < sliding_window)).expand(batch, 1, q_len, q_len)
+            return sdpa_attention_forward(module, query, key, value, band, dropout=dropout, scaling=scaling,
+                                          **kwargs)
         # One sequence per row with a window shorter than the row: SDPA would need a dense banded mask.
         layout = PackedLayout(torch.arange(0, batch * q_len + 1, q_len, device=query.device, dtype=torch.int32), q_len)
     else:
