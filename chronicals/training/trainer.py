@@ -195,18 +195,19 @@ class ChronicalsTrainer:
                         result.losses.append(metrics["loss"])
                         # Ctrl-C reaches the ranks at slightly different moments; all stop after the same step.
                         self._stop_requested = parallel.any_rank(self._stop_requested, self.env, self.device)
+                        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
+                            self._save(state)
+                        # After the checkpoint: an evaluation that fails (out of memory, bad data) loses no training.
                         if eval_data is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 \
                                 and state["step"] < total:
                             result.eval_metrics = self._log_evaluation(eval_data, state["step"], logger)
-                        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
-                            self._save(state)
                         if state["step"] >= total or self._stop_requested:
                             break
                         self._step_clock = time.perf_counter()  # the next step's time includes collating it
             result.steps = state["step"]
+            result.checkpoint = str(self._save(state))
             if eval_data is not None and not self._stop_requested:
                 result.eval_metrics = self._log_evaluation(eval_data, state["step"], logger)
-            result.checkpoint = str(self._save(state))
             if self._stop_requested:
                 result.interrupted = True
                 logger.message(f"stopped by Ctrl-C after step {state['step']}; checkpoint saved to "

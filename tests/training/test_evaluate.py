@@ -106,3 +106,17 @@ def test_the_config_eval_dataset_is_read_like_dataset(tmp_path):
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, eval_dataset=str(path)))
     result = trainer.train(rows())
     assert result.eval_metrics["eval_loss"] == pytest.approx(trainer.evaluate(rows(4, seed=4))["eval_loss"], rel=1e-6)
+
+
+def test_a_failing_evaluation_loses_no_training(tmp_path, monkeypatch):
+    # The checkpoint of a step is written before that step's evaluation: an evaluation that fails (out of memory, say)
+    # leaves the run resumable from it.
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=4, save_steps=2, eval_steps=2))
+
+    def out_of_memory(data):
+        raise torch.OutOfMemoryError("evaluation")
+
+    monkeypatch.setattr(trainer, "_evaluate", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train(rows(), eval_dataset=rows(3, seed=5))
+    assert (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").is_file()
