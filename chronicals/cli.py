@@ -2,7 +2,8 @@
 
 With no config file the embedded quick start runs (`chronicals.config.demo_config()`: a tiny Llama-shaped model
 trained on text that ships with Python, about a minute on a laptop CPU). Overrides apply on top of either.
-Configuration, data and model problems end with a one-line error and exit status 2, not a stack trace.
+Configuration, data and model problems end with a one-line error and exit status 2, not a stack trace; Ctrl-C ends
+with status 130 (the first one in the training loop saves a checkpoint first).
 """
 
 from __future__ import annotations
@@ -50,14 +51,21 @@ def train(cfg: ChronicalsConfig):
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    from chronicals.training import DataError, NonFiniteError, SetupError
-
     try:
-        cfg = load_config(ns.args)
-        result = train(cfg)
-    except (ConfigError, DataError, SetupError, NonFiniteError, FileNotFoundError) as e:
-        print(f"chronicals: error: {e}", file=sys.stderr)
-        return 2
+        from chronicals.training import DataError, NonFiniteError, SetupError
+
+        try:
+            cfg = load_config(ns.args)
+            result = train(cfg)
+        except (ConfigError, DataError, SetupError, NonFiniteError, FileNotFoundError) as e:
+            print(f"chronicals: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop (loading the model or the data), or a second Ctrl-C in a step, which the
+        # trainer turns into KeyboardInterrupt; the first one in the loop saves a checkpoint and returns instead.
+        print("chronicals: interrupted by Ctrl-C (stopped without saving a checkpoint; earlier ones are kept)",
+              file=sys.stderr)
+        return 130
     return 130 if result.interrupted else 0
 
 

@@ -3,6 +3,7 @@ one-line error with exit status 2."""
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,44 @@ def test_example_configs_load_and_show_their_command():
         header = path.read_text().splitlines()[0]
         assert header.startswith("# ") and "chronicals train" in path.read_text().split("\n\n")[0], path
         ChronicalsConfig.from_yaml(path)
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    # Ctrl-C while the model or data load (before the trainer's own handler is installed), or a second Ctrl-C in a
+    # step (the trainer raises KeyboardInterrupt: "a second one aborts at once"): one line and status 130, as after the
+    # first Ctrl-C, not a KeyboardInterrupt traceback.
+    import chronicals.cli as cli
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    try:
+        rc = main(["train", "max_steps=1", f"output_dir={tmp_path}"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped the CLI")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.startswith("chronicals: interrupted by Ctrl-C") and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_ctrl_c_aborts_the_run_with_one_line(tmp_path):
+    # Steps of 40 micro-batches (about half a second): the second Ctrl-C lands in the step the first one lets finish.
+    proc = subprocess.Popen([sys.executable, "-m", "chronicals", "train", "max_steps=100000", "use_fused_kernels=false",
+                             "gradient_accumulation_steps=40", f"output_dir={tmp_path / 'out'}", *SMALL], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for wait_for in ("step      1", "Ctrl-C: finishing this step"):
+            line = ""
+            while not line.startswith(wait_for):
+                line = proc.stdout.readline()
+                assert line, f"no {wait_for!r} line: {proc.communicate(timeout=60)[1]}"
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("chronicals: interrupted by Ctrl-C"), err
+    assert "checkpoint saved" not in out
