@@ -25,9 +25,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _is_config_path(arg: str) -> bool:
+    """Whether the first argument is the config file rather than a key=value override. A path may hold '=' too
+    (sweep folders such as runs/lr=1e-4/run.yaml): an existing file, a name ending in .yaml, .yml or .toml, or a
+    'key' with a '/' in it is a path."""
+    return ("=" not in arg or Path(arg).is_file() or "/" in arg.split("=", 1)[0]
+            or arg.lower().endswith((".yaml", ".yml", ".toml")))
+
+
 def load_config(args: list[str]) -> ChronicalsConfig:
     path = None
-    if args and "=" not in args[0]:
+    if args and _is_config_path(args[0]):
         path, args = args[0], args[1:]
         if not Path(path).is_file():
             what = "is a directory, not a YAML file" if Path(path).is_dir() else "does not exist"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from chronicals.cli import main
+from chronicals.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model_kwargs.hidden_size=32", "model_kwargs.intermediate_size=64", "model_kwargs.num_attention_heads=2",
@@ -163,3 +164,19 @@ def test_a_second_ctrl_c_aborts_the_run_with_one_line(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1].startswith("chronicals: interrupted by Ctrl-C"), err
     assert "checkpoint saved" not in out
+
+
+def test_a_config_file_whose_path_holds_an_equals_sign_is_read_as_the_config(tmp_path, monkeypatch):
+    # Sweep folders are often named key=value (runs/lr=1e-4/run.yaml); an existing file is the config, not an override
+    # (it was read as an override of the unknown field 'runs/lr').
+    from chronicals.cli import load_config
+
+    cfg = tmp_path / "lr=1e-4" / "run.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("model: tiny-qwen2\nlearning_rate: 1.0e-4\n")
+    monkeypatch.chdir(tmp_path)
+    for path in (str(cfg), "lr=1e-4/run.yaml"):
+        loaded = load_config([path, "max_steps=3"])
+        assert (loaded.model, loaded.learning_rate, loaded.max_steps) == ("tiny-qwen2", 1e-4, 3)
+    with pytest.raises(ConfigError, match="config file 'lr=1e-4/missing.yaml' does not exist"):
+        load_config(["lr=1e-4/missing.yaml"])
