@@ -37,6 +37,9 @@ def load_config(args: list[str]) -> ChronicalsConfig:
     path = None
     if args and _is_config_path(args[0]):
         path, args = args[0], args[1:]
+        if not path.strip():  # `chronicals train "$CONFIG"` with CONFIG unset; Path('') would be '.', a directory
+            raise ConfigError("the config file path is empty; pass a YAML or TOML file, or leave it out for the "
+                              "quick start")
         if not Path(path).is_file():
             what = "is a directory, not a YAML file" if Path(path).is_dir() else "does not exist"
             raise ConfigError(f"config file {path!r} {what} (overrides look like key=value)")

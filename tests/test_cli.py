@@ -180,3 +180,10 @@ def test_a_config_file_whose_path_holds_an_equals_sign_is_read_as_the_config(tmp
         assert (loaded.model, loaded.learning_rate, loaded.max_steps) == ("tiny-qwen2", 1e-4, 3)
     with pytest.raises(ConfigError, match="config file 'lr=1e-4/missing.yaml' does not exist"):
         load_config(["lr=1e-4/missing.yaml"])
+
+
+def test_an_empty_config_argument_says_so(tmp_path, capsys):
+    # `chronicals train "$CONFIG"` with CONFIG unset passes ''; that was reported as "is a directory" (Path('') is '.').
+    assert main(["train", "", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "the config file path is empty" in err and "directory" not in err
