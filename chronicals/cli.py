@@ -18,10 +18,16 @@ from chronicals.config import ChronicalsConfig, ConfigError, demo_config
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chronicals", description="Fast, lean fine-tuning of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a model as a config says",
-                           description="Fine-tune a model. With no CONFIG, run the embedded CPU quick start.")
-    train.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                       help="a YAML config file, then overrides such as learning_rate=1e-4 or max_steps=100")
+    train = sub.add_parser(
+        "train", help="fine-tune a model as a config says",
+        usage="chronicals train [-h] [CONFIG.yaml | CONFIG.toml] [key=value ...]",
+        description="Fine-tune a model. With no CONFIG, run the embedded CPU quick start. The fields are those of "
+                    "chronicals/config.py (docs/TRAINING.md).",
+        epilog="Exit status: 0 when done, 2 on a config, data or setup error (one line), 130 after Ctrl-C (the "
+               "first one in training saves a checkpoint).")
+    train.add_argument("args", nargs="*", metavar="CONFIG key=value",
+                       help="a YAML config file (or TOML, named *.toml), then overrides such as learning_rate=1e-4, "
+                            "max_steps=100 or model_kwargs.num_hidden_layers=4 (values read as YAML)")
     return parser.parse_args(argv)
 
 

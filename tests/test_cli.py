@@ -187,3 +187,13 @@ def test_an_empty_config_argument_says_so(tmp_path, capsys):
     assert main(["train", "", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "the config file path is empty" in err and "directory" not in err
+
+
+def test_train_help_names_the_config_formats_and_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: chronicals train [-h] [CONFIG.yaml | CONFIG.toml] [key=value ...]" in out
+    assert "TOML" in out and "model_kwargs.num_hidden_layers=4" in out
+    assert "2 on a config, data or setup error" in out and "130 after Ctrl-C" in out
