@@ -84,6 +84,7 @@ class ChronicalsTrainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.scheduler = None
         self._learning_rate = config.learning_rate  # the base of the logged lr: a resumed run's is its checkpoint's
+        self._kept_settings: dict[str, Any] = {}  # optimizer settings a resume keeps over this config's (saved too)
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
         self._step_clock: float | None = None  # when the current step began, its batches' collation included
@@ -141,8 +142,9 @@ class ChronicalsTrainer:
             state = {k: saved[k] for k in state}
             _check_position(path, saved, state, plan.steps_per_epoch, cfg)
             changed_data = _changed_data(saved.get("data"), self._data_summary)
-            kept_settings = _kept_optimizer_settings(saved.get("config") or {}, cfg)
-            self._learning_rate = (saved.get("config") or {}).get("learning_rate", cfg.learning_rate)
+            self._kept_settings = _kept_optimizer_settings(saved.get("config") or {}, cfg)
+            kept_settings = _changed_settings(saved.get("config") or {}, cfg, self._kept_settings)
+            self._learning_rate = self._kept_settings.get("learning_rate", cfg.learning_rate)
             self.last_checkpoint = path
         out = Path(cfg.output_dir)
         if self.env.is_main:
@@ -353,8 +355,9 @@ class ChronicalsTrainer:
 
     def _save(self, state: dict[str, Any]) -> Path:
         path = Path(self.config.output_dir) / f"checkpoint-{state['step']}"
-        trainer_state = {**state, "world_size": self.env.world_size, "config": self.config.to_dict(),
-                         "data": self._data_summary}
+        # The settings the optimizer state holds are recorded as trained: a later resume compares with those.
+        trainer_state = {**state, "world_size": self.env.world_size,
+                         "config": {**self.config.to_dict(), **self._kept_settings}, "data": self._data_summary}
         # Each rank's generators have moved on by its own batches (dropout), so each rank's are kept.
         rng_states = distributed.gather_object(checkpoint._rng_state(), self.env)
         if self.strategy == "fsdp2":  # every rank writes its shards
@@ -475,10 +478,11 @@ def _changed_settings(before: dict[str, Any], cfg: ChronicalsConfig, names) -> s
     return ", ".join(changed) or None
 
 
-def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
-    """The optimizer settings the resumed config changes (_changed_settings)."""
+def _kept_optimizer_settings(before: dict[str, Any], cfg: ChronicalsConfig) -> dict[str, Any]:
+    """{name: saved value} of the optimizer settings that the resumed config changes: the run trains with the saved."""
     lora_plus = cfg.use_lora_plus and before.get("use_lora_plus")  # lora_plus_ratio matters only under LoRA+
-    return _changed_settings(before, cfg, [n for n in _OPTIMIZER_FIELDS if n != "lora_plus_ratio" or lora_plus])
+    return {n: before[n] for n in _OPTIMIZER_FIELDS if (n != "lora_plus_ratio" or lora_plus) and n in before
+            and before[n] != getattr(cfg, n)}
 
 
 def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:

@@ -219,6 +219,15 @@ def test_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept_and_log
     assert "saved with learning_rate 0.01 (this config: 0.001), weight_decay 0.0 (this config: 0.5)" in out
     logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert applied == [0.01, 0.01] and logged == [0.01] * 4
+    # Resumed again with the same new values: checkpoint-4 recorded learning_rate 0.001, what the config said, so
+    # this resume kept 0.01 without a word and logged 0.001.
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(
+        tmp_path, max_steps=5, batch_size=4, lr_schedule="constant", learning_rate=1e-3, weight_decay=0.5,
+        resume_from_checkpoint="latest"))
+    trainer.train(data)
+    assert "saved with learning_rate 0.01 (this config: 0.001)" in capsys.readouterr().out
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0.01] * 5
 
 
 def test_a_full_fine_tune_with_frozen_weights_saves_checkpoints_that_load_with_from_pretrained(tmp_path):
