@@ -48,8 +48,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = metrics["step"]
-        self.file.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
-        self.file.flush()
+        self._write_row(metrics)
         if self.writer is not None:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -70,14 +69,18 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = metrics["step"]
-        self.file.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
-        self.file.flush()
+        self._write_row(metrics)
         if self.writer is not None:
             for key in ("eval_loss", "eval_perplexity"):
                 self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", metrics[key], step)
         self.message(f"step {step:>6}  eval_loss {metrics['eval_loss']:.4f}  eval_perplexity "
                      f"{metrics['eval_perplexity']:.2f}  ({metrics['eval_tokens']} tokens, "
                      f"{metrics['eval_time_s']:.1f} s)")
+
+    def _write_row(self, metrics: dict[str, Any]) -> None:
+        """One row of metrics.jsonl, flushed at once: a crash loses no logged step."""
+        self.file.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
+        self.file.flush()
 
     def message(self, text: str) -> None:
         if not self.enabled:
