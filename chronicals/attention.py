@@ -300,8 +300,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         if dropout and not with_weights:
             # Not a packed batch, so not refused as one: attention dropout (which the varlen kernels lack) runs in
             # HF's SDPA over the banded causal mask that packed_mask left out, as an unpatched model's does.
-            distance = torch.arange(q_len, device=query.device)[:, None] - torch.arange(q_len, device=query.device)
-            band = ((distance >= 0) & (distance < sliding_window)).expand(batch, 1, q_len, q_len)
+            band = causal_window(q_len, q_len, sliding_window, query.device).expand(batch, 1, q_len, q_len)
             return sdpa_attention_forward(module, query, key, value, band, dropout=dropout, scaling=scaling,
                                           **kwargs)
         # One sequence per row with a window shorter than the row: SDPA would need a dense banded mask.
@@ -341,9 +340,7 @@ def eager_attention_with_weights(module, query, key, value, attention_mask, drop
     kv_len = key.shape[2]
     device, low = query.device, torch.finfo(query.dtype).min
     if attention_mask is None:
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
-        distance = q_pos[:, None] - torch.arange(kv_len, device=device)[None, :]
-        allowed = (distance >= 0) & (distance < (sliding_window or kv_len + 1))
+        allowed = causal_window(q_len, kv_len, sliding_window, device)
         if layout is not None:
             lengths = layout.cu_seqlens.diff().long()
             sequence = torch.repeat_interleave(torch.arange(layout.num_sequences, device=device), lengths,
@@ -358,6 +355,13 @@ def eager_attention_with_weights(module, query, key, value, attention_mask, drop
         attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(~attention_mask, low)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+def causal_window(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor:
+    """[q_len, kv_len] bool, True where a query may attend: the queries are the last q_len of the kv_len positions,
+    each sees itself and the keys before it, and only the sliding_window - 1 nearest of those when a window is set."""
+    distance = torch.arange(kv_len - q_len, kv_len, device=device)[:, None] - torch.arange(kv_len, device=device)
+    return (distance >= 0) & (distance < (sliding_window or kv_len + 1))
 
 
 def packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
