@@ -250,7 +250,8 @@ def main():
     parser.add_argument("--attention", action="store_true", help="also time causal SDPA under each backend")
     parser.add_argument("--skip-hf-mask-sync", action="store_true",
                         help="skip transformers' find_packed_sequence_indices, whose .all() is a host sync in every "
-                             "forward without an attention mask (these batches are never packed, so it finds none)")
+                             "forward without an attention mask (these batches are never packed, so it finds none); "
+                             "chronicals' packed attention skips it itself, so this changes only unpatched variants")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("step_profile.py times CUDA kernels; it needs a CUDA GPU")

@@ -247,6 +247,27 @@ def test_packed_forward_builds_no_dense_mask(monkeypatch):
     assert all(mask is None and cu is not None for mask, cu in seen)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_forward_skips_hfs_packed_sequence_detection_only_for_this_implementation(name, monkeypatch):
+    # HF's find_packed_sequence_indices ends in a host sync (.all()) in every forward without an attention mask;
+    # packed attention takes its boundaries from cu_seq_lens_q, so for it the detection is skipped. A model on
+    # another implementation still runs it, and packed rows given by position_ids alone still stay apart (the test
+    # above, and test_boundaries_from_either_position_ids_or_cu_seq_lens_alone).
+    from transformers import masking_utils
+
+    calls = []
+    original = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: calls.append(p) or original(p))
+    seqs = sequences(build_model(name, seed=0).config.vocab_size)
+    batch = packed_batch(seqs, 0, with_cu=False)
+    model = packed_model(name)
+    model(**batch, use_cache=False)
+    model(input_ids=seqs[1][None], use_cache=False)  # a training forward: no cache, so HF would look
+    assert calls == []
+    build_model(name, seed=0).to(DEVICE)(input_ids=seqs[1][None], use_cache=False)
+    assert len(calls) >= 1
+
+
 def test_sliding_window_in_a_packed_batch():
     # Mistral-style window shorter than the sequences: packed equals alone, and the window really limits attention.
     model = build_model("tiny-mistral", seed=0, sliding_window=4).to(DEVICE)
