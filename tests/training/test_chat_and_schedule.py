@@ -78,3 +78,30 @@ def test_scheduler_drives_the_optimizer():
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_a_loaded_state_resumes_on_this_schedule_not_the_saved_one():
+    # A resume with another max_steps (or warmup, schedule, min_lr_ratio) trains on this run's schedule (TRAINING.md).
+    # LambdaLR.load_state_dict restores the step count but leaves the optimizer's lr as saved, computed by the OLD
+    # schedule, so the first resumed step trained at the old schedule's lr (found by resuming max_steps 4 -> 8).
+    def make(total):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([{"params": [p], "lr": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))],
+                                                             "lr": 4.0}])
+        return opt, build_scheduler(opt, warmup_steps=1, total_steps=total, schedule="linear", min_lr_ratio=0.0)
+
+    opt, sched = make(4)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    opt, sched = make(8)
+    opt.load_state_dict(saved_opt)
+    sched.load_state_dict(saved_sched)
+    expected = lr_factor(2, warmup_steps=1, total_steps=8, schedule="linear", min_lr_ratio=0.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([expected, 4 * expected])
+    assert sched.get_last_lr() == pytest.approx([expected, 4 * expected])
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        lr_factor(3, warmup_steps=1, total_steps=8, schedule="linear", min_lr_ratio=0.0))
