@@ -15,7 +15,10 @@ operators with the most self time per step (the profiler's own overhead inflates
 other, not with the GPU times). `--skip-hf-mask-sync` removes transformers' per-forward host sync (see main).
 
 Variants (names for --variants): see VARIANTS below. Writes DIR/step_profile.json after every variant (a crash
-loses nothing measured) and prints a summary table last.
+loses nothing measured) and prints a summary table last. `--phases` adds each phase's GPU time against the host's
+enqueue time (`phase_split`): where a phase's host time exceeds its GPU time, a step timed on its own waits on
+launches (on an H100 host, Qwen2.5-0.5B full at commit adf8f9f, GPU times then taken with each step timed on its
+own: forward 56.8 ms GPU against 30.1 ms host, backward 63.3 against 31.3, update 4.7 against 3.7).
 """
 
 from __future__ import annotations
@@ -81,18 +84,74 @@ def build(preset: str, mode: str, flags: dict, options: dict, seed: int):
     return model
 
 
-def make_step(model, params, batch):
+def make_phases(model, params, batch):
+    """The step's three phases as functions: forward() -> loss, backward(loss), update()."""
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
 
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
+    def update():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return (lambda: model(**batch).loss), (lambda loss: loss.backward()), update
+
+
+def make_step(forward, backward, update):
+    def step():
+        loss = forward()
+        backward(loss)
+        update()
         return loss
 
     return step
+
+
+PHASES = ("forward", "backward", "update")
+
+
+def phase_split(forward, backward, update, steps: int, sleep_cycles: int = 1_500_000_000) -> dict:
+    """Per phase, the GPU's time against the host's. GPU: CUDA events around each phase, each step queued behind a
+    sleep kernel so that the host's launches are ahead of the GPU and no launch latency is counted (a phase that
+    syncs still counts the host's time after its sync). Host: the time to enqueue the phase while a sleep kernel
+    keeps the GPU busy, so the host never waits on it. A phase whose host time exceeds its GPU time starves the GPU
+    wherever the host cannot run ahead, as at the start of a step timed on its own. An enqueue that takes about the
+    sleep's length hit a host sync, or filled CUDA's launch queue (about a thousand kernels); `queue_or_sync` names
+    such phases (their host figure is then only a bound)."""
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(steps)]
+    for ev in events:
+        torch.cuda._sleep(sleep_cycles)
+        ev[0].record()
+        loss = forward()
+        ev[1].record()
+        backward(loss)
+        ev[2].record()
+        update()
+        ev[3].record()
+    torch.cuda.synchronize()
+    gpu = {name: statistics.median(ev[i].elapsed_time(ev[i + 1]) for ev in events) for i, name in enumerate(PHASES)}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(sleep_cycles)
+    end.record()
+    end.synchronize()
+    sleep_ms = start.elapsed_time(end)
+    host = {name: [] for name in PHASES}
+
+    def enqueue(name, run, *args):
+        torch.cuda._sleep(sleep_cycles)
+        t0 = time.perf_counter()
+        result = run(*args)
+        host[name].append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        return result
+
+    for _ in range(steps):
+        loss = enqueue("forward", forward)
+        enqueue("backward", backward, loss)
+        enqueue("update", update)
+    host_ms = {name: statistics.median(times) for name, times in host.items()}
+    return {"gpu_ms": gpu, "host_enqueue_ms": host_ms, "sleep_ms": sleep_ms,
+            "queue_or_sync": [name for name, ms in host_ms.items() if ms > 0.8 * sleep_ms]}
 
 
 CATEGORIES = [
@@ -204,7 +263,8 @@ def _timed_variant(name: str, mode: str, flags: dict, options: dict, args) -> di
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), generator=g).cuda()
-    step = make_step(model, params, {"input_ids": ids, "labels": ids})
+    phases = make_phases(model, params, {"input_ids": ids, "labels": ids})
+    step = make_step(*phases)
     warmup = 8 if options.get("compile_layers") else 3
     first_loss = float(step().detach())
     for _ in range(warmup - 1):
@@ -228,9 +288,11 @@ def _timed_variant(name: str, mode: str, flags: dict, options: dict, args) -> di
                back_to_back_ms=(time.perf_counter() - t0) * 1e3 / args.steps,
                tokens_per_s=args.batch * args.seq_len / median * 1e3,
                peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
+    if args.phases:
+        row["phases"] = phase_split(*phases, steps=min(args.steps, 5))
     if name in args.profile:
         row["profile"] = profile(step)
-    del model, params, step
+    del model, params, step, phases
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -246,6 +308,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--phases", action="store_true",
+                        help="also split each variant's step into forward, backward and update, GPU time against the "
+                             "host's time to enqueue each (phase_split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", action="store_true", help="also time causal SDPA under each backend")
     parser.add_argument("--skip-hf-mask-sync", action="store_true",

@@ -130,3 +130,62 @@ def test_step_memory_cpu_mode_measures_saved_activations(tmp_path, capsys):
     assert rows["chronicals"]["preset"] == "tiny-qwen3" and rows["chronicals"]["overall"] is None
     assert 0 < rows["chronicals"]["saved_per_token_layer"] < rows["hf"]["saved_per_token_layer"]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_phase_split_times_each_phase_and_flags_a_host_sync(monkeypatch):
+    # A simulated GPU: work is a queue of durations that starts no earlier than the host enqueues it; an event's time
+    # is when the queue reaches it, synchronize waits for the queue. The forward enqueues 3 ms of GPU work in 1 ms of
+    # host time, the backward 5 ms in 2, the update syncs (waits for the GPU): it must be flagged, the others timed,
+    # and the GPU times must not include the host's launch lag (the forward's first millisecond).
+    from benchmarks import step_profile
+
+    clock = {"host": 0.0, "gpu": 0.0}
+
+    def launch(ms):
+        clock["gpu"] = max(clock["gpu"], clock["host"]) + ms
+
+    def sync():
+        clock["host"] = max(clock["host"], clock["gpu"])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = max(clock["gpu"], clock["host"])
+
+        def synchronize(self):
+            sync()
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    def host(ms):
+        clock["host"] += ms
+
+    def forward():
+        host(1.0)
+        launch(3.0)
+        return "loss"
+
+    def backward(loss):
+        assert loss == "loss"
+        host(2.0)
+        launch(5.0)
+
+    def update():
+        host(0.1)
+        launch(0.5)
+        sync()
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: launch(100.0))
+    monkeypatch.setattr(step_profile.time, "perf_counter", lambda: clock["host"] / 1e3)
+    out = step_profile.phase_split(forward, backward, update, steps=3)
+    assert out["gpu_ms"] == pytest.approx({"forward": 3.0, "backward": 5.0, "update": 0.5})
+    assert out["sleep_ms"] == pytest.approx(100.0)
+    assert out["host_enqueue_ms"]["forward"] == pytest.approx(1.0)
+    assert out["host_enqueue_ms"]["backward"] == pytest.approx(2.0)
+    assert out["host_enqueue_ms"]["update"] > 80
+    assert out["queue_or_sync"] == ["update"]
