@@ -38,7 +38,7 @@ for spec in "$@"; do
     trainer) stage trainer "$limit" python3 benchmarks/trainer.py --out "$res" "${quick[@]}" ;;
     # Where a step's time goes (kernels, GPU idle gaps, host ops) and the speed levers A/B'd; VARIANTS overrides.
     profile) stage profile "$limit" python3 benchmarks/step_profile.py --out "$res" --attention \
-               --variants "${VARIANTS:-full,lora,lora_kconcat,lora_unfused}" --profile full,lora ;;
+               --variants "${VARIANTS:-full,lora,lora_kconcat,lora_unfused}" --profile full,lora --phases ;;
     full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
     lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
     # Shapes the headline scenarios do not cover (Qwen3 full and LoRA, Llama-3.2-1B full, Qwen2.5 LoRA); the
