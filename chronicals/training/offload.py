@@ -65,13 +65,14 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def _eligible(self, t: torch.Tensor) -> bool:
         return (
             t.device == self.device
+            # First: a sparse (or other non-strided) tensor has no storage, and reading one raised in the forward.
+            and t.layout == torch.strided
             and not isinstance(t, nn.Parameter)
             # A view of a parameter (linear saves weight.t()), also of one FSDP2 gathered just for this forward,
             # whose storage is in no list made before it: copying it would hold every gathered weight on the host.
             and not isinstance(t._base, nn.Parameter)
             and t.untyped_storage().data_ptr() not in self.param_storages
             and t.numel() * t.element_size() >= self.min_bytes
-            and t.layout == torch.strided
         )
 
     def _pack(self, t: torch.Tensor):

@@ -38,3 +38,17 @@ def test_parameters_are_never_offloaded():
     assert not ctx._eligible(weight)
     assert not ctx._eligible(weight.t())  # a view of a parameter shares its storage
     assert ctx._eligible(torch.ones(3))
+
+
+def test_a_saved_sparse_tensor_stays_where_it_is():
+    # torch.sparse.mm saves its sparse operand for the backward. _eligible read the storage of every saved tensor
+    # before its layout check, and a sparse one has none: the forward failed with "Cannot access storage of
+    # SparseTensorImpl" instead of keeping the tensor in place, as meant for non-strided layouts.
+    sparse = torch.eye(4).to_sparse()
+    dense = torch.randn(4, 3, requires_grad=True)
+    expected = torch.autograd.grad(torch.sparse.mm(sparse, dense * 2).square().sum(), dense)[0]
+    ctx = OffloadActivations(tiny_model(), device=torch.device("cpu"))
+    with ctx:
+        loss = torch.sparse.mm(sparse, dense * 2).square().sum()
+    assert not ctx._eligible(sparse)
+    assert torch.equal(torch.autograd.grad(loss, dense)[0], expected)
