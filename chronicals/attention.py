@@ -411,9 +411,16 @@ def prepare_packed_batch(kwargs: dict) -> dict:
                              "sequences on both sides")
         if position_ids is not None and position_ids.numel() != batch * seq:
             raise ValueError(f"position_ids has {position_ids.numel()} entries for {batch * seq} tokens")
-        layout = check_layout(cu.to(tokens.device), kwargs.get("max_length_q"), batch * seq, position_ids)
+        # Checked where the collator made them: a batch whose cu_seq_lens_q (and position_ids) are still on the host
+        # is validated there, with no device sync, and then copied over (ChronicalsTrainer leaves them there, so
+        # that it can run ahead of the GPU); the checks read values, which on the device means a sync.
+        if position_ids is not None and position_ids.device != cu.device:
+            cu = cu.to(position_ids.device)
+        layout = check_layout(cu, kwargs.get("max_length_q"), batch * seq, position_ids)
+        layout = PackedLayout(layout.cu_seqlens.to(tokens.device, non_blocking=True), layout.max_length)
         if position_ids is None:  # HF would count 0..T-1 across the whole row: RoPE must restart per sequence
-            kwargs["position_ids"] = positions_from_cu_seqlens(layout.cu_seqlens, batch * seq).view(batch, seq)
+            position_ids = positions_from_cu_seqlens(layout.cu_seqlens, batch * seq).view(batch, seq)
+        kwargs["position_ids"] = position_ids.to(tokens.device, non_blocking=True)
     kwargs.update(attention_mask=None, cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
                   max_length_q=layout.max_length, max_length_k=layout.max_length)
     return kwargs
