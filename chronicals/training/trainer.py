@@ -1,13 +1,18 @@
 """ChronicalsTrainer: `ChronicalsTrainer(model, tokenizer, config).train(train_dataset)`.
 
-The loop is nanoGPT-shaped: a plan of optimizer steps (batches.py), `_train_step` for one step, then logging and
-checkpointing around it. One optimizer step = `gradient_accumulation_steps` micro-batches whose losses are each
-sum(token losses) / N, N = the valid label tokens of the WHOLE step (all micro-batches, all ranks), so the summed
-gradients equal those of one big batch exactly; the model computes that reduction when given
-`num_items_in_batch=N` (HF's loss and chronicals' fused loss both do).
+The loop is nanoGPT-shaped: a plan of optimizer steps (batches.py), `_launch_step` and `_update` for one step and
+`_finish_step` to read it, then logging and checkpointing around it. One optimizer step =
+`gradient_accumulation_steps` micro-batches whose losses are each sum(token losses) / N, N = the valid label tokens
+of the WHOLE step (all micro-batches, all ranks), so the summed gradients equal those of one big batch exactly; the
+model computes that reduction when given `num_items_in_batch=N` (HF's loss and chronicals' fused loss both do).
 
 GPU-friendliness: batches are collated on the host (the token counts come from there, with no device sync),
-copied from pinned memory with non_blocking, and the only host syncs per step are one read of (loss, grad norm).
+copied from pinned memory with non_blocking, and the only host sync per step is one read of (loss, grad norm). With
+PyTorch's fused AdamW on one process (the default optimizer) that read is one step late: a step whose loss or
+gradient norm is not finite is skipped on the device (the optimizer's `found_inf`), and the host reads step N's
+values after enqueueing step N+1's forward and backward, so it runs ahead of the GPU instead of waiting for it
+(`_run_ahead`). A packed batch's layout then stays on the host, where the patched model validates it without a
+device sync. Checkpoints, evaluations and the last step read their step's values first.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from .logger import MetricsLogger
 from .offload import OffloadActivations
 from .schedule import build_scheduler
 
+_PACKED_LAYOUT = ("cu_seq_lens_q", "cu_seq_lens_k", "position_ids")
+
 
 class NonFiniteError(RuntimeError):
     """A step produced a NaN or inf loss or gradient and the config says stop (on_nonfinite: stop)."""
@@ -54,6 +61,20 @@ class TrainResult:
     checkpoint: str | None = None
     final_model: str | None = None
     eval_metrics: dict[str, Any] | None = None  # the last evaluation's (eval_loss, eval_perplexity, eval_tokens...)
+
+
+@dataclass
+class _Launched:
+    """An optimizer step whose work is enqueued: its (loss, grad norm) are read by `_finish_step`."""
+    step: int
+    epoch: int
+    values: torch.Tensor  # [loss, grad norm]: on the host, or being copied there until `ready` has passed
+    ready: Any  # a CUDA event recorded after that copy, or None when `values` can be read now
+    skipped: bool | None  # decided at launch (values read then), or None: decided from the values on the device
+    lr: float
+    label_tokens: int
+    input_tokens: int
+    seq_lens: list[int]
 
 
 class ChronicalsTrainer:
@@ -88,6 +109,7 @@ class ChronicalsTrainer:
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
         self._step_clock: float | None = None  # when the current step began, its batches' collation included
+        self._run_ahead = False  # set by train(): read each step's (loss, grad norm) one step late (module docstring)
         self._flops_per_token = (4 if config.use_lora else 6) * matmul_params(self.model)
         mc = self.model.config
         self._layers = mc.num_hidden_layers
@@ -181,31 +203,43 @@ class ChronicalsTrainer:
                        f"{plan.steps_per_epoch} steps per epoch); outputs in {out}")
         result = TrainResult(steps=state["step"])
         self.model.train()
+        self._run_ahead = self._can_run_ahead()
+        pending = None  # a step enqueued whose values are not read yet (run-ahead only)
         try:
             self._step_clock = time.perf_counter()
             with self._ctrl_c_saves(logger):
                 while state["step"] < total and not self._stop_requested:
                     for micro_batches in plan.epoch_steps(state["epoch"], start=state["step_in_epoch"]):
-                        metrics = self._train_step(micro_batches, state["step"] + 1)
-                        metrics["epoch"] = state["epoch"]
+                        launched = self._launch_step(micro_batches, state["step"] + 1, state["epoch"])
+                        if pending is not None:
+                            # The step before is read while this one's backward runs on the GPU, and before this
+                            # one's update: a stop at a non-finite step leaves the weights of the last good one.
+                            self._log_step(self._finish_step(pending), logger, result)
+                        self._update(launched)
+                        pending = launched
                         state["step"] += 1
                         state["step_in_epoch"] += 1
                         if state["step_in_epoch"] == plan.steps_per_epoch:  # the position is the next step's
                             state["epoch"] += 1
                             state["step_in_epoch"] = 0
-                        logger.log(metrics)
-                        result.losses.append(metrics["loss"])
                         # Ctrl-C reaches the ranks at slightly different moments; all stop after the same step.
                         self._stop_requested = parallel.any_rank(self._stop_requested, self.env, self.device)
-                        if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < total:
+                        save = bool(cfg.save_steps) and state["step"] % cfg.save_steps == 0 and state["step"] < total
+                        evaluate = eval_data is not None and bool(cfg.eval_steps) \
+                            and state["step"] % cfg.eval_steps == 0 and state["step"] < total
+                        last = state["step"] >= total or self._stop_requested
+                        if save or evaluate or last or not self._run_ahead:
+                            self._log_step(self._finish_step(pending), logger, result)
+                            pending = None
+                        if save:
                             self._save(state)
                         # After the checkpoint: an evaluation that fails (out of memory, bad data) loses no training.
-                        if eval_data is not None and cfg.eval_steps and state["step"] % cfg.eval_steps == 0 \
-                                and state["step"] < total:
+                        if evaluate:
                             result.eval_metrics = self._log_evaluation(eval_data, state["step"], logger)
-                        if state["step"] >= total or self._stop_requested:
+                        if last:
                             break
-                        self._step_clock = time.perf_counter()  # the next step's time includes collating it
+                        if save or evaluate:
+                            self._step_clock = time.perf_counter()  # the next step's time leaves these out
             result.steps = state["step"]
             result.checkpoint = str(self._save(state))
             if eval_data is not None and not self._stop_requested:
@@ -218,6 +252,11 @@ class ChronicalsTrainer:
                 result.final_model = str(self._export_final(out / "final"))
                 logger.message(f"done: {state['step']} steps, final loss {result.losses[-1]:.4f}; model in "
                                f"{result.final_model}" if result.losses else f"done; model in {result.final_model}")
+        except BaseException:
+            if pending is not None:  # the step before the failing one trained: log it if its values can be read
+                with contextlib.suppress(Exception):
+                    self._log_step(self._finish_step(pending), logger, result)
+            raise
         finally:
             logger.close()
         return result
@@ -280,9 +319,17 @@ class ChronicalsTrainer:
                 "eval_tokens": tokens, "eval_time_s": time.perf_counter() - start}
 
     # ---- one optimizer step ----------------------------------------------------------------------------------------
-    def _train_step(self, micro_batches: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    def _can_run_ahead(self) -> bool:
+        """Whether each step's values may be read one step late: the update of a non-finite step must then be skipped
+        on the device, which PyTorch's fused Adam/AdamW do through `found_inf` (the foreach and 8-bit ones cannot);
+        fp16's GradScaler reads its own flags, and several processes already meet in a collective every step."""
+        return (self.scaler is None and not self.env.enabled
+                and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+                and all(group.get("fused") for group in self.optimizer.param_groups))
+
+    def _launch_step(self, micro_batches: list[dict[str, Any]], step: int, epoch: int) -> _Launched:
+        """Forward, backward and clipping of one optimizer step, enqueued; `_update` applies it."""
         cfg = self.config
-        start = self._step_clock if self._step_clock is not None else time.perf_counter()
         local_tokens = sum(int(mb.pop("num_label_tokens")) for mb in micro_batches)
         # One unavoidable sync under several processes: every rank must divide by the same global count.
         label_tokens = distributed.all_reduce_count(local_tokens, self.env, self.device)
@@ -291,7 +338,7 @@ class ChronicalsTrainer:
         seq_lens = [n for mb in micro_batches for n in _sequence_lengths(mb)]
         loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
-            batch = {k: self._to_device(v) for k, v in mb.items()}
+            batch = self._batch_to_device(mb)
             with self._autocast(), self._offload(), \
                     parallel.gradient_sync(self.forward_model, sync=i == len(micro_batches) - 1):
                 loss = self.forward_model(**batch, use_cache=False, num_items_in_batch=label_tokens).loss
@@ -302,40 +349,96 @@ class ChronicalsTrainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = parallel.clip_grad_norm(self.trainable, cfg.max_grad_norm or float("inf"))
         distributed.all_reduce_sum(loss_sum, self.env)
-        loss_value, norm_value = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)]).tolist()
+        values = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device)])
         # The learning_rate as scheduled: the first group's may be LoRA+'s B matrices, at lora_plus_ratio times it.
         lr = self._learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
-        skipped = False
-        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and self.scaler is None):
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.on_nonfinite == "stop":
-                kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
-                        "no checkpoint was saved before it (set save_steps to keep one)")
-                raise NonFiniteError(
-                    f"step {step}: loss {loss_value}, gradient norm {norm_value} (not finite); stopping, and {kept}. "
-                    "Lower learning_rate, check the data, or set on_nonfinite: skip to skip such steps"
-                )
-            skipped = True
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update by itself when fp16 gradients overflowed
-            self.scaler.update()
+        return _Launched(step=step, epoch=epoch, values=values, ready=None, skipped=None, lr=lr,
+                         label_tokens=label_tokens, input_tokens=sum(seq_lens), seq_lens=seq_lens)
+
+    def _update(self, launched: _Launched) -> None:
+        """The optimizer and scheduler step of a launched step. Without run-ahead its values are read here, first: a
+        non-finite step is skipped or stops the run. With run-ahead they are only copied towards the host."""
+        values = launched.values
+        if self._run_ahead:
+            # The fused kernel leaves the weights and moments alone, and takes its step count back, where found_inf
+            # is 1: a non-finite step is skipped on the device, and _finish_step learns of it one step later.
+            self.optimizer.found_inf = (~torch.isfinite(values).all()).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            if values.is_cuda:
+                launched.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                launched.values.copy_(values, non_blocking=True)
+                launched.ready = torch.cuda.Event()
+                launched.ready.record()
         else:
-            self.optimizer.step()
+            loss_value, norm_value = values.tolist()
+            launched.skipped = self._nonfinite(launched.step, loss_value, norm_value)
+            if launched.skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+            elif self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skips the update by itself when fp16 gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        input_tokens = sum(seq_lens)
+
+    def _nonfinite(self, step: int, loss_value: float, norm_value: float) -> bool:
+        """True when step `step` is to be skipped (NaN or inf loss or gradient norm, on_nonfinite: skip); raises
+        NonFiniteError under on_nonfinite: stop. GradScaler handles a non-finite fp16 gradient norm itself."""
+        if math.isfinite(loss_value) and (math.isfinite(norm_value) or self.scaler is not None):
+            return False
+        if self.config.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients of the step that will not be applied
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
+                    "no checkpoint was saved before it (set save_steps to keep one)")
+            raise NonFiniteError(
+                f"step {step}: loss {loss_value}, gradient norm {norm_value} (not finite); stopping, and {kept}. "
+                "Lower learning_rate, check the data, or set on_nonfinite: skip to skip such steps"
+            )
+        return True
+
+    def _finish_step(self, launched: _Launched) -> dict[str, Any]:
+        """The step's metrics, its values read from the device (waiting for them if they are not there yet)."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        loss_value, norm_value = launched.values.tolist()
+        skipped = launched.skipped
+        if skipped is None:
+            skipped = self._nonfinite(launched.step, loss_value, norm_value)
+        now = time.perf_counter()
+        # From the previous step's read (or the loop's start, a checkpoint, an evaluation) to this one's: back to back,
+        # one step's share of the time, whether the host or the GPU was the slower.
+        elapsed = now - self._step_clock
+        self._step_clock = now
         cuda = self.device.type == "cuda"
-        flops = self._flops_per_token * input_tokens + attention_flops(seq_lens, layers=self._layers,
-                                                                       attn_dim=self._attn_dim)
+        flops = self._flops_per_token * launched.input_tokens + attention_flops(
+            launched.seq_lens, layers=self._layers, attn_dim=self._attn_dim)
         return {
-            "step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "label_tokens": label_tokens,
-            "tokens_per_s": label_tokens / elapsed, "step_time_s": elapsed, "skipped": skipped,
+            "step": launched.step, "loss": loss_value, "lr": launched.lr, "grad_norm": norm_value,
+            "label_tokens": launched.label_tokens, "tokens_per_s": launched.label_tokens / elapsed,
+            "step_time_s": elapsed, "skipped": skipped,
             "mfu": flops / (elapsed * self._peak) if self._peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None,
+            "epoch": launched.epoch,
         }
 
+    @staticmethod
+    def _log_step(metrics: dict[str, Any], logger: MetricsLogger, result: TrainResult) -> None:
+        logger.log(metrics)
+        result.losses.append(metrics["loss"])
+
     # ---- helpers ---------------------------------------------------------------------------------------------------
+    def _batch_to_device(self, mb: dict[str, Any]) -> dict[str, Any]:
+        """A training micro-batch on the device. Under run-ahead a packed batch's layout (cu_seq_lens_q/k,
+        position_ids) stays on the host: the patched model validates it there and copies it over, where on the device
+        the validation would read values back, a sync per forward that stops the host from running ahead."""
+        host = _PACKED_LAYOUT if self._run_ahead and not self.config.use_torch_compile and "cu_seq_lens_q" in mb \
+            else ()
+        return {k: v if k in host else self._to_device(v) for k, v in mb.items()}
+
     def _to_device(self, v):
         if not torch.is_tensor(v):
             return v

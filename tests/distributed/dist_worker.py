@@ -224,15 +224,15 @@ def stop_on_one_rank(out: Path) -> dict:
     from chronicals.training import ChronicalsTrainer
 
     trainer = ChronicalsTrainer(model(), tokenizer(), config(out, max_steps=3))
-    step = trainer._train_step
+    step = trainer._launch_step
     last = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
 
-    def step_then_stop(micro_batches, index):
-        metrics = step(micro_batches, index)
+    def step_then_stop(micro_batches, index, epoch):
+        launched = step(micro_batches, index, epoch)
         trainer._stop_requested = trainer._stop_requested or (last and index == 1)
-        return metrics
+        return launched
 
-    trainer._train_step = step_then_stop
+    trainer._launch_step = step_then_stop
     result = trainer.train(rows())
     return {"steps": result.steps, "interrupted": result.interrupted, "checkpoint": result.checkpoint}
 

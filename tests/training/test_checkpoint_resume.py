@@ -121,15 +121,15 @@ def test_checkpoint_holds_model_optimizer_scheduler_rng_and_position(tmp_path):
 
 def test_ctrl_c_finishes_the_step_saves_and_stops(tmp_path):
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=6, batch_size=2))
-    step = trainer._train_step
+    step = trainer._launch_step
 
-    def interrupted_at_two(micro_batches, n):
-        out = step(micro_batches, n)
+    def interrupted_at_two(micro_batches, n, epoch):
+        out = step(micro_batches, n, epoch)
         if n == 2:
             signal.raise_signal(signal.SIGINT)
         return out
 
-    trainer._train_step = interrupted_at_two
+    trainer._launch_step = interrupted_at_two
     result = trainer.train(rows(16))
     assert result.interrupted and result.steps == 2
     assert checkpoint.find_latest(tmp_path / "run").name == "checkpoint-2"

@@ -1,5 +1,7 @@
 """A NaN/inf loss stops the run naming the step and keeping the last good checkpoint, or skips the step."""
 
+import json
+
 import pytest
 import torch
 
@@ -23,32 +25,79 @@ def _poison_step(trainer, bad_step):
     trainer.forward_model = forward
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=4, batch_size=4, save_steps=2))
+def _trainer(tmp_path, run_ahead: bool, **changes):
+    """A trainer whose loss and gradient norm are read one step late (run_ahead, the default with fused AdamW on one
+    process) or at each step's end."""
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
+    if not run_ahead:
+        trainer._can_run_ahead = lambda: False
+    return trainer
+
+
+def _weights_after_each_launch(trainer) -> list:
+    """The trainable weights as they stand when each step is launched (the previous steps' updates applied)."""
+    seen = []
+    launch = trainer._launch_step
+
+    def record(micro_batches, n, epoch):
+        seen.append([p.detach().clone() for p in trainer.trainable])
+        return launch(micro_batches, n, epoch)
+
+    trainer._launch_step = record
+    return seen
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, run_ahead):
+    trainer = _trainer(tmp_path, run_ahead, max_steps=5, batch_size=4, save_steps=2)
     _poison_step(trainer, 3)
+    seen = _weights_after_each_launch(trainer)
     with pytest.raises(NonFiniteError, match=r"step 3: loss nan.*checkpoint-2"):
-        trainer.train(rows(16))
+        trainer.train(rows(20))
+    assert trainer._run_ahead is run_ahead
     out = tmp_path / "run"
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-2"]
+    # Stopped with the weights of step 2, the last good one: step 3's update was never applied (skipped on the
+    # device under run-ahead), and neither was step 4's, launched before step 3's values were read.
+    assert all(torch.equal(a, p) for a, p in zip(seen[2], trainer.trainable))
+    assert all(p.grad is None for p in trainer.trainable)
 
 
-def test_nan_skip_leaves_the_weights_unchanged_and_continues(tmp_path):
-    trainer = ChronicalsTrainer(tiny_model(), tokenizer(),
-                                config(tmp_path, max_steps=3, batch_size=4, on_nonfinite="skip"))
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_nan_skip_leaves_the_weights_unchanged_and_continues(tmp_path, run_ahead):
+    trainer = _trainer(tmp_path, run_ahead, max_steps=3, batch_size=4, on_nonfinite="skip")
     _poison_step(trainer, 2)
-    seen = []
-    step = trainer._train_step
-
-    def record(micro_batches, n):
-        before = [p.detach().clone() for p in trainer.trainable]
-        out = step(micro_batches, n)
-        seen.append((out["skipped"], all(torch.equal(a, p) for a, p in zip(before, trainer.trainable))))
-        return out
-
-    trainer._train_step = record
+    seen = _weights_after_each_launch(trainer)
     result = trainer.train(rows(16))
+    assert trainer._run_ahead is run_ahead
     assert result.steps == 3
-    assert seen == [(False, False), (True, True), (False, False)]
+    seen.append(list(trainer.trainable))
+    moved = [not all(torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(seen, seen[1:])]
+    assert moved == [True, False, True]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped"] for row in logged if "loss" in row] == [False, True, False]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_reading_the_loss_a_step_late_trains_the_same_steps(tmp_path, skip):
+    # Run-ahead changes when the host reads (loss, grad norm), never what is trained: the same losses, gradient
+    # norms, learning rates and final weights as reading them at each step's end, with a skipped step or without.
+    runs = []
+    for run_ahead in (True, False):
+        trainer = _trainer(tmp_path / str(run_ahead), run_ahead, max_steps=5, batch_size=2, on_nonfinite="skip",
+                           warmup_steps=2)
+        if skip:
+            _poison_step(trainer, 3)
+        result = trainer.train(rows(16))
+        logged = [json.loads(line) for line in (tmp_path / str(run_ahead) / "run" / "metrics.jsonl")
+                  .read_text().splitlines()]
+        runs.append((result.losses, [(r["step"], r["grad_norm"], r["lr"], r["skipped"]) for r in logged if "loss" in r],
+                     [p.detach().clone() for p in trainer.trainable]))
+    (losses_a, rows_a, weights_a), (losses_b, rows_b, weights_b) = runs
+    assert len(losses_a) == 5
+    assert str(losses_a) == str(losses_b)  # NaN included
+    assert str(rows_a) == str(rows_b)
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
 
 
 def test_a_step_without_label_tokens_is_an_error(tmp_path):
@@ -57,4 +106,4 @@ def test_a_step_without_label_tokens_is_an_error(tmp_path):
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path))
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.full((1, 3), -100), "num_label_tokens": 0}
     with pytest.raises(DataError, match="step 7 has no label tokens"):
-        trainer._train_step([batch], 7)
+        trainer._launch_step([batch], 7, 0)
