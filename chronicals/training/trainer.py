@@ -215,6 +215,8 @@ class ChronicalsTrainer:
                             # The step before is read while this one's backward runs on the GPU, and before this
                             # one's update: a stop at a non-finite step leaves the weights of the last good one.
                             self._log_step(self._finish_step(pending), logger, result)
+                            # Logged: an exception in this step's update must not log it again (the handler below).
+                            pending = None
                         self._update(launched)
                         pending = launched
                         state["step"] += 1

@@ -3,6 +3,8 @@ the device (PyTorch's fused AdamW, one process, no fp16 GradScaler), so the host
 batch's layout then stays on the host, where the patched model validates it without a device sync. What such runs
 train is pinned in test_nonfinite.py (the same steps, losses and weights as reading at each step's end)."""
 
+import json
+
 import pytest
 import torch
 
@@ -65,3 +67,23 @@ def test_a_packed_training_step_makes_no_host_sync_under_run_ahead(tmp_path):
     assert trainer._run_ahead and result.steps == 6
     assert checked == [3, 3, 4, 4, 5, 5, 6, 6]
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_a_step_whose_update_fails_leaves_each_earlier_step_logged_once(tmp_path, monkeypatch):
+    # Step 3's update fails (out of memory, a second Ctrl-C) after step 2's values were read and logged: the
+    # handler that logs a step still unread logged step 2 a second time.
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=5, batch_size=4))
+    step, calls = type(trainer.optimizer).step, []
+
+    def step_fails_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.optimizer), "step", step_fails_third)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train(rows(20))
+    assert trainer._run_ahead
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2]
