@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -144,6 +145,13 @@ class ChronicalsTrainer:
         if cfg.resume_from_checkpoint:
             path = checkpoint.resolve(cfg.resume_from_checkpoint, cfg.output_dir)
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
+            # Before the load: 8-bit Adam's state is not AdamW's, and either way round it failed late, or deep inside
+            # bitsandbytes at the first step, without naming the setting.
+            changed_optimizer = _changed_optimizer(_saved_config(path), cfg)
+            if changed_optimizer:
+                raise SetupError(f"checkpoint {str(path)!r} was saved with {changed_optimizer}: its optimizer state "
+                                 "is the other optimizer's (8-bit Adam keeps state1/state2, AdamW exp_avg/exp_avg_sq), "
+                                 "which this run's cannot continue; resume with the value it was saved with")
             try:  # another model's or LoRA setup's checkpoint: a SetupError (the CLI's one-line error), no traceback
                 if self.strategy == "fsdp2":
                     saved = dist_checkpoint.load_sharded(path, model=self.model, optimizer=self.optimizer,
@@ -596,6 +604,17 @@ def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | 
     if not (cfg.use_lora and before.get("use_lora")):
         return None
     return _changed_settings(before, cfg, ("lora_alpha", "use_rslora"))
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The config a checkpoint recorded (its trainer_state.json), read before its states are loaded."""
+    return json.loads((path / checkpoint.STATE_FILE).read_text()).get("config") or {}
+
+
+def _changed_optimizer(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
+    """use_8bit_optimizer when the checkpoint's differs from this config's (_changed_settings): the saved optimizer
+    state is then another optimizer's."""
+    return _changed_settings(before, cfg, ("use_8bit_optimizer",))
 
 
 # Fields that may differ between ranks: paths (a node's own copy of the model or data: the data's contents are

@@ -1,6 +1,7 @@
 """Checkpoints: resuming continues with the losses of an uninterrupted run; a crash mid-write never leaves a
 checkpoint that looks complete; Ctrl-C saves one before stopping."""
 
+import dataclasses
 import json
 import signal
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from chronicals.training import ChronicalsTrainer, SetupError, checkpoint
+from chronicals.training import trainer as trainer_module
 
 from .helpers import config, rows, tiny_model, tokenizer
 
@@ -201,6 +203,30 @@ def test_resume_with_another_lora_scale_is_a_setup_error(tmp_path, resumed):
                **{"lora_alpha": 8.0, **resumed})
     _train(tmp_path, data, max_steps=2, batch_size=4, use_lora=True, lora_alpha=8.0, lora_dropout=0.1,
            resume_from_checkpoint="latest")  # dropout changes no weight's meaning: resumes
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["8bit-then-plain", "plain-then-8bit"])
+def test_resume_with_another_use_8bit_optimizer_is_a_setup_error(tmp_path, monkeypatch, saved):
+    # 8-bit Adam's state (bitsandbytes' state1/state2) is not AdamW's (exp_avg/exp_avg_sq): a plain checkpoint
+    # resumed with 8-bit Adam failed deep inside bitsandbytes at the first step, and an 8-bit one resumed without it
+    # failed on the state's keys, neither naming the setting. bitsandbytes is CUDA-only, so on this CPU the
+    # checkpoint's recorded config says what it was saved with and a fused AdamW stands in for 8-bit Adam.
+    data = rows(8)
+    _train(tmp_path, data, max_steps=1, batch_size=4)
+    state_file = tmp_path / "run" / "checkpoint-1" / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["config"]["use_8bit_optimizer"] = saved
+    state_file.write_text(json.dumps(state))
+    build = trainer_module.build_optimizer
+    monkeypatch.setattr(trainer_module, "build_optimizer",
+                        lambda model, cfg: build(model, dataclasses.replace(cfg, use_8bit_optimizer=False)))
+    with pytest.raises(SetupError, match=f"checkpoint-1' was saved with use_8bit_optimizer {saved} \\(this config: "
+                                         f"{not saved}\\).*resume with the value it was saved with"):
+        _train(tmp_path, data, max_steps=2, batch_size=4, use_8bit_optimizer=not saved,
+               resume_from_checkpoint="latest")
+    _, resumed = _train(tmp_path, data, max_steps=2, batch_size=4, use_8bit_optimizer=saved,
+                        resume_from_checkpoint="latest")  # the value it was saved with: resumes
+    assert resumed.steps == 2
 
 
 def test_resume_with_another_learning_rate_says_the_checkpoint_s_is_kept_and_logs_it(tmp_path, capsys):
