@@ -250,6 +250,11 @@ class ChronicalsTrainer:
                             break
                         if save or evaluate:
                             self._step_clock = time.perf_counter()  # the next step's time leaves these out
+                if pending is not None:
+                    # A Ctrl-C after the step's stop check, as its epoch ran out, ends the loop on the flag with the
+                    # step unread: it is read (and checked) before the checkpoint, as a stop inside the loop is.
+                    self._log_step(self._finish_step(pending), logger, result)
+                    pending = None
             result.steps = state["step"]
             result.checkpoint = str(self._save(state))
             if eval_data is not None and not self._stop_requested:

@@ -4,11 +4,13 @@ batch's layout then stays on the host, where the patched model validates it with
 train is pinned in test_nonfinite.py (the same steps, losses and weights as reading at each step's end)."""
 
 import json
+import signal
 
 import pytest
 import torch
 
 from chronicals.training import ChronicalsTrainer
+from chronicals.training import trainer as trainer_module
 
 from .helpers import config, rows, tiny_model, tokenizer
 
@@ -87,3 +89,20 @@ def test_a_step_whose_update_fails_leaves_each_earlier_step_logged_once(tmp_path
     assert trainer._run_ahead
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2]
+
+
+def test_ctrl_c_as_an_epoch_ends_still_logs_its_last_step(tmp_path, monkeypatch):
+    # A Ctrl-C after step 4's stop check, as its epoch's batches ran out: the loop ended on the flag without the
+    # check that reads the step still pending, so step 4 trained and was saved but was never logged nor checked.
+    class CtrlCAtTheEpochsEnd(trainer_module.StepPlan):
+        def epoch_steps(self, epoch, start=0):
+            yield from super().epoch_steps(epoch, start)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(trainer_module, "StepPlan", CtrlCAtTheEpochsEnd)
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=8, batch_size=4))
+    result = trainer.train(rows(16))  # 4 steps an epoch
+    assert trainer._run_ahead
+    assert result.interrupted and result.steps == 4 and len(result.losses) == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]
