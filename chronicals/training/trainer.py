@@ -452,7 +452,13 @@ class ChronicalsTrainer:
         the validation would read values back, a sync per forward that stops the host from running ahead."""
         host = _PACKED_LAYOUT if self._run_ahead and not self.config.use_torch_compile and "cu_seq_lens_q" in mb \
             else ()
-        return {k: v if k in host else self._to_device(v) for k, v in mb.items()}
+        # One copy of a tensor given under two keys (the collator's cu_seq_lens_q and _k): the model then sees one
+        # tensor, where two equal copies on the device cost a sync to compare (prepare_packed_batch).
+        moved: dict[int, Any] = {}
+        for k, v in mb.items():
+            if k not in host and id(v) not in moved:
+                moved[id(v)] = self._to_device(v)
+        return {k: v if k in host else moved[id(v)] for k, v in mb.items()}
 
     def _to_device(self, v):
         if not torch.is_tensor(v):

@@ -40,6 +40,8 @@ def test_a_packed_batchs_layout_stays_on_the_host_under_run_ahead(tmp_path):
     trainer._run_ahead = False  # read at each step's end: the layout goes to the device with the rest
     out = trainer._batch_to_device(mb)
     assert all(out[k].is_meta for k in LAYOUT)
+    # as one tensor for q and k, as the collator gave it: two equal copies would cost the model a sync to compare
+    assert out["cu_seq_lens_q"] is out["cu_seq_lens_k"]
 
 
 @pytest.mark.gpu
