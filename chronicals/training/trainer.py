@@ -393,8 +393,11 @@ class ChronicalsTrainer:
             if launched.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
             elif self.scaler is not None:
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)  # skips the update by itself when fp16 gradients overflowed
                 self.scaler.update()
+                # ... and then backs its scale off: the one sign of a skipped step (logged as skipped, not trained).
+                launched.skipped = self.scaler.get_scale() < scale
             else:
                 self.optimizer.step()
         self.scheduler.step()

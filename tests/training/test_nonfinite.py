@@ -107,3 +107,27 @@ def test_a_step_without_label_tokens_is_an_error(tmp_path):
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.full((1, 3), -100), "num_label_tokens": 0}
     with pytest.raises(DataError, match="step 7 has no label tokens"):
         trainer._launch_step([batch], 7, 0)
+
+
+def test_a_step_the_grad_scaler_skips_is_logged_as_skipped(tmp_path):
+    # fp16's GradScaler skips an update whose gradients overflowed by itself (a finite loss, so not a non-finite
+    # step of ours): the step must be logged as skipped and leave the weights. A CPU GradScaler stands in for fp16's
+    # CUDA one; an inf planted in one gradient at step 2 stands in for the overflow.
+    trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=3, batch_size=4))
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    calls = {"n": 0}
+    first = trainer.trainable[0]
+
+    def overflow(grad):
+        calls["n"] += 1
+        return grad.clone().fill_(float("inf")) if calls["n"] == 2 else grad
+
+    first.register_hook(overflow)
+    seen = _weights_after_each_launch(trainer)
+    trainer.train(rows(12))
+    assert not trainer._run_ahead
+    seen.append(list(trainer.trainable))
+    moved = [not all(torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(seen, seen[1:])]
+    assert moved == [True, False, True]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped"] for row in logged if "loss" in row] == [False, True, False]
