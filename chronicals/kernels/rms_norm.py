@@ -202,14 +202,20 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
-                     residual2: torch.Tensor | None = None):
-    """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual."""
+                     residual2: torch.Tensor | None = None, shape: torch.Size | None = None):
+    """Launch the forward on [rows, H] inputs. Returns (y, rstd, s); s is None without a residual. y and s are
+    allocated in `shape` (the caller's leading dimensions; [rows, H] when None) and written through [rows, H] views:
+    an autograd.Function that returned y.view(shape) would hand out a view made inside it, which autograd refuses
+    to let the caller change in place (y += 1, y.mul_(2) raised a RuntimeError, where PyTorch's RMSNorm allows it)."""
     n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    shape = (n_rows, n_cols) if shape is None else shape
+    y_out = torch.empty(shape, dtype=x2.dtype, device=x2.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
-    s = torch.empty_like(y) if residual2 is not None else None
+    s_out = torch.empty_like(y_out) if residual2 is not None else None
     if n_rows == 0:
-        return y, rstd, s
+        return y_out, rstd, s_out
+    y = y_out.view(n_rows, n_cols)
+    s = s_out.view(n_rows, n_cols) if s_out is not None else None
     block_m, block_n, num_warps = _settings(n_rows, n_cols)
     r_arg = residual2 if residual2 is not None else x2
     s_arg = s if s is not None else y
@@ -221,7 +227,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=eviction,
         num_warps=num_warps,
     )
-    return y, rstd, s
+    return y_out, rstd, s_out
 
 
 def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -256,14 +262,14 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
         x2 = _rows(x, weight.shape[0])
-        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset)
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, shape=x.shape)
         # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
         # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
         # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
         ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
                               weight, rstd)
         ctx.offset = offset
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     @backward_once
@@ -279,19 +285,20 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, offset):
         n_cols = weight.shape[0]
-        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols))
-        ctx.save_for_backward(s, weight, rstd)
+        y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols), shape=x.shape)
+        ctx.save_for_backward(s, weight, rstd)  # an output: changing it in place before backward is autograd's error
         ctx.offset = offset
         ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient to read
-        return s.view(x.shape), y.view(x.shape)
+        return s, y
 
     @staticmethod
     @backward_once
     def backward(ctx, ds, dy):
-        s2, weight, rstd = ctx.saved_tensors
-        n_cols = s2.shape[1]
-        if dy is None:  # only the sum was used: the norm contributes nothing
+        if dy is None:  # only the sum was used: the norm contributes nothing (nor is s read, changed or not)
             return ds, ds, None, None, None
+        s, weight, rstd = ctx.saved_tensors
+        n_cols = weight.shape[0]
+        s2 = s.view(-1, n_cols)
         ds2 = _rows(ds, n_cols) if ds is not None else None
         dx, dw = rms_norm_backward(_rows(dy, n_cols), s2, weight, rstd, ctx.offset, ds2, ctx.needs_input_grad[2])
         dx = dx.view(dy.shape)

@@ -179,6 +179,48 @@ def test_inplace_change_of_input_gives_autograds_usual_error(shape):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 16)])
+def test_outputs_can_be_changed_in_place_as_pytorchs(shape):
+    # The outputs were views of [rows, H] tensors made inside the autograd.Function, so y.mul_(2) or s += 1 raised
+    # "Output 0 of RMSNormFunction is a view and is being modified inplace" (PyTorch's own norm allows it).
+    gen = torch.Generator().manual_seed(5)
+    x, r, dy = (torch.randn(*shape, generator=gen).to(DEVICE) for _ in range(3))
+    w = (torch.rand(16, generator=gen) + 0.5).to(DEVICE)
+
+    def norm_then_inplace(a, b):
+        y = fused_rmsnorm(a, b) if a.dtype != torch.float64 else hf_rmsnorm(a, b, 1e-6, 0.0)
+        y.mul_(2)
+        return y
+
+    (y,), (dx, dw) = grads(norm_then_inplace, (x, w), [dy])
+    (y_ref,), (dx_ref, dw_ref) = grads(norm_then_inplace, (x.double(), w.double()), [dy.double()])
+    for out, ref in [(y, y_ref), (dx, dx_ref), (dw, dw_ref)]:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+    def add_norm_then_inplace(a, b, c):
+        if a.dtype == torch.float64:
+            s, y = a + b, hf_rmsnorm(a + b, c, 1e-6, 0.0)
+        else:
+            s, y = fused_add_rmsnorm(a, b, c)
+        y += s  # the normed output changed in place, as a residual add written with +=
+        return s * 3, y
+
+    (s, y), (dx, dr, dw) = grads(add_norm_then_inplace, (x, r, w), [dy, dy])
+    (s_ref, y_ref), (dx_ref, dr_ref, dw_ref) = grads(add_norm_then_inplace, (x.double(), r.double(), w.double()),
+                                                     [dy.double(), dy.double()])
+    for out, ref in [(s, s_ref), (y, y_ref), (dx, dx_ref), (dr, dr_ref), (dw, dw_ref)]:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    # The sum is saved for the backward: changing it in place before then is autograd's usual error, unless only
+    # the sum is used (the norm's backward then reads nothing).
+    s, y = fused_add_rmsnorm(x.requires_grad_(True), r, w)
+    s.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward(retain_graph=True)
+    x.grad = None
+    s.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
 def test_module_starts_at_unit_scale():
     for offset in (0.0, 1.0):
         norm = FusedRMSNorm(40, eps=1e-5, offset=offset, device=DEVICE)
