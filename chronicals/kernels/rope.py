@@ -218,10 +218,15 @@ def _empty_in_layout(t: torch.Tensor) -> torch.Tensor:
     q/k/v projection ([B, S, H, D] rows of a wider tensor, transposed), it would fall back to a contiguous
     [B, H, S, D], a layout the attention after RoPE does not expect. D stays innermost whatever the strides: the
     kernel writes with unit last stride, and an expanded (stride-0) dimension, as in the gradient of q_rot.sum(0),
-    would otherwise sort below it."""
+    would otherwise sort below it. Allocated with those strides (empty_strided), not as a permuted view of a
+    dense tensor: q_rot and k_rot would then be views made inside the autograd.Function, which autograd refuses to
+    let the caller change in place (q_rot.mul_(scale) raised a RuntimeError, where HF's RoPE output allows it)."""
     order = sorted(range(t.ndim - 1), key=lambda d: t.stride(d), reverse=True) + [t.ndim - 1]
-    out = torch.empty([t.shape[d] for d in order], dtype=t.dtype, device=t.device)
-    return out.permute([order.index(d) for d in range(t.ndim)])
+    strides, step = [0] * t.ndim, 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(t.shape[d], 1)
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
 
 
 def _rotate(q, k, cos, sin, position_ids, backward: bool):

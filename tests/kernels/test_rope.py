@@ -162,6 +162,36 @@ def test_expanded_inputs_and_gradients_keep_head_dim_innermost():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("hf_layout", [True, False])
+def test_outputs_can_be_changed_in_place_as_hfs(hf_layout):
+    """q_rot and k_rot were permuted views of the tensors allocated inside the autograd.Function, so an in-place
+    change (q_rot.mul_(scale), k_rot += bias) raised "Output 0 of QKRopeFunction is a view and is being modified
+    inplace"; HF's RoPE output allows it. The outputs keep the inputs' memory order."""
+    gen = torch.Generator().manual_seed(4)
+    q = make_qk(2, 4, 5, 16, torch.float32, hf_layout, gen)
+    k = make_qk(2, 2, 5, 16, torch.float32, hf_layout, gen)
+    upstream = [torch.randn(q.shape, generator=gen).to(DEVICE), torch.randn(k.shape, generator=gen).to(DEVICE)]
+    cos_t, sin_t = rope_table(5, 16, torch.float32)
+
+    def rope_then_inplace(fn):
+        def run(q_, k_):
+            q_rot, k_rot = fn(q_, k_)
+            q_rot.mul_(0.25)
+            k_rot += 1.0
+            return q_rot, k_rot
+        return run
+
+    q_rot, k_rot, dq, dk = rope_and_grads(rope_then_inplace(lambda a, b: fused_qk_rope(a, b, cos_t, sin_t)), q, k,
+                                          upstream)
+    ref = rope_and_grads(rope_then_inplace(lambda a, b: hf_rope(a, b, cos_t[None].double(), sin_t[None].double())),
+                         q.double(), k.double(), [g.double() for g in upstream])
+    for out, want in zip((q_rot, k_rot, dq, dk), ref):
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    order = lambda t: sorted(range(4), key=lambda d: t.stride(d), reverse=True)  # noqa: E731
+    assert order(q_rot) == order(q) and order(k_rot) == order(k)
+    assert q_rot._base is None and k_rot._base is None
+
+
 @pytest.mark.parametrize("cos_mode", ["per_batch", "shared", "table"])
 def test_batches_beyond_the_grid_limit_launch_per_slice(monkeypatch, cos_mode):
     """The grid's second dimension runs over the batch (CUDA allows 65535); larger batches launch per slice, with
