@@ -36,10 +36,14 @@ class SwiGLUMLPFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             gu = x2 @ torch.cat((w_gate, w_up)).t()
             h = swiglu_forward(gu[:, :inter], gu[:, inter:])
-            y = h @ w_down.t()
+            # y is allocated in x's leading shape and the matmul writes its [N, d_out] view: returning a view of a
+            # [N, d_out] product would hand out a view made inside the Function, which autograd refuses to let the
+            # caller change in place (y += residual raised a RuntimeError, where the unfused MLP's output allows it).
+            y = torch.empty((*x.shape[:-1], w_down.shape[0]), dtype=h.dtype, device=h.device)
+            torch.mm(h, w_down.t(), out=y.view(-1, w_down.shape[0]))
         ctx.save_for_backward(x2, gu, w_gate, w_up, w_down)
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     @backward_once

@@ -86,6 +86,27 @@ def test_frozen_inputs_get_no_gradient_and_the_rest_stay_correct(frozen):
     check_against_float64(inputs, dy, torch.bfloat16, frozen)
 
 
+@pytest.mark.parametrize("lead", [[6], [2, 3]])
+def test_output_can_be_changed_in_place_as_the_unfused_mlps(lead):
+    # The output was a view of the [N, d_out] product made inside the autograd.Function, so y += residual raised
+    # "Output 0 of SwiGLUMLPFunction is a view and is being modified inplace"; the unfused MLP's output allows it.
+    gen = torch.Generator().manual_seed(6)
+    inputs, dy = make_inputs(lead, 12, 20, torch.float32, False, gen)
+    residual = torch.randn(*lead, 12, generator=gen).to(DEVICE)
+
+    def mlp_then_inplace(fn):
+        def run_(*args):
+            y = fn(*args)
+            y += residual.to(y.dtype)
+            return y
+        return run_
+
+    y, grads = run(mlp_then_inplace(fused_swiglu_mlp), inputs, dy)
+    y_ref, grads_ref = run(mlp_then_inplace(reference), [t.double() for t in inputs], dy.double())
+    for out, want in zip([y, *grads], [y_ref, *grads_ref]):
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_strided_swiglu_launchers_write_column_halves_and_recompute_c_over_dc():
     gen = torch.Generator().manual_seed(0)
     rows, inter = 5, 1100  # more than one column block per row
