@@ -571,8 +571,17 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     block size of `fused_linear_cross_entropy`'s default strategy: tokens per block for "rows",
     vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own).
     """
+    # This function's own argument names in its errors: fused_linear_cross_entropy's checks alone named lm_head_weight
+    # "weight" and hidden_states "hidden" (as autocast would cast them first, so are they here).
+    hidden_states, lm_head_weight = autocast_inputs(hidden_states, lm_head_weight)
     check_tensor("hidden_states", hidden_states, ndim=3)
+    check_tensor("lm_head_weight", lm_head_weight, ndim=2)
     check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_same({"hidden_states": hidden_states, "lm_head_weight": lm_head_weight})
+    check_same({"hidden_states": hidden_states, "targets": targets}, dtype=False)
+    if lm_head_weight.shape[1] != hidden_states.shape[-1]:
+        raise ValueError(f"lm_head_weight must be [vocab, {hidden_states.shape[-1]}] to match hidden_states "
+                         f"{tuple(hidden_states.shape)}, got {tuple(lm_head_weight.shape)}")
     if chunk_size is not None and not _positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive int (tokens or vocabulary columns per block) or None, got "
                          f"{chunk_size!r}")

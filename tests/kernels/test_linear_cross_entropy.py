@@ -340,6 +340,31 @@ def test_fused_cross_entropy_names_chunk_size(chunk_size):
         fused_cross_entropy(hidden.view(2, 3, 5), weight, labels.view(2, 3), chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(lm_head_weight=torch.zeros(10, 5, dtype=torch.float16)), "lm_head_weight has dtype"),
+        (dict(lm_head_weight=torch.zeros(10, 4)), r"lm_head_weight must be \[vocab, 5\]"),
+        (dict(lm_head_weight=torch.zeros(5)), "lm_head_weight must have 2 dimensions"),
+        (dict(lm_head_weight=[[0.0] * 5]), "lm_head_weight must be a torch.Tensor"),
+        (dict(lm_head_weight=torch.zeros(10, 5, device="meta")), "lm_head_weight is on meta"),
+        (dict(targets=torch.zeros(2, 3, dtype=torch.long, device="meta")), "targets is on meta"),
+    ],
+)
+def test_fused_cross_entropy_names_its_own_arguments(change, message):
+    # Its inputs were checked only by fused_linear_cross_entropy, whose errors named lm_head_weight "weight" and
+    # hidden_states "hidden".
+    args = dict(hidden_states=torch.zeros(2, 3, 5, device=DEVICE), lm_head_weight=torch.zeros(10, 5, device=DEVICE),
+                targets=torch.zeros(2, 3, dtype=torch.long, device=DEVICE)) | change
+    with pytest.raises((ValueError, TypeError), match=message):
+        fused_cross_entropy(**args)
+    # Under autocast an fp32 lm_head_weight is cast as autocast's matmul would cast it, not refused.
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss = fused_cross_entropy(torch.randn(2, 3, 5, device=DEVICE), torch.randn(10, 5, device=DEVICE),
+                                   torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
 @pytest.mark.parametrize("bad_label", [10, 11, -1])
 def test_unchecked_out_of_range_labels_make_the_loss_nan(strategy, bad_label):
