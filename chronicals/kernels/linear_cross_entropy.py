@@ -31,6 +31,7 @@ Three ways to cut the logits (`strategy`):
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -443,10 +444,12 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a number or a one-element tensor, got shape "
                              f"{tuple(normalizer.shape)}")
-    if softcap is not None and not 0 < softcap < float("inf"):  # cap·tanh(z/cap) is inf·0 = NaN at cap = inf
+    # Numbers only (None, a string or a tensor failed on the comparison with a bare TypeError); finite: cap·tanh(z/cap)
+    # is inf·0 = NaN at cap = inf, and an infinite z_loss_weight made every loss inf.
+    if softcap is not None and not (_real(softcap) and 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
-    if not z_loss_weight >= 0:
-        raise ValueError(f"z_loss_weight must be >= 0, got {z_loss_weight!r}")
+    if not (_real(z_loss_weight) and 0 <= z_loss_weight < float("inf")):
+        raise ValueError(f"z_loss_weight must be a finite number >= 0, got {z_loss_weight!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy in ("rows", "tiles") and reduction == "none":
@@ -461,6 +464,10 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         raise ValueError(f"chunk must be a positive {what} or None, got {chunk!r}")
     if n_rows and check_labels:
         check_label_range(labels, vocab, ignore_index)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _positive_int(x) -> bool:

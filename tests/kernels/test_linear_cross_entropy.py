@@ -309,6 +309,10 @@ def test_gradients_in_forward_refuse_a_second_backward(strategy):
         (dict(softcap=0.0), "softcap must be"),
         (dict(softcap=float("inf")), "softcap must be a positive finite number"),  # was a NaN loss (inf·tanh(0))
         (dict(z_loss_weight=-1.0), "z_loss_weight"),
+        # Was accepted (every loss inf), or a bare TypeError from the comparison that named nothing.
+        (dict(z_loss_weight=float("inf")), "z_loss_weight must be a finite number"),
+        (dict(z_loss_weight=None), "z_loss_weight must be a finite number"),
+        (dict(softcap="30"), "softcap must be a positive finite number"),
         (dict(chunk=0), "chunk must be"),
         (dict(strategy="cols"), "strategy must be one of"),
         (dict(strategy="rows", reduction="none"), "needs a scalar loss"),
