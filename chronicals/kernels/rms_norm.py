@@ -122,12 +122,15 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
-def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows, n_cols,
+def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows, n_cols, eps,
                        tile, cols, col_ok, w, dw_acc,
-                       HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr):
+                       HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, ONE_COL: tl.constexpr):
     # With xh = x * rstd and g = dy * (offset + w):
     #   dx = rstd * (g - xh * sum(g * xh) / H)   (+ ds, the gradient reaching the stored sum s)
     #   dw += dy * xh   (this program's partial sum over its rows)
+    # At H = 1, mean(x^2) = x^2, so g - xh * (g * xh) = g * (1 - xh^2) = g * eps * rstd^2 exactly: the general form
+    # subtracts two nearly equal terms there and kept few correct digits (fp32 relative errors of 1e-4 to 5e-3, as
+    # PyTorch's own); this one is exact to a few ulp. Any other H compiles the general form alone.
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & col_ok[None, :]
@@ -136,8 +139,11 @@ def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stri
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     xh = x * rstd[:, None]
     g = dy * w[None, :]
-    c = tl.sum(g * xh, axis=1) / n_cols
-    dx = (g - xh * c[:, None]) * rstd[:, None]
+    if ONE_COL:
+        dx = g * (eps * rstd * rstd * rstd)[:, None]
+    else:
+        c = tl.sum(g * xh, axis=1) / n_cols
+        dx = (g - xh * c[:, None]) * rstd[:, None]
     if HAS_DS:
         dx += _load_tile(DS, rows, stride_ds, cols, mask, "evict_first")
     tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rne(dx, DX.dtype.element_ty), mask=mask)
@@ -150,9 +156,9 @@ def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stri
 def _rms_norm_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DW_PARTIAL,
     stride_dy, stride_ds, stride_x, stride_dx,
-    n_rows, n_cols, n_tiles, offset,
+    n_rows, n_cols, n_tiles, offset, eps,
     HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ONE_COL: tl.constexpr,
 ):
     # Each program loops over row tiles pid, pid + P, ... keeping its own fp32 dw partial row; the
     # P partial rows are summed afterwards by _dw_reduce_kernel (deterministic, no atomics).
@@ -167,14 +173,16 @@ def _rms_norm_bwd_kernel(
         tile = pid
         while tile < n_tiles:
             dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
-                                        n_cols, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M)
+                                        n_cols, eps, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M,
+                                        ONE_COL)
             tile += n_progs
     else:
         # GPU: a pipelined loop. The next tiles' loads stream into shared memory (cp.async) while this
         # one is reduced, so more bytes are in flight than the registers of ~2 programs per SM hold.
         for tile in tl.range(pid, n_tiles, n_progs, num_stages=NUM_STAGES):
             dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
-                                        n_cols, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M)
+                                        n_cols, eps, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M,
+                                        ONE_COL)
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -231,7 +239,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
 
 
 def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      offset: float, ds2: torch.Tensor | None, compute_dw: bool):
+                      offset: float, ds2: torch.Tensor | None, compute_dw: bool, eps: float):
     """Launch the backward on [rows, H] tensors. Returns (dx, dw); dw is None unless asked for."""
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
@@ -245,9 +253,9 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     _rms_norm_bwd_kernel[(n_progs,)](
         dy2, ds_arg, x2, weight, rstd, dx, dw_partial,
         dy2.stride(0), ds_arg.stride(0), x2.stride(0), dx.stride(0),
-        n_rows, n_cols, n_tiles, offset,
+        n_rows, n_cols, n_tiles, offset, eps,
         HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        NUM_STAGES=_bwd_stages(block_m, block_n, 3 if ds2 is not None else 2, x2.element_size()),
+        NUM_STAGES=_bwd_stages(block_m, block_n, 3 if ds2 is not None else 2, x2.element_size()), ONE_COL=n_cols == 1,
     )
     if not compute_dw:
         return dx, None
@@ -268,7 +276,7 @@ class RMSNormFunction(torch.autograd.Function):
         # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
         ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
                               weight, rstd)
-        ctx.offset = offset
+        ctx.offset, ctx.eps = offset, eps
         return y
 
     @staticmethod
@@ -277,7 +285,7 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         x2 = _rows(x, weight.shape[0])
         dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
-                                   ctx.needs_input_grad[1])
+                                   ctx.needs_input_grad[1], ctx.eps)
         return dx.view(dy.shape), dw, None, None
 
 
@@ -287,7 +295,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         n_cols = weight.shape[0]
         y, rstd, s = rms_norm_forward(_rows(x, n_cols), weight, eps, offset, _rows(residual, n_cols), shape=x.shape)
         ctx.save_for_backward(s, weight, rstd)  # an output: changing it in place before backward is autograd's error
-        ctx.offset = offset
+        ctx.offset, ctx.eps = offset, eps
         ctx.set_materialize_grads(False)  # an unused output gets no zero-filled gradient to read
         return s, y
 
@@ -300,7 +308,8 @@ class AddRMSNormFunction(torch.autograd.Function):
         n_cols = weight.shape[0]
         s2 = s.view(-1, n_cols)
         ds2 = _rows(ds, n_cols) if ds is not None else None
-        dx, dw = rms_norm_backward(_rows(dy, n_cols), s2, weight, rstd, ctx.offset, ds2, ctx.needs_input_grad[2])
+        dx, dw = rms_norm_backward(_rows(dy, n_cols), s2, weight, rstd, ctx.offset, ds2, ctx.needs_input_grad[2],
+                                   ctx.eps)
         dx = dx.view(dy.shape)
         # x and residual enter only through s = x + residual, so both receive d(s).
         return dx, dx, dw, None, None

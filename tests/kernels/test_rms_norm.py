@@ -121,6 +121,34 @@ def test_add_rmsnorm_matches_float64(shape, dtype, offset, used, layout, seed):
         assert_no_worse("dw", dw, dw_nat, dw_ref, dtype)
 
 
+@pytest.mark.parametrize("fused_add", [False, True])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5, 0.0])
+def test_hidden_size_one_input_gradient_is_exact(fused_add, eps):
+    # At hidden 1, dx = g * (1 - xh^2) = g * eps * rstd^3: the general form cancels two nearly equal terms there
+    # (fp32 kept 1e-4 to 5e-3 relative error, as PyTorch's own does). It must be within a few fp32 ulp of float64.
+    gen = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(64, 1, generator=gen).to(DEVICE) for _ in range(2))
+    w, dy = torch.randn(1, generator=gen).to(DEVICE), torch.randn(64, 1, generator=gen).to(DEVICE)
+    if fused_add:
+        def op(a, b, c):
+            return fused_add_rmsnorm(a, b, c, eps)[1]
+
+        def ref(a, b, c):
+            return hf_rmsnorm(a + b, c, eps, 0.0)
+        inputs = (x, r, w)
+    else:
+        def op(a, c):
+            return fused_rmsnorm(a, c, eps)
+
+        def ref(a, c):
+            return hf_rmsnorm(a, c, eps, 0.0)
+        inputs = (x, w)
+    _, got = grads(op, inputs, [dy])
+    _, want = grads(ref, tuple(t.double() for t in inputs), [dy.double()])
+    err = ((got[0].double() - want[0]).norm() / want[0].norm()).item() if eps else (got[0].abs().max().item())
+    assert err < 1e-6, f"relative error of dx at hidden 1: {err:.3g}"
+
+
 def assert_bf16_rmsnorm_no_worse(x, w, dy):
     """y, dx and dw of fused_rmsnorm (eps 1e-6, no offset) against float64, bounded by bf16 PyTorch's own error."""
     (y,), (dx, dw) = grads(fused_rmsnorm, (x, w), [dy])
