@@ -51,12 +51,14 @@ SCRIPT = textwrap.dedent("""
                     ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
                     ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
-    for has_ds in (True, False):
-        c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 1024, "NUM_STAGES": 2}
+    for has_ds, one_col in ((True, False), (False, False), (True, True)):
+        c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 16 if one_col else 1024, "NUM_STAGES": 2,
+             "ONE_COL": one_col}
         build(rms_norm._rms_norm_bwd_kernel, sig([("DY", bf), ("DS", bf), ("X", bf), ("W", bf), ("RSTD", "*fp32"),
               ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", "i32"), ("stride_ds", "i32"), ("stride_x", "i32"),
               ("stride_dx", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
-              ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("NUM_STAGES", "")], c), c, 8)
+              ("eps", "fp32"), ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""),
+              ("NUM_STAGES", ""), ("ONE_COL", "")], c), c, 8)
     for bias, softcap in ((False, False), (True, True)):
         c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
         build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
