@@ -111,8 +111,19 @@ def swiglu_backward_inplace(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
     return dh, e, g
 
 
-def _base(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+def _base(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """x2 @ w^T (+ bias), into `out` when given (the same GEMM)."""
+    return torch.mm(x2, w.t(), out=out) if bias is None else torch.addmm(bias, x2, w.t(), out=out)
+
+
+def _output(lead: torch.Size, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output allocated in the caller's leading shape, and its [N, cols] view for the matmuls to write. An
+    autograd.Function that returned y2.view(*lead, cols) would hand out a view made inside it, which autograd
+    refuses to let the caller change in place ('Output 0 of _LoRAFanOut is a view and is being modified
+    inplace' on out += residual, where PEFT's own layers allow it)."""
+    y = torch.empty((*lead, cols), dtype=like.dtype, device=like.device)
+    return y, y.view(-1, cols)
 
 
 @functools.cache
@@ -126,15 +137,18 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     return torch.addmm(_zero(a.device, a.dtype), a, b, beta=0, alpha=s)
 
 
-def _fanout_forward(x2, scales, weights, biases, a_list, b_list):
-    """Y_i = X W_i^T + s_i (X A^T)_i B_i^T for every projection; returns (outputs, XA, cat(A))."""
+def _fanout_forward(x2, scales, weights, biases, a_list, b_list, lead=None):
+    """Y_i = X W_i^T + s_i (X A^T)_i B_i^T for every projection; returns (outputs, XA, cat(A)). The outputs have
+    the leading shape `lead` ([N] when None), see _output."""
     a_cat = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
     xa = x2 @ a_cat.t()
+    lead = x2.shape[:1] if lead is None else lead
     outs, off = [], 0
     for s, w, bias, a, b in zip(scales, weights, biases, a_list, b_list):
         r = a.shape[0]
-        y = _base(x2, w, bias)
-        y.addmm_(xa[:, off:off + r], b.t(), alpha=s)
+        y, y2 = _output(lead, w.shape[0], x2)
+        _base(x2, w, bias, out=y2)
+        y2.addmm_(xa[:, off:off + r], b.t(), alpha=s)
         outs.append(y)
         off += r
     return outs, xa, a_cat
@@ -159,11 +173,12 @@ def _extended_weight(weights, scales, b_params, dt):
     return w_ext
 
 
-def _kconcat_forward(x2, scales, weights, biases, a_list, b_params):
+def _kconcat_forward(x2, scales, weights, biases, a_list, b_params, lead=None):
     """All outputs Y_all = [X | XA] @ W_ext^T (+ cat(bias)) in one matmul, the low-rank terms folded in along K;
-    returns (Y_all [N, sum o_i], XA, cat(A)). One fp32 accumulation and one rounding per output element, where
-    the addmm path rounds X W_i^T to the activation dtype and then the sum again (so this is at least as
-    accurate, bar the rounding of s_i B_i noted in _extended_weight), and no second pass over the outputs.
+    returns (Y_all [*lead, sum o_i] ([N, sum o_i] when lead is None, see _output), XA, cat(A)). One fp32
+    accumulation and one rounding per output element, where the addmm path rounds X W_i^T to the activation
+    dtype and then the sum again (so this is at least as accurate, bar the rounding of s_i B_i noted in
+    _extended_weight), and no second pass over the outputs.
 
     XA gets its own [N, R] buffer and is copied into X_ext (a thin copy): XA is saved for the backward, and a
     view of X_ext would keep all of X_ext alive, a second copy of X besides the X the backward saves (and that
@@ -178,7 +193,9 @@ def _kconcat_forward(x2, scales, weights, biases, a_list, b_params):
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-    return _base(x_ext, w_ext, bias), xa, a_cat
+    y_all, y2 = _output(x2.shape[:1] if lead is None else lead, w_ext.shape[0], x2)
+    _base(x_ext, w_ext, bias, out=y2)
+    return y_all, xa, a_cat
 
 
 def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool):
@@ -208,17 +225,18 @@ def _fanout_op_forward(ctx, x, scales, params, kconcat: bool):
     x2 = x.reshape(-1, x.shape[-1])
     a_list = [a.to(dt) for a in a_params]
     b_list = [b.to(dt) for b in b_params]
+    lead = x.shape[:-1]  # outputs are allocated in the caller's shape, not views of [N, o] ones (see _output)
     if kconcat:
-        y_all, xa, a_cat = _kconcat_forward(x2, scales, weights, biases, a_list, b_params)
-        # Column views of one [N, sum o_i] buffer (one output: the buffer itself). Their gradients come back as
+        y_all, xa, a_cat = _kconcat_forward(x2, scales, weights, biases, a_list, b_params, lead)
+        # Column views of one [*lead, sum o_i] buffer (one output: the buffer itself). Their gradients come back as
         # separate tensors; like torch.split's outputs they may not be modified in place.
-        outs = [y_all] if n == 1 else y_all.split([w.shape[0] for w in weights], dim=1)
+        outs = [y_all] if n == 1 else y_all.split([w.shape[0] for w in weights], dim=-1)
     else:
-        outs, xa, a_cat = _fanout_forward(x2, scales, weights, biases, a_list, b_list)
+        outs, xa, a_cat = _fanout_forward(x2, scales, weights, biases, a_list, b_list, lead)
     ctx.scales = scales
     ctx.param_dtypes = [p.dtype for p in (*a_params, *b_params)]
     ctx.save_for_backward(x, xa, a_cat, *weights, *b_list)
-    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
+    return tuple(outs)
 
 
 class _LoRAFanOut(torch.autograd.Function):

@@ -167,3 +167,34 @@ def test_hooked_modules_the_fused_ops_would_skip_are_called(where):
     torch.testing.assert_close(ours(x), native(x))
     names = graph_names(ours(x.requires_grad_(True)))
     assert "_LoRASwiGLUMLPBackward" not in names
+
+
+class InPlaceQKVO(QKVO):
+    """QKVO whose forward changes the projections' outputs in place (q *= scaling, out += residual), as attention
+    forwards may; `qkv=False` changes only o's (the K-concatenated q/k/v are column views, like torch.split's)."""
+
+    def __init__(self, *args, qkv: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qkv = qkv
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv:
+            q.mul_(0.5)
+            k += 1.0
+            v.mul_(2.0)
+        out = self.o_proj(torch.cat([q, k, v], dim=-1))
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("kconcat", [False, True])
+@pytest.mark.parametrize("shape", [(9, 12), (2, 5, 12)])
+def test_projection_outputs_can_be_changed_in_place_as_pefts(kconcat, shape):
+    # The outputs were [N, o] results viewed to x's shape inside the autograd.Function, so q.mul_(s) or
+    # out += residual raised "Output 0 of _LoRAFanOut is a view and is being modified inplace" (PEFT's layers allow it).
+    torch.manual_seed(3)
+    model = adapted(InPlaceQKVO(12, 12, 6, bias=True, qkv=not kconcat), 3, 6.0)
+    x, dy = torch.randn(*shape), torch.randn(*shape)
+    compare_with_peft(model, x, dy, torch.float32, ["_LoRAFanOutKConcatBackward" if kconcat else "_LoRAFanOutBackward"],
+                      kconcat=kconcat)
