@@ -276,6 +276,8 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     ag_, bg_, au_, bu_, ad_, bd_ = (t.to(dt) for t in (ag, b_g, au, b_u, ad, b_d))
+    # y in x's shape, written through its [N, d_out] view: not a view made here, so y += residual works (_output).
+    y, y2 = _output(x.shape[:-1], wd.shape[0], x2)
     if kconcat:
         # gate|up in one matmul into [N, 2I] (e, g its column halves); h written straight into the first I
         # columns of H_ext = [h | h A_d^T] for down's K-concatenated matmul. The [N, 2I] buffer is saved once (the
@@ -290,20 +292,20 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         h = swiglu_forward(e, g, out=h_ext[:, :inter])
         ha = h @ ad_.t()
         h_ext[:, inter:].copy_(ha)
-        y = _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd)
+        _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd, out=y2)
         activations = (eg,)
     else:
         (e, g), xa, a_cat = _fanout_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (bg_, bu_))
         h = swiglu_forward(e, g)
         ha = h @ ad_.t()
-        y = _base(h, wd, bd)
-        y.addmm_(ha, bd_.t(), alpha=scales[2])
+        _base(h, wd, bd, out=y2)
+        y2.addmm_(ha, bd_.t(), alpha=scales[2])
         activations = (e, g)
     ctx.scales = scales
     ctx.kconcat = kconcat
     ctx.param_dtypes = [p.dtype for p in (ag, au, b_g, b_u, ad, b_d)]
     ctx.save_for_backward(x, xa, a_cat, ha, ad_, wg, wu, wd, bg_, bu_, bd_, *activations)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y
 
 
 class _LoRASwiGLUMLP(torch.autograd.Function):

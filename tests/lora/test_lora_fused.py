@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lora_blocks import DEVICE, MLP, QKVO, adapted, compare_with_peft, graph_names, three_precisions
 from oracle import assert_no_worse
+from torch import nn
 
 from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
 
@@ -198,3 +199,28 @@ def test_projection_outputs_can_be_changed_in_place_as_pefts(kconcat, shape):
     x, dy = torch.randn(*shape), torch.randn(*shape)
     compare_with_peft(model, x, dy, torch.float32, ["_LoRAFanOutKConcatBackward" if kconcat else "_LoRAFanOutBackward"],
                       kconcat=kconcat)
+
+
+class InPlaceMLP(nn.Module):
+    """A decoder layer's MLP half: the residual is added onto the MLP's output in place."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.mlp = MLP(*args, **kwargs)
+
+    def forward(self, x):
+        out = self.mlp(x)
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("kconcat", [False, True])
+@pytest.mark.parametrize("shape", [(9, 12), (2, 5, 12)])
+def test_mlp_output_can_be_changed_in_place_as_pefts(kconcat, shape):
+    # The output was an [N, d] result viewed to x's shape inside the autograd.Function: out += residual raised
+    # "Output 0 of _LoRASwiGLUMLP is a view and is being modified inplace" (PEFT's unfused MLP allows it).
+    torch.manual_seed(4)
+    model = adapted(InPlaceMLP(12, 20, bias=True), 3, 6.0)
+    x, dy = torch.randn(*shape), torch.randn(*shape)
+    compare_with_peft(model, x, dy, torch.float32, ["_LoRASwiGLUMLPKConcatBackward" if kconcat
+                                                    else "_LoRASwiGLUMLPBackward"], kconcat=kconcat)
