@@ -373,12 +373,16 @@ class _DoRALinear(torch.autograd.Function):
         mns = (magnitude.float() / norm).to(dt)
         xa = x2 @ a_.t()
         base = x2 @ weight.t()
-        z = torch.addmm(base, xa, b_.t(), alpha=scale)
-        y = z.mul_(mns) if bias is None else torch.addcmul(bias, z, mns)
+        # y in x's shape, written through its [N, o] view: not a view made here, so y += residual works (_output).
+        y, y2 = _output(x.shape[:-1], weight.shape[0], x2)
+        if bias is None:
+            torch.addmm(base, xa, b_.t(), alpha=scale, out=y2).mul_(mns)
+        else:
+            torch.addcmul(bias, torch.addmm(base, xa, b_.t(), alpha=scale), mns, out=y2)
         ctx.scale = scale
         ctx.param_dtypes = (a.dtype, b.dtype, magnitude.dtype)
         ctx.save_for_backward(x, xa, base, norm, mns, weight, a_, b)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     @_backward_once

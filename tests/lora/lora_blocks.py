@@ -45,6 +45,25 @@ class QKVO(nn.Module):
         return self.o_proj(torch.cat([q, k, v], dim=-1))
 
 
+class InPlaceQKVO(QKVO):
+    """QKVO whose forward changes the projections' outputs in place (q *= scaling, out += residual), as attention
+    forwards may; `qkv=False` changes only o's (the K-concatenated q/k/v are column views, like torch.split's)."""
+
+    def __init__(self, *args, qkv: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qkv = qkv
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv:
+            q.mul_(0.5)
+            k += 1.0
+            v.mul_(2.0)
+        out = self.o_proj(torch.cat([q, k, v], dim=-1))
+        out += x
+        return out
+
+
 def adapted(block: nn.Module, rank: int, alpha: float, *, dora: bool = False, rslora: bool = False,
             dropout: float = 0.0, seed: int = 0, rank_pattern: dict | None = None,
             alpha_pattern: dict | None = None) -> nn.Module:

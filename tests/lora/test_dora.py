@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_blocks import MLP, QKVO, adapted, compare_with_peft
+from lora_blocks import MLP, QKVO, InPlaceQKVO, adapted, compare_with_peft
 
 from chronicals.kernels.lora import dora_linear
 
@@ -31,3 +31,12 @@ def test_dora_linear_rejects_a_magnitude_of_the_wrong_size():
     w, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
     with pytest.raises(ValueError, match="magnitude shape"):
         dora_linear(torch.randn(3, 4), w, None, a, b, 1.0, torch.ones(4))
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (2, 5, 12)])
+def test_dora_outputs_can_be_changed_in_place_as_pefts(shape):
+    # The output was an [N, o] result viewed to x's shape inside the autograd.Function: q.mul_(s) or
+    # out += residual raised "Output 0 of _DoRALinear is a view and is being modified inplace" (PEFT's DoRA allows it).
+    torch.manual_seed(6)
+    model = adapted(InPlaceQKVO(12, 12, 6, bias=True), 3, 6.0, dora=True)
+    compare_with_peft(model, torch.randn(*shape), torch.randn(*shape), torch.float32, ["_DoRALinearBackward"])

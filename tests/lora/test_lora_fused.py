@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lora_blocks import DEVICE, MLP, QKVO, adapted, compare_with_peft, graph_names, three_precisions
+from lora_blocks import DEVICE, MLP, QKVO, InPlaceQKVO, adapted, compare_with_peft, graph_names, three_precisions
 from oracle import assert_no_worse
 from torch import nn
 
@@ -168,25 +168,6 @@ def test_hooked_modules_the_fused_ops_would_skip_are_called(where):
     torch.testing.assert_close(ours(x), native(x))
     names = graph_names(ours(x.requires_grad_(True)))
     assert "_LoRASwiGLUMLPBackward" not in names
-
-
-class InPlaceQKVO(QKVO):
-    """QKVO whose forward changes the projections' outputs in place (q *= scaling, out += residual), as attention
-    forwards may; `qkv=False` changes only o's (the K-concatenated q/k/v are column views, like torch.split's)."""
-
-    def __init__(self, *args, qkv: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.qkv = qkv
-
-    def forward(self, x):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qkv:
-            q.mul_(0.5)
-            k += 1.0
-            v.mul_(2.0)
-        out = self.o_proj(torch.cat([q, k, v], dim=-1))
-        out += x
-        return out
 
 
 @pytest.mark.parametrize("kconcat", [False, True])
