@@ -413,6 +413,10 @@ def _check_projection(name, x, weight, bias, lora_a, lora_b, scale) -> None:
         raise TypeError(f"{name}: weight dtype {weight.dtype} differs from x dtype {x.dtype}; cast the model or x")
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"{name}: bias shape {tuple(bias.shape)} should be ({out_f},)")
+    # Checked here: the addmm that adds it otherwise failed with "self and mat2 must have the same dtype", naming
+    # neither the bias nor the projection (a bf16 model keeping its biases in fp32).
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"{name}: bias dtype {bias.dtype} differs from x dtype {x.dtype}; cast the model or x")
     r = lora_a.shape[0]
     if tuple(lora_a.shape) != (r, in_f) or tuple(lora_b.shape) != (out_f, r):
         raise ValueError(f"{name}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} should be "

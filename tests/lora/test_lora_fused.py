@@ -8,7 +8,7 @@ from lora_blocks import DEVICE, MLP, QKVO, InPlaceQKVO, adapted, compare_with_pe
 from oracle import assert_no_worse
 from torch import nn
 
-from chronicals.kernels.lora import lora_linear, lora_projections, lora_swiglu_mlp
+from chronicals.kernels.lora import dora_linear, lora_linear, lora_projections, lora_swiglu_mlp
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 
@@ -86,6 +86,11 @@ def test_dropout_uses_peft_path_in_training_and_fused_path_in_eval():
     torch.testing.assert_close(ours(x), native.eval()(x))
 
 
+def _mlp_with_bias(x, bias):
+    p = (torch.randn(6, 4), bias, torch.randn(2, 4), torch.randn(6, 2), 1.0)
+    return lora_swiglu_mlp(x, p, p, (torch.randn(4, 6), None, torch.randn(2, 6), torch.randn(4, 2), 1.0))
+
+
 def test_wrappers_reject_bad_inputs_with_clear_errors():
     w, a, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(6, 2)
     with pytest.raises(ValueError, match="x has 5 features"):
@@ -94,6 +99,11 @@ def test_wrappers_reject_bad_inputs_with_clear_errors():
         lora_linear(torch.randn(3, 4, dtype=torch.bfloat16), w, None, a, b, 1.0)
     with pytest.raises(ValueError, match="lora_A"):
         lora_linear(torch.randn(3, 4), w, None, a, torch.randn(6, 3), 1.0)
+    with pytest.raises(TypeError, match=r"projections\[0\]: bias dtype torch.float16"):
+        lora_linear(torch.randn(3, 4), w, torch.randn(6, dtype=torch.float16), a, b, 1.0)
+    for op in (_mlp_with_bias, lambda x, bias: dora_linear(x, w, bias, a, b, 1.0, torch.ones(6))):
+        with pytest.raises(TypeError, match="bias dtype torch.float16"):
+            op(torch.randn(3, 4), torch.randn(6, dtype=torch.float16))
     with pytest.raises(ValueError, match="frozen"):
         lora_linear(torch.randn(3, 4), w.requires_grad_(True), None, a, b, 1.0)
     with pytest.raises(ValueError, match="at least one"):
