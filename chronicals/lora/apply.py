@@ -29,8 +29,12 @@ def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _all_linear(model: nn.Module) -> list[str]:
-    """What PEFT's "all-linear" adapts: every Linear / Conv1D layer but the output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """What PEFT's "all-linear" adapts: every Linear / Conv1D layer but the output head. PEFT leaves out the head
+    of a transformers PreTrainedModel only: another module's get_output_embeddings() is adapted like any linear
+    layer, so it is listed (and checked) here too; skipping it let a rank above the head's size through."""
+    from transformers import PreTrainedModel
+
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return [n for n, m in model.named_modules()
             if n and m is not head and (isinstance(m, nn.Linear) or (Conv1D and isinstance(m, Conv1D)))]
 

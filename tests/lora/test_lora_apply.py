@@ -8,7 +8,7 @@ from lora_blocks import BF16_GRAD_FACTOR, BF16_OUT_FACTOR, graph_names
 from oracle import assert_no_worse
 from peft import get_peft_model
 
-from chronicals.lora import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, peft_config
+from chronicals.lora import DEFAULT_TARGET_MODULES, LoRAConfig, apply_lora, check_targets, peft_config
 from chronicals.models import build_model
 
 
@@ -215,3 +215,30 @@ def test_target_modules_none_names_the_field():
     # None (PEFT's "pick defaults for this model type") failed with "'NoneType' object is not iterable".
     with pytest.raises(ValueError, match="LoRAConfig.target_modules must be a non-empty list"):
         LoRAConfig(target_modules=None)
+
+
+class _HeadedBlock(torch.nn.Module):
+    """Not a transformers PreTrainedModel, but with get_output_embeddings() (PEFT's all-linear adapts its head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.lm_head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.lm_head(self.body(x))
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+def test_all_linear_checks_the_layers_peft_adapts():
+    # check_targets left out the head of any model with get_output_embeddings(), while PEFT leaves it out of a
+    # PreTrainedModel only: the head was adapted unchecked (rank 4 on a 3-output layer went through).
+    config = LoRAConfig(rank=2, target_modules="all-linear")
+    adapted = {n.removeprefix("base_model.model.") for n, m in apply_lora(_HeadedBlock(), config).named_modules()
+               if hasattr(m, "lora_A")}
+    assert sorted(check_targets(_HeadedBlock(), config)) == sorted(adapted) == ["body", "lm_head"]
+    with pytest.raises(ValueError, match=r"rank=4 is larger than layer 'lm_head' \(8 x 3\)"):
+        apply_lora(_HeadedBlock(), LoRAConfig(rank=4, target_modules="all-linear"))
+
