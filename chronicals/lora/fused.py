@@ -24,7 +24,7 @@ from torch import nn
 
 from chronicals.kernels.lora import dora_linear, lora_projections, lora_swiglu_mlp
 from chronicals.models.projections import no_hooks, plain_linear
-from chronicals.models.swiglu import SILU_MODULES, plain_silu
+from chronicals.models.swiglu import SILU_MODULES, plain_silu, swiglu_mlp_forward
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -118,6 +118,42 @@ def _mlp_forward(self: nn.Module, x, *args, **kwargs):
     return _run_fused(lora_swiglu_mlp, x, *params, kconcat=self.__dict__.get("_chronicals_kconcat", False))
 
 
+def _hf_mlp_forward(self, x):  # HF's LlamaMLP / Qwen2MLP / Qwen3MLP / MistralMLP, and their copies in other models
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _hf_mlp_forward_return(self, x):  # the same computation written as one return (Qwen2.5-VL's MLP, ...)
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _same_code(fn, reference) -> bool:
+    """`fn` compiles to `reference`'s bytecode (same operations on the same attribute names; argument names and
+    a docstring may differ)."""
+    code, ref = getattr(fn, "__code__", None), reference.__code__
+    if code is None:
+        return False
+    consts = code.co_consts[1:] if fn.__doc__ is not None and code.co_consts[:1] == (fn.__doc__,) else code.co_consts
+    return code.co_code == ref.co_code and code.co_names == ref.co_names and code.co_argcount == ref.co_argcount \
+        and consts == ref.co_consts
+
+
+def plain_swiglu_mlp(mlp: nn.Module) -> bool:
+    """Whether `mlp`'s forward is exactly down(act_fn(gate(x)) * up(x)), HF's (or chronicals.apply's patched one),
+    so that the fused MLP op may stand in for it. Modules with the same layer names whose forward does more were
+    fused all the same and silently lost the rest: Falcon-H1's MLP multipliers, the gate/up clamps of
+    DeepSeek-V4's, Step3p7's and GLM-5's MLPs, GLM-4V's patch merger's projection and norm, a residual dropout."""
+    forward = vars(mlp).get("forward")
+    if forward is None:
+        forward = type(mlp).forward
+    elif isinstance(forward, functools.partial) and forward.args == (mlp,) and not forward.keywords:
+        forward = forward.func  # chronicals.apply's patch
+    else:
+        return False  # replaced by a user or a library (accelerate's hook): its own, unknown computation
+    return forward is swiglu_mlp_forward or any(_same_code(forward, ref)
+                                                 for ref in (_hf_mlp_forward, _hf_mlp_forward_return))
+
+
 def _set_forward(module: nn.Module, fn, kconcat: bool) -> None:
     module._chronicals_previous_forward = module.__dict__.get("forward")
     module._chronicals_kconcat = kconcat
@@ -136,7 +172,7 @@ def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:
     for parent in model.modules():
         kids = {n: getattr(parent, n, None) for n in (*MLP_PARTS, "q_proj", "k_proj", "v_proj")}
         if all(isinstance(kids[n], PeftLoraLinear) for n in MLP_PARTS) and type(getattr(parent, "act_fn", None)) in \
-                SILU_MODULES:
+                SILU_MODULES and plain_swiglu_mlp(parent):
             parent._chronicals_unfused_forward = parent.forward
             _set_forward(parent, _mlp_forward, kconcat)
             count += 1

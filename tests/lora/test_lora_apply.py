@@ -1,6 +1,7 @@
 """apply_lora on a real (tiny) Llama: the fused model matches PEFT's own, bad configs fail before training."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -242,3 +243,51 @@ def test_all_linear_checks_the_layers_peft_adapts():
     with pytest.raises(ValueError, match=r"rank=4 is larger than layer 'lm_head' \(8 x 3\)"):
         apply_lora(_HeadedBlock(), LoRAConfig(rank=4, target_modules="all-linear"))
 
+
+
+class _ClampedMLP(torch.nn.Module):
+    """DeepSeek-V4's / Step3p7's MLP shape: HF's layer names and SiLU, with the gate and up outputs clamped."""
+
+    def __init__(self, d, inter, limit=0.05):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(d, inter), torch.nn.Linear(d, inter)
+        self.down_proj, self.act_fn, self.limit = torch.nn.Linear(inter, d), torch.nn.SiLU(), limit
+
+    def forward(self, x):
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def _falcon_h1_mlp():
+    from transformers import FalconH1Config
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1MLP
+
+    return FalconH1MLP(FalconH1Config(hidden_size=16, intermediate_size=24, mlp_multipliers=[0.5, 2.0]))
+
+
+@pytest.mark.parametrize("make", [_falcon_h1_mlp, lambda: _ClampedMLP(16, 24)], ids=["falcon_h1", "clamped"])
+def test_an_mlp_whose_forward_does_more_keeps_it(make):
+    # Any module with gate/up/down LoRA layers and a SiLU act_fn had its forward replaced by the fused
+    # down(silu(gate(x)) * up(x)): Falcon-H1's multipliers or the clamps were silently dropped (outputs off by ~0.1
+    # at PEFT's initialisation, B = 0, where the adapted model must equal the base one).
+    torch.manual_seed(0)
+    base = make().requires_grad_(False)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    lora = LoRAConfig(rank=2, target_modules=["gate_proj", "up_proj", "down_proj"])
+
+    def adapted(cfg):
+        torch.manual_seed(1)  # the same random A in both
+        return apply_lora(copy.deepcopy(base), cfg)
+
+    ours, peft = adapted(lora), adapted(replace(lora, fused=False))
+    torch.testing.assert_close(ours(x), base(x))
+    for model in (ours, peft):
+        _randomize_b(model)
+    y, y_peft = ours(x), peft(x)
+    torch.testing.assert_close(y, y_peft)
+    assert "_LoRAFanOutBackward" in graph_names(y)  # gate|up still one fused op, only the MLP op is not used
+    grads = [torch.autograd.grad(out.square().sum(), [x, *(p for p in m.parameters() if p.requires_grad)])
+             for out, m in ((y, ours), (y_peft, peft))]
+    for g, g_peft in zip(*grads):
+        torch.testing.assert_close(g, g_peft)
