@@ -406,6 +406,22 @@ class _DoRALinear(torch.autograd.Function):
 def _check_projection(name, x, weight, bias, lora_a, lora_b, scale) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be a float32/bfloat16/float16 tensor, got {getattr(x, 'dtype', type(x))}")
+    # Checked by name: these failed further on with errors naming nothing ("not enough values to unpack" for a 1-D
+    # weight, an IndexError for a 0-d x, "'NoneType' object has no attribute 'shape'", "could not convert string
+    # to float").
+    if x.dim() == 0:
+        raise ValueError("x must have a feature dimension (its last), got a 0-d tensor")
+    for field, t in (("weight", weight), ("lora_A", lora_a), ("lora_B", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {field} must be a 2-D tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: {field} must be a 2-D tensor, got shape {tuple(t.shape)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: bias must be a tensor or None, got {type(bias).__name__}")
+    try:
+        float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: scale must be a number, got {scale!r}") from None
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"{name}: x has {x.shape[-1]} features but the weight takes {in_f}")
@@ -470,6 +486,8 @@ def dora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float, mag
     """bias + m / ||weight + scale * lora_b @ lora_a||_row * (x @ weight^T + scale * x @ lora_a^T @ lora_b^T),
     m = magnitude [out], the norm taken per output row and held constant in the backward (as PEFT does)."""
     _check_projection("dora", x, weight, bias, lora_a, lora_b, scale)
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a tensor of shape ({weight.shape[0]},), got {type(magnitude).__name__}")
     if tuple(magnitude.shape) != (weight.shape[0],):
         raise ValueError(f"magnitude shape {tuple(magnitude.shape)} should be ({weight.shape[0]},)")
     return _DoRALinear.apply(x, float(scale), weight, bias, lora_a, lora_b, magnitude)

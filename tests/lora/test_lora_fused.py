@@ -104,6 +104,16 @@ def test_wrappers_reject_bad_inputs_with_clear_errors():
     for op in (_mlp_with_bias, lambda x, bias: dora_linear(x, w, bias, a, b, 1.0, torch.ones(6))):
         with pytest.raises(TypeError, match="bias dtype torch.float16"):
             op(torch.randn(3, 4), torch.randn(6, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"projections\[0\]: weight must be a 2-D tensor, got shape \(6,\)"):
+        lora_linear(torch.randn(3, 4), torch.randn(6), None, a, b, 1.0)
+    with pytest.raises(TypeError, match=r"projections\[0\]: lora_B must be a 2-D tensor, got NoneType"):
+        lora_linear(torch.randn(3, 4), w, None, a, None, 1.0)
+    with pytest.raises(ValueError, match="0-d"):
+        lora_linear(torch.tensor(1.0), w, None, a, b, 1.0)
+    with pytest.raises(TypeError, match=r"projections\[0\]: scale must be a number, got 'x'"):
+        lora_linear(torch.randn(3, 4), w, None, a, b, "x")
+    with pytest.raises(TypeError, match="magnitude must be a tensor of shape \\(6,\\), got NoneType"):
+        dora_linear(torch.randn(3, 4), w, None, a, b, 1.0, None)
     with pytest.raises(ValueError, match="frozen"):
         lora_linear(torch.randn(3, 4), w.requires_grad_(True), None, a, b, 1.0)
     with pytest.raises(ValueError, match="at least one"):
