@@ -178,7 +178,9 @@ def install_fused(model: nn.Module, *, kconcat: bool = False) -> int:
             count += 1
         for names in GROUPS:
             members = [kids[n] for n in names]
-            if all(isinstance(m, PeftLoraLinear) for m in members):
+            # One input for all: a cross-attention whose k/v read encoder states of another width than q's input
+            # (T5Gemma's cross_attention_hidden_size) had q's call compute k and v from q's input, which raised.
+            if all(isinstance(m, PeftLoraLinear) for m in members) and len({m.in_features for m in members}) == 1:
                 group = SharedInputGroup(members, kconcat)
                 for i, m in enumerate(members):
                     m._chronicals_group, m._chronicals_group_index = group, i

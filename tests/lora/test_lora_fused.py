@@ -225,3 +225,29 @@ def test_mlp_output_can_be_changed_in_place_as_pefts(kconcat, shape):
     x, dy = torch.randn(*shape), torch.randn(*shape)
     compare_with_peft(model, x, dy, torch.float32, ["_LoRASwiGLUMLPKConcatBackward" if kconcat
                                                     else "_LoRASwiGLUMLPBackward"], kconcat=kconcat)
+
+
+class CrossAttention(nn.Module):
+    """q from x, k and v from encoder states of another width (T5Gemma's cross-attention)."""
+
+    def __init__(self, d=12, d_enc=20, inner=8):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, inner), nn.Linear(d_enc, inner), nn.Linear(d_enc, inner)
+
+    def forward(self, x, enc):
+        q, k, v = self.q_proj(x), self.k_proj(enc), self.v_proj(enc)
+        return (q @ k.t()).softmax(-1) @ v
+
+
+def test_cross_attention_with_another_key_width_matches_peft():
+    # q, k, v were grouped whatever their input widths: q's call computed k and v from q's input too and raised
+    # "projections[1]: x has 12 features but the weight takes 20", where PEFT's layers run.
+    _, native, ours = three_precisions(adapted(CrossAttention(), 2, 4.0), torch.float32)
+    x, enc = torch.randn(5, 12, device=DEVICE), torch.randn(7, 20, device=DEVICE)
+    outs = []
+    for model in (native, ours):
+        y = model(x, enc)
+        outs.append((y, *torch.autograd.grad(y.square().sum(), [p for p in model.parameters() if p.requires_grad])))
+    assert "_LoRAFanOutBackward" in graph_names(outs[1][0])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want)
