@@ -8,10 +8,10 @@ model computes that reduction when given `num_items_in_batch=N` (HF's loss and c
 
 GPU-friendliness: batches are collated on the host (the token counts come from there, with no device sync),
 copied from pinned memory with non_blocking, and the only host sync per step is one read of (loss, grad norm). With
-PyTorch's fused AdamW on one process (the default optimizer) that read is one step late: a step whose loss or
-gradient norm is not finite is skipped on the device (the optimizer's `found_inf`), and the host reads step N's
-values after enqueueing step N+1's forward and backward, so it runs ahead of the GPU instead of waiting for it
-(`_run_ahead`). A packed batch's layout then stays on the host, where the patched model validates it without a
+PyTorch's fused AdamW on one process and a CUDA device (the default optimizer) that read is one step late: a step
+whose loss or gradient norm is not finite is skipped on the device (the optimizer's `found_inf`), and the host reads
+step N's values after enqueueing step N+1's forward and backward, so it runs ahead of the GPU instead of waiting for
+it (`_run_ahead`). A packed batch's layout then stays on the host, where the patched model validates it without a
 device sync. Checkpoints, evaluations and the last step read their step's values first.
 """
 
@@ -335,10 +335,12 @@ class ChronicalsTrainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------------------------
     def _can_run_ahead(self) -> bool:
-        """Whether each step's values may be read one step late: the update of a non-finite step must then be skipped
-        on the device, which PyTorch's fused Adam/AdamW do through `found_inf` (the foreach and 8-bit ones cannot);
-        fp16's GradScaler reads its own flags, and several processes already meet in a collective every step."""
-        return (self.scaler is None and not self.env.enabled
+        """Whether each step's values may be read one step late: on a CUDA device only (a CPU runs each op when it is
+        called, so there is nothing to run ahead of, and the late read would only shift each logged step time onto
+        the next step's work); the update of a non-finite step must then be skipped on the device, which PyTorch's
+        fused Adam/AdamW do through `found_inf` (the foreach and 8-bit ones cannot); fp16's GradScaler reads its own
+        flags, and several processes already meet in a collective every step."""
+        return (self.device.type == "cuda" and self.scaler is None and not self.env.enabled
                 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
                 and all(group.get("fused") for group in self.optimizer.param_groups))
 

@@ -27,10 +27,10 @@ def _poison_step(trainer, bad_step):
 
 def _trainer(tmp_path, run_ahead: bool, **changes):
     """A trainer whose loss and gradient norm are read one step late (run_ahead, the default with fused AdamW on one
-    process) or at each step's end."""
+    process and a CUDA device; forced here on the CPU, where every op has run when the late read comes) or at each
+    step's end."""
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, **changes))
-    if not run_ahead:
-        trainer._can_run_ahead = lambda: False
+    trainer._can_run_ahead = lambda: run_ahead
     return trainer
 
 

@@ -1,7 +1,8 @@
 """The trainer reads each step's (loss, grad norm) one step late where the optimizer can skip a non-finite step on
-the device (PyTorch's fused AdamW, one process, no fp16 GradScaler), so the host runs ahead of the GPU; a packed
-batch's layout then stays on the host, where the patched model validates it without a device sync. What such runs
-train is pinned in test_nonfinite.py (the same steps, losses and weights as reading at each step's end)."""
+the device (PyTorch's fused AdamW, one process, no fp16 GradScaler, a CUDA device: the CPU tests force it), so the
+host runs ahead of the GPU; a packed batch's layout then stays on the host, where the patched model validates it
+without a device sync. What such runs train is pinned in test_nonfinite.py (the same steps, losses and weights as
+reading at each step's end)."""
 
 import json
 import signal
@@ -17,9 +18,11 @@ from .helpers import config, rows, tiny_model, tokenizer
 LAYOUT = ("cu_seq_lens_q", "cu_seq_lens_k", "position_ids")
 
 
-def test_run_ahead_needs_an_optimizer_that_skips_on_the_device(tmp_path):
+def test_run_ahead_needs_a_cuda_device_and_an_optimizer_that_skips_on_it(tmp_path):
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path))
-    assert trainer._can_run_ahead()  # the default: FusedAdamW, fused on CPU and CUDA alike
+    assert not trainer._can_run_ahead()  # a CPU runs every op when called: nothing to run ahead of
+    trainer.device = torch.device("cuda")  # the decision reads the device's type only
+    assert trainer._can_run_ahead()  # the default: FusedAdamW, fused
     trainer.optimizer.param_groups[0]["fused"] = None  # the foreach implementation has no found_inf
     assert not trainer._can_run_ahead()
     trainer.optimizer.param_groups[0]["fused"] = True
@@ -77,6 +80,7 @@ def test_a_step_whose_update_fails_leaves_each_earlier_step_logged_once(tmp_path
     # Step 3's update fails (out of memory, a second Ctrl-C) after step 2's values were read and logged: the
     # handler that logs a step still unread logged step 2 a second time.
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=5, batch_size=4))
+    trainer._can_run_ahead = lambda: True  # as on a GPU
     step, calls = type(trainer.optimizer).step, []
 
     def step_fails_third(self, *args, **kwargs):
@@ -103,6 +107,7 @@ def test_ctrl_c_as_an_epoch_ends_still_logs_its_last_step(tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer_module, "StepPlan", CtrlCAtTheEpochsEnd)
     trainer = ChronicalsTrainer(tiny_model(), tokenizer(), config(tmp_path, max_steps=8, batch_size=4))
+    trainer._can_run_ahead = lambda: True  # as on a GPU
     result = trainer.train(rows(16))  # 4 steps an epoch
     assert trainer._run_ahead
     assert result.interrupted and result.steps == 4 and len(result.losses) == 4
