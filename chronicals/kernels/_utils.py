@@ -9,6 +9,8 @@ fp32 first when it is set; on a GPU the native low-precision path runs.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 
 import torch
@@ -57,6 +59,12 @@ def row_block_settings(n_cols: int) -> tuple[int, int]:
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+def finite_number(x) -> bool:
+    """A finite real number: numpy scalars count (np.float32 is no float), a bool does not (it is not meant as one),
+    and neither does a tensor or None."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, dtypes=SUPPORTED_DTYPES) -> None:

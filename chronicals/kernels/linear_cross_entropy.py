@@ -31,7 +31,6 @@ Three ways to cut the logits (`strategy`):
 from __future__ import annotations
 
 import functools
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from ._utils import (
     backward_once,
     check_same,
     check_tensor,
+    finite_number,
     next_power_of_2,
     row_block_settings,
 )
@@ -446,9 +446,9 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
                              f"{tuple(normalizer.shape)}")
     # Numbers only (None, a string or a tensor failed on the comparison with a bare TypeError); finite: cap·tanh(z/cap)
     # is inf·0 = NaN at cap = inf, and an infinite z_loss_weight made every loss inf.
-    if softcap is not None and not (_real(softcap) and 0 < softcap < float("inf")):
+    if softcap is not None and not (finite_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
-    if not (_real(z_loss_weight) and 0 <= z_loss_weight < float("inf")):
+    if not (finite_number(z_loss_weight) and z_loss_weight >= 0):
         raise ValueError(f"z_loss_weight must be a finite number >= 0, got {z_loss_weight!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -464,10 +464,6 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         raise ValueError(f"chunk must be a positive {what} or None, got {chunk!r}")
     if n_rows and check_labels:
         check_label_range(labels, vocab, ignore_index)
-
-
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _positive_int(x) -> bool:

@@ -17,14 +17,11 @@ Memory-bound: each kernel moves its bytes once. Per row of H elements of b bytes
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, backward_once, cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, backward_once, cast_rne, check_same, check_tensor, finite_number, next_power_of_2
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns, about this many elements (rows of 4096 or more: one row
 # per program). H100, 2026-12-06 (benchmarks/kernel_ops.py, 16384 rows of 896 bf16): 2048 (2 rows, 4 warps) against
@@ -335,15 +332,10 @@ def _check(hidden_states, weight, eps, offset, residual=None) -> None:
                          f"(shape {tuple(hidden_states.shape)}) must equal it")
     if not 1 <= weight.shape[0] <= _MAX_BLOCK_N:
         raise ValueError(f"weight has {weight.shape[0]} elements; supported hidden sizes are 1..{_MAX_BLOCK_N}")
-    if not (_finite_number(eps) and eps >= 0):
+    if not (finite_number(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not _finite_number(offset):
+    if not finite_number(offset):
         raise ValueError(f"offset must be a finite number (0.0, or 1.0 for Gemma-style weights), got {offset!r}")
-
-
-def _finite_number(x) -> bool:
-    # numbers.Real: numpy scalars (np.float32 is no float) are numbers too; a bool is not meant as one.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
