@@ -143,7 +143,12 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
     _set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False), rank)
-    return json.loads((path / STATE_FILE).read_text())
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json: its position, world size, the config it trained with and its data."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def _weights_file(model: nn.Module) -> str:

@@ -71,14 +71,14 @@ def load_sharded(path: str | Path, *, model: nn.Module, optimizer, scheduler, ra
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     checkpoint._set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False), rank)
-    return json.loads((path / checkpoint.STATE_FILE).read_text())
+    return checkpoint.read_state(path)
 
 
 def check_resumable(path: str | Path, env: DistEnv, strategy: str) -> None:
     """Refuse a checkpoint that this launch cannot continue exactly: another number of processes (the data order
     and the shards depend on it), or sharded vs whole weights."""
     path = Path(path)
-    saved = json.loads((path / checkpoint.STATE_FILE).read_text())
+    saved = checkpoint.read_state(path)
     saved_world = saved.get("world_size", 1)  # checkpoints from before multi-GPU support are single-process
     if saved_world != env.world_size:
         raise SetupError(

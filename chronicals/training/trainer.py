@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import random
@@ -147,7 +146,7 @@ class ChronicalsTrainer:
             dist_checkpoint.check_resumable(path, self.env, self.strategy)
             # Before the load: 8-bit Adam's state is not AdamW's, and either way round it failed late, or deep inside
             # bitsandbytes at the first step, without naming the setting.
-            changed_optimizer = _changed_optimizer(_saved_config(path), cfg)
+            changed_optimizer = _changed_optimizer(checkpoint.read_state(path).get("config") or {}, cfg)
             if changed_optimizer:
                 raise SetupError(f"checkpoint {str(path)!r} was saved with {changed_optimizer}: its optimizer state "
                                  "is the other optimizer's (8-bit Adam keeps state1/state2, AdamW exp_avg/exp_avg_sq), "
@@ -620,11 +619,6 @@ def _changed_lora_scale(before: dict[str, Any], cfg: ChronicalsConfig) -> str | 
     if not (cfg.use_lora and before.get("use_lora")):
         return None
     return _changed_settings(before, cfg, ("lora_alpha", "use_rslora"))
-
-
-def _saved_config(path: Path) -> dict[str, Any]:
-    """The config a checkpoint recorded (its trainer_state.json), read before its states are loaded."""
-    return json.loads((path / checkpoint.STATE_FILE).read_text()).get("config") or {}
 
 
 def _changed_optimizer(before: dict[str, Any], cfg: ChronicalsConfig) -> str | None:
