@@ -73,8 +73,7 @@ class _Launched:
     skipped: bool | None  # decided at launch (values read then), or None: decided from the values on the device
     lr: float
     label_tokens: int
-    input_tokens: int
-    seq_lens: list[int]
+    seq_lens: list[int]  # real (non-padding) sequence lengths, for the attention FLOPs
 
 
 class ChronicalsTrainer:
@@ -369,7 +368,7 @@ class ChronicalsTrainer:
         # The learning_rate as scheduled: the first group's may be LoRA+'s B matrices, at lora_plus_ratio times it.
         lr = self._learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
         return _Launched(step=step, epoch=epoch, values=values, ready=None, skipped=None, lr=lr,
-                         label_tokens=label_tokens, input_tokens=sum(seq_lens), seq_lens=seq_lens)
+                         label_tokens=label_tokens, seq_lens=seq_lens)
 
     def _update(self, launched: _Launched) -> None:
         """The optimizer and scheduler step of a launched step. Without run-ahead its values are read here, first: a
@@ -433,7 +432,7 @@ class ChronicalsTrainer:
         elapsed = now - self._step_clock
         self._step_clock = now
         cuda = self.device.type == "cuda"
-        flops = self._flops_per_token * launched.input_tokens + attention_flops(
+        flops = self._flops_per_token * sum(launched.seq_lens) + attention_flops(
             launched.seq_lens, layers=self._layers, attn_dim=self._attn_dim)
         return {
             "step": launched.step, "loss": loss_value, "lr": launched.lr, "grad_norm": norm_value,
