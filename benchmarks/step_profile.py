@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import chronicals  # noqa: E402
 from benchmarks._timing import time_calls_ms  # noqa: E402
 from chronicals.kernels import linear_cross_entropy as lce  # noqa: E402
+from chronicals.kernels import lora as lora_ops  # noqa: E402
 from chronicals.models.presets import build_model  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,7 +51,8 @@ LCE_ONLY = dict(ALL, rms_norm=False, swiglu=False, rope=False)
 
 # name -> (mode, apply flags, options). Options: compile_layers (torch.compile each decoder layer in place),
 # row_chunk (the fused cross-entropy's row block), fused_lora, lora_kconcat (LoRAConfig.fused_kconcat: the low-rank
-# term folded into the base matmul along K).
+# term folded into the base matmul along K), low_rank_first (the fused LoRA ops' order of sums, see
+# chronicals/kernels/lora.py).
 VARIANTS = {
     "full": ("full", ALL, {}),
     "full_chunk1024": ("full", ALL, {"row_chunk": 1024}),
@@ -62,6 +64,7 @@ VARIANTS = {
     "lora_compile_layers": ("lora", ALL, {"compile_layers": True}),
     "lora_unfused": ("lora", ALL, {"fused_lora": False}),
     "lora_kconcat": ("lora", ALL, {"lora_kconcat": True}),
+    "lora_low_rank_after": ("lora", ALL, {"low_rank_first": False}),
 }
 
 
@@ -249,8 +252,10 @@ def attention_backends(batch: int, seq_len: int, q_heads: int = 14, kv_heads: in
 
 def run_variant(name: str, args) -> dict:
     mode, flags, options = VARIANTS[name]
-    # The row block is read at call time; patched for this variant only, restored even when it crashes.
-    with mock.patch.object(lce, "DEFAULT_ROW_CHUNK", options.get("row_chunk", lce.DEFAULT_ROW_CHUNK)):
+    # The row block and the LoRA order are read at call time; patched for this variant only, restored even when it
+    # crashes.
+    with mock.patch.object(lce, "DEFAULT_ROW_CHUNK", options.get("row_chunk", lce.DEFAULT_ROW_CHUNK)), \
+            mock.patch.object(lora_ops, "_LOW_RANK_FIRST", options.get("low_rank_first", lora_ops._LOW_RANK_FIRST)):
         return _timed_variant(name, mode, flags, options, args)
 
 

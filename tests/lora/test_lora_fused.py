@@ -8,6 +8,7 @@ from lora_blocks import DEVICE, MLP, QKVO, InPlaceQKVO, adapted, compare_with_pe
 from oracle import assert_no_worse
 from torch import nn
 
+from chronicals.kernels import lora as lora_ops
 from chronicals.kernels.lora import dora_linear, lora_linear, lora_projections, lora_swiglu_mlp
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
@@ -33,6 +34,18 @@ def test_fused_qkv_and_o_match_peft(tokens, d, dq, dkv, rank, alpha, bias, dtype
     model = adapted(QKVO(d, dq, dkv, bias=bias), rank, alpha, seed=seed)
     x, dy = torch.randn(tokens, d), torch.randn(tokens, d)
     compare_with_peft(model, x, dy, dtype, ["_LoRAFanOutBackward"])
+
+
+@pytest.mark.parametrize("low_rank_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_orders_of_the_sums_match_peft(monkeypatch, low_rank_first, dtype):
+    # The default writes the thin low-rank term first and lets the base matmul add onto it; the other order is kept
+    # for A/Bs (benchmarks/step_profile.py) and must stay right too. Biases on, so the bias moves with the thin term.
+    monkeypatch.setattr(lora_ops, "_LOW_RANK_FIRST", low_rank_first)
+    torch.manual_seed(0)
+    x, dy = torch.randn(2, 13, 24), torch.randn(2, 13, 24)
+    compare_with_peft(adapted(MLP(24, 40, bias=True), 4, 8.0), x, dy, dtype, ["_LoRASwiGLUMLPBackward"])
+    compare_with_peft(adapted(QKVO(24, 24, 8, bias=True), 4, 8.0), x, dy, dtype, ["_LoRAFanOutBackward"])
 
 
 @pytest.mark.gpu
