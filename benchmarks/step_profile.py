@@ -51,8 +51,8 @@ LCE_ONLY = dict(ALL, rms_norm=False, swiglu=False, rope=False)
 
 # name -> (mode, apply flags, options). Options: compile_layers (torch.compile each decoder layer in place),
 # row_chunk (the fused cross-entropy's row block), fused_lora, lora_kconcat (LoRAConfig.fused_kconcat: the low-rank
-# term folded into the base matmul along K), low_rank_first (the fused LoRA ops' order of sums, see
-# chronicals/kernels/lora.py).
+# term folded into the base matmul along K), low_rank_first (the fused LoRA ops' order of sums) and low_rank_in_swiglu
+# (the LoRA MLP's low-rank terms inside its SwiGLU pass), both in chronicals/kernels/lora.py.
 VARIANTS = {
     "full": ("full", ALL, {}),
     "full_chunk1024": ("full", ALL, {"row_chunk": 1024}),
@@ -65,6 +65,7 @@ VARIANTS = {
     "lora_unfused": ("lora", ALL, {"fused_lora": False}),
     "lora_kconcat": ("lora", ALL, {"lora_kconcat": True}),
     "lora_low_rank_after": ("lora", ALL, {"low_rank_first": False}),
+    "lora_low_rank_in_swiglu": ("lora", ALL, {"low_rank_in_swiglu": True}),
 }
 
 
@@ -255,7 +256,9 @@ def run_variant(name: str, args) -> dict:
     # The row block and the LoRA order are read at call time; patched for this variant only, restored even when it
     # crashes.
     with mock.patch.object(lce, "DEFAULT_ROW_CHUNK", options.get("row_chunk", lce.DEFAULT_ROW_CHUNK)), \
-            mock.patch.object(lora_ops, "_LOW_RANK_FIRST", options.get("low_rank_first", lora_ops._LOW_RANK_FIRST)):
+            mock.patch.object(lora_ops, "_LOW_RANK_FIRST", options.get("low_rank_first", lora_ops._LOW_RANK_FIRST)), \
+            mock.patch.object(lora_ops, "_LOW_RANK_IN_SWIGLU",
+                              options.get("low_rank_in_swiglu", lora_ops._LOW_RANK_IN_SWIGLU)):
         return _timed_variant(name, mode, flags, options, args)
 
 

@@ -58,6 +58,7 @@ import functools
 
 import torch
 
+from . import lora_swiglu
 from . import swiglu as swiglu_kernels
 from ._utils import INTERPRET, backward_once
 
@@ -126,6 +127,9 @@ def _base(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: tor
 
 # See the module docstring ("Order of the sums"); False is the order PEFT uses, kept for benchmarks/step_profile.py.
 _LOW_RANK_FIRST = True
+# The MLP's gate/up low-rank terms and h A_d^T inside the SwiGLU pass (chronicals.kernels.lora_swiglu), on a GPU or
+# under the interpreter; else thin cuBLAS matmuls around the SwiGLU kernel. benchmarks/step_profile.py A/Bs both.
+_LOW_RANK_IN_SWIGLU = False
 
 
 def _output(lead: torch.Size, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,15 +225,18 @@ def _kconcat_forward(x2, scales, weights, biases, a_list, b_params, lead=None):
     return y_all, xa, a_cat
 
 
-def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool):
-    """Gradients (dX or None, [dA_i], [dB_i]) of the fan-out for output gradients dys ([N, o_i] each)."""
+def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool, g_cat=None):
+    """Gradients (dX or None, [dA_i], [dB_i]) of the fan-out for output gradients dys ([N, o_i] each). `g_cat`:
+    cat(G) when the caller formed it already (the LoRA SwiGLU kernel does, in its pass over dY)."""
     gs, d_b, off = [], [], 0
     for s, b, dy in zip(scales, b_list, dys):
         r = b.shape[1]
-        gs.append(_scaled_mm(dy, b, s))
+        if g_cat is None:
+            gs.append(_scaled_mm(dy, b, s))
         d_b.append(_scaled_mm(dy.t(), xa[:, off:off + r], s))
         off += r
-    g_cat = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
+    if g_cat is None:
+        g_cat = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
     d_a = torch.split(g_cat.t() @ x2, [b.shape[1] for b in b_list])
     dx = None
     if need_dx:
@@ -322,12 +329,23 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         h_ext[:, inter:].copy_(ha)
         _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd, out=y2)
         activations = (eg,)
+    elif _LOW_RANK_IN_SWIGLU and _use_triton(x):
+        # gate/up's low-rank terms and h A_d^T are formed inside the SwiGLU pass (chronicals.kernels.lora_swiglu):
+        # e and g saved here are the base outputs e0, g0, and the backward adds the low-rank terms again in-kernel.
+        a_cat = torch.cat((ag_, au_))
+        xa = x2 @ a_cat.t()
+        e, g = _base(x2, wg, bg), _base(x2, wu, bu)
+        h, ha = lora_swiglu.lora_swiglu_forward(e, g, xa, bg_.contiguous(), bu_.contiguous(), scales[0], scales[1],
+                                                ad_.contiguous())
+        _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2])
+        activations = (e, g)
     else:
         (e, g), xa, a_cat = _fanout_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (bg_, bu_))
         h = swiglu_forward(e, g)
         ha = h @ ad_.t()
         _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2])
         activations = (e, g)
+    ctx.low_rank_in_swiglu = not kconcat and _LOW_RANK_IN_SWIGLU and _use_triton(x)
     ctx.scales = scales
     ctx.kconcat = kconcat
     ctx.param_dtypes = [p.dtype for p in (ag, au, b_g, b_u, ad, b_d)]
@@ -363,17 +381,22 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         gd = _scaled_mm(dy2, bd_, sd)
         d_bd = _scaled_mm(dy2.t(), ha, sd)
-        if _LOW_RANK_FIRST:  # the thin term written first (module docstring)
-            dh = gd @ ad_
-            dh.addmm_(dy2, wd)
+        g_cat = None
+        if ctx.low_rank_in_swiglu:  # dh's low-rank term and cat(G) for gate/up are formed in the SwiGLU pass
+            h, de, dg, g_cat = lora_swiglu.lora_swiglu_backward(dy2 @ wd, e, g, xa, bg_.contiguous(),
+                                                                bu_.contiguous(), sg, su, gd, ad_.contiguous())
         else:
-            dh = dy2 @ wd
-            dh.addmm_(gd, ad_)
-        h, de, dg = swiglu_backward_inplace(dh, e, g)
+            if _LOW_RANK_FIRST:  # the thin term written first (module docstring)
+                dh = gd @ ad_
+                dh.addmm_(dy2, wd)
+            else:
+                dh = dy2 @ wd
+                dh.addmm_(gd, ad_)
+            h, de, dg = swiglu_backward_inplace(dh, e, g)
         d_ad = gd.t() @ h
-        del h, dh
+        del h
         dx, (d_ag, d_au), (d_bg, d_bu) = _fanout_backward(
-            x2, xa, a_cat, (sg, su), (wg, wu), (bg_, bu_), (de, dg), ctx.needs_input_grad[0]
+            x2, xa, a_cat, (sg, su), (wg, wu), (bg_, bu_), (de, dg), ctx.needs_input_grad[0], g_cat=g_cat
         )
         grads = [t.to(dt) for t, dt in zip((d_ag, d_au, d_bg, d_bu, d_ad, d_bd), ctx.param_dtypes)]
         d_ag, d_au, d_bg, d_bu, d_ad, d_bd = grads

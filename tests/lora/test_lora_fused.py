@@ -48,6 +48,22 @@ def test_both_orders_of_the_sums_match_peft(monkeypatch, low_rank_first, dtype):
     compare_with_peft(adapted(QKVO(24, 24, 8, bias=True), 4, 8.0), x, dy, dtype, ["_LoRAFanOutBackward"])
 
 
+@given(
+    tokens=st.integers(8, 40), d=st.integers(8, 40), inter=st.integers(8, 72),
+    ranks=st.tuples(*[st.integers(1, 8)] * 3), bias=st.booleans(), dtype=DTYPES, seed=st.integers(0, 99),
+)
+def test_mlp_with_low_rank_terms_in_the_swiglu_kernel_matches_peft(tokens, d, inter, ranks, bias, dtype, seed):
+    # chronicals.kernels.lora_swiglu: gate/up's low-rank terms, h A_d^T, dh's low-rank term and cat(G) formed inside
+    # the SwiGLU pass (saving e0, g0, the base outputs); ranks drawn apart per projection.
+    with pytest.MonkeyPatch.context() as patch:  # not the monkeypatch fixture: hypothesis reruns the test body
+        patch.setattr(lora_ops, "_LOW_RANK_IN_SWIGLU", True)
+        torch.manual_seed(seed)
+        model = adapted(MLP(d, inter, bias=bias), ranks[0], 16.0, seed=seed,
+                        rank_pattern={"up_proj": ranks[1], "down_proj": ranks[2]})
+        x, dy = torch.randn(2, tokens, d), torch.randn(2, tokens, d)
+        compare_with_peft(model, x, dy, dtype, ["_LoRASwiGLUMLPBackward"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_ops_on_gpu_at_model_like_sizes(dtype):
