@@ -18,9 +18,10 @@ Only X and the thin XA [N, R] are saved, never the outputs.
 Order of the sums: the thin K = r matmul that writes an [N, o] output is memory-bound, the base matmul (K = d) is
 compute-bound. So the thin term is written first (s_i XA_i B_i^T + bias, or cat(G) cat(A)) and the base matmul adds
 onto it (addmm with beta = 1: cuBLAS reads it in the epilogue, behind the math). Added the other way round, the thin
-matmul read and rewrote the whole output: PEFT's order, and ours before, which an H100 profile of a Llama-3.2-1B r16
-step put at 32.6 of 203 ms (the "badd" K = 16 kernels, ~1.2 TB/s). `_LOW_RANK_FIRST` keeps the old order for A/Bs.
-Each output is still rounded once from the fp32 sum of both terms plus the thin term's rounding, as before.
+matmul read and rewrote the whole output: PEFT's order, and ours before. In an H100 profile of a Llama-3.2-1B r16
+step (203 ms) the beta = 1 kernels took 32.6 ms, of which the compute-bound dX accumulations (k, v, up) are ~14, so
+~18 ms went to the 176 thin ones. `_LOW_RANK_FIRST` keeps the old order for A/Bs. Either order rounds the term
+written first, then the fp32 sum of it and the other product: two roundings per output element, as PEFT's.
 
 K-concatenated forward (opt-in, `kconcat=True`; LoRAConfig.fused_kconcat): the low-rank terms are folded into the
 base matmul along K, so all n outputs come from one matmul with no second pass over them:
