@@ -41,7 +41,9 @@ def test_fused_qkv_and_o_match_peft(tokens, d, dq, dkv, rank, alpha, bias, dtype
 def test_both_orders_of_the_sums_match_peft(monkeypatch, low_rank_first, dtype):
     # The default writes the thin low-rank term first and lets the base matmul add onto it; the other order is kept
     # for A/Bs (benchmarks/step_profile.py) and must stay right too. Biases on, so the bias moves with the thin term.
+    # The MLP's cuBLAS path (the one ranks above _LOW_RANK_IN_SWIGLU_MAX_RANK take), not the SwiGLU-pass kernel.
     monkeypatch.setattr(lora_ops, "_LOW_RANK_FIRST", low_rank_first)
+    monkeypatch.setattr(lora_ops, "_LOW_RANK_IN_SWIGLU", False)
     torch.manual_seed(0)
     x, dy = torch.randn(2, 13, 24), torch.randn(2, 13, 24)
     compare_with_peft(adapted(MLP(24, 40, bias=True), 4, 8.0), x, dy, dtype, ["_LoRASwiGLUMLPBackward"])
