@@ -320,6 +320,7 @@ def _low_rank_in_swiglu(x, a_params) -> bool:
 
 def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
     wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d = params
+    in_swiglu = not kconcat and _low_rank_in_swiglu(x, (ag, au, ad))  # decided once: the backward follows the forward
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     ag_, bg_, au_, bu_, ad_, bd_ = (t.to(dt) for t in (ag, b_g, au, b_u, ad, b_d))
@@ -341,7 +342,7 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         h_ext[:, inter:].copy_(ha)
         _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd, out=y2)
         activations = (eg,)
-    elif _low_rank_in_swiglu(x, (ag, au, ad)):
+    elif in_swiglu:
         # gate/up's low-rank terms and h A_d^T are formed inside the SwiGLU pass (chronicals.kernels.lora_swiglu):
         # e and g saved here are the base outputs e0, g0, and the backward adds the low-rank terms again in-kernel.
         a_cat = torch.cat((ag_, au_))
@@ -357,7 +358,7 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         ha = h @ ad_.t()
         _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2])
         activations = (e, g)
-    ctx.low_rank_in_swiglu = not kconcat and _low_rank_in_swiglu(x, (ag, au, ad))
+    ctx.low_rank_in_swiglu = in_swiglu
     ctx.scales = scales
     ctx.kconcat = kconcat
     ctx.param_dtypes = [p.dtype for p in (ag, au, b_g, b_u, ad, b_d)]

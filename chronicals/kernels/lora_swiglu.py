@@ -57,6 +57,16 @@ def _thin(PTR, rows, row_ok, stride, off, r, R: tl.constexpr):
 
 
 @triton.jit
+def _panel(XA, stride_xa, n_rows, off_g, off_u, r_g, r_u, RG: tl.constexpr, RU: tl.constexpr, BLOCK_M: tl.constexpr):
+    # This program's rows (int64: rows * stride may pass 2^31), their mask, and their gate/up thin products XA_g, XA_u.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < n_rows
+    xg = _thin(XA, rows, row_ok, stride_xa, off_g, r_g, RG)
+    xu = _thin(XA, rows, row_ok, stride_xa, off_u, r_u, RU)
+    return rows, row_ok, xg, xu
+
+
+@triton.jit
 def _adapter_t(B, cols, col_ok, r, R: tl.constexpr):
     # Rows `cols` of a contiguous [I, r] adapter: [BLOCK_N, R], zero past r.
     k = tl.arange(0, R)
@@ -100,10 +110,7 @@ def _lora_swiglu_fwd_kernel(
     RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < n_rows
-    xg = _thin(XA, rows, row_ok, stride_xa, off_g, r_g, RG)
-    xu = _thin(XA, rows, row_ok, stride_xa, off_u, r_u, RU)
+    rows, row_ok, xg, xu = _panel(XA, stride_xa, n_rows, off_g, off_u, r_g, r_u, RG, RU, BLOCK_M)
     ha = tl.zeros((BLOCK_M, RD), dtype=tl.float32)
     if UPCAST:  # the interpreter cannot run range() over its 1-element scalars (numpy 2.4): a while loop there
         c0 = 0
@@ -153,10 +160,7 @@ def _lora_swiglu_bwd_kernel(
     RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < n_rows
-    xg = _thin(XA, rows, row_ok, stride_xa, off_g, r_g, RG)
-    xu = _thin(XA, rows, row_ok, stride_xa, off_u, r_u, RU)
+    rows, row_ok, xg, xu = _panel(XA, stride_xa, n_rows, off_g, off_u, r_g, r_u, RG, RU, BLOCK_M)
     gd = _thin(GD, rows, row_ok, stride_gd, 0, r_d, RD)
     gs_g = tl.zeros((BLOCK_M, RG), dtype=tl.float32)
     gs_u = tl.zeros((BLOCK_M, RU), dtype=tl.float32)
