@@ -276,9 +276,6 @@ def _check(q, k, cos, sin, position_ids) -> None:
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos/sin require grad, but fused_qk_rope gives them no gradient; pass them detached")
     if cos.ndim == 3:
-        if position_ids is not None:
-            raise ValueError("position_ids was given with per-position cos/sin of shape [B, S, D]; pass either "
-                             "those, or a [max_pos, D] cos/sin table together with position_ids")
         if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
             raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [1 or {batch}, {seq_len}, "
                              f"{head_dim} or {head_dim // 2}] for q of shape {tuple(q.shape)}, read as [B, heads, S, "
@@ -308,10 +305,14 @@ def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     cos/sin: HF's per-position [B or 1, S, D] (or that unsqueezed at dim 1, [B or 1, 1, S, D], as HF's
     apply_rotary_pos_emb broadcasts them), or a [max_pos, D] table with `position_ids` [B or 1, S] (omitted:
     positions 0..S-1). Either may instead hold only the first half of each row (last dimension D/2), for
-    tables whose two halves are equal, as HF's cat((freqs, freqs)) are: the kernel then reads half the bytes."""
+    tables whose two halves are equal, as HF's cat((freqs, freqs)) are: the kernel then reads half the bytes.
+    Per-position cos/sin already hold each token's angle, so `position_ids` passed with them is not used, as in
+    HF's apply_rotary_pos_emb and Liger's liger_rotary_pos_emb (they take it and ignore it)."""
     if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.ndim == sin.ndim == 4 \
             and cos.shape[1] == sin.shape[1] == 1:
         cos, sin = cos.squeeze(1), sin.squeeze(1)
+    if isinstance(cos, torch.Tensor) and cos.ndim == 3:
+        position_ids = None
     _check(q, k, cos, sin, position_ids)
     cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
     if cos.ndim == 2 and position_ids is None:

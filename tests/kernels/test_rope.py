@@ -142,6 +142,20 @@ def test_cos_sin_unsqueezed_at_the_head_dim_as_hf_broadcasts_them():
         fused_qk_rope(q, k, cos[:, None].expand(2, 4, 6, 16), sin[:, None].expand(2, 4, 6, 16))
 
 
+def test_position_ids_beside_per_position_cos_sin_are_not_used_as_in_hf():
+    # HF's apply_rotary_pos_emb(q, k, cos, sin, position_ids) and Liger's liger_rotary_pos_emb take position_ids
+    # and ignore it: the [B, S, D] cos/sin were already gathered at those positions (packed: restarting ones).
+    gen = torch.Generator().manual_seed(2)
+    q = make_qk(2, 4, 6, 16, torch.float32, True, gen).to(DEVICE)
+    k = make_qk(2, 2, 6, 16, torch.float32, True, gen).to(DEVICE)
+    cos_t, sin_t = rope_table(10, 16, torch.float32)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2], [4, 5, 6, 7, 8, 9]])
+    cos, sin = cos_t[position_ids].to(DEVICE), sin_t[position_ids].to(DEVICE)
+    q_ref, k_ref = hf_rope(q.cpu(), k.cpu(), cos.cpu(), sin.cpu())
+    for got, want in zip(fused_qk_rope(q, k, cos, sin, position_ids.to(DEVICE)), (q_ref, k_ref)):
+        torch.testing.assert_close(got.cpu(), want)
+
+
 def test_expanded_inputs_and_gradients_keep_head_dim_innermost():
     """A stride-0 (expanded) dimension, as in q broadcast over the batch or the gradient of q_rot.sum(0), once sorted
     below head_dim in the output layout, so the kernel (unit last stride) wrote out of place: garbage."""
@@ -231,8 +245,6 @@ def test_bad_input_names_the_argument():
         fused_qk_rope(q, k, cos3[..., :6], sin3[..., :6])
     with pytest.raises(ValueError, match="but sin has"):
         fused_qk_rope(q, k, cos3, sin)
-    with pytest.raises(ValueError, match="position_ids was given"):
-        fused_qk_rope(q, k, cos3, sin3, position_ids=torch.zeros(1, 5, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="position_ids range"):
         fused_qk_rope(q, k, cos, sin, position_ids=torch.full((1, 5), 5, dtype=torch.long, device=DEVICE))
     with pytest.raises(TypeError, match="position_ids has dtype"):
