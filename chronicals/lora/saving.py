@@ -24,12 +24,17 @@ def save_lora(model, directory: str | Path) -> Path:
     return directory
 
 
-def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool = True, fused: bool = True):
-    """Load adapters saved by save_lora (or by PEFT) onto `base_model`; returns the peft.PeftModel."""
+def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool = True, fused: bool = True,
+              fused_kconcat: bool = False):
+    """Load adapters saved by save_lora (or by PEFT) onto `base_model`; returns the peft.PeftModel. `fused` and
+    `fused_kconcat` choose the forward paths as LoRAConfig's fields of those names do (PEFT's adapter_config.json
+    has no field for them, so they are not saved)."""
     from peft import PeftModel
 
     from .apply import carries_adapters
 
+    if fused_kconcat and not fused:
+        raise ValueError("load_lora(fused_kconcat=True) selects a forward of the fused paths; it needs fused=True")
     # PEFT would wrap it in a second PeftModel whose names match none of the saved ones: nothing loaded, no error.
     if isinstance(base_model, nn.Module) and carries_adapters(base_model):
         raise ValueError("base_model already carries LoRA adapters; load_lora takes the plain base model (a fresh "
@@ -39,7 +44,7 @@ def load_lora(base_model: nn.Module, directory: str | Path, *, trainable: bool =
         raise FileNotFoundError(f"{directory} has no adapter_config.json; pass the directory save_lora wrote")
     model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
     if fused:
-        install_fused(model)
+        install_fused(model, kconcat=fused_kconcat)
     return model
 
 

@@ -44,6 +44,10 @@ def test_saved_adapters_load_in_peft_with_identical_logits(tmp_path, use_dora):
         torch.testing.assert_close(peft_model.eval()(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
         reloaded = load_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), tmp_path).eval()
         assert torch.equal(reloaded(input_ids=IDS).logits, logits)
+        kconcat = load_lora(build_model("tiny-llama", dtype=torch.float32, seed=0), tmp_path, fused_kconcat=True)
+        torch.testing.assert_close(kconcat.eval()(input_ids=IDS).logits, logits, rtol=1e-5, atol=1e-5)
+    assert any(m.__dict__.get("_chronicals_kconcat") for m in kconcat.modules())
+    assert not any(m.__dict__.get("_chronicals_kconcat") for m in reloaded.modules())
     assert any(p.requires_grad for p in reloaded.parameters())
 
 
@@ -89,6 +93,8 @@ def test_load_and_save_reject_wrong_inputs(tmp_path):
         save_lora(build_model("tiny-llama", seed=0), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(build_model("tiny-llama", seed=0), tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"fused_kconcat=True\) .* needs fused=True"):
+        load_lora(build_model("tiny-llama", seed=0), tmp_path, fused=False, fused_kconcat=True)
 
 
 def test_fused_forward_is_used_after_loading(tmp_path):
