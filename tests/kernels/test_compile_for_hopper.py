@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from chronicals.kernels import linear_cross_entropy as lce, rms_norm, swiglu
+    from chronicals.kernels import linear_cross_entropy as lce, lora_swiglu as lsw, rms_norm, swiglu
 
     P16 = [["tt.divisibility", 16]]  # what Triton assumes of 16-byte aligned pointers and strides at launch
 
@@ -26,6 +26,8 @@ SCRIPT = textwrap.dedent("""
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         assert kernel.asm["cubin"], fn.__name__
+        # An sm90 block may hold at most 227 KiB of shared memory; more compiles, then fails at launch.
+        assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, constexprs, kernel.metadata.shared)
         return kernel.asm["ptx"]
 
     def sig(names, constexprs):
@@ -73,6 +75,22 @@ SCRIPT = textwrap.dedent("""
     c = {"BLOCK_P": 64, "BLOCK_N": 32}
     build(rms_norm._dw_reduce_kernel, sig([("PARTIAL", "*fp32"), ("DW", bf), ("n_partials", "i32"),
           ("n_cols", "i32"), ("BLOCK_P", ""), ("BLOCK_N", "")], c), c, 4)
+    # The LoRA SwiGLU kernels at both rank blocks the fused MLP sends them (ranks 1-16 and 17-32), in bf16 and
+    # fp32 (tl.dot on fp32 operands is another instruction); timed on a GPU only at rank 16.
+    for dt in (bf, "*fp32"):
+        for rank in (16, 32):
+            c = {"RG": rank, "RU": rank, "RD": rank, "BLOCK_M": lsw._BLOCK_M, "BLOCK_N": lsw._BLOCK_N,
+                 "UPCAST": False}
+            scalars = [("off_g", "i32"), ("off_u", "i32"), ("r_g", "i32"), ("r_u", "i32"), ("r_d", "i32"),
+                       ("s_g", "fp32"), ("s_u", "fp32"), ("RG", ""), ("RU", ""), ("RD", ""), ("BLOCK_M", ""),
+                       ("BLOCK_N", ""), ("UPCAST", "")]
+            build(lsw._lora_swiglu_fwd_kernel, sig([(n, dt) for n in ("E", "G", "XA", "BG", "BU", "AD", "H", "HA")]
+                  + [(n, "i32") for n in ("n_rows", "n_cols", "stride_e", "stride_g", "stride_xa", "stride_h",
+                                          "stride_ha")] + scalars, c), c, lsw._NUM_WARPS)
+            build(lsw._lora_swiglu_bwd_kernel, sig([(n, dt) for n in ("DH", "E", "G", "XA", "BG", "BU", "GD", "AD",
+                                                                      "GS")]
+                  + [(n, "i32") for n in ("n_rows", "n_cols", "stride_dh", "stride_e", "stride_g", "stride_xa",
+                                          "stride_gd", "stride_gs")] + scalars, c), c, lsw._NUM_WARPS)
     print("compiled")
 """)
 
