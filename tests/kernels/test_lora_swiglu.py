@@ -10,6 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from oracle import assert_no_worse
 
+from chronicals.kernels.lora import _LOW_RANK_IN_SWIGLU_MAX_RANK as MAX_RANK
 from chronicals.kernels.lora_swiglu import _BLOCK_M, _BLOCK_N, lora_swiglu_backward, lora_swiglu_forward
 
 DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
@@ -32,11 +33,14 @@ def backward_ops(dh0, e0, g0, xa, b_g, b_u, s_g, s_u, gd, a_d):
     return h, de, dg, torch.cat((s_g * (de @ b_g), s_u * (dg @ b_u)), dim=1)
 
 
-@given(n_rows=st.integers(1, 2 * _BLOCK_M + 3), n_cols=st.integers(1, 2 * _BLOCK_N + 5), r_g=st.integers(1, 20),
-       r_u=st.integers(1, 20), r_d=st.integers(1, 20), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       halves=st.booleans(), seed=st.integers(0, 2**31 - 1))
+# Ranks 1 to MAX_RANK (32): every rank the LoRA MLP sends here, so both rank blocks (16 and 32).
+@given(n_rows=st.integers(1, 2 * _BLOCK_M + 3), n_cols=st.integers(1, 2 * _BLOCK_N + 5),
+       r_g=st.integers(1, MAX_RANK), r_u=st.integers(1, MAX_RANK), r_d=st.integers(1, MAX_RANK),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), halves=st.booleans(), seed=st.integers(0, 2**31 - 1))
 @example(n_rows=1, n_cols=1, r_g=1, r_u=1, r_d=1, dtype=torch.float32, halves=False, seed=0)
 @example(n_rows=_BLOCK_M + 1, n_cols=_BLOCK_N + 1, r_g=16, r_u=17, r_d=3, dtype=torch.bfloat16, halves=True, seed=1)
+@example(n_rows=_BLOCK_M + 3, n_cols=_BLOCK_N + 5, r_g=MAX_RANK, r_u=MAX_RANK, r_d=MAX_RANK,
+         dtype=torch.bfloat16, halves=True, seed=2)
 def test_lora_swiglu_matches_float64(n_rows, n_cols, r_g, r_u, r_d, dtype, halves, seed):
     gen = torch.Generator().manual_seed(seed)
 
