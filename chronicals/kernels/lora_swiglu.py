@@ -32,9 +32,11 @@ import triton.language as tl
 from ._utils import DOT_UPCAST, cast_rne, next_power_of_2
 
 # Rows per program and columns per step of its walk. H100, Llama-3.2-1B MLP (16384 x 8192, r 16, bf16), forward /
-# backward: 64 x 64 over 4 warps 369 / 746 us; 32 x 64: 432 / 1010; 64 x 128 over 8 warps: 512 / 3468. The sm90 cubin
-# at 64 x 64 over 4 warps uses 255 registers and spills (448 / 1472 bytes of stack a thread, read with Triton's
-# cuobjdump); over 8 warps 8 / 272, 64 x 32 over 4 warps 0 / 192: candidates for the next A/B, not yet timed.
+# backward, 2026-12-07 (copying the 3 N I elements a pass moves took 534 us): 64 x 64 over 4 warps 316 / 700 us
+# (85% / 76% of copy); 128 x 64 over 8 warps 322 / 768; 32 x 64 371 / 957; 64 x 32 418 / 942; 64 x 64 over 8 warps
+# 452 / 999; 32 x 32 451 / 1259 (64 x 128 over 8 warps, the session before: 512 / 3468). The sm90 cubin at 64 x 64
+# over 4 warps uses 255 registers and spills (448 / 1472 bytes of stack a thread, Triton's cuobjdump); the launches
+# that spill less (8 warps: 8 / 272; 64 x 32: 0 / 192) are slower, so the spills are not what limits it.
 _BLOCK_M = 64
 _BLOCK_N = 64
 _NUM_WARPS = 4
