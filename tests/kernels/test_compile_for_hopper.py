@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent("""
     build(rms_norm._dw_reduce_kernel, sig([("PARTIAL", "*fp32"), ("DW", bf), ("n_partials", "i32"),
           ("n_cols", "i32"), ("BLOCK_P", ""), ("BLOCK_N", "")], c), c, 4)
     # The LoRA SwiGLU kernels at both rank blocks the fused MLP sends them (ranks 1-16 and 17-32), in bf16 and
-    # fp32 (tl.dot on fp32 operands is another instruction); timed on a GPU only at rank 16.
+    # fp32 (tl.dot on fp32 operands is another instruction); timed on a GPU at rank 16 only.
     for dt in (bf, "*fp32"):
         for rank in (16, 32):
             c = {"RG": rank, "RU": rank, "RD": rank, "BLOCK_M": lsw._BLOCK_M, "BLOCK_N": lsw._BLOCK_N,
