@@ -132,8 +132,8 @@ _LOW_RANK_FIRST = True
 # under the interpreter; else thin cuBLAS matmuls around the SwiGLU kernel. benchmarks/step_profile.py A/Bs both.
 # H100, 2026-12-06, the fused LoRA MLP at Llama-3.2-1B (16384 tokens, I 8192, r 16), forward + backward per layer:
 # 6.945 ms in PEFT's order, 6.665 low-rank first, 6.091 with this. Ranks above _LOW_RANK_IN_SWIGLU_MAX_RANK take the
-# cuBLAS path: the kernel holds [64, r] adapter tiles in registers and was compiled and timed on a GPU only at r 16
-# (GPU tests up to r 20).
+# cuBLAS path: the kernel holds [64, r] adapter tiles in registers; it is built for sm90 at both rank blocks (16 and
+# 32, tests/kernels/test_compile_for_hopper.py), GPU-tested up to r 32 and timed only at r 16.
 _LOW_RANK_IN_SWIGLU = True
 _LOW_RANK_IN_SWIGLU_MAX_RANK = 32
 
