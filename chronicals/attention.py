@@ -291,6 +291,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, _, q_len, head_dim = query.shape
+    # What some architectures hand their attention that no path here applies: Gemma-2's logit soft-capping,
+    # gpt-oss's sink logits, a relative position bias. Dropped, they would give a wrong attention without a word.
+    unapplied = [name for name in ("softcap", "s_aux", "position_bias") if kwargs.get(name) is not None]
+    if unapplied:
+        raise ValueError(f"chronicals' packed attention does not apply this model's {', '.join(unapplied)}; load the "
+                         "model with attn_implementation='eager' and do not pack (use_sequence_packing: false)")
     with_weights = kwargs.get("output_attentions", False)
     if cu_seq_lens_q is not None:
         if max_length_q is None:  # no collator int and no `chronicals.apply` hook: read it (a sync per layer)
@@ -315,6 +321,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError(f"packed attention has no attention dropout; set config.attention_dropout = 0 (is {dropout})")
     if attention_mask is not None:
         raise ValueError("a packed batch takes no attention mask: sequence boundaries come from cu_seq_lens_q")
+    if kwargs.get("is_causal") is False:
+        raise ValueError("packed attention is causal, and this layer asks for bidirectional attention "
+                         "(is_causal=False); do not pack this model's batches (use_sequence_packing: false)")
     if with_weights:
         return eager_attention_with_weights(module, query, key, value, None, 0.0, scaling, sliding_window, layout)
     if torch.is_autocast_enabled(query.device.type):

@@ -22,7 +22,7 @@ import inspect
 from torch import nn
 
 from .causal_lm import causal_lm_forward
-from .registry import family_for
+from .registry import FAMILIES, family_for
 from .rms_norm import decoder_layer_forward, rms_norm_forward
 from .rope import rope_attention_forward
 from .swiglu import SILU_NAMES, swiglu_mlp_forward
@@ -74,7 +74,8 @@ def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
 def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
           linear_cross_entropy: bool = True, packed_attention: bool = True) -> nn.Module:
     """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM or bare AutoModel, optionally PEFT-wrapped)
-    in place.
+    in place. A model of another architecture takes packed_attention alone (every kernel flag False), where its
+    attention goes through transformers' attention interface.
 
     Returns the same model. Flags left False keep HF's behaviour for that part; applying again can add patches,
     never remove them (build a fresh model for a different flag set).
@@ -85,8 +86,29 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
         if not isinstance(value, bool):
             raise TypeError(f"chronicals.apply: flag {name} must be True or False, got {value!r}")
     lm = _causal_lm(model)
-    family = family_for(lm.config.model_type)
-    if swiglu and lm.config.hidden_act not in SILU_NAMES:
+    kernels = [name for name in FLAGS if name != "packed_attention" and flags[name]]
+    if kernels or lm.config.model_type in FAMILIES:
+        _patch_forwards(lm, flags, kernels)
+    elif packed_attention:
+        # Packed attention alone is no family's: it stands in for any attention that goes through transformers'
+        # attention interface, so a model of an architecture without kernels here still trains on packed rows.
+        _check_generic_packed_attention(lm)
+    if packed_attention:
+        _install_packed_attention(lm)
+
+    previous = getattr(lm, "chronicals_patches", {})
+    lm.chronicals_patches = {k: v or previous.get(k, False) for k, v in flags.items()}
+    return model
+
+
+def _patch_forwards(lm, flags: dict, kernels: list[str]) -> None:
+    try:
+        family = family_for(lm.config.model_type)
+    except ValueError as e:
+        off = ", ".join(f"{name}=False" for name in kernels)
+        raise ValueError(f"{e}. With {off}, packed_attention alone patches any model whose attention goes through "
+                         "transformers' attention interface") from None
+    if flags["swiglu"] and lm.config.hidden_act not in SILU_NAMES:
         raise ValueError(f"swiglu=True fuses silu(gate) * up, but this model's hidden_act is "
                          f"{lm.config.hidden_act!r}; pass swiglu=False")
 
@@ -105,17 +127,33 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
                 else:
                     module.forward = patched
 
-    if packed_attention:
-        import chronicals.attention as attention
 
-        base = lm.base_model  # the decoder stack: `model` of a ForCausalLM, or the model itself (AutoModel)
-        if getattr(base, "_chronicals_packed_hook", None) is None:
-            base._chronicals_packed_hook = base.register_forward_pre_hook(_packed_batch_hook, with_kwargs=True)
-        lm.set_attn_implementation(attention.IMPLEMENTATION)
+def _install_packed_attention(lm) -> None:
+    import chronicals.attention as attention
 
-    previous = getattr(lm, "chronicals_patches", {})
-    lm.chronicals_patches = {k: v or previous.get(k, False) for k, v in flags.items()}
-    return model
+    base = lm.base_model  # the decoder stack: `model` of a ForCausalLM, or the model itself (AutoModel)
+    if getattr(base, "_chronicals_packed_hook", None) is None:
+        base._chronicals_packed_hook = base.register_forward_pre_hook(_packed_batch_hook, with_kwargs=True)
+    lm.set_attn_implementation(attention.IMPLEMENTATION)
+
+
+def _check_generic_packed_attention(lm) -> None:
+    """Refuse, before anything is patched, a model of an architecture without kernels here whose attention packed
+    attention cannot stand in for; the supported families were checked one by one."""
+    name, config = type(lm).__name__, lm.config
+    if not type(lm).is_backend_compatible():
+        raise ValueError(f"packed_attention: {name}'s attention does not go through transformers' attention interface, "
+                         "so chronicals' packed attention cannot replace it; pass packed_attention=False (train on "
+                         "padded batches)")
+    accepts = inspect.signature(lm.base_model.forward).parameters
+    if "position_ids" not in accepts or not any(p.kind is p.VAR_KEYWORD for p in accepts.values()):
+        raise ValueError(f"packed_attention: {type(lm.base_model).__name__}.forward takes no position_ids or no "
+                         "attention keywords, so packed sequences cannot restart their positions; pass "
+                         "packed_attention=False")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"packed_attention: this {config.model_type} model soft-caps its attention logits "
+                         f"(config.attn_logit_softcapping={config.attn_logit_softcapping}), which packed attention "
+                         "does not; pass packed_attention=False")
 
 
 def apply_to_classes(model_type: str, **flags):

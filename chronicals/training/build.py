@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,13 +144,15 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise SetupError(f"the model ({type(model).__name__}) has no Hugging Face config; pass a transformers model")
-    dropout = getattr(model.config, "attention_dropout", 0.0) or 0.0
+    # The field's name differs between architectures (GPT-2's attn_pdrop); the supported families' is the first.
+    field = next((f for f in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+                  if getattr(model.config, f, None)), "attention_dropout")
+    dropout = getattr(model.config, field, 0.0) or 0.0
     if cfg.use_sequence_packing and dropout:  # else a ValueError from inside the first forward, after tokenizing
         raise SetupError(
-            f"config field 'use_sequence_packing' is true but the model has attention_dropout={dropout}, which packed "
+            f"config field 'use_sequence_packing' is true but the model has {field}={dropout}, which packed "
             "(varlen) attention does not apply; set use_sequence_packing: false (padded batches keep the dropout), "
-            "or attention_dropout 0 (model_kwargs.attention_dropout for a preset, model.config.attention_dropout = 0 "
-            "from Python)"
+            f"or {field} 0 (model_kwargs.{field} for a preset, model.config.{field} = 0 from Python)"
         )
     if cfg.use_fused_kernels or cfg.use_sequence_packing:
         import chronicals
@@ -157,9 +160,15 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
         if not hasattr(chronicals, "apply"):
             raise SetupError("chronicals.apply (model patching) is not available in this install; set "
                              "use_fused_kernels: false and use_sequence_packing: false")
+        from chronicals.models.registry import FAMILIES, supported
         from chronicals.models.swiglu import SILU_NAMES
 
-        fused = cfg.use_fused_kernels
+        fused = cfg.use_fused_kernels and model_type in FAMILIES
+        if cfg.use_fused_kernels and not fused:
+            # As Liger and Unsloth do with an architecture they have no kernels for: train it with its own modules.
+            warnings.warn(f"chronicals has no fused kernels for model_type {model_type!r} (it has them for "
+                          f"{supported()}); training with the model's own modules. Set use_fused_kernels: false to "
+                          "silence this", stacklevel=2)
         # The SwiGLU kernel is silu's alone: a model with another gated activation keeps HF's MLP and every other
         # fused kernel (there is no per-kernel switch in the config to turn off just this one).
         gated_silu = getattr(model.config, "hidden_act", "silu") in SILU_NAMES
@@ -167,8 +176,7 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
             chronicals.apply(model, rms_norm=fused, swiglu=fused and gated_silu, rope=fused,
                              linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing)
         except ValueError as e:
-            raise SetupError(f"{e}; or set use_fused_kernels: false and use_sequence_packing: false to train it "
-                             "unpatched") from e
+            raise SetupError(f"{e}; or set use_sequence_packing: false to train it on padded batches") from e
     if cfg.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

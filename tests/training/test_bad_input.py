@@ -75,15 +75,6 @@ def test_unknown_model_type(tmp_path):
         load_model(cfg, load_tokenizer(cfg))
 
 
-def test_architecture_chronicals_cannot_patch(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    cfg = config(tmp_path, use_fused_kernels=True)
-    with pytest.raises(SetupError, match="gpt2.*use_fused_kernels: false"):
-        prepare_model(model, cfg, __import__("torch").device("cpu"))
-
-
 def test_a_gated_activation_other_than_silu_keeps_hf_mlp_and_the_other_kernels(tmp_path):
     # The SwiGLU kernel is silu's only. The trainer passed swiglu=True whatever the activation, so a gelu model was
     # refused with a hint (pass swiglu=False) that its config cannot follow; it now keeps HF's MLP and the rest.
