@@ -358,6 +358,9 @@ def test_fused_cross_entropy_names_chunk_size(chunk_size):
 def test_fused_cross_entropy_names_its_own_arguments(change, message):
     # Its inputs were checked only by fused_linear_cross_entropy, whose errors named lm_head_weight "weight" and
     # hidden_states "hidden".
+    # The changed tensors come to the test's device (else a GPU run reports their device, not the dtype or shape);
+    # the meta ones stay, as they test the device check.
+    change = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.is_meta else v for k, v in change.items()}
     args = dict(hidden_states=torch.zeros(2, 3, 5, device=DEVICE), lm_head_weight=torch.zeros(10, 5, device=DEVICE),
                 targets=torch.zeros(2, 3, dtype=torch.long, device=DEVICE)) | change
     with pytest.raises((ValueError, TypeError), match=message):
