@@ -33,8 +33,9 @@ def row_label(index: int, lines: Sequence[int] | None) -> str:
 
 def load_rows(source: Any, split: str = "train") -> LoadedRows:
     """Rows from a path (.jsonl/.json/.ndjson, .parquet, a `save_to_disk` directory), a hub dataset name, a
-    `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), a list of dicts, or "default" (the embedded
-    text, `default_dataset()`, as the config's `dataset: default` means)."""
+    `datasets.Dataset` / `DatasetDict` (`split` picks from a dict), a list of dicts (or of strings, each a "text"
+    row), a dict of column lists, or "default" (the embedded text, `default_dataset()`, as the config's
+    `dataset: default` means)."""
     if isinstance(source, str) and source == "default":
         loaded = _from_list(default_dataset())  # the fingerprint of the same rows passed as a list
         loaded.description = f"the embedded default text ({len(loaded.rows)} rows)"
@@ -68,7 +69,11 @@ def _datasets_module():
 
 
 def _from_list(source: Any) -> LoadedRows:
+    if isinstance(source, Mapping):
+        source = _columns_to_rows(source)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        if source and all(isinstance(row, str) for row in source):
+            source = [{"text": row} for row in source]  # plain strings are text rows, as TRL takes them
         for index, row in enumerate(source):
             if not isinstance(row, Mapping):
                 raise TypeError(f"row {index} must be a dict of columns, got {type(row).__name__}")
@@ -76,9 +81,22 @@ def _from_list(source: Any) -> LoadedRows:
         digest = hashlib.sha256(json.dumps(list(source), sort_keys=True, default=repr).encode()).hexdigest()
         return LoadedRows(list(source), columns, f"rows:{digest}", f"a list of {len(source)} rows")
     raise TypeError(
-        f"dataset must be a path (.jsonl, .parquet, a saved dataset dir), a hub name, a datasets.Dataset or a list "
-        f"of dicts; got {type(source).__name__}"
+        f"dataset must be a path (.jsonl, .parquet, a saved dataset dir), a hub name, a datasets.Dataset, a list "
+        f"of dicts or strings, or a dict of equal-length column lists; got {type(source).__name__}"
     )
+
+
+def _columns_to_rows(columns: Mapping) -> list[dict]:
+    """{"text": [...], ...} (what Dataset.from_dict takes) as a list of row dicts."""
+    lengths = {}
+    for name, values in columns.items():
+        if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+            raise TypeError(f"dataset given as a dict of columns: column {name!r} must be a list, got "
+                            f"{type(values).__name__}")
+        lengths[name] = len(values)
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"dataset given as a dict of columns: the columns differ in length {lengths}")
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _load_path(source: str | Path, split: str) -> LoadedRows:

@@ -28,7 +28,8 @@ def test_every_source_kind_gives_the_same_rows(tok, tmp_path):
     (tmp_path / "array.json").write_text(json.dumps(ROWS))
     ds = datasets.Dataset.from_list(ROWS)
     ds.save_to_disk(str(tmp_path / "saved"))
-    sources = [ROWS, write_jsonl(tmp_path / "rows.jsonl", ROWS), str(tmp_path / "array.json"), parquet, ds,
+    columns = {name: [r[name] for r in ROWS] for name in ROWS[0]}  # what Dataset.from_dict takes
+    sources = [ROWS, columns, write_jsonl(tmp_path / "rows.jsonl", ROWS), str(tmp_path / "array.json"), parquet, ds,
                datasets.DatasetDict({"train": ds}), tmp_path / "saved"]
     results = [prepare_dataset(s, tok, max_seq_length=64, use_cache=False) for s in sources]
     assert all(r.format == "prompt_completion" for r in results)
@@ -41,6 +42,13 @@ def test_every_source_kind_gives_the_same_rows(tok, tmp_path):
     unpacked = prepare_dataset(ROWS, tok, max_seq_length=64, packing=False, use_cache=False)
     assert isinstance(unpacked.collator, PaddedCollator) and len(unpacked.rows) == 3
     assert unpacked.collator(unpacked.rows)["num_label_tokens"] == batch["num_label_tokens"]
+
+
+def test_a_list_of_strings_is_a_list_of_text_rows(tok):
+    texts = ["The first document.", "And a second, longer document."]
+    as_strings = prepare_dataset(texts, tok, max_seq_length=64, use_cache=False)
+    as_rows = prepare_dataset([{"text": t} for t in texts], tok, max_seq_length=64, use_cache=False)
+    assert as_strings.format == "text" and as_strings.rows == as_rows.rows
 
 
 def test_pretokenized_rows_pass_through(tok):
@@ -77,7 +85,9 @@ def test_cache_is_reused_and_keyed_by_content_and_tokenizer(tok, tmp_path):
         ([{"text": 3}], {}, TypeError, "row 0: 'text' must be a str"),
         ([{"text": "x" * 400}], dict(max_seq_length=8), ValueError, "every one of the 1 sequences is longer"),
         ([{"messages": [{"role": "user", "content": "hi"}]}], {}, ValueError, "none of the 1 sequences has a label"),
-        (["just text"], {}, TypeError, "row 0 must be a dict"),
+        (["just text", {"text": "a dict"}], {}, TypeError, "row 0 must be a dict"),
+        ({"text": ["a", "b"], "other": ["c"]}, {}, ValueError, r"columns differ in length \{'text': 2, 'other': 1\}"),
+        ({"text": "not a list"}, {}, TypeError, "column 'text' must be a list, got str"),
         (42, {}, TypeError, "dataset must be a path"),
         ("/nonexistent/rows.jsonl", {}, FileNotFoundError, "does not exist"),
     ],
