@@ -188,13 +188,32 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
 
         try:  # LoRAConfig's own checks (e.g. an empty target name) too: a SetupError naming the config fields
             lora = LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              target_modules=list(cfg.lora_target_modules), use_dora=cfg.use_dora,
+                              target_modules=_lora_targets(model, cfg), use_dora=cfg.use_dora,
                               use_rslora=cfg.use_rslora, fused=cfg.use_fused_kernels)
             model = apply_lora(model, lora)
         except ValueError as e:
             raise SetupError(f"LoRA settings (lora_rank / lora_target_modules) do not fit this model: {e}") from e
     _cast_weights(model, cfg, device)
     return model
+
+
+def _lora_targets(model: nn.Module, cfg: ChronicalsConfig) -> list[str]:
+    """The config's target modules; the default ones (Llama's seven projection names) become "all-linear" on a model
+    that names its projections otherwise (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn), which the default
+    means: every projection of every layer. Named targets are the user's, checked by apply_lora."""
+    from chronicals.config import DEFAULT_LORA_TARGETS
+
+    targets = list(cfg.lora_target_modules)
+    if targets != list(DEFAULT_LORA_TARGETS):
+        return targets
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if not missing:
+        return targets
+    warnings.warn(f"this model has no module named {', '.join(missing)} (lora_target_modules' default names); LoRA "
+                  "adapts all its linear layers instead (lora_target_modules: [all-linear]); name the modules to "
+                  "choose others", stacklevel=3)
+    return ["all-linear"]
 
 
 def _cast_weights(model: nn.Module, cfg: ChronicalsConfig, device: torch.device) -> None:

@@ -112,3 +112,17 @@ def test_the_trainer_reads_attention_dropout_under_the_architectures_own_name(tm
     model = other_model("gpt2", attn_pdrop=0.1)
     with pytest.raises(SetupError, match="attn_pdrop=0.1.*use_sequence_packing: false.*model.config.attn_pdrop = 0"):
         ChronicalsTrainer(model, tokenizer(), config(tmp_path, use_sequence_packing=True)).train(rows())
+
+
+def test_lora_with_the_default_targets_adapts_every_linear_layer_of_a_model_that_names_them_otherwise(tmp_path):
+    # Phi-3 has qkv_proj and gate_up_proj where Llama has q/k/v_proj and gate/up_proj: the default target names
+    # matched only o_proj and down_proj, and the first missing one (q_proj) stopped the run.
+    cfg = config(tmp_path, use_lora=True, lora_rank=4, max_steps=2)
+    with pytest.warns(UserWarning, match="no module named q_proj, k_proj, v_proj, gate_proj, up_proj.*all-linear"):
+        trainer = ChronicalsTrainer(other_model("phi3"), tokenizer(), cfg)
+        trainer.train(rows())
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    named = config(tmp_path, use_lora=True, lora_rank=4, lora_target_modules=["q_proj"])
+    with pytest.raises(SetupError, match="'q_proj' matches no module of Phi3ForCausalLM"):
+        ChronicalsTrainer(other_model("phi3"), tokenizer(), named).train(rows())
