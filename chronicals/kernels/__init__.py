@@ -6,6 +6,7 @@ from importlib import import_module
 _EXPORTS = {
     "fused_rmsnorm": "rms_norm",
     "fused_add_rmsnorm": "rms_norm",
+    "fused_rmsnorm_residual": "rms_norm",
     "FusedRMSNorm": "rms_norm",
     "fused_swiglu": "swiglu",
     "fused_swiglu_mlp": "swiglu_mlp",

@@ -40,6 +40,10 @@ the same Triton pass that forms de and dg, writing h, de, dg over dh, e, g so no
 
     sig = sigmoid(e),  h = e * sig * g,  dg = dh * e * sig,  de = dh * g * sig * (1 + e * (1 - sig))
 
+Given the decoder layer's residual (chronicals' patched layer passes it), the op returns residual + Y, the residual
+being the beta = 1 input of down's first matmul (read in cuBLAS's epilogue) and its gradient dY itself, so the
+layer's last add is no separate pass over [N, d].
+
 DoRA (weight-decomposed LoRA, PEFT's formulation) scales each output row by m_j / ||W + s B A||_j, with the
 norm treated as a constant (DoRA paper, section 4.3; PEFT detaches it too):
 
@@ -158,6 +162,33 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float, out: torch.Tensor | N
     return torch.addmm(_zero(a.device, a.dtype), a, b, beta=0, alpha=s, out=out)
 
 
+@functools.cache
+def _fp32_out_works(device: torch.device) -> bool:
+    """Whether cuBLAS here writes an fp32 product of half-precision operands straight from its fp32 accumulator
+    (addmm's out_dtype, CUDA in recent torch), checked once per device on a tiny product against the fp32 one."""
+    a = torch.arange(12, device=device, dtype=torch.float32).reshape(3, 4).div(8).to(torch.bfloat16)
+    b = torch.arange(8, device=device, dtype=torch.float32).reshape(4, 2).div(4).to(torch.bfloat16)
+    try:
+        got = torch.addmm(_zero(device, torch.float32), a, b, beta=0, alpha=0.5, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return got.dtype == torch.float32 and torch.equal(got, 0.5 * (a.float() @ b.float()))
+
+
+def _grad_mm(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * (a @ b) as an adapter's gradient in the adapter's dtype `dtype`. fp32 adapters (PEFT's default) of a
+    bf16 model: on a GPU cuBLAS writes the fp32 sum directly, not rounded to bf16 and then cast by a separate kernel
+    (a Llama-3.2-1B step had 226 of those casts, ~0.4 ms of launches of a few us each); elsewhere the product in the
+    operands' dtype, cast."""
+    if dtype == torch.float32 and a.dtype != dtype and a.is_cuda and _fp32_out_works(a.device):
+        return torch.addmm(_zero(a.device, dtype), a, b, beta=0, alpha=s, out_dtype=dtype)
+    return _scaled_mm(a, b, s).to(dtype)
+
+
+def _common(dtypes) -> torch.dtype | None:
+    return dtypes[0] if len(set(dtypes)) == 1 else None
+
+
 def _fanout_forward(x2, scales, weights, biases, a_list, b_list, lead=None):
     """Y_i = X W_i^T + s_i (X A^T)_i B_i^T for every projection; returns (outputs, XA, cat(A)). The outputs have
     the leading shape `lead` ([N] when None), see _output."""
@@ -174,16 +205,20 @@ def _fanout_forward(x2, scales, weights, biases, a_list, b_list, lead=None):
     return outs, xa, a_cat
 
 
-def _add_low_rank(out, x2, w, bias, thin, b_t, s):
-    """out = x2 @ w^T (+ bias) + s * thin @ b_t, in the order _LOW_RANK_FIRST picks (see the module docstring)."""
+def _add_low_rank(out, x2, w, bias, thin, b_t, s, residual=None):
+    """out = x2 @ w^T (+ bias) + s * thin @ b_t (+ residual [N, o]), in the order _LOW_RANK_FIRST picks (see the
+    module docstring). The residual is the thin matmul's beta = 1 input: read in its epilogue, not a pass of its own."""
     if not _LOW_RANK_FIRST:
         _base(x2, w, bias, out=out)
         out.addmm_(thin, b_t, alpha=s)
+        if residual is not None:
+            out.add_(residual)
         return
-    if bias is None:
+    if bias is None and residual is None:
         _scaled_mm(thin, b_t, s, out=out)
     else:
-        torch.addmm(bias, thin, b_t, alpha=s, out=out)
+        start = bias if residual is None else residual if bias is None else residual + bias
+        torch.addmm(start, thin, b_t, alpha=s, out=out)
     out.addmm_(x2, w.t())
 
 
@@ -231,19 +266,22 @@ def _kconcat_forward(x2, scales, weights, biases, a_list, b_params, lead=None):
     return y_all, xa, a_cat
 
 
-def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool, g_cat=None):
-    """Gradients (dX or None, [dA_i], [dB_i]) of the fan-out for output gradients dys ([N, o_i] each). `g_cat`:
-    cat(G) when the caller formed it already (the LoRA SwiGLU kernel does, in its pass over dY)."""
+def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool, a_dtypes, b_dtypes, g_cat=None):
+    """Gradients (dX or None, [dA_i], [dB_i]) of the fan-out for output gradients dys ([N, o_i] each), dA_i and dB_i
+    in the adapters' dtypes `a_dtypes`, `b_dtypes`. `g_cat`: cat(G) when the caller formed it already (the LoRA
+    SwiGLU kernel does, in its pass over dY)."""
     gs, d_b, off = [], [], 0
-    for s, b, dy in zip(scales, b_list, dys):
+    for s, b, dy, dt in zip(scales, b_list, dys, b_dtypes):
         r = b.shape[1]
         if g_cat is None:
             gs.append(_scaled_mm(dy, b, s))
-        d_b.append(_scaled_mm(dy.t(), xa[:, off:off + r], s))
+        d_b.append(_grad_mm(dy.t(), xa[:, off:off + r], s, dt))
         off += r
     if g_cat is None:
         g_cat = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
-    d_a = torch.split(g_cat.t() @ x2, [b.shape[1] for b in b_list])
+    d_a_dtype = _common(a_dtypes) or x2.dtype  # one matmul for all A's; cast one by one below if they differ
+    d_a = [g.to(dt) for g, dt in zip(torch.split(_grad_mm(g_cat.t(), x2, 1.0, d_a_dtype), [b.shape[1] for b in b_list]),
+                                     a_dtypes)]
     dx = None
     if need_dx:
         if _LOW_RANK_FIRST:  # the thin term written first, the base matmuls add onto it (module docstring)
@@ -255,7 +293,7 @@ def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool,
             for w, dy in zip(weights[1:], dys[1:]):
                 dx.addmm_(dy, w)
             dx.addmm_(g_cat, a_cat)
-    return dx, list(d_a), d_b
+    return dx, d_a, d_b
 
 
 def _fanout_op_forward(ctx, x, scales, params, kconcat: bool):
@@ -298,9 +336,9 @@ class _LoRAFanOut(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         # An output gradient may be strided (e.g. a transposed view); every matmul below takes strided operands.
         dys2 = [dy.reshape(-1, dy.shape[-1]).to(x.dtype) for dy in dys]
-        dx, d_a, d_b = _fanout_backward(x2, xa, a_cat, ctx.scales, weights, b_list, dys2, ctx.needs_input_grad[0])
-        grads = [g.to(dt) for g, dt in zip(d_a + d_b, ctx.param_dtypes)]
-        return (None if dx is None else dx.view_as(x), None, *([None] * (2 * n)), *grads)
+        dx, d_a, d_b = _fanout_backward(x2, xa, a_cat, ctx.scales, weights, b_list, dys2, ctx.needs_input_grad[0],
+                                        ctx.param_dtypes[:n], ctx.param_dtypes[n:])
+        return (None if dx is None else dx.view_as(x), None, *([None] * (2 * n)), *d_a, *d_b)
 
 
 class _LoRAFanOutKConcat(_LoRAFanOut):
@@ -318,11 +356,12 @@ def _low_rank_in_swiglu(x, a_params) -> bool:
             and max(a.shape[0] for a in a_params) <= _LOW_RANK_IN_SWIGLU_MAX_RANK)
 
 
-def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
+def _mlp_op_forward(ctx, x, residual, scales, params, kconcat: bool):
     wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d = params
     in_swiglu = not kconcat and _low_rank_in_swiglu(x, (ag, au, ad))  # decided once: the backward follows the forward
     dt = x.dtype
     x2 = x.reshape(-1, x.shape[-1])
+    res2 = None if residual is None else residual.reshape(-1, wd.shape[0])
     ag_, bg_, au_, bu_, ad_, bd_ = (t.to(dt) for t in (ag, b_g, au, b_u, ad, b_d))
     # y in x's shape, written through its [N, d_out] view: not a view made here, so y += residual works (_output).
     y, y2 = _output(x.shape[:-1], wd.shape[0], x2)
@@ -340,7 +379,11 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         h = swiglu_forward(e, g, out=h_ext[:, :inter])
         ha = h @ ad_.t()
         h_ext[:, inter:].copy_(ha)
-        _base(h_ext, _extended_weight((wd,), scales[2:], (b_d,), dt), bd, out=y2)
+        w_ext = _extended_weight((wd,), scales[2:], (b_d,), dt)
+        if res2 is None:
+            _base(h_ext, w_ext, bd, out=y2)
+        else:
+            torch.addmm(res2 if bd is None else res2 + bd, h_ext, w_ext.t(), out=y2)
         activations = (eg,)
     elif in_swiglu:
         # gate/up's low-rank terms and h A_d^T are formed inside the SwiGLU pass (chronicals.kernels.lora_swiglu):
@@ -350,13 +393,13 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
         e, g = _base(x2, wg, bg), _base(x2, wu, bu)
         h, ha = lora_swiglu.lora_swiglu_forward(e, g, xa, bg_.contiguous(), bu_.contiguous(), scales[0], scales[1],
                                                 ad_.contiguous())
-        _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2])
+        _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2], res2)
         activations = (e, g)
     else:
         (e, g), xa, a_cat = _fanout_forward(x2, scales[:2], (wg, wu), (bg, bu), (ag_, au_), (bg_, bu_))
         h = swiglu_forward(e, g)
         ha = h @ ad_.t()
-        _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2])
+        _add_low_rank(y2, h, wd, bd, ha, bd_.t(), scales[2], res2)
         activations = (e, g)
     ctx.low_rank_in_swiglu = in_swiglu
     ctx.scales = scales
@@ -367,13 +410,13 @@ def _mlp_op_forward(ctx, x, scales, params, kconcat: bool):
 
 
 class _LoRASwiGLUMLP(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) with LoRA on all three. Inputs: x, (s_g, s_u, s_d), then for gate, up,
-    down in turn: W, bias, A, B."""
+    """residual + down(silu(gate(x)) * up(x)) with LoRA on all three (no residual when it is None). Inputs: x,
+    residual, (s_g, s_u, s_d), then for gate, up, down in turn: W, bias, A, B."""
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, scales, *params):
-        return _mlp_op_forward(ctx, x, scales, params, kconcat=False)
+    def forward(ctx, x, residual, scales, *params):
+        return _mlp_op_forward(ctx, x, residual, scales, params, kconcat=False)
 
     @staticmethod
     @_backward_once
@@ -393,7 +436,7 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         gd = _scaled_mm(dy2, bd_, sd)
-        d_bd = _scaled_mm(dy2.t(), ha, sd)
+        d_bd = _grad_mm(dy2.t(), ha, sd, ctx.param_dtypes[5])
         g_cat = None
         if ctx.low_rank_in_swiglu:  # dh's low-rank term and cat(G) for gate/up are formed in the SwiGLU pass
             h, de, dg, g_cat = lora_swiglu.lora_swiglu_backward(dy2 @ wd, e, g, xa, bg_.contiguous(),
@@ -406,14 +449,14 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
                 dh = dy2 @ wd
                 dh.addmm_(gd, ad_)
             h, de, dg = swiglu_backward_inplace(dh, e, g)
-        d_ad = gd.t() @ h
+        dt_ag, dt_au, dt_bg, dt_bu, dt_ad, _ = ctx.param_dtypes
+        d_ad = _grad_mm(gd.t(), h, 1.0, dt_ad)
         del h
         dx, (d_ag, d_au), (d_bg, d_bu) = _fanout_backward(
-            x2, xa, a_cat, (sg, su), (wg, wu), (bg_, bu_), (de, dg), ctx.needs_input_grad[0], g_cat=g_cat
+            x2, xa, a_cat, (sg, su), (wg, wu), (bg_, bu_), (de, dg), ctx.needs_input_grad[0], (dt_ag, dt_au),
+            (dt_bg, dt_bu), g_cat=g_cat
         )
-        grads = [t.to(dt) for t, dt in zip((d_ag, d_au, d_bg, d_bu, d_ad, d_bd), ctx.param_dtypes)]
-        d_ag, d_au, d_bg, d_bu, d_ad, d_bd = grads
-        return (None if dx is None else dx.view_as(x), None,
+        return (None if dx is None else dx.view_as(x), dy if ctx.needs_input_grad[1] else None, None,
                 None, None, d_ag, d_bg, None, None, d_au, d_bu, None, None, d_ad, d_bd)
 
 
@@ -423,8 +466,8 @@ class _LoRASwiGLUMLPKConcat(_LoRASwiGLUMLP):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, scales, *params):
-        return _mlp_op_forward(ctx, x, scales, params, kconcat=True)
+    def forward(ctx, x, residual, scales, *params):
+        return _mlp_op_forward(ctx, x, residual, scales, params, kconcat=True)
 
 
 class _DoRALinear(torch.autograd.Function):
@@ -464,10 +507,10 @@ class _DoRALinear(torch.autograd.Function):
         d_m = (dy2.float() * z).sum(0) / norm
         del z
         dz = dy2 * mns
+        dt_a, dt_b, dt_m = ctx.param_dtypes
         dx, (d_a,), (d_b,) = _fanout_backward(x2, xa, a_, (ctx.scale,), (weight,), (b_,), (dz,),
-                                              ctx.needs_input_grad[0])
-        grads = [t.to(dt) for t, dt in zip((d_a, d_b, d_m), ctx.param_dtypes)]
-        return (None if dx is None else dx.view_as(x), None, None, None, *grads)
+                                              ctx.needs_input_grad[0], (dt_a,), (dt_b,))
+        return (None if dx is None else dx.view_as(x), None, None, None, d_a, d_b, d_m.to(dt_m))
 
 
 def _check_projection(name, x, weight, bias, lora_a, lora_b, scale) -> None:
@@ -535,9 +578,11 @@ def lora_linear(x: torch.Tensor, weight, bias, lora_a, lora_b, scale: float, *, 
 
 
 @torch.compiler.disable
-def lora_swiglu_mlp(x: torch.Tensor, gate, up, down, *, kconcat: bool = False) -> torch.Tensor:
+def lora_swiglu_mlp(x: torch.Tensor, gate, up, down, *, kconcat: bool = False,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)); gate, up, down are (weight, bias, lora_A, lora_B, scale) tuples. `kconcat`:
-    gate|up as one K-concatenated matmul into one [N, 2I] buffer, down as another (see _kconcat_forward)."""
+    gate|up as one K-concatenated matmul into one [N, 2I] buffer, down as another (see _kconcat_forward).
+    `residual`: returns residual + the MLP, added inside down's matmul when it has the output's shape and dtype."""
     for name, p in (("gate", gate), ("up", up)):
         _check_projection(name, x, *p)
     if gate[0].shape != up[0].shape:
@@ -545,7 +590,13 @@ def lora_swiglu_mlp(x: torch.Tensor, gate, up, down, *, kconcat: bool = False) -
     _check_projection("down", x.new_empty(0, gate[0].shape[0]), *down)
     scales = (float(gate[4]), float(up[4]), float(down[4]))
     op = _LoRASwiGLUMLPKConcat if kconcat else _LoRASwiGLUMLP
-    return op.apply(x, scales, *gate[:4], *up[:4], *down[:4])
+    out_shape = (*x.shape[:-1], down[0].shape[0])
+    if residual is None or (isinstance(residual, torch.Tensor) and residual.shape == out_shape
+                            and residual.dtype == x.dtype and residual.device == x.device):
+        return op.apply(x, residual, scales, *gate[:4], *up[:4], *down[:4])
+    # One that broadcasts, or whose sum promotes to another dtype (an fp32 residual stream under autocast): the sum
+    # as the caller's `residual + mlp(x)` would form it.
+    return residual + op.apply(x, None, scales, *gate[:4], *up[:4], *down[:4])
 
 
 @torch.compiler.disable

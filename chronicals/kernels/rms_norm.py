@@ -8,6 +8,8 @@ one rounding is no less accurate). `offset` is 1.0 for Gemma-style weights (scal
 
 The fused variant computes s = x + residual (rounded to the input dtype, exactly as PyTorch's add)
 and returns (s, rmsnorm(s)), saving a full read of s between the two ops in every decoder layer.
+The residual variant returns (x, rmsnorm(x)) for a layer's input norm, so that the residual stream's gradient
+reaches the norm's backward and is added there (the fused add's `ds`), not in a pass of its own.
 
 Memory-bound: each kernel moves its bytes once. Per row of H elements of b bytes:
   forward:  read x (and residual) H*b, write y (and s) H*b, write rstd 4 B
@@ -312,6 +314,35 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx, dx, dw, None, None
 
 
+class RMSNormResidualFunction(torch.autograd.Function):
+    """(x, rmsnorm(x)) for a pre-norm layer's input, whose residual stream takes the x handed back. The gradient
+    that reaches it (the layer's residual-stream gradient) comes to this op's backward, which adds it inside the
+    norm's backward kernel (the `ds` input the fused add-norm has): autograd would otherwise sum x's two gradients
+    in a separate pass (read two [N, H] tensors, write one; ~64 us a layer at Llama-3.2-1B, batch 8 x 2048, H100)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        x2 = _rows(x, weight.shape[0])
+        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, shape=x.shape)
+        ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
+                              weight, rstd)  # as RMSNormFunction saves it
+        ctx.offset, ctx.eps = offset, eps
+        ctx.set_materialize_grads(False)
+        return x, y  # x returned as it is: autograd hands out a view of it, whose gradient comes here
+
+    @staticmethod
+    @backward_once
+    def backward(ctx, d_residual, dy):
+        if dy is None:  # the norm unused: x's gradient is the residual stream's alone
+            return d_residual, None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        n_cols = weight.shape[0]
+        ds2 = _rows(d_residual, n_cols) if d_residual is not None else None
+        dx, dw = rms_norm_backward(_rows(dy, n_cols), _rows(x, n_cols), weight, rstd, ctx.offset, ds2,
+                                   ctx.needs_input_grad[1], ctx.eps)
+        return dx.view(dy.shape), dw, None, None
+
+
 def _check(hidden_states, weight, eps, offset, residual=None) -> None:
     check_tensor("hidden_states", hidden_states)
     check_tensor("weight", weight, ndim=1)
@@ -357,6 +388,15 @@ def fused_add_rmsnorm(hidden_states: torch.Tensor, residual: torch.Tensor, weigh
     """Returns (s, rmsnorm(s)) with s = hidden_states + residual, in one pass over memory."""
     _check(hidden_states, weight, eps, offset, residual)
     return AddRMSNormFunction.apply(hidden_states, residual, weight.contiguous(), float(eps), float(offset))  # as above
+
+
+@torch.compiler.disable
+def fused_rmsnorm_residual(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                           offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (hidden_states, rmsnorm(hidden_states)) for a pre-norm layer: use the first as the residual stream
+    (in place of hidden_states itself), so that its gradient is added to the norm's inside the backward kernel."""
+    _check(hidden_states, weight, eps, offset)
+    return RMSNormResidualFunction.apply(hidden_states, weight.contiguous(), float(eps), float(offset))  # as above
 
 
 class FusedRMSNorm(torch.nn.Module):

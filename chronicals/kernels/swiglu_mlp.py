@@ -5,7 +5,8 @@ With x [N, d], W_gate, W_up [I, d], W_down [d_out, I] and W_gu = cat(W_gate, W_u
 
     forward:   gu = x @ W_guᵀ                  one matmul, [N, 2I]; g = gu[:, :I], u = gu[:, I:] are views
                h  = silu(g) * u                Triton, reading the strided halves of gu (no copy)
-               y  = h @ W_downᵀ
+               y  = h @ W_downᵀ (+ residual: cuBLAS adds it in its epilogue, beta = 1, where a separate
+                    residual + y after the op reads two [N, d_out] tensors and writes a third)
                saves x, gu and the weights: not h (the unfused path also keeps h for dW_down: N·I more)
     backward:  dh = dy @ W_down                [N, I]
                one Triton pass reads g, u, dh and writes dg, du into dgu [N, 2I] (halves as views) and
@@ -30,17 +31,20 @@ from .swiglu import swiglu_backward, swiglu_forward
 
 class SwiGLUMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
+    def forward(ctx, x, w_gate, w_up, w_down, residual):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's (cast before, under autocast)
-            inter = w_gate.shape[0]
+            inter, d_out = w_gate.shape[0], w_down.shape[0]
             x2 = x.reshape(-1, x.shape[-1])
             gu = x2 @ torch.cat((w_gate, w_up)).t()
             h = swiglu_forward(gu[:, :inter], gu[:, inter:])
             # y is allocated in x's leading shape and the matmul writes its [N, d_out] view: returning a view of a
             # [N, d_out] product would hand out a view made inside the Function, which autograd refuses to let the
             # caller change in place (y += residual raised a RuntimeError, where the unfused MLP's output allows it).
-            y = torch.empty((*x.shape[:-1], w_down.shape[0]), dtype=h.dtype, device=h.device)
-            torch.mm(h, w_down.t(), out=y.view(-1, w_down.shape[0]))
+            y = torch.empty((*x.shape[:-1], d_out), dtype=h.dtype, device=h.device)
+            if residual is None:
+                torch.mm(h, w_down.t(), out=y.view(-1, d_out))
+            else:
+                torch.addmm(residual.reshape(-1, d_out), h, w_down.t(), out=y.view(-1, d_out))
         ctx.save_for_backward(x2, gu, w_gate, w_up, w_down)
         ctx.x_shape = x.shape
         return y
@@ -49,7 +53,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
     @backward_once
     def backward(ctx, dy):
         x2, gu, w_gate, w_up, w_down = ctx.saved_tensors
-        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        need_x, need_gate, need_up, need_down, need_residual = ctx.needs_input_grad
         dx = d_gate = d_up = d_down = None
         inter = w_gate.shape[0]
         with torch.autocast(dy.device.type, enabled=False):
@@ -70,13 +74,16 @@ class SwiGLUMLPFunction(torch.autograd.Function):
                 d_up = du.t() @ x2
             if need_x:
                 dx = (dgu @ torch.cat((w_gate, w_up))).view(ctx.x_shape)
-        return dx, d_gate, d_up, d_down
+        return dx, d_gate, d_up, d_down, dy if need_residual else None
 
 
 # Opaque to torch.compile, as every public kernel op: a compiled region breaks its graph around it.
 @torch.compiler.disable
-def fused_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """(silu(x @ w_gateᵀ) * (x @ w_upᵀ)) @ w_downᵀ for x [..., d], w_gate and w_up [I, d], w_down [d_out, I].
+def fused_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(silu(x @ w_gateᵀ) * (x @ w_upᵀ)) @ w_downᵀ for x [..., d], w_gate and w_up [I, d], w_down [d_out, I];
+    plus `residual` when given (a pre-norm layer's `residual + mlp(x)`), added inside the last matmul when it has
+    the output's shape and dtype, else as that sum.
 
     Under autocast, x and the weights are cast to the autocast dtype first, as autocast's own linear would
     (the casts stay on the autograd graph, so fp32 master weights still get their gradients)."""
@@ -94,4 +101,14 @@ def fused_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
     if w_down.shape[1] != w_gate.shape[0]:
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but must take the {w_gate.shape[0]} intermediate "
                          "features of w_gate")
-    return SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down)
+    if residual is None or _fits(residual, x, w_down):
+        return SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, residual)
+    # An fp32 residual stream under autocast, say: the sum as the caller's `residual + mlp(x)` would form it.
+    return residual + SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, None)
+
+
+def _fits(residual, x: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """Whether `residual` can be the beta = 1 input of the down matmul: a tensor of the output's shape, dtype and
+    device (not one that broadcasts to it, or one whose sum with the output promotes to another dtype)."""
+    return isinstance(residual, torch.Tensor) and residual.shape == (*x.shape[:-1], w_down.shape[0]) \
+        and residual.dtype == x.dtype and residual.device == x.device

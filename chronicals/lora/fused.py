@@ -107,15 +107,21 @@ def _grouped_forward(self: PeftLoraLinear, x, *args, **kwargs):
     return self._chronicals_group(self._chronicals_group_index, x, *args, **kwargs)
 
 
-def _mlp_forward(self: nn.Module, x, *args, **kwargs):
+def _mlp_forward(self: nn.Module, x, *args, residual=None, **kwargs):
     # The one op stands in for the calls of act_fn and the three adapted layers: it applies only while none of them
-    # has hooks (or act_fn a replacement), which would otherwise be skipped.
+    # has hooks (or act_fn a replacement), which would otherwise be skipped. `residual`: residual + mlp(x), from
+    # chronicals' patched decoder layer (models.rms_norm.mlp_with_residual), added inside down's matmul.
     parts = [getattr(self, n) for n in MLP_PARTS]
     fusable = not (args or kwargs) and plain_silu(self.act_fn) and all(no_hooks(m) for m in parts)
     params = [_adapter(m, compute_dtype(x)) for m in parts] if fusable else None
     if params is None or any(p is None for p in params):
-        return self._chronicals_unfused_forward(x, *args, **kwargs)
-    return _run_fused(lora_swiglu_mlp, x, *params, kconcat=self.__dict__.get("_chronicals_kconcat", False))
+        out = self._chronicals_unfused_forward(x, *args, **kwargs)
+        return out if residual is None else residual + out
+    return _run_fused(lora_swiglu_mlp, x, *params, kconcat=self.__dict__.get("_chronicals_kconcat", False),
+                      residual=residual)
+
+
+_mlp_forward.adds_residual = True
 
 
 def _hf_mlp_forward(self, x):  # HF's LlamaMLP / Qwen2MLP / Qwen3MLP / MistralMLP, and their copies in other models

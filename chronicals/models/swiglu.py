@@ -44,20 +44,30 @@ def _plain_weights(mlp, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | 
     return weights
 
 
-def swiglu_mlp_forward(self, x):
+def swiglu_mlp_forward(self, x, residual=None):
+    """HF's MLP forward; with `residual` (the patched decoder layer passes it, see rms_norm.mlp_with_residual),
+    residual + mlp(x), the sum formed inside the fused op's last matmul where it runs."""
     silu = plain_silu(self.act_fn)
     if silu and kernels_usable(x):
         weights = _plain_weights(self, x)
         if weights is not None:
             from chronicals.kernels.swiglu_mlp import fused_swiglu_mlp
 
-            return fused_swiglu_mlp(x, *weights)
-    gate = self.gate_proj(x)
+            return fused_swiglu_mlp(x, *weights) if residual is None else fused_swiglu_mlp(x, *weights, residual)
+    out = _module_calls(self, x, silu)
+    return out if residual is None else residual + out
+
+
+swiglu_mlp_forward.adds_residual = True
+
+
+def _module_calls(mlp, x, silu: bool):
+    gate = mlp.gate_proj(x)
     if not silu:  # a hooked or replaced act_fn: HF's forward, module calls in HF's order
-        return self.down_proj(self.act_fn(gate) * self.up_proj(x))
-    up = self.up_proj(x)
+        return mlp.down_proj(mlp.act_fn(gate) * mlp.up_proj(x))
+    up = mlp.up_proj(x)
     if kernels_usable(gate):
         from chronicals.kernels import fused_swiglu
 
-        return self.down_proj(fused_swiglu(gate, up))
-    return self.down_proj(self.act_fn(gate) * up)
+        return mlp.down_proj(fused_swiglu(gate, up))
+    return mlp.down_proj(mlp.act_fn(gate) * up)

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from oracle import SLACK, assert_no_worse
 
-from chronicals.kernels import FusedRMSNorm, fused_add_rmsnorm, fused_rmsnorm
+from chronicals.kernels import FusedRMSNorm, fused_add_rmsnorm, fused_rmsnorm, fused_rmsnorm_residual
 
 DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
 
@@ -119,6 +119,51 @@ def test_add_rmsnorm_matches_float64(shape, dtype, offset, used, layout, seed):
         assert dw is None or not dw.any()
     else:
         assert_no_worse("dw", dw, dw_nat, dw_ref, dtype)
+
+
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), offset=st.sampled_from([0.0, 1.0]),
+       used=st.sampled_from(["both", "normed", "residual"]), layout=st.sampled_from(["contiguous", "sliced"]),
+       seed=st.integers(0, 2**31 - 1))
+@example(shape=(1, 1), dtype=torch.float32, offset=0.0, used="both", layout="contiguous", seed=0)
+@example(shape=(33, 127), dtype=torch.bfloat16, offset=1.0, used="both", layout="sliced", seed=1)
+def test_rmsnorm_residual_matches_float64(shape, dtype, offset, used, layout, seed):
+    # (x, rmsnorm(x)): x's two gradients (the residual stream's and the norm's) summed inside the norm's backward.
+    rows, hidden = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input((rows, hidden), dtype, layout, DEVICE, gen)
+    w = (torch.rand(hidden, generator=gen) + 0.5 - offset).to(DEVICE, dtype)
+    dr = torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) if used != "normed" else None
+    dy = torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) if used != "residual" else None
+    eps = 1e-5
+
+    def unfused(a, c):
+        return a * 1, hf_rmsnorm(a, c, eps, offset)
+
+    (r, y), (dx, dw) = grads(lambda a, c: fused_rmsnorm_residual(a, c, eps=eps, offset=offset), (x, w), [dr, dy])
+    (_, y_nat), (dx_nat, dw_nat) = grads(unfused, (x, w), [dr, dy])
+    ref_up = [g.double() if g is not None else None for g in (dr, dy)]
+    (_, y_ref), (dx_ref, dw_ref) = grads(unfused, (x.double(), w.double()), ref_up)
+    assert torch.equal(r, x), "the residual is the input itself"
+    assert_no_worse("normed", y, y_nat, y_ref, dtype)
+    if used == "residual":
+        assert torch.equal(dx, dr) and (dw is None or not dw.any())
+        return
+    slack = dx_slack(x, w, dy, eps, offset, dx_ref, dtype)
+    assert_no_worse("d hidden_states", dx, dx_nat, dx_ref, dtype, slack=slack)
+    assert_no_worse("dw", dw, dw_nat, dw_ref, dtype)
+
+
+def test_rmsnorm_residual_is_a_view_of_the_input_with_its_own_gradient():
+    # The residual handed back is the input's storage (no copy), and as a pre-norm layer uses it (s = attn + x; a
+    # loss of s and of the norm) the input's gradient is the sum of both paths.
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    w = torch.rand(24, device=DEVICE) + 0.5
+    r, y = fused_rmsnorm_residual(x, w)
+    assert r.data_ptr() == x.data_ptr()
+    (3 * r + y.square()).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    (3 * xd + hf_rmsnorm(xd, w.double(), 1e-6, 0.0).square()).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused_add", [False, True])

@@ -198,6 +198,39 @@ def test_fused_mlp_saves_x_and_gu_but_not_h():
     assert (n, inter) not in shapes, shapes
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_added_in_the_last_matmul_matches_float64(dtype):
+    # residual + mlp(x) with the residual as the down matmul's beta = 1 input; its gradient is dy itself.
+    gen = torch.Generator().manual_seed(4)
+    inputs, dy = make_inputs([3, 11], 24, 40, dtype, False, gen)
+    residual = torch.randn(3, 11, 24, generator=gen).to(DEVICE, dtype)
+
+    def with_residual(fn):
+        return lambda x, wg, wu, wd, r: r + fn(x, wg, wu, wd)
+
+    y, grads = run(lambda *a: fused_swiglu_mlp(*a[:4], a[4]), [*inputs, residual], dy)
+    y_nat, grads_nat = run(with_residual(reference), [*inputs, residual], dy)
+    y_ref, grads_ref = run(with_residual(reference), [t.double() for t in (*inputs, residual)], dy.double())
+    factor = 1.0 if dtype == torch.float32 else LOW_PRECISION_FACTOR
+    assert y.dtype == dtype
+    assert_no_worse("out", y, y_nat, y_ref, dtype, factor=factor)
+    for name, g, g_nat, g_ref in zip((*NAMES, "residual"), grads, grads_nat, grads_ref):
+        assert_no_worse(f"d {name}", g, g_nat, g_ref, dtype, factor=factor)
+    assert torch.equal(grads[4], dy)
+
+
+def test_residual_that_broadcasts_or_promotes_is_added_as_a_sum():
+    # Not the output's shape or dtype (a bias-like row, an fp32 residual stream): the op adds it as `r + mlp(x)` does.
+    gen = torch.Generator().manual_seed(5)
+    inputs, dy = make_inputs([2, 7], 16, 24, torch.bfloat16, False, gen)
+    mlp = fused_swiglu_mlp(*inputs)
+    for residual in (torch.randn(16, generator=gen).to(DEVICE, torch.bfloat16),
+                     torch.randn(2, 7, 16, generator=gen).to(DEVICE)):
+        got = fused_swiglu_mlp(*inputs, residual)
+        assert got.dtype == (residual + mlp).dtype
+        torch.testing.assert_close(got, residual + mlp, rtol=0, atol=0)
+
+
 def test_patched_mlp_uses_the_fused_op_only_for_plain_bias_free_linears(monkeypatch):
     calls = []
     import chronicals.kernels.swiglu_mlp as fused_module

@@ -10,6 +10,7 @@ from torch import nn
 
 from chronicals.kernels import lora as lora_ops
 from chronicals.kernels.lora import dora_linear, lora_linear, lora_projections, lora_swiglu_mlp
+from chronicals.models.rms_norm import mlp_with_residual
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 
@@ -74,6 +75,45 @@ def test_fused_ops_on_gpu_at_model_like_sizes(dtype):
     compare_with_peft(adapted(MLP(256, 688), 16, 16.0), x, dy, dtype, ["_LoRASwiGLUMLPBackward"], device="cuda")
     compare_with_peft(adapted(QKVO(256, 256, 64, bias=True), 16, 32.0), x, dy, dtype, ["_LoRAFanOutBackward"],
              device="cuda")
+
+
+class ResidualMLP(nn.Module):
+    """x + mlp(x) as chronicals' patched decoder layer forms it: the fused LoRA MLP is handed the residual."""
+
+    def __init__(self, d: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.mlp = MLP(d, inter, bias=bias)
+
+    def forward(self, x):
+        return mlp_with_residual(self.mlp, x, x)
+
+
+@pytest.mark.parametrize("path", ["swiglu_kernel", "cublas", "kconcat"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_adds_the_residual_in_downs_matmul(path, bias, dtype):
+    # PEFT's path forms residual + mlp(x) as a sum; ours hands the residual to the fused op (no AddBackward node).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lora_ops, "_LOW_RANK_IN_SWIGLU", path == "swiglu_kernel")
+        torch.manual_seed(1)
+        x, dy = torch.randn(2, 13, 24), torch.randn(2, 13, 24)
+        op = "_LoRASwiGLUMLPKConcatBackward" if path == "kconcat" else "_LoRASwiGLUMLPBackward"
+        compare_with_peft(adapted(ResidualMLP(24, 40, bias=bias), 4, 8.0), x, dy, dtype, [op],
+                          kconcat=path == "kconcat", absent_names=["AddBackward0"])
+
+
+@pytest.mark.gpu
+def test_fp32_adapter_gradients_come_straight_from_the_matmul():
+    # fp32 adapters of a bf16 model: cuBLAS writes their gradients in fp32 from its accumulator (_grad_mm), not
+    # rounded to bf16 and cast by a kernel per adapter, so they are closer to the exact product than that path.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) for shape in ((48, 700), (700, 64)))
+    assert lora_ops._fp32_out_works(a.device)
+    got = lora_ops._grad_mm(a, b, 0.37, torch.float32)
+    exact = 0.37 * (a.double() @ b.double())
+    rounded = lora_ops._scaled_mm(a, b, 0.37).double()
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < (rounded - exact).abs().max()
 
 
 def test_qkv_group_computes_once_and_hands_out_siblings():
