@@ -97,6 +97,14 @@ def check_same(names_tensors: dict, *, dtype: bool = True, device: bool = True) 
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
 
 
+def fits_output(residual, x: torch.Tensor, out_features: int) -> bool:
+    """Whether `residual` can be an op's beta = 1 matmul input for an output [*x.shape[:-1], out_features] in x's
+    dtype: a tensor of exactly that shape, dtype and device (not one that broadcasts to it, or one whose sum with the
+    output promotes to another dtype, such as an fp32 residual stream under autocast)."""
+    return isinstance(residual, torch.Tensor) and residual.shape == (*x.shape[:-1], out_features) \
+        and residual.dtype == x.dtype and residual.device == x.device
+
+
 def autocast_inputs(*tensors):
     """`tensors` as autocast's own matmul would take them when autocast is on for the first one's device type: the
     floating tensors other than float64 on that device type cast to autocast's dtype (the casts stay on the autograd

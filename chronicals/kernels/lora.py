@@ -65,7 +65,7 @@ import torch
 
 from . import lora_swiglu
 from . import swiglu as swiglu_kernels
-from ._utils import INTERPRET, backward_once
+from ._utils import INTERPRET, backward_once, fits_output
 
 
 def _autocast_off(method):
@@ -185,10 +185,6 @@ def _grad_mm(a: torch.Tensor, b: torch.Tensor, s: float, dtype: torch.dtype) -> 
     return _scaled_mm(a, b, s).to(dtype)
 
 
-def _common(dtypes) -> torch.dtype | None:
-    return dtypes[0] if len(set(dtypes)) == 1 else None
-
-
 def _fanout_forward(x2, scales, weights, biases, a_list, b_list, lead=None):
     """Y_i = X W_i^T + s_i (X A^T)_i B_i^T for every projection; returns (outputs, XA, cat(A)). The outputs have
     the leading shape `lead` ([N] when None), see _output."""
@@ -279,7 +275,7 @@ def _fanout_backward(x2, xa, a_cat, scales, weights, b_list, dys, need_dx: bool,
         off += r
     if g_cat is None:
         g_cat = gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)
-    d_a_dtype = _common(a_dtypes) or x2.dtype  # one matmul for all A's; cast one by one below if they differ
+    d_a_dtype = a_dtypes[0] if len(set(a_dtypes)) == 1 else x2.dtype  # one matmul for all A's; cast each if not
     d_a = [g.to(dt) for g, dt in zip(torch.split(_grad_mm(g_cat.t(), x2, 1.0, d_a_dtype), [b.shape[1] for b in b_list]),
                                      a_dtypes)]
     dx = None
@@ -435,8 +431,9 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
         sg, su, sd = ctx.scales
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+        dt_ag, dt_au, dt_bg, dt_bu, dt_ad, dt_bd = ctx.param_dtypes
         gd = _scaled_mm(dy2, bd_, sd)
-        d_bd = _grad_mm(dy2.t(), ha, sd, ctx.param_dtypes[5])
+        d_bd = _grad_mm(dy2.t(), ha, sd, dt_bd)
         g_cat = None
         if ctx.low_rank_in_swiglu:  # dh's low-rank term and cat(G) for gate/up are formed in the SwiGLU pass
             h, de, dg, g_cat = lora_swiglu.lora_swiglu_backward(dy2 @ wd, e, g, xa, bg_.contiguous(),
@@ -449,7 +446,6 @@ class _LoRASwiGLUMLP(torch.autograd.Function):
                 dh = dy2 @ wd
                 dh.addmm_(gd, ad_)
             h, de, dg = swiglu_backward_inplace(dh, e, g)
-        dt_ag, dt_au, dt_bg, dt_bu, dt_ad, _ = ctx.param_dtypes
         d_ad = _grad_mm(gd.t(), h, 1.0, dt_ad)
         del h
         dx, (d_ag, d_au), (d_bg, d_bu) = _fanout_backward(
@@ -590,13 +586,9 @@ def lora_swiglu_mlp(x: torch.Tensor, gate, up, down, *, kconcat: bool = False,
     _check_projection("down", x.new_empty(0, gate[0].shape[0]), *down)
     scales = (float(gate[4]), float(up[4]), float(down[4]))
     op = _LoRASwiGLUMLPKConcat if kconcat else _LoRASwiGLUMLP
-    out_shape = (*x.shape[:-1], down[0].shape[0])
-    if residual is None or (isinstance(residual, torch.Tensor) and residual.shape == out_shape
-                            and residual.dtype == x.dtype and residual.device == x.device):
+    if residual is None or fits_output(residual, x, down[0].shape[0]):
         return op.apply(x, residual, scales, *gate[:4], *up[:4], *down[:4])
-    # One that broadcasts, or whose sum promotes to another dtype (an fp32 residual stream under autocast): the sum
-    # as the caller's `residual + mlp(x)` would form it.
-    return residual + op.apply(x, None, scales, *gate[:4], *up[:4], *down[:4])
+    return residual + op.apply(x, None, scales, *gate[:4], *up[:4], *down[:4])  # the sum `r + mlp(x)` forms
 
 
 @torch.compiler.disable

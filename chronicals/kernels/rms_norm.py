@@ -265,27 +265,37 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     return dx, dw
 
 
+def _norm_forward(ctx, x, weight, eps, offset) -> torch.Tensor:
+    """rmsnorm(x), saving what _norm_backward reads (RMSNormFunction's and RMSNormResidualFunction's forward)."""
+    x2 = _rows(x, weight.shape[0])
+    y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, shape=x.shape)
+    # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
+    # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
+    # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
+    ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
+                          weight, rstd)
+    ctx.offset, ctx.eps = offset, eps
+    return y
+
+
+def _norm_backward(ctx, dy, ds=None):
+    """(dx, dw) for the upstream dy, plus `ds` (a gradient that reaches x itself) added to dx in the same kernel."""
+    x, weight, rstd = ctx.saved_tensors
+    n_cols = weight.shape[0]
+    dx, dw = rms_norm_backward(_rows(dy, n_cols), _rows(x, n_cols), weight, rstd, ctx.offset,
+                               None if ds is None else _rows(ds, n_cols), ctx.needs_input_grad[1], ctx.eps)
+    return dx.view(dy.shape), dw
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x2 = _rows(x, weight.shape[0])
-        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, shape=x.shape)
-        # x itself is saved when x2 is a view of it: a view made here (grad mode is off in forward) would turn an
-        # in-place change of x before backward into autograd's misleading "view was created in no_grad mode" error
-        # rather than its usual "modified by an inplace operation". A copy (non-contiguous x) is saved as it is.
-        ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
-                              weight, rstd)
-        ctx.offset, ctx.eps = offset, eps
-        return y
+        return _norm_forward(ctx, x, weight, eps, offset)
 
     @staticmethod
     @backward_once
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        x2 = _rows(x, weight.shape[0])
-        dx, dw = rms_norm_backward(_rows(dy, x2.shape[1]), x2, weight, rstd, ctx.offset, None,
-                                   ctx.needs_input_grad[1], ctx.eps)
-        return dx.view(dy.shape), dw, None, None
+        return *_norm_backward(ctx, dy), None, None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -322,11 +332,7 @@ class RMSNormResidualFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        x2 = _rows(x, weight.shape[0])
-        y, rstd, _ = rms_norm_forward(x2, weight, eps, offset, shape=x.shape)
-        ctx.save_for_backward(x if x2.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else x2,
-                              weight, rstd)  # as RMSNormFunction saves it
-        ctx.offset, ctx.eps = offset, eps
+        y = _norm_forward(ctx, x, weight, eps, offset)
         ctx.set_materialize_grads(False)
         return x, y  # x returned as it is: autograd hands out a view of it, whose gradient comes here
 
@@ -335,12 +341,7 @@ class RMSNormResidualFunction(torch.autograd.Function):
     def backward(ctx, d_residual, dy):
         if dy is None:  # the norm unused: x's gradient is the residual stream's alone
             return d_residual, None, None, None
-        x, weight, rstd = ctx.saved_tensors
-        n_cols = weight.shape[0]
-        ds2 = _rows(d_residual, n_cols) if d_residual is not None else None
-        dx, dw = rms_norm_backward(_rows(dy, n_cols), _rows(x, n_cols), weight, rstd, ctx.offset, ds2,
-                                   ctx.needs_input_grad[1], ctx.eps)
-        return dx.view(dy.shape), dw, None, None
+        return *_norm_backward(ctx, dy, d_residual), None, None
 
 
 def _check(hidden_states, weight, eps, offset, residual=None) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import autocast_inputs, backward_once, check_same, check_tensor
+from ._utils import autocast_inputs, backward_once, check_same, check_tensor, fits_output
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -101,14 +101,6 @@ def fused_swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
     if w_down.shape[1] != w_gate.shape[0]:
         raise ValueError(f"w_down has shape {tuple(w_down.shape)} but must take the {w_gate.shape[0]} intermediate "
                          "features of w_gate")
-    if residual is None or _fits(residual, x, w_down):
+    if residual is None or fits_output(residual, x, w_down.shape[0]):
         return SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, residual)
-    # An fp32 residual stream under autocast, say: the sum as the caller's `residual + mlp(x)` would form it.
-    return residual + SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, None)
-
-
-def _fits(residual, x: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """Whether `residual` can be the beta = 1 input of the down matmul: a tensor of the output's shape, dtype and
-    device (not one that broadcasts to it, or one whose sum with the output promotes to another dtype)."""
-    return isinstance(residual, torch.Tensor) and residual.shape == (*x.shape[:-1], w_down.shape[0]) \
-        and residual.dtype == x.dtype and residual.device == x.device
+    return residual + SwiGLUMLPFunction.apply(x, w_gate, w_up, w_down, None)  # the sum the caller's `r + mlp(x)` forms

@@ -9,6 +9,7 @@ back to the input dtype before the weight multiply; the kernels follow the same 
 from __future__ import annotations
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from .dispatch import kernels_usable
 from .projections import no_hooks
@@ -79,9 +80,7 @@ def mlp_with_residual(mlp, x, residual):
 
 def _global_hooks() -> bool:
     """Forward hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
 def _plain_rms_norm(norm) -> bool:

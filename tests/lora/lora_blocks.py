@@ -8,6 +8,7 @@ import copy
 import os
 
 import torch
+from autograd_graph import node_names
 from oracle import assert_no_worse
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -104,15 +105,7 @@ def run(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype,
 
 def graph_names(t: torch.Tensor) -> set[str]:
     """Class names of every autograd node behind `t` (to see which path ran)."""
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack += [f for f, _ in fn.next_functions]
-    return names
+    return set(node_names(t))
 
 
 # Factors over native PEFT's error in bf16/fp16. Adapter gradients reduce over all tokens products of operands both

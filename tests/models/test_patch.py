@@ -10,6 +10,7 @@ import torch
 import chronicals
 from chronicals.models import build_model, causal_lm, rms_norm, rope, swiglu
 from chronicals.models.patch import FLAGS
+from tests.autograd_graph import node_names
 from tests.conftest import DEVICE
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
@@ -85,19 +86,6 @@ def test_all_flags_with_kernels_agree_with_hf(name):
         assert_same_eval_outputs(reference, patched, shape=KERNEL_SHAPE)
 
 
-def graph_names(t: torch.Tensor) -> list[str]:
-    """Class names of the autograd nodes behind `t`, each node once."""
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack += [f for f, _ in fn.next_functions]
-    return names
-
-
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_decoder_layers_run_their_residual_adds_inside_the_kernels(swiglu):
     # The layer's last add goes into the MLP's last matmul (a patched MLP), the mid-layer add into the post-attention
@@ -105,7 +93,7 @@ def test_decoder_layers_run_their_residual_adds_inside_the_kernels(swiglu):
     needs_kernels()
     _, patched = pair("tiny-llama", swiglu=swiglu)
     ids, labels = batch(patched.config.vocab_size, shape=KERNEL_SHAPE)
-    names = graph_names(patched(input_ids=ids, labels=labels).loss)
+    names = node_names(patched(input_ids=ids, labels=labels).loss)
     layers = patched.config.num_hidden_layers
     assert names.count("RMSNormResidualFunctionBackward") == layers
     assert names.count("AddRMSNormFunctionBackward") == layers
