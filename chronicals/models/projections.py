@@ -97,5 +97,15 @@ class _QKVLinear(torch.autograd.Function):
                 d_w = [g if need else None for g, need in
                        zip(d_all.split([w_q.shape[0], w_k.shape[0], w_v.shape[0]]), need_w)]
             if need_bias:
-                db = dy2.sum(0)
+                db = _column_sums(dy2)
         return dx, *d_w, db
+
+
+def _column_sums(dy2: torch.Tensor) -> torch.Tensor:
+    """dy2.sum(0), the bias gradient. In bf16 on CUDA as a matrix-vector product with ones (cuBLAS, fp32
+    accumulation), which reads dy2 at nearly copy bandwidth where the column reduction does not: H100, [16384, 1152]
+    (Qwen2.5-0.5B's q/k/v), 25.2 us against 41.0, the same largest error against a float64 sum (0.999, one bf16 step
+    of a sum near 128); 21.8 against 37.5 at 896 columns, 59.5 against 69.6 at 4096. Other dtypes keep the sum."""
+    if dy2.is_cuda and dy2.dtype == torch.bfloat16:
+        return torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0]))
+    return dy2.sum(0)

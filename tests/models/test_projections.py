@@ -58,6 +58,19 @@ def test_qwen2_biases_are_fused_and_get_their_gradients():
     assert_same_training_step(reference, patched, shape=KERNEL_SHAPE)  # compares every bias gradient too
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,cols", [(16384, 1152), (1000, 896), (3, 7)])
+def test_the_bias_gradients_column_sums_are_as_accurate_as_torchs(rows, cols):
+    # bf16 on CUDA sums the columns with cuBLAS (a product with ones), not torch's reduction; no less accurate.
+    dy = torch.randn(rows, cols, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
+    exact = dy.double().sum(0)
+    got, reference = projections._column_sums(dy), dy.sum(0)
+    assert got.dtype == torch.bfloat16 and got.shape == (cols,)
+    # Both are rounded to bf16 once; fp32 sums in another order may round to the other neighbour: one bf16 step.
+    step = 2.0 ** (torch.floor(torch.log2(exact.abs().max())).item() - 7)
+    assert (got.double() - exact).abs().max() <= (reference.double() - exact).abs().max() + step
+
+
 def test_fused_projection_under_autocast_gives_fp32_weights_their_gradients():
     needs_kernels()
     reference, patched = pair("tiny-qwen2", **ROPE_ONLY)
