@@ -5,7 +5,8 @@
 #   source .gpu-carry/unpack.sh; CHRONICALS_COMMIT=<hash of the tree sent> bash scripts/h200.sh [--quick] STAGE[:SECONDS] ...
 # (the host gets a copy of the working tree without .git, so the result rows learn their commit from that variable)
 #   ONLY=chronicals bash scripts/h200.sh --quick packing-matrix:150   (scenario stages only)
-# Stages: tests, kernels, memory, lce, packing, lora, trainer, profile, full, lora-matrix, shapes, ablation, packing-matrix.
+# Stages: tests, kernels, memory, lce, packing, lora, trainer, profile, scaling, full, lora-matrix, shapes, ablation,
+# packing-matrix.
 set -uo pipefail
 quick=()
 [ "${1:-}" = "--quick" ] && { quick=(--quick); shift; }
@@ -39,6 +40,12 @@ for spec in "$@"; do
     # Where a step's time goes (kernels, GPU idle gaps, host ops) and the speed levers A/B'd; VARIANTS overrides.
     profile) stage profile "$limit" python3 benchmarks/step_profile.py --out "$res" --attention \
                --variants "${VARIANTS:-full,lora,lora_kconcat,lora_unfused}" --profile full,lora --phases ;;
+    # Host cost against GPU cost: the same step at batch 8 and 16 (GPU work scales with tokens, host work does not),
+    # each timed alone and back to back; the limit is per batch size.
+    scaling) for b in 8 16; do
+               stage "scaling-b$b" "$limit" python3 benchmarks/step_profile.py --out "$res/scaling-b$b" \
+                 --variants "${VARIANTS:-lora,full}" --profile "" --batch "$b" --steps 20
+             done ;;
     full) stage full "$limit" python3 -m harness bench --scenario scenarios/h200-full.toml --out "$res/h200-full.jsonl" "${matrix[@]}" ;;
     lora-matrix) stage lora-matrix "$limit" python3 -m harness bench --scenario scenarios/h200-lora.toml --out "$res/h200-lora.jsonl" "${matrix[@]}" ;;
     # Shapes the headline scenarios do not cover (Qwen3 full and LoRA, Llama-3.2-1B full, Qwen2.5 LoRA); the
