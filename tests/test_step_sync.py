@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import chronicals
+from chronicals.data import PackedCollator
 from chronicals.lora import LoRAConfig, apply_lora
 from chronicals.models.presets import build_model
 
@@ -29,12 +30,11 @@ def _batch(vocab: int, layout: str) -> dict:
     if layout == "fixed":
         ids = torch.randint(0, vocab, (4, 96), generator=g)
         return {"input_ids": ids.cuda(), "labels": ids.cuda()}
-    lengths = [70, 33, 150, 131]
-    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=g)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    return {"input_ids": ids.cuda(), "labels": ids.cuda(), "position_ids": positions, "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    # The trainer's collator; its layout (cu_seq_lens, position_ids) stays on the host, as under run-ahead.
+    batch = PackedCollator()([{"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist()}
+                              for n in (70, 33, 150, 131)])
+    batch.pop("num_label_tokens")
+    return {**batch, "input_ids": batch["input_ids"].cuda(), "labels": batch["labels"].cuda()}
 
 
 @pytest.mark.gpu
