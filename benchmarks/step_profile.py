@@ -60,6 +60,8 @@ VARIANTS = {
     "full_compile_layers": ("full", ALL, {"compile_layers": True}),
     "full_hf_layers_compiled_lce": ("full", LCE_ONLY, {"compile_layers": True}),
     "full_unpatched": ("full", {k: False for k in ALL}, {}),
+    "full_cuda_graphs": ("full", dict(ALL, cuda_graphs=True), {}),
+    "lora_cuda_graphs": ("lora", dict(ALL, cuda_graphs=True), {}),
     "lora": ("lora", ALL, {}),
     "lora_compile_layers": ("lora", ALL, {"compile_layers": True}),
     "lora_unfused": ("lora", ALL, {"fused_lora": False}),

@@ -72,17 +72,22 @@ def _as_keywords(forward, args: tuple, kwargs: dict) -> dict:
 
 
 def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-          linear_cross_entropy: bool = True, packed_attention: bool = True) -> nn.Module:
+          linear_cross_entropy: bool = True, packed_attention: bool = True, cuda_graphs: bool = False) -> nn.Module:
     """Patch `model` (a Llama 3.x, Qwen2/2.5, Qwen3 or Mistral causal LM or bare AutoModel, optionally PEFT-wrapped)
     in place. A model of another architecture takes packed_attention alone (every kernel flag False), where its
     attention goes through transformers' attention interface.
+
+    cuda_graphs (off by default) replays each decoder layer's forward and backward as CUDA graphs in training
+    steps whose shapes repeat, and runs the layers as usual everywhere else (chronicals.models.cuda_graphs says
+    when); it cuts the host's launch work, which bounds small models' steps. It is not one of FLAGS (not a patch of
+    a module kind) and is kept across later applies once on.
 
     Returns the same model. Flags left False keep HF's behaviour for that part; applying again can add patches,
     never remove them (build a fresh model for a different flag set).
     """
     flags = dict(rms_norm=rms_norm, swiglu=swiglu, rope=rope, linear_cross_entropy=linear_cross_entropy,
                  packed_attention=packed_attention)
-    for name, value in flags.items():
+    for name, value in {**flags, "cuda_graphs": cuda_graphs}.items():
         if not isinstance(value, bool):
             raise TypeError(f"chronicals.apply: flag {name} must be True or False, got {value!r}")
     lm = _causal_lm(model)
@@ -95,6 +100,8 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
         _check_generic_packed_attention(lm)
     if packed_attention:
         _install_packed_attention(lm)
+    if cuda_graphs or getattr(lm, "chronicals_cuda_graphs", None) is not None:
+        _install_cuda_graphs(lm)
 
     previous = getattr(lm, "chronicals_patches", {})
     lm.chronicals_patches = {k: v or previous.get(k, False) for k, v in flags.items()}
@@ -137,6 +144,32 @@ def _install_packed_attention(lm) -> None:
     lm.set_attn_implementation(attention.IMPLEMENTATION)
 
 
+def _install_cuda_graphs(lm) -> None:
+    """Each decoder layer's forward -> graphed_forward around the forward it has now (HF's or a patched one). Run
+    again (a later apply that re-patched the layers) it wraps the new forwards and drops any captured graphs."""
+    from .cuda_graphs import LayerGraphs, graphed_forward
+
+    layers = getattr(lm.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"cuda_graphs: {type(lm.base_model).__name__} has no decoder layers at .layers to graph; "
+                         "pass cuda_graphs=False")
+    if any(hasattr(layer, "_hf_hook") for layer in layers):
+        raise ValueError("cuda_graphs: the decoder layers carry accelerate hooks (a model loaded with a device_map "
+                         "moves inputs or weights between devices per call, which a graph cannot); load it onto one "
+                         "GPU without a device_map, or pass cuda_graphs=False")
+    previous = getattr(lm, "chronicals_cuda_graphs", None)
+    forwards = []
+    for i, layer in enumerate(layers):
+        # The instance's patched forward, or the class's bound as a partial (which pickles, see _patch_forwards).
+        current = vars(layer).get("forward") or functools.partial(type(layer).forward, layer)
+        wrapped = isinstance(current, functools.partial) and current.func is graphed_forward
+        forwards.append(previous.forwards[i] if wrapped else current)
+    graphs = LayerGraphs(layers, forwards)
+    for i, layer in enumerate(layers):
+        layer.forward = functools.partial(graphed_forward, graphs, i)
+    lm.chronicals_cuda_graphs = graphs
+
+
 def _check_generic_packed_attention(lm) -> None:
     """Refuse, before anything is patched, a model of an architecture without kernels here whose attention packed
     attention cannot stand in for; the supported families were checked one by one."""
@@ -162,10 +195,10 @@ def apply_to_classes(model_type: str, **flags):
     Wraps the family's ForCausalLM constructor so that each new instance is passed through `apply`, before
     any weights are loaded into it. Returns a function that undoes this (models already created stay patched).
     """
-    unknown = set(flags) - set(FLAGS)
+    unknown = set(flags) - {*FLAGS, "cuda_graphs"}
     if unknown:
         raise TypeError(f"apply_to_classes: unknown flag(s) {', '.join(sorted(unknown))}; "
-                        f"flags are: {', '.join(FLAGS)}")
+                        f"flags are: {', '.join(FLAGS)}, cuda_graphs")
     for name, value in flags.items():  # refused now, not in the constructor of every model made later
         if not isinstance(value, bool):
             raise TypeError(f"apply_to_classes: flag {name} must be True or False, got {value!r}")

@@ -9,7 +9,7 @@ from . import Backend, BackendUnavailable, BuildSpec, Trainable, hf, require
 
 class ChronicalsBackend(Backend):
     FLAGS = {"rms_norm": True, "swiglu": True, "rope": True, "linear_cross_entropy": True, "packed_attention": True,
-             "fused_lora": True}
+             "cuda_graphs": True, "fused_lora": True}
     LAYOUTS = ("padded", "packed")
 
     def build(self, spec: BuildSpec) -> Trainable:

@@ -1,0 +1,201 @@
+"""Decoder layers replayed as CUDA graphs: `apply(model, cuda_graphs=True)`.
+
+Why: a patched decoder layer is ~40 kernel launches plus the Python of HF's forward and of our autograd Functions.
+At Qwen2.5-0.5B's shape (8 x 2048) the host needs about as long to enqueue a step as the GPU needs to run it (H100,
+commit 88c92bf: 117 ms of GPU work a step, steps of 125 ms back to back and 137-140 ms timed one at a time, which
+leaves the GPU waiting on launches at each step's start). With every layer's forward and backward one graph launch
+each, the host's work per layer is a few copies and two replays.
+
+How: torch.cuda.make_graphed_callables captures all layers together (one memory pool, forwards in order, backwards
+in reverse: the order a training step runs them) the second time layer 0 sees the same call signature in a row (the
+shapes, dtypes and strides of its tensor arguments and the values of the others), so data whose shapes change from
+step to step (packed rows of varying sequence lengths) never pays for a capture it cannot reuse. A call runs the
+layer's ordinary (patched) forward instead whenever a graph would compute something else or lose data:
+- not a training forward with autograd on (eval, no_grad), or under autocast, torch.compile, gradient checkpointing,
+  saved-tensor hooks (activation offload), or another CUDA graph's capture;
+- a signature other than the captured one (after four such forwards of layer 0 in a row the graphs are dropped and
+  their memory freed, and the next stable signature is captured);
+- module hooks on the layer (transformers records hidden states and attentions through them), or parameters that
+  are no longer the captured ones (moved, replaced, adapters added after the capture);
+- the layer's previous graphed forward still waits for its backward: a graph keeps one set of activations, so a
+  second forward before the first one's backward (two losses summed, say) runs eagerly.
+A graphed layer's output is the graph's static buffer (as make_graphed_callables returns it): the next layer's
+replay copies it in, and the next forward overwrites it, so only code that keeps a layer's output past the next
+forward (without hooks) would see it change.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+_RECAPTURE_AFTER = 4  # forwards of layer 0 in a row with another signature before the graphs are dropped
+
+
+class LayerGraphs:
+    """The graph state of one model's decoder layers; each layer's forward is `partial(graphed_forward, graphs, i)`."""
+
+    def __init__(self, layers, forwards):
+        self.layers = list(layers)
+        self.forwards = list(forwards)  # each layer's forward before this patch (HF's or ours)
+        self.graphed = None  # one callable per layer once captured
+        self.keys = None  # per layer, the captured call signature (they differ in the input's requires_grad)
+        self.params = None  # per layer, the captured parameters
+        self.in_flight = [None] * len(self.layers)  # per layer, a weakref to the last graphed forward's _Flight
+        self.candidate = None  # layer 0's last signature before a capture
+        self.misses = 0
+        self.failed = None  # why capturing failed (then every call runs eagerly)
+
+    def __getstate__(self):  # pickling / deepcopy of a patched model: the layers and forwards, never the graphs
+        state = dict(vars(self))
+        state.update(graphed=None, keys=None, params=None, in_flight=[None] * len(self.layers), candidate=None,
+                     misses=0, failed=None)
+        return state
+
+    def drop(self):
+        self.graphed = self.keys = self.params = None
+        self.in_flight = [None] * len(self.layers)
+        self.misses = 0
+
+
+class _Flight:
+    """Alive while a graphed forward's autograd graph is; `done` once its backward has started."""
+
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self):
+        self.done = False
+
+
+class _LayerCall(torch.nn.Module):
+    """One decoder layer as make_graphed_callables takes it: tensors in, positionally; the rest fixed at capture."""
+
+    def __init__(self, layer, forward, spec, fixed: list):
+        super().__init__()
+        self.layer = layer  # a submodule, so the layer's parameters are this module's (and get gradients)
+        self.call, self.spec, self.fixed = forward, spec, fixed
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        leaves = [next(it) if f is _TENSOR else f for f in self.fixed]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.call(*args, **kwargs)
+
+
+_TENSOR = object()  # marks a tensor leaf in _LayerCall.fixed
+
+
+def _signature(args: tuple, kwargs: dict):
+    """(key, tensor leaves, spec, fixed leaves) of one call, or None where a graph cannot stand in for it: a leaf
+    that is neither a CUDA tensor nor a hashable constant (a KV cache object, a CPU tensor whose values the capture
+    would bake in)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    key, tensors, fixed = [spec], [], []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if not leaf.is_cuda:
+                return None
+            key.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
+            tensors.append(leaf)
+            fixed.append(_TENSOR)
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append((type(leaf), leaf))
+            fixed.append(leaf)
+    return tuple(key), tensors, spec, fixed
+
+
+def _eager_only(layer) -> bool:
+    """True where a graph must not run this call (see the module docstring)."""
+    return (not torch.is_grad_enabled() or not layer.training or torch.is_autocast_enabled("cuda")
+            or torch.compiler.is_compiling() or getattr(layer, "gradient_checkpointing", False)
+            or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+            or torch.cuda.is_current_stream_capturing()
+            or bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks)
+            or bool(torch.nn.modules.module._global_forward_hooks
+                    or torch.nn.modules.module._global_forward_pre_hooks))
+
+
+def graphed_forward(graphs: LayerGraphs, index: int, *args, **kwargs):
+    layer = graphs.layers[index]
+    eager = graphs.forwards[index]
+    if (not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or graphs.failed is not None
+            or _eager_only(layer)):
+        return eager(*args, **kwargs)
+    sig = _signature(args, kwargs)
+    if sig is None:
+        return eager(*args, **kwargs)
+    key, tensors = sig[0], sig[1]
+    if graphs.graphed is not None and key != graphs.keys[0] and index == 0:
+        graphs.misses += 1
+        if graphs.misses >= _RECAPTURE_AFTER and not any(_pending(f) for f in graphs.in_flight):
+            graphs.drop()  # frees the pool once its graphs are released; a new stable signature is captured below
+    if graphs.graphed is None:
+        if index != 0:
+            return eager(*args, **kwargs)
+        if graphs.candidate != key:
+            graphs.candidate = key
+            return eager(*args, **kwargs)
+        if not _capture(graphs, sig):
+            return eager(*args, **kwargs)
+    if key != graphs.keys[index] or _pending(graphs.in_flight[index]) or not _same_params(layer, graphs.params[index]):
+        return eager(*args, **kwargs)
+    if index == 0:
+        graphs.misses = 0
+    out = graphs.graphed[index](*tensors)
+    grad_out = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
+    if grad_out is not None:
+        flight = _Flight()
+        grad_out.grad_fn.metadata["chronicals_cuda_graph"] = flight  # dies with the autograd graph
+        grad_out.register_hook(lambda grad, flight=flight: setattr(flight, "done", True))
+        graphs.in_flight[index] = weakref.ref(flight)
+    return out
+
+
+def _pending(ref) -> bool:
+    flight = ref() if ref is not None else None
+    return flight is not None and not flight.done
+
+
+def _same_params(layer, captured) -> bool:
+    now = list(layer.parameters())
+    return len(now) == len(captured) and all(p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(now, captured))
+
+
+def _capture(graphs: LayerGraphs, sig) -> bool:
+    """Capture every layer with layer 0's call signature; False (and every later call eager) if it cannot be."""
+    key, tensors, spec, fixed = sig
+    hidden = tensors[0]
+    calls, samples, keys = [], [], []
+    grad_in = hidden.requires_grad
+    for layer, forward in zip(graphs.layers, graphs.forwards):
+        trainable = any(p.requires_grad for p in layer.parameters())
+        if not (trainable or grad_in):
+            graphs.failed = "a layer without trainable parameters and without an input gradient"
+            return False
+        # Each layer's sample input is a copy of layer 0's (real values: the warm-up runs on real numbers and draws no
+        # random numbers), with the requires_grad that layer will see; the other tensors (positions, cos/sin, masks,
+        # sequence boundaries) are the call's own.
+        sample = hidden.detach().clone().requires_grad_(grad_in)
+        calls.append(_LayerCall(layer, forward, spec, fixed))
+        samples.append((sample, *tensors[1:]))
+        keys.append((key[0], (*key[1][:-1], grad_in), *key[2:]))  # key[1] is the hidden states'
+        grad_in = grad_in or trainable
+    try:
+        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), allow_unused_input=True)
+    except Exception as e:  # a host sync or an uncapturable op in some layer's forward or backward
+        graphs.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"chronicals cuda_graphs: capturing the decoder layers failed, they run eagerly "
+                      f"({graphs.failed})", stacklevel=3)
+        return False
+    graphs.graphed = list(graphed)
+    graphs.keys = keys
+    graphs.params = [[(p, p.data_ptr()) for p in layer.parameters()] for layer in graphs.layers]
+    graphs.misses = 0
+    return True

@@ -1,0 +1,148 @@
+"""`chronicals.apply(..., cuda_graphs=True)`: decoder layers replayed as CUDA graphs compute what the same patched
+model computes without them (losses and every gradient over several optimizer steps, LoRA's frozen embeddings,
+two forwards before one backward, eval forwards between steps, shapes that change), and everywhere a graph cannot
+run (a CPU, no_grad) the layers run as before. The graph tests need CUDA (CHRONICALS_TEST_DEVICE=cuda)."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import chronicals
+from chronicals.models import build_model
+from chronicals.models.cuda_graphs import LayerGraphs
+from tests.conftest import DEVICE
+
+cuda = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (CHRONICALS_TEST_DEVICE=cuda)")
+
+
+def models(name="tiny-qwen2", dtype=torch.float32):
+    """Two copies of one patched model, the second with cuda_graphs."""
+    plain = chronicals.apply(build_model(name, seed=0, dtype=dtype).to(DEVICE))
+    graphed = chronicals.apply(build_model(name, seed=0, dtype=dtype).to(DEVICE), cuda_graphs=True)
+    return plain, graphed
+
+
+def ids_for(model, seed, shape=(2, 64)):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, shape, generator=gen).to(DEVICE)
+
+
+def train(model, batches, lr=1e-3):
+    """Losses and the final gradients of a few AdamW steps (the harness loop's step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses), grads
+
+
+def assert_same_training(plain, graphed, batches, atol=0.0):
+    losses_p, grads_p = train(plain, batches)
+    losses_g, grads_g = train(graphed, batches)
+    torch.testing.assert_close(losses_g, losses_p, rtol=0, atol=atol)
+    assert grads_p.keys() == grads_g.keys()
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_g[name], g, rtol=0, atol=atol, msg=name)
+
+
+def test_off_the_gpu_the_layers_run_as_before():
+    plain, graphed = models()
+    batches = [ids_for(plain, s) for s in range(3)]
+    assert_same_training(plain, graphed, batches, atol=1e-6)
+    assert graphed.chronicals_cuda_graphs.graphed is None or DEVICE == "cuda"
+
+
+def test_flag_is_checked_and_the_patched_forwards_stay_inside():
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        chronicals.apply(build_model("tiny-llama", seed=0), cuda_graphs=1)
+    model = chronicals.apply(build_model("tiny-llama", seed=0), cuda_graphs=True)
+    graphs = model.chronicals_cuda_graphs
+    assert isinstance(graphs, LayerGraphs) and len(graphs.forwards) == model.config.num_hidden_layers
+    # The wrapped forwards are the rms_norm flag's decoder-layer forward; applying again keeps one wrapper.
+    assert all(f.func.__name__ == "decoder_layer_forward" for f in graphs.forwards)
+    chronicals.apply(model)
+    assert all(f.func.__name__ == "decoder_layer_forward" for f in model.chronicals_cuda_graphs.forwards)
+
+
+def test_a_patched_model_still_pickles_and_copies():
+    model = chronicals.apply(build_model("tiny-llama", seed=0), cuda_graphs=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = ids_for(model, 0, (1, 8)).cpu()
+    for other in (loaded, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.chronicals_cuda_graphs.layers[0] is other.model.layers[0]
+        torch.testing.assert_close(other(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_graphed_training_is_the_same_computation(name):
+    plain, graphed = models(name)
+    batches = [ids_for(plain, s) for s in range(5)]
+    assert_same_training(plain, graphed, batches)
+    assert graphed.chronicals_cuda_graphs.graphed is not None  # captured at the second step, replayed after
+
+
+@cuda
+def test_bf16_training_matches():
+    plain, graphed = models("tiny-llama", torch.bfloat16)
+    assert_same_training(plain, graphed, [ids_for(plain, s) for s in range(4)])
+
+
+@cuda
+def test_lora_with_frozen_embeddings():
+    from chronicals.lora import LoRAConfig, apply_lora
+
+    plain, graphed = models("tiny-llama")
+    config = LoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    for m in (plain, graphed):
+        torch.manual_seed(0)
+        apply_lora(m, config)
+        for p in m.parameters():  # adapters start at B = 0: move them so every gradient is exercised
+            if p.requires_grad:
+                p.data.normal_(0, 0.02)
+    assert_same_training(plain, graphed, [ids_for(plain, s) for s in range(4)])
+    assert graphed.chronicals_cuda_graphs.graphed is not None
+
+
+@cuda
+def test_two_forwards_before_one_backward_and_eval_between_steps():
+    plain, graphed = models()
+    a, b = ids_for(plain, 0), ids_for(plain, 1)
+    train(plain, [a, a])
+    train(graphed, [a, a])  # captured
+    results = []
+    for model in (plain, graphed):
+        model.train()
+        loss = model(input_ids=a, labels=a).loss + 0.5 * model(input_ids=b, labels=b).loss
+        with torch.no_grad():
+            evaluated = model.eval()(input_ids=b, labels=b).loss
+        model.train()
+        loss.backward()
+        results.append((loss.detach(), evaluated, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    for name, g in results[0][2].items():
+        torch.testing.assert_close(results[1][2][name], g, rtol=0, atol=0, msg=name)
+
+
+@cuda
+def test_changing_shapes_run_eagerly_then_recapture():
+    plain, graphed = models()
+    shapes = [(2, 64)] * 3 + [(2, 48)] * 6 + [(2, 64)] * 2
+    batches = [ids_for(plain, s, shape) for s, shape in enumerate(shapes)]
+    assert_same_training(plain, graphed, batches)
+    graphs = graphed.chronicals_cuda_graphs
+    assert graphs.graphed is not None and graphs.keys[0][1][0] == (2, 48, plain.config.hidden_size)
