@@ -44,6 +44,7 @@ from benchmarks._timing import time_calls_ms  # noqa: E402
 from chronicals.kernels import linear_cross_entropy as lce  # noqa: E402
 from chronicals.kernels import lora as lora_ops  # noqa: E402
 from chronicals.models.presets import build_model  # noqa: E402
+from harness.loop import graph_pool_bytes  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL = dict(rms_norm=True, swiglu=True, rope=True, linear_cross_entropy=True, packed_attention=True)
@@ -297,7 +298,7 @@ def _timed_variant(name: str, mode: str, flags: dict, options: dict, args) -> di
     row.update(first_loss=first_loss, step_ms=median, p20_ms=q[1], p80_ms=q[7], step_times_ms=times,
                back_to_back_ms=(time.perf_counter() - t0) * 1e3 / args.steps,
                tokens_per_s=args.batch * args.seq_len / median * 1e3,
-               peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
+               peak_alloc_gib=(torch.cuda.max_memory_allocated() + graph_pool_bytes()) / 2**30)
     if args.phases:
         row["phases"] = phase_split(*phases, steps=min(args.steps, 5))
     if name in args.profile:

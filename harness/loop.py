@@ -42,6 +42,16 @@ class _Timer:
         return (self._t1 - self._t0) * 1e3
 
 
+def graph_pool_bytes() -> int:
+    """Bytes that CUDA graphs' private memory pools hold beyond live tensors. A captured graph keeps the memory of
+    the tensors it made (a layer's saved activations, for its next replay) after their Python tensors are freed, and
+    the allocator stops counting it as allocated: max_memory_allocated alone would leave out a graphed backend's
+    activations. Added to the run's max_memory_allocated this is an upper bound (the capture's own peak, while those
+    tensors were still counted, may be the run's)."""
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 def next_token_loss(model, sequences: list[torch.Tensor], device: str) -> float:
     """The mean cross-entropy of every token of `sequences` but each one's first given the tokens before it, computed
     here from the model's logits, one unpadded sequence at a time (no labels, so every backend runs its model's plain
@@ -122,7 +132,7 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
         records.append(record)
         if on_step is not None:
             on_step(record)
-    peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    peak_alloc = (torch.cuda.max_memory_allocated() + graph_pool_bytes()) / 2**30 if device == "cuda" else None
     # The first batch again, after training: how much of it the model has learnt, judged by the harness's own loss on
     # the true next tokens (see next_token_loss), not by the backend's: a loss that trains on the wrong targets learns
     # them and its own loss on them falls as far as the reference's.

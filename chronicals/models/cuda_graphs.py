@@ -13,6 +13,8 @@ step to step (packed rows of varying sequence lengths) never pays for a capture 
 layer's ordinary (patched) forward instead whenever a graph would compute something else or lose data:
 - not a training forward with autograd on (eval, no_grad), or under autocast, torch.compile, gradient checkpointing,
   saved-tensor hooks (activation offload), or another CUDA graph's capture;
+- a KV cache passed in (past_key_values: apply sets config.use_cache = False for training; generate() passes
+  its own cache, under no_grad anyway);
 - a signature other than the captured one (after four such forwards of layer 0 in a row the graphs are dropped and
   their memory freed, and the next stable signature is captured);
 - module hooks on the layer (transformers records hidden states and attentions through them), or parameters that

@@ -79,8 +79,9 @@ def apply(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
 
     cuda_graphs (off by default) replays each decoder layer's forward and backward as CUDA graphs in training
     steps whose shapes repeat, and runs the layers as usual everywhere else (chronicals.models.cuda_graphs says
-    when); it cuts the host's launch work, which bounds small models' steps. It is not one of FLAGS (not a patch of
-    a module kind) and is kept across later applies once on.
+    when); it cuts the host's launch work, which bounds small models' steps. It sets config.use_cache = False (a
+    forward that fills a KV cache cannot be a graph; training needs no cache, and generate() asks for one itself).
+    It is not one of FLAGS (not a patch of a module kind) and is kept across later applies once on.
 
     Returns the same model. Flags left False keep HF's behaviour for that part; applying again can add patches,
     never remove them (build a fresh model for a different flag set).
@@ -168,6 +169,7 @@ def _install_cuda_graphs(lm) -> None:
     for i, layer in enumerate(layers):
         layer.forward = functools.partial(graphed_forward, graphs, i)
     lm.chronicals_cuda_graphs = graphs
+    lm.config.use_cache = False
 
 
 def _check_generic_packed_attention(lm) -> None:

@@ -74,6 +74,15 @@ def test_flag_is_checked_and_the_patched_forwards_stay_inside():
     assert all(f.func.__name__ == "decoder_layer_forward" for f in model.chronicals_cuda_graphs.forwards)
 
 
+def test_training_keeps_no_kv_cache_and_generation_still_works():
+    reference = build_model("tiny-llama", seed=0).to(DEVICE)
+    model = chronicals.apply(build_model("tiny-llama", seed=0).to(DEVICE), cuda_graphs=True)
+    assert model.config.use_cache is False  # a forward that fills a cache could never be a graph
+    ids = ids_for(model, 0, (1, 6))
+    gen = dict(max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.eval().generate(ids, **gen), reference.eval().generate(ids, **gen))
+
+
 def test_a_patched_model_still_pickles_and_copies():
     model = chronicals.apply(build_model("tiny-llama", seed=0), cuda_graphs=True)
     buffer = io.BytesIO()
