@@ -46,8 +46,7 @@ def graph_pool_bytes() -> int:
     """Bytes that CUDA graphs' private memory pools hold beyond live tensors. A captured graph keeps the memory of
     the tensors it made (a layer's saved activations, for its next replay) after their Python tensors are freed, and
     the allocator stops counting it as allocated: max_memory_allocated alone would leave out a graphed backend's
-    activations. Added to the run's max_memory_allocated this is an upper bound (the capture's own peak, while those
-    tensors were still counted, may be the run's)."""
+    activations."""
     return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
                if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
@@ -109,10 +108,12 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
     nvml = ProcessMemory() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     timer = _Timer(device)
     records = []
+    peak_alloc, pool_held = 0, 0
     for sequences in steps:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         batch = collate(sequences)
         record = {"label_tokens": data.label_tokens(batch), "real_tokens": data.real_tokens(sequences),
                   "processed_tokens": int(batch["input_ids"].numel())}
@@ -127,12 +128,16 @@ def train(trainable: Trainable, steps: list[list[torch.Tensor]], *, layout: str,
         record["loss"], record["grad_norm"] = torch.stack(
             [loss.detach().float().reshape(()), grad_norm.detach().float().to(loss.device)]).tolist()
         record["time_ms"] = timer.elapsed_ms()
-        if nvml is not None:
+        if device == "cuda":
             nvml.sample()
+            # The step's own peak plus what graph pools held through it (as before it: a step that captures graphs
+            # counts their tensors while they are still allocated, and never twice).
+            peak_alloc = max(peak_alloc, torch.cuda.max_memory_allocated() + pool_held)
+            pool_held = graph_pool_bytes()
         records.append(record)
         if on_step is not None:
             on_step(record)
-    peak_alloc = (torch.cuda.max_memory_allocated() + graph_pool_bytes()) / 2**30 if device == "cuda" else None
+    peak_alloc = peak_alloc / 2**30 if device == "cuda" else None
     # The first batch again, after training: how much of it the model has learnt, judged by the harness's own loss on
     # the true next tokens (see next_token_loss), not by the backend's: a loss that trains on the wrong targets learns
     # them and its own loss on them falls as far as the reference's.

@@ -150,7 +150,9 @@ def test_two_forwards_before_one_backward_and_eval_between_steps():
 @cuda
 def test_changing_shapes_run_eagerly_then_recapture():
     plain, graphed = models()
-    shapes = [(2, 64)] * 3 + [(2, 48)] * 6 + [(2, 64)] * 2
+    # Captured at the second 64 and replayed at the third; the fourth 48 drops the graphs, which then wait for eight
+    # 48s in a row (the 4th to the 11th, captured at the 11th); the 12th is replayed; the 64s after it run eagerly.
+    shapes = [(2, 64)] * 3 + [(2, 48)] * 12 + [(2, 64)] * 2
     batches = [ids_for(plain, s, shape) for s, shape in enumerate(shapes)]
     assert_same_training(plain, graphed, batches)
     graphs = graphed.chronicals_cuda_graphs
