@@ -6,8 +6,9 @@ commit 88c92bf: 117 ms of GPU work a step, steps of 125 ms back to back and 137-
 leaves the GPU waiting on launches at each step's start). With every layer's forward and backward one graph launch
 each, the host's work per layer is a few copies and two replays. Measured (H100, same host and call, step_profile):
 132.3 -> 122.9 ms a step timed one at a time, 122.9 -> 123.8 back to back (the copies in and the gradients' clones
-cost ~1 ms), GPU idle under the profiler 43 -> 3 ms a step; peak memory 15.86 -> 17.83 GiB (the graphs' static
-gradient buffers). LoRA at Llama-3.2-1B is GPU-bound: 189.5 -> 190.7 ms, no gain.
+cost ~1 ms), GPU idle under the profiler 43 -> 3 ms a step; peak memory 15.86 -> 17.83 GiB (each graph keeps its
+own copy of its input and its gradient outputs, ~0.7 GiB each over 24 layers). LoRA at Llama-3.2-1B is GPU-bound:
+189.5 -> 190.7 ms, no gain.
 
 How: torch.cuda.make_graphed_callables captures all layers together (one memory pool, forwards in order, backwards
 in reverse: the order a training step runs them) once layer 0 has seen the same call signature (the shapes, dtypes
