@@ -110,8 +110,9 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int) -> to
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backends. Each takes q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv: grouped-query attention shares
-# kv head j // (Hq / Hkv) with q head j), a PackedLayout, the softmax scale and `left`: how many earlier tokens
-# a query may see (-1: all of them, i.e. plain causal; a sliding window w gives left = w - 1).
+# kv head j // (Hq / Hkv) with q head j), a PackedLayout, the softmax scale, `left`: how many earlier tokens a
+# query may see (-1: all of them, i.e. plain causal; a sliding window w gives left = w - 1), and the attention
+# dropout probability (only the backends in DROPOUT take one above 0).
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -119,15 +120,15 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def _flash_attn(q, k, v, layout, scale, left):
+def _flash_attn(q, k, v, layout, scale, left, dropout_p):
     from flash_attn import flash_attn_varlen_func
 
     cu, m = layout.cu_seqlens, layout.max_length
-    return flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=0.0, softmax_scale=scale, causal=True,
+    return flash_attn_varlen_func(q, k, v, cu, cu, m, m, dropout_p=dropout_p, softmax_scale=scale, causal=True,
                                   window_size=(left, 0))
 
 
-def _flash_attn_cute(q, k, v, layout, scale, left):
+def _flash_attn_cute(q, k, v, layout, scale, left, dropout_p):
     from flash_attn.cute import flash_attn_varlen_func
 
     cu, m = layout.cu_seqlens, layout.max_length
@@ -136,7 +137,7 @@ def _flash_attn_cute(q, k, v, layout, scale, left):
     return out
 
 
-def _torch_varlen(q, k, v, layout, scale, left):
+def _torch_varlen(q, k, v, layout, scale, left, dropout_p):
     from torch.nn.attention.varlen import varlen_attn
 
     cu, m = layout.cu_seqlens, layout.max_length
@@ -182,7 +183,7 @@ def _torch_varlen_gqa_native(device: torch.device) -> bool:
                for a, b in zip((native, *grads_native), (repeated, *grads_repeated)))
 
 
-def _sdpa_loop(q, k, v, layout, scale, left):
+def _sdpa_loop(q, k, v, layout, scale, left, dropout_p):
     n_rep = q.shape[1] // k.shape[1]
     bounds = layout.cu_seqlens.tolist()
     outs = []
@@ -194,9 +195,9 @@ def _sdpa_loop(q, k, v, layout, scale, left):
             idx = torch.arange(length, device=q.device)
             dist = idx[:, None] - idx[None, :]
             band = (dist >= 0) & (dist <= left)
-            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=band, scale=scale)
+            out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=band, dropout_p=dropout_p, scale=scale)
         else:
-            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, dropout_p=dropout_p, scale=scale)
         outs.append(out.transpose(0, 1))
     return torch.cat(outs)
 
@@ -208,6 +209,8 @@ BACKENDS = {"flash_attn_cute": _flash_attn_cute, "flash_attn": _flash_attn, "tor
 REQUIRES = {"flash_attn_cute": "flash_attn.cute", "flash_attn": "flash_attn.flash_attn_interface",
             "torch_varlen": "torch.nn.attention.varlen"}
 OPTIONAL = ("flash_attn_cute", "flash_attn")  # separate packages, which may install but fail to compile or launch
+# The backends with attention dropout (FlashAttention-2's varlen kernel and SDPA); FA4's and torch's varlen have none.
+DROPOUT = ("flash_attn", "sdpa_loop")
 
 
 @cache
@@ -227,27 +230,30 @@ def available(backend: str) -> bool:
     return backend in BACKENDS and backend not in _BROKEN and (backend not in REQUIRES or _installed(REQUIRES[backend]))
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
-    """The fastest backend that can run on `device` with `dtype` and `head_dim`."""
+def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64, dropout: bool = False) -> str:
+    """The fastest backend that can run on `device` with `dtype` and `head_dim` (and attention dropout, if asked)."""
     device = torch.device(device)
     if device.type == "cuda" and dtype in HALF_DTYPES:
         # FlashAttention 4 has Hopper (sm90) and Blackwell (sm100/sm110) kernels for head dims 8..256 in steps of 8;
         # on older GPUs FlashAttention-2 is the faster one.
         if torch.cuda.get_device_capability(device)[0] in (9, 10, 11) and head_dim % 8 == 0 \
-                and 8 <= head_dim <= 256 and available("flash_attn_cute"):
+                and 8 <= head_dim <= 256 and available("flash_attn_cute") and not dropout:
             return "flash_attn_cute"
         for name in ("flash_attn", "torch_varlen"):
-            if available(name):
+            if available(name) and (name in DROPOUT or not dropout):
                 return name
     return "sdpa_loop"
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *,
-                     scale: float | None = None, sliding_window: int | None = None,
+                     scale: float | None = None, sliding_window: int | None = None, dropout_p: float = 0.0,
                      backend: str | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
 
-    `sliding_window` w (HF's meaning): a query sees itself and the w - 1 tokens before it.
+    `sliding_window` w (HF's meaning): a query sees itself and the w - 1 tokens before it. `dropout_p`: attention
+    dropout on the softmax weights (as HF's attention applies config.attention_dropout in training), which only
+    FlashAttention-2's varlen kernel and the per-sequence SDPA loop have: with it above 0 the backend is chosen
+    among those.
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] \
             or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
@@ -257,14 +263,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if backend is not None and dropout_p and backend not in DROPOUT:
+        raise ValueError(f"the {backend} backend has no attention dropout (dropout_p={dropout_p}); use one of "
+                         f"{', '.join(DROPOUT)}, or leave backend unset to choose one")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     left = -1 if sliding_window is None else sliding_window - 1
     if backend is not None:
-        return BACKENDS[backend](q, k, v, layout, scale, left)
+        return BACKENDS[backend](q, k, v, layout, scale, left, dropout_p)
     while True:
-        name = select_backend(q.device, q.dtype, q.shape[-1])
+        name = select_backend(q.device, q.dtype, q.shape[-1], dropout_p > 0)
         try:
-            return BACKENDS[name](q, k, v, layout, scale, left)
+            return BACKENDS[name](q, k, v, layout, scale, left, dropout_p)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # an optional package's failure: fall back to the next backend, once and loudly
@@ -272,8 +283,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                 raise
             _BROKEN[name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"packed attention: the {name} backend failed ({_BROKEN[name][:300]}); using "
-                          f"{select_backend(q.device, q.dtype, q.shape[-1])} from now on", RuntimeWarning,
-                          stacklevel=2)
+                          f"{select_backend(q.device, q.dtype, q.shape[-1], dropout_p > 0)} from now on",
+                          RuntimeWarning, stacklevel=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,8 +315,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         layout = PackedLayout(cu_seq_lens_q, int(max_length_q))
     elif attention_mask is None and sliding_window is not None and q_len == key.shape[2] and q_len > sliding_window:
         if dropout and not with_weights:
-            # Not a packed batch, so not refused as one: attention dropout (which the varlen kernels lack) runs in
-            # HF's SDPA over the banded causal mask that packed_mask left out, as an unpatched model's does.
+            # Not a packed batch: attention dropout runs in HF's SDPA over the banded causal mask that packed_mask
+            # left out, as an unpatched model's does (the same random numbers, so the same result under one seed).
             band = causal_window(q_len, q_len, sliding_window, query.device).expand(batch, 1, q_len, q_len)
             return sdpa_attention_forward(module, query, key, value, band, dropout=dropout, scaling=scaling,
                                           **kwargs)
@@ -317,15 +328,13 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
                                                 sliding_window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if dropout:
-        raise ValueError(f"packed attention has no attention dropout; set config.attention_dropout = 0 (is {dropout})")
     if attention_mask is not None:
         raise ValueError("a packed batch takes no attention mask: sequence boundaries come from cu_seq_lens_q")
     if kwargs.get("is_causal") is False:
         raise ValueError("packed attention is causal, and this layer asks for bidirectional attention "
                          "(is_causal=False); do not pack this model's batches (use_sequence_packing: false)")
     if with_weights:
-        return eager_attention_with_weights(module, query, key, value, None, 0.0, scaling, sliding_window, layout)
+        return eager_attention_with_weights(module, query, key, value, None, dropout, scaling, sliding_window, layout)
     if torch.is_autocast_enabled(query.device.type):
         # Under autocast with fp32 hidden states (fp32 master weights), HF's RoPE hands q and k back in fp32. Attention
         # runs in autocast's dtype, as autocast runs SDPA and HF's flash path casts; fp32 would also select the
@@ -333,7 +342,8 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = (x.to(dtype) if x.dtype == torch.float32 else x for x in (query, key, value))
     flat = lambda x: x.transpose(1, 2).reshape(batch * q_len, x.shape[1], head_dim)  # noqa: E731
-    out = varlen_attention(flat(query), flat(key), flat(value), layout, scale=scaling, sliding_window=sliding_window)
+    out = varlen_attention(flat(query), flat(key), flat(value), layout, scale=scaling, sliding_window=sliding_window,
+                           dropout_p=dropout)
     return out.view(batch, q_len, -1, head_dim), None
 
 

@@ -198,7 +198,7 @@ def test_the_check_catches_cross_sequence_attention(monkeypatch):
     # Bug 1: attention that ignores the boundaries (here: the whole row treated as one sequence).
     model = packed_model("tiny-llama")
     loop = attention.BACKENDS["sdpa_loop"]
-    whole_row = lambda q, k, v, layout, scale, left: loop(q, k, v, layout_of([q.shape[0]], q.device), scale, left)  # noqa: E731
+    whole_row = lambda q, k, v, layout, scale, left, p: loop(q, k, v, layout_of([q.shape[0]], q.device), scale, left, p)  # noqa: E501, E731
     monkeypatch.setitem(attention.BACKENDS, "sdpa_loop", whole_row)
     assert worst_mismatch(model, sequences(model.config.vocab_size)) > 1e-2
 
@@ -365,6 +365,10 @@ def test_backend_preference(monkeypatch):
     assert attention.select_backend(cuda, torch.float16, 64) == "flash_attn"
     capability[0] = (10, 0)
     assert attention.select_backend(cuda, torch.float16, 128) == "flash_attn_cute"
+    # Attention dropout: FA4 and torch's varlen_attn have none, FA2's varlen kernel and the SDPA loop do.
+    assert attention.select_backend(cuda, torch.float16, 128, dropout=True) == "flash_attn"
+    installed.discard("flash_attn.flash_attn_interface")
+    assert attention.select_backend(cuda, torch.float16, 128, dropout=True) == "sdpa_loop"
     assert attention.select_backend(torch.device("cpu"), torch.bfloat16, 64) == "sdpa_loop"
     assert not attention.available("magic")
 
@@ -432,7 +436,8 @@ def test_failing_optional_backend_falls_back_once(monkeypatch):
     q = torch.randn(10, 4, 8)
     with pytest.warns(RuntimeWarning, match="flash_attn backend failed .*no kernel for this GPU"):
         out = varlen_attention(q, q, q, layout_of([4, 6], "cpu"))
-    torch.testing.assert_close(out, attention.BACKENDS["sdpa_loop"](q, q, q, layout_of([4, 6], "cpu"), 8 ** -0.5, -1))
+    loop = attention.BACKENDS["sdpa_loop"]
+    torch.testing.assert_close(out, loop(q, q, q, layout_of([4, 6], "cpu"), 8 ** -0.5, -1, 0.0))
     assert calls == [1] and "flash_attn" in attention._BROKEN and not attention.available("flash_attn")
     with pytest.raises(RuntimeError, match="no kernel"):
         varlen_attention(q, q, q, layout_of([4, 6], "cpu"), backend="flash_attn")
@@ -531,3 +536,57 @@ def test_output_attentions_refuses_a_packed_sequence_that_runs_into_the_next_row
     assert model(**batch).logits.shape[:2] == (2, 11)
     with pytest.raises(ValueError, match="output_attentions needs each packed sequence within one row"):
         model(**batch, output_attentions=True)
+
+
+def test_attention_dropout_is_unbiased_and_stays_within_each_sequence():
+    # HF applies config.attention_dropout to the softmax weights in training (GPT-2's attn_pdrop is on by default);
+    # packed attention applies it per sequence: its mean over many draws is the dropout-free attention, and a
+    # sequence's output does not depend on another sequence's tokens under the same seed.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 8, generator=gen) for _ in range(3))
+    layout = layout_of([4, 6], "cpu")
+    clean = varlen_attention(q, k, v, layout)
+    draws = []
+    for seed in range(2000):
+        torch.manual_seed(seed)
+        draws.append(varlen_attention(q, k, v, layout, dropout_p=0.3))
+    draws = torch.stack(draws)
+    assert not torch.equal(draws[0], clean)
+    bound = 5 * draws.std(0) / len(draws) ** 0.5 + 1e-6  # five standard errors of the mean
+    assert ((draws.mean(0) - clean).abs() <= bound).all()
+
+    other = [t.clone() for t in (q, k, v)]
+    for t in other:
+        t[4:] = torch.randn(6, 2, 8, generator=gen)  # the second sequence's tokens only
+    torch.manual_seed(7)
+    first = varlen_attention(q, k, v, layout, dropout_p=0.3)
+    torch.manual_seed(7)
+    changed = varlen_attention(*other, layout, dropout_p=0.3)
+    torch.testing.assert_close(changed[:4], first[:4], rtol=0, atol=0)
+
+
+def test_attention_dropout_bad_values_and_backends_without_it():
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        varlen_attention(q, q, q, layout_of([4, 6], "cpu"), dropout_p=1.0)
+    with pytest.raises(ValueError, match="torch_varlen backend has no attention dropout.*flash_attn, sdpa_loop"):
+        varlen_attention(q, q, q, layout_of([4, 6], "cpu"), dropout_p=0.1, backend="torch_varlen")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_a_model_with_attention_dropout_trains_on_packed_batches(name):
+    # It was refused ('packed attention has no attention dropout'). In training the dropout is applied, so the loss
+    # differs from eval mode's; in eval mode (no dropout) the packed batch still equals its sequences run alone.
+    model = chronicals.apply(build_model(name, seed=0, attention_dropout=0.2).to(DEVICE), rms_norm=False,
+                             swiglu=False, rope=False, linear_cross_entropy=False)
+    seqs = sequences(model.config.vocab_size)
+    batch = packed_batch(seqs, 0)
+    torch.manual_seed(0)
+    trained = model.train()(**batch).loss
+    trained.backward()
+    assert torch.isfinite(trained)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        evaluated = model.eval()(**batch).loss
+    assert not torch.equal(trained.detach(), evaluated)
+    assert worst_mismatch(model.eval(), seqs) < 1e-4

@@ -144,16 +144,6 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise SetupError(f"the model ({type(model).__name__}) has no Hugging Face config; pass a transformers model")
-    # The field's name differs between architectures (GPT-2's attn_pdrop); the supported families' is the first.
-    field = next((f for f in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-                  if getattr(model.config, f, None)), "attention_dropout")
-    dropout = getattr(model.config, field, 0.0) or 0.0
-    if cfg.use_sequence_packing and dropout:  # else a ValueError from inside the first forward, after tokenizing
-        raise SetupError(
-            f"config field 'use_sequence_packing' is true but the model has {field}={dropout}, which packed "
-            "(varlen) attention does not apply; set use_sequence_packing: false (padded batches keep the dropout), "
-            f"or {field} 0 (model_kwargs.{field} for a preset, model.config.{field} = 0 from Python)"
-        )
     if cfg.use_fused_kernels or cfg.use_sequence_packing:
         import chronicals
 
