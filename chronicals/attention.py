@@ -233,14 +233,15 @@ def available(backend: str) -> bool:
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int = 64, dropout: bool = False) -> str:
     """The fastest backend that can run on `device` with `dtype` and `head_dim` (and attention dropout, if asked)."""
     device = torch.device(device)
+    usable = lambda name: available(name) and (not dropout or name in DROPOUT)  # noqa: E731
     if device.type == "cuda" and dtype in HALF_DTYPES:
         # FlashAttention 4 has Hopper (sm90) and Blackwell (sm100/sm110) kernels for head dims 8..256 in steps of 8;
         # on older GPUs FlashAttention-2 is the faster one.
         if torch.cuda.get_device_capability(device)[0] in (9, 10, 11) and head_dim % 8 == 0 \
-                and 8 <= head_dim <= 256 and available("flash_attn_cute") and not dropout:
+                and 8 <= head_dim <= 256 and usable("flash_attn_cute"):
             return "flash_attn_cute"
         for name in ("flash_attn", "torch_varlen"):
-            if available(name) and (name in DROPOUT or not dropout):
+            if usable(name):
                 return name
     return "sdpa_loop"
 

@@ -61,11 +61,13 @@ class LayerGraphs:
         self.misses = 0
         self.failed = None  # why capturing failed (then every call runs eagerly)
 
-    def __getstate__(self):  # pickling / deepcopy of a patched model: the layers and forwards, never the graphs
-        state = dict(vars(self))
-        state.update(graphed=None, keys=None, params=None, in_flight=[None] * len(self.layers), candidate=None,
-                     streak=0, needed=2, misses=0, failed=None)
-        return state
+    # Pickling / deepcopy of a patched model: the layers and forwards, never the graphs (state, not __reduce__
+    # arguments: the layers' forwards refer back to this object, a cycle only state restores).
+    def __getstate__(self):
+        return {"layers": self.layers, "forwards": self.forwards}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
     def drop(self):
         self.graphed = self.keys = self.params = None
@@ -215,5 +217,4 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
     graphs.graphed = list(graphed)
     graphs.keys = keys
     graphs.params = [[(p, p.data_ptr()) for p in layer.parameters()] for layer in graphs.layers]
-    graphs.misses = 0
     return True
