@@ -35,7 +35,13 @@ _MIN_BLOCK_N = 16  # tiny rows still get a power-of-two tile the compiler is hap
 _MAX_BLOCK_N = 32768
 _PROGRAMS_PER_SM = 2  # backward: programs per SM that fit at once (~120 registers x 8 warps each): one wave
 _PREFETCH_BYTES = 96 * 1024  # backward: shared memory per program for prefetched tiles (H100/H200: 228 KiB/SM)
-_MAX_BWD_STAGES = 3  # backward: deepest software pipeline tried (tiles in flight per program), within the budget above
+# Backward: deepest software pipeline tried (tiles in flight per program), within the budget above. H100, 2026-12-07,
+# 16384 rows bf16, scratch A/B (each launch twice, CUDA-graph replays): 3 -> 4 stages at 896 columns 37.4 / 37.7 ->
+# 34.8 / 35.0 us (a torch.add of the same bytes, 2 in 1 out: 35.0); with ds (3 streams) 43.9 / 44.2 -> 44.2 / 44.5;
+# at 4096 columns 149.2 / 149.0 -> 149.5 / 149.3, with ds 184.0 / 183.7 -> 184.8 / 185.7 (the same within the run's
+# spread). The dw reduction as a programmatic dependent launch (launched before the main kernel ends) was no faster:
+# 35.0 against 34.8 us at 896 columns, 4 stages.
+_MAX_BWD_STAGES = 4
 # L2 policy of the forward's loads ("" is the default policy, "evict_first" marks data read once): None picks it by
 # the rule in _fwd_eviction, a value fixes it (benchmarks/kernel_ops.py A/Bs both). Neither wins everywhere, on H100
 # and H200 alike, 2026-12-06, 16384 rows bf16: at 896 columns evict_first (H200 15.2 us against 16.3; H100 20.1

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from functools import partial
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -164,7 +165,7 @@ def graphed_forward(graphs: LayerGraphs, index: int, *args, **kwargs):
         return eager(*args, **kwargs)
     if index == 0:
         graphs.misses = 0
-    out = graphs.graphed[index](*tensors)
+    out = graphs.graphed[index](*tensors, *(p for p, _ in graphs.params[index]))
     grad_out = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
     if grad_out is not None:
         flight = _Flight()
@@ -184,6 +185,20 @@ def _same_params(layer, captured) -> bool:
     return len(now) == len(captured) and all(p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(now, captured))
 
 
+def _call_with(call: _LayerCall, names: list, n_tensors: int, *inputs):
+    """The layer on the call's tensors with its parameters replaced by `inputs[n_tensors:]`, in `names`' order.
+
+    The graphs are captured over aliases of the parameters (the same storage, fresh autograd leaves) passed in as
+    inputs, and replayed with the parameters themselves in those places: the captured backward then never reaches a
+    parameter's own AccumulateGrad node. That node is made by the first eager step, on the default stream, and lives
+    as long as any autograd graph through the parameter does (a training loop's `loss` holds the last step's until
+    the next forward returns); the capture's backward, on its own stream, would synchronise with it on the default
+    stream and so invalidate the capture (H100, harness at 3e83ffb, Qwen2.5-0.5B: "operation failed due to a previous
+    error during capture", after torch's warning of an AccumulateGrad stream mismatch). At replay the parameters'
+    storage is the aliases', so nothing is copied in, and their gradients reach them through the outer graph."""
+    return torch.func.functional_call(call, dict(zip(names, inputs[n_tensors:])), inputs[:n_tensors])
+
+
 def _capture(graphs: LayerGraphs, sig) -> bool:
     """Capture every layer with layer 0's call signature; False (and every later call eager) if it cannot be."""
     key, tensors, spec, fixed = sig
@@ -199,8 +214,11 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
         # random numbers), with the requires_grad that layer will see; the other tensors (positions, cos/sin, masks,
         # sequence boundaries) are the call's own.
         sample = hidden.detach().clone().requires_grad_(grad_in)
-        calls.append(_LayerCall(layer, forward, spec, fixed))
-        samples.append((sample, *tensors[1:]))
+        call = _LayerCall(layer, forward, spec, fixed)
+        names = [name for name, _ in call.named_parameters()]
+        aliases = [p.detach().requires_grad_(p.requires_grad) for p in call.parameters()]
+        calls.append(partial(_call_with, call, names, len(tensors)))
+        samples.append((sample, *tensors[1:], *aliases))
         keys.append((key[0], (*key[1][:-1], grad_in), *key[2:]))  # key[1] is the hidden states'
         grad_in = grad_in or trainable
     # The graphs get a memory pool of their own, which cannot use the blocks the eager steps before left cached in
