@@ -54,7 +54,7 @@ OTHER_TRAINERS_NAMES = {
     "dataset_text_field": "use 'text_column'",
     "lora_r": "use 'lora_rank'", "target_modules": "use 'lora_target_modules'",
     "optim": "the optimizer is AdamW; use_8bit_optimizer: true for 8-bit Adam",
-    "torch_compile": "use 'use_torch_compile'",
+    "torch_compile": "use 'use_torch_compile'", "cuda_graphs": "use 'use_cuda_graphs'",
     "save_strategy": "use 'save_steps' (0: a checkpoint only at the end)",
     "report_to": "metrics go to output_dir/metrics.jsonl; tensorboard: true adds TensorBoard",
     **{name: _EVAL for name in ("eval_strategy", "evaluation_strategy", "do_eval")},
@@ -116,6 +116,10 @@ class ChronicalsConfig:
     use_gradient_checkpointing: bool = False
     activation_offload: bool = False  # checkpointed activations to pinned CPU memory, copies overlapped
     use_torch_compile: bool = False
+    # Decoder layers replayed as CUDA graphs (chronicals.apply's cuda_graphs): pays where the host's kernel launches
+    # bound the step (small models at short steps), costs a static copy of each layer's input and output gradient.
+    # Captured once the batch shape repeats: padded batches of one length, not packed rows of varying lengths.
+    use_cuda_graphs: bool = False
     use_8bit_optimizer: bool = False  # bitsandbytes 8-bit AdamW (CUDA); else fused AdamW
     mixed_precision: Precision = "auto"  # autocast dtype; "auto" is bf16 on a GPU that has it, else fp32
     # Weights: "auto" keeps trainable weights in fp32 (master weights) and frozen ones in the autocast dtype;
@@ -372,6 +376,10 @@ def _check_values(cfg: ChronicalsConfig) -> None:
             f"config field 'param_dtype' is 'bfloat16' but 'mixed_precision' is {cfg.mixed_precision!r}; "
             "bf16 weights need mixed_precision: bf16 (or auto)"
         )
+    for name, other in (("use_torch_compile", "compiled layers"), ("use_gradient_checkpointing", "recomputed layers")):
+        if cfg.use_cuda_graphs and getattr(cfg, name):
+            raise ConfigError(f"config fields 'use_cuda_graphs' and '{name}' are both true; {other} cannot be "
+                              f"replayed as CUDA graphs, so set one of them to false")
     if cfg.activation_offload and not cfg.use_gradient_checkpointing:
         raise ConfigError(
             "config field 'activation_offload' is true but 'use_gradient_checkpointing' is false; offloading moves "

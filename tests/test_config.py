@@ -35,6 +35,9 @@ def test_has_the_documented_fields():
         ({"max_steps": 0}, "'max_steps' is 0; it must be -1 (use epochs) or an integer >= 1"),
         ({"use_lora_plus": True}, "LoRA+ needs use_lora: true"),
         ({"activation_offload": True}, "set use_gradient_checkpointing: true as well"),
+        ({"use_cuda_graphs": True, "use_torch_compile": True}, "'use_cuda_graphs' and 'use_torch_compile' are both"),
+        ({"use_cuda_graphs": True, "use_gradient_checkpointing": True}, "recomputed layers cannot be replayed"),
+        ({"cuda_graphs": True}, "use 'use_cuda_graphs'"),
         ({"use_lora": True, "lora_target_modules": []}, "'lora_target_modules' is []"),
         ({"learnin_rate": 1e-3}, "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
         # Other trainers' names: what to write instead, not difflib's guess (eval_strategy -> 'eval_steps').

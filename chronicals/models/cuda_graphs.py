@@ -18,8 +18,11 @@ graphs are dropped for a new signature the next capture waits for four times as 
 
 A call runs the layer's ordinary (patched) forward instead whenever a graph would compute something else or lose
 data:
-- not a training forward with autograd on (eval, no_grad), or under autocast, torch.compile, gradient checkpointing,
+- not a training forward with autograd on (eval, no_grad), or under torch.compile, gradient checkpointing,
   saved-tensor hooks (activation offload), or another CUDA graph's capture;
+- an autocast state other than the captured one (whether autocast is on, and its dtype, are part of the signature;
+  the graphs are captured under the caller's autocast with its cache of cast weights off, as make_graphed_callables
+  requires: each replay casts the weights again, as an eager step does on its first use of them);
 - a KV cache passed in (past_key_values: apply sets config.use_cache = False for training; generate() passes
   its own cache, under no_grad anyway);
 - a signature other than the captured one (after four such forwards of layer 0 in a row the graphs are dropped and
@@ -37,6 +40,7 @@ forward (without hooks) would see it change.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from functools import partial
@@ -124,13 +128,19 @@ def _signature(args: tuple, kwargs: dict):
                 return None
             key.append((type(leaf), leaf))
             fixed.append(leaf)
+    key.append(_autocast_state())
     return tuple(key), tensors, spec, fixed
+
+
+def _autocast_state():
+    """CUDA autocast's dtype, or None with autocast off."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def _eager_only(layer) -> bool:
     """True where a graph must not run this call (see the module docstring)."""
-    return (not torch.is_grad_enabled() or not layer.training or torch.is_autocast_enabled("cuda")
-            or torch.compiler.is_compiling() or getattr(layer, "gradient_checkpointing", False)
+    return (not torch.is_grad_enabled() or not layer.training or torch.compiler.is_compiling()
+            or getattr(layer, "gradient_checkpointing", False)
             or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
             or torch.cuda.is_current_stream_capturing()
             or bool(layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks)
@@ -225,8 +235,10 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
     # the default pool: without giving those back first the process would hold both (H100, Qwen2.5-0.5B 8 x 2048,
     # harness run at e338b3b: 39.6 GiB by NVML against 17.8 GiB of tensors and graph pool).
     torch.cuda.empty_cache()
+    amp = key[-1]
     try:
-        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), allow_unused_input=True)
+        with torch.autocast("cuda", dtype=amp, cache_enabled=False) if amp is not None else contextlib.nullcontext():
+            graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), allow_unused_input=True)
     except Exception as e:  # a host sync or an uncapturable op in some layer's forward or backward
         graphs.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"chronicals cuda_graphs: capturing the decoder layers failed, they run eagerly "

@@ -144,12 +144,12 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise SetupError(f"the model ({type(model).__name__}) has no Hugging Face config; pass a transformers model")
-    if cfg.use_fused_kernels or cfg.use_sequence_packing:
+    if cfg.use_fused_kernels or cfg.use_sequence_packing or cfg.use_cuda_graphs:
         import chronicals
 
         if not hasattr(chronicals, "apply"):
             raise SetupError("chronicals.apply (model patching) is not available in this install; set "
-                             "use_fused_kernels: false and use_sequence_packing: false")
+                             "use_fused_kernels, use_sequence_packing and use_cuda_graphs to false")
         from chronicals.models.registry import FAMILIES, supported
         from chronicals.models.swiglu import SILU_NAMES
 
@@ -164,7 +164,8 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
         gated_silu = getattr(model.config, "hidden_act", "silu") in SILU_NAMES
         try:
             chronicals.apply(model, rms_norm=fused, swiglu=fused and gated_silu, rope=fused,
-                             linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing)
+                             linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing,
+                             cuda_graphs=cfg.use_cuda_graphs)
         except ValueError as e:
             raise SetupError(f"{e}; or set use_sequence_packing: false to train it on padded batches") from e
     if cfg.use_gradient_checkpointing:

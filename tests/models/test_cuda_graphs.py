@@ -111,6 +111,38 @@ def test_bf16_training_matches():
 
 
 @cuda
+def test_autocast_training_matches():
+    # fp32 (master) weights under bf16 autocast, as the trainer runs: captured under autocast and replayed under it.
+    plain, graphed = models("tiny-llama")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_same_training(plain, graphed, [ids_for(plain, s) for s in range(4)])
+    graphs = graphed.chronicals_cuda_graphs
+    assert graphs.graphed is not None and graphs.keys[0][-1] == torch.bfloat16
+    # Without autocast the signature differs: the layers run eagerly, as the plain model's do.
+    assert_same_training(plain, graphed, [ids_for(plain, s) for s in range(4, 6)])
+
+
+@cuda
+def test_captures_at_qwen25_layer_shape_with_the_last_loss_alive():
+    # The harness's step at Qwen2.5-0.5B's layer shape in bf16 (fused AdamW, clipping, the previous step's loss alive
+    # through the next forward). Captured over the parameters themselves, this capture failed ("operation failed due
+    # to a previous error during capture"): the live graph's AccumulateGrad nodes were on the default stream.
+    model = chronicals.apply(build_model("qwen2.5-0.5b", seed=0, dtype=torch.bfloat16, num_hidden_layers=2).to(DEVICE),
+                             cuda_graphs=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    for s in range(3):
+        ids = ids_for(model, s, (4, 512))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    graphs = model.chronicals_cuda_graphs
+    assert graphs.failed is None and graphs.graphed is not None
+
+
+@cuda
 def test_lora_with_frozen_embeddings():
     from chronicals.lora import LoRAConfig, apply_lora
 
