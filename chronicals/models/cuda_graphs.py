@@ -48,6 +48,9 @@ from functools import partial
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+# Keyword arguments that transformers hands every layer for the loss alone (the layers ignore them): left out of the
+# signature, or a trainer's per-step count of label tokens (ChronicalsTrainer, HF Trainer) would make every step new.
+_LOSS_ONLY = frozenset({"num_items_in_batch"})
 _RECAPTURE_AFTER = 4  # forwards of layer 0 in a row with another signature before the graphs are dropped
 
 
@@ -154,7 +157,7 @@ def graphed_forward(graphs: LayerGraphs, index: int, *args, **kwargs):
     if (not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or graphs.failed is not None
             or _eager_only(layer)):
         return eager(*args, **kwargs)
-    sig = _signature(args, kwargs)
+    sig = _signature(args, {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY})
     if sig is None:
         return eager(*args, **kwargs)
     key, tensors = sig[0], sig[1]
