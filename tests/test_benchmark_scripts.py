@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import kernel_ops, linear_cross_entropy, packing  # noqa: E402
+from benchmarks import kernel_ops, linear_cross_entropy, packing, rms_norm_backward  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode; on a GPU the scripts time for real")
 
@@ -189,3 +189,13 @@ def test_phase_split_times_each_phase_and_flags_a_host_sync(monkeypatch):
     assert out["host_enqueue_ms"]["backward"] == pytest.approx(2.0)
     assert out["host_enqueue_ms"]["update"] > 80
     assert out["queue_or_sync"] == ["update"]
+
+
+def test_rms_norm_backward_sweep_refuses_the_cpu_and_its_grids_fit(capsys):
+    with pytest.raises(SystemExit):
+        rms_norm_backward.main(["--out", "/nonexistent"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    wide = rms_norm_backward.grid("qwen2.5-0.5b", "wide")
+    assert len(wide) == 54 and not any(c["_PROGRAMS_PER_SM"] >= 4 and c["_MAX_BWD_STAGES"] > 2 for c in wide)
+    stages = rms_norm_backward.grid("llama-3-8b", "stages")
+    assert len(stages) == 8 and {c["_TILE_ELEMENTS"] for c in stages} == {4096}
