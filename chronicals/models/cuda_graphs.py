@@ -94,11 +94,12 @@ class _Flight:
 
 
 class _LayerCall(torch.nn.Module):
-    """One decoder layer as make_graphed_callables takes it: tensors in, positionally; the rest fixed at capture."""
+    """One decoder layer's call with tensors in, positionally, and the rest fixed at capture. It runs the forward the
+    layer had before graphed_forward wrapped it; a module, so that _call_with can stand its parameters' aliases in."""
 
     def __init__(self, layer, forward, spec, fixed: list):
         super().__init__()
-        self.layer = layer  # a submodule, so the layer's parameters are this module's (and get gradients)
+        self.layer = layer  # a submodule: its parameters are this module's, named "layer.<name>"
         self.call, self.spec, self.fixed = forward, spec, fixed
 
     def forward(self, *tensors):
@@ -216,7 +217,7 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
     """Capture every layer with layer 0's call signature; False (and every later call eager) if it cannot be."""
     key, tensors, spec, fixed = sig
     hidden = tensors[0]
-    calls, samples, keys = [], [], []
+    calls, samples, keys, params = [], [], [], []
     grad_in = hidden.requires_grad
     for layer, forward in zip(graphs.layers, graphs.forwards):
         trainable = any(p.requires_grad for p in layer.parameters())
@@ -228,10 +229,11 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
         # sequence boundaries) are the call's own.
         sample = hidden.detach().clone().requires_grad_(grad_in)
         call = _LayerCall(layer, forward, spec, fixed)
-        names = [name for name, _ in call.named_parameters()]
-        aliases = [p.detach().requires_grad_(p.requires_grad) for p in call.parameters()]
-        calls.append(partial(_call_with, call, names, len(tensors)))
+        named = list(call.named_parameters())
+        aliases = [p.detach().requires_grad_(p.requires_grad) for _, p in named]
+        calls.append(partial(_call_with, call, [name for name, _ in named], len(tensors)))
         samples.append((sample, *tensors[1:], *aliases))
+        params.append([(p, p.data_ptr()) for _, p in named])  # replayed in the aliases' places, in this order
         keys.append((key[0], (*key[1][:-1], grad_in), *key[2:]))  # key[1] is the hidden states'
         grad_in = grad_in or trainable
     # The graphs get a memory pool of their own, which cannot use the blocks the eager steps before left cached in
@@ -249,5 +251,5 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
         return False
     graphs.graphed = list(graphed)
     graphs.keys = keys
-    graphs.params = [[(p, p.data_ptr()) for p in layer.parameters()] for layer in graphs.layers]
+    graphs.params = params
     return True

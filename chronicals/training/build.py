@@ -166,8 +166,10 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
             chronicals.apply(model, rms_norm=fused, swiglu=fused and gated_silu, rope=fused,
                              linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing,
                              cuda_graphs=cfg.use_cuda_graphs)
-        except ValueError as e:
-            raise SetupError(f"{e}; or set use_sequence_packing: false to train it on padded batches") from e
+        except ValueError as e:  # the graphs' refusals name their flag first; the others are packed attention's
+            fix = "in the config, use_cuda_graphs: false" if str(e).startswith("cuda_graphs:") else \
+                "or set use_sequence_packing: false to train it on padded batches"
+            raise SetupError(f"{e}; {fix}") from e
     if cfg.use_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -32,3 +32,12 @@ def test_graphed_bf16_autocast_training_is_the_same(tmp_path):
     assert graphed == plain
     graphs = model.chronicals_cuda_graphs
     assert graphs.failed is None and graphs.graphed is not None and graphs.keys[0][-1] == torch.bfloat16
+
+
+def test_a_model_without_decoder_layers_to_graph_names_the_config_field(tmp_path):
+    # GPT-2 keeps its blocks at .h: the graphs' refusal names use_cuda_graphs, not packing (which is off here).
+    from chronicals.training import SetupError
+    from tests.models.test_other_architectures import other_model
+
+    with pytest.raises(SetupError, match="no decoder layers at .layers.*in the config, use_cuda_graphs: false$"):
+        ChronicalsTrainer(other_model("gpt2").train(), tokenizer(), config(tmp_path, use_cuda_graphs=True))
