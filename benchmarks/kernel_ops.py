@@ -202,6 +202,14 @@ def _settings_of(fn):
 
 
 def _launch_variants(op, eps):
+    from chronicals.kernels import _utils
+
+    # Every op with the int64 offsets it formed before the int32 path (needs_int64), for the A/B of that change.
+    return {**_tuning_variants(op, eps),
+            "chronicals[int64 offsets]": _Variant(_ours(op, eps), _utils, FORCE_INT64=True)}
+
+
+def _tuning_variants(op, eps):
     from chronicals.kernels import rms_norm, rope, swiglu
 
     if op == "swiglu":

@@ -39,6 +39,20 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The elementwise kernels form element offsets in int32 when every offset into their tensors stays below 2^30 (the
+# other 2^30 is headroom for the masked lanes a tile runs past the end), and in int64 otherwise: int64 offsets cost
+# each program a longer address computation (64-bit multiplies, and a 64-bit division in SwiGLU's row-strided
+# layout), which these short, latency-bound programs feel. FORCE_INT64 makes every launch use int64 offsets
+# (benchmarks/kernel_ops.py A/Bs it; tests run both paths).
+FORCE_INT64 = False
+_INT32_SPAN = 1 << 30
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel must form its offsets into `tensors` in int64. Bounded by each tensor's storage (cheap, and
+    it bounds every offset a view of it can take: strides are non-negative)."""
+    return FORCE_INT64 or any(t.untyped_storage().nbytes() >= _INT32_SPAN * t.element_size() for t in tensors)
 MAX_FUSED_SIZE = 65536 // 2  # largest row (elements) a single program handles in one block
 
 

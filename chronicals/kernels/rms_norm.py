@@ -23,7 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, backward_once, cast_rne, check_same, check_tensor, finite_number, next_power_of_2
+from ._utils import (
+    INTERPRET,
+    backward_once,
+    cast_rne,
+    check_same,
+    check_tensor,
+    finite_number,
+    needs_int64,
+    next_power_of_2,
+)
 
 # A program holds a tile of BLOCK_M rows x BLOCK_N columns, about this many elements (rows of 4096 or more: one row
 # per program). H100, 2026-12-06 (benchmarks/kernel_ops.py, 16384 rows of 896 bf16): 2048 (2 rows, 4 warps) against
@@ -96,15 +105,25 @@ def _load_tile(PTR, rows, stride, cols, mask, EVICTION: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile, BLOCK_M: tl.constexpr, WIDE: tl.constexpr):
+    # The tile's row indices: int64 when WIDE (rows * stride may pass 2^31; see _utils.needs_int64), else int32.
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     stride_x, stride_r, stride_s, stride_y,
     n_rows, n_cols, eps, offset,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVICTION: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     # One tile of BLOCK_M rows: x <- x + r (rounded, stored as s) when fused;
     # rstd = 1/sqrt(sum(x^2)/H + eps); y = x * rstd * (offset + w), all in fp32, stored once.
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: rows * stride may pass 2^31
+    rows = _tile_rows(tl.program_id(0), BLOCK_M, WIDE)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
@@ -129,14 +148,15 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows, n_cols, eps,
                        tile, cols, col_ok, w, dw_acc,
-                       HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, ONE_COL: tl.constexpr):
+                       HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, ONE_COL: tl.constexpr,
+                       WIDE: tl.constexpr):
     # With xh = x * rstd and g = dy * (offset + w):
     #   dx = rstd * (g - xh * sum(g * xh) / H)   (+ ds, the gradient reaching the stored sum s)
     #   dw += dy * xh   (this program's partial sum over its rows)
     # At H = 1, mean(x^2) = x^2, so g - xh * (g * xh) = g * (1 - xh^2) = g * eps * rstd^2 exactly: the general form
     # subtracts two nearly equal terms there and kept few correct digits (fp32 relative errors of 1e-4 to 5e-3, as
     # PyTorch's own); this one is exact to a few ulp. Any other H compiles the general form alone.
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = _tile_rows(tile, BLOCK_M, WIDE)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & col_ok[None, :]
     x = _load_tile(X, rows, stride_x, cols, mask, "evict_first")
@@ -163,7 +183,7 @@ def _rms_norm_bwd_kernel(
     stride_dy, stride_ds, stride_x, stride_dx,
     n_rows, n_cols, n_tiles, offset, eps,
     HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ONE_COL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ONE_COL: tl.constexpr, WIDE: tl.constexpr,
 ):
     # Each program loops over row tiles pid, pid + P, ... keeping its own fp32 dw partial row; the
     # P partial rows are summed afterwards by _dw_reduce_kernel (deterministic, no atomics).
@@ -179,7 +199,7 @@ def _rms_norm_bwd_kernel(
         while tile < n_tiles:
             dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
                                         n_cols, eps, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M,
-                                        ONE_COL)
+                                        ONE_COL, WIDE)
             tile += n_progs
     else:
         # GPU: a pipelined loop. The next tiles' loads stream into shared memory (cp.async) while this
@@ -187,7 +207,7 @@ def _rms_norm_bwd_kernel(
         for tile in tl.range(pid, n_tiles, n_progs, num_stages=NUM_STAGES):
             dw_acc = _rms_norm_bwd_tile(DY, DS, X, RSTD, DX, stride_dy, stride_ds, stride_x, stride_dx, n_rows,
                                         n_cols, eps, tile, cols, col_ok, w, dw_acc, HAS_DS, COMPUTE_DW, BLOCK_M,
-                                        ONE_COL)
+                                        ONE_COL, WIDE)
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
@@ -238,7 +258,7 @@ def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, offset:
         x2.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         n_rows, n_cols, eps, offset,
         HAS_RESIDUAL=residual2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, EVICTION=eviction,
-        num_warps=num_warps,
+        WIDE=needs_int64(x2, r_arg, s_arg, y), num_warps=num_warps,
     )
     return y_out, rstd, s_out
 
@@ -261,6 +281,7 @@ def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
         n_rows, n_cols, n_tiles, offset, eps,
         HAS_DS=ds2 is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         NUM_STAGES=_bwd_stages(block_m, block_n, 3 if ds2 is not None else 2, x2.element_size()), ONE_COL=n_cols == 1,
+        WIDE=needs_int64(dy2, ds_arg, x2, dx),
     )
     if not compute_dw:
         return dx, None

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import INTERPRET, cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import INTERPRET, cast_rne, check_same, check_tensor, needs_int64, next_power_of_2
 
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
@@ -43,14 +43,16 @@ _LAUNCH: tuple[int, int] | None = None
 
 @triton.jit
 def _heads(X, off, stride_h, valid, N_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
-           BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+           BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, WIDE: tl.constexpr):
     # Pointers to the first halves of one position's N_HEADS heads, and their mask.
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = ((h < N_HEADS)[:, None] & (d < HALF)[None, :]) & valid
     if DENSE_HEADS:  # heads back to back (HF's views): a constant stride, so the addressing folds at compile time
         return X + off + h[:, None] * (2 * HALF) + d[None, :], mask
-    return X + off + h[:, None].to(tl.int64) * stride_h + d[None, :], mask
+    if WIDE:
+        h = h.to(tl.int64)
+    return X + off + h[:, None] * stride_h + d[None, :], mask
 
 
 @triton.jit
@@ -75,6 +77,7 @@ def _qk_rope_kernel(
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
     HALF_TABLE: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     # The grid is (position blocks of a sequence, batch): b and s come from the program ids. A flat grid over B * S
     # would divide by S for them (int64 division, a long instruction sequence) before any address is known. H100,
@@ -82,12 +85,21 @@ def _qk_rope_kernel(
     # the backward and Llama-3-8B's shapes unchanged within 0.5%.
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < HALF
-    b = tl.program_id(1).to(tl.int64)
+    # Offsets in int32 unless WIDE (see _utils.needs_int64).
+    b = tl.program_id(1)
+    s0 = tl.program_id(0) * POS_PER_PROG
+    if WIDE:
+        b = b.to(tl.int64)
+        s0 = s0.to(tl.int64)
     for i in tl.static_range(POS_PER_PROG):
-        s = tl.program_id(0).to(tl.int64) * POS_PER_PROG + i
+        s = s0 + i
         valid = s < seq_len
         if HAS_POS:
-            row = tl.load(POS + b * spos_b + s * spos_s, mask=valid, other=0).to(tl.int64)
+            row = tl.load(POS + b * spos_b + s * spos_s, mask=valid, other=0)
+            if WIDE:
+                row = row.to(tl.int64)
+            else:
+                row = row.to(tl.int32)
             cos_off = row * scos_s
             sin_off = row * ssin_s
         else:
@@ -103,9 +115,9 @@ def _qk_rope_kernel(
             c2 = tl.load(COS + cos_off + HALF + d, mask=m, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + sin_off + HALF + d, mask=m, other=0.0).to(tl.float32)
         q_ptr, q_mask = _heads(Q, b * sq_b + s * sq_s, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
-                               BLOCK_HALF)
+                               BLOCK_HALF, WIDE)
         k_ptr, k_mask = _heads(K, b * sk_b + s * sk_s, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
-                               BLOCK_HALF)
+                               BLOCK_HALF, WIDE)
         # q's and k's loads all go out before the first store: as far as the compiler knows a store may alias a
         # later load, so loading k after storing q would cost each program a second DRAM round trip. H100, Llama-3-8B:
         # fwd / bwd 115.3 / 115.1 -> 113.5 / 113.5 us (Liger 116.4 / 115.5); at Qwen unchanged (25.2, Liger 24.3).
@@ -114,9 +126,9 @@ def _qk_rope_kernel(
         k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         qo_ptr, _ = _heads(QO, b * sqo_b + s * sqo_s, sqo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
-                           BLOCK_HALF)
+                           BLOCK_HALF, WIDE)
         ko_ptr, _ = _heads(KO, b * sko_b + s * sko_s, sko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
-                           BLOCK_HALF)
+                           BLOCK_HALF, WIDE)
         _rotate_store(qo_ptr, q_mask, q1, q2, c1, c2, s1, s2, HALF, BACKWARD)
         _rotate_store(ko_ptr, k_mask, k1, k2, c1, c2, s1, s2, HALF, BACKWARD)
 
@@ -148,7 +160,7 @@ _TUNE_MIN_POSITIONS = 1024  # smaller calls (tests, short batches) take a fixed 
 # in flight. Tuning reruns the kernel, which is safe: it writes only its outputs.
 _qk_rope_tuned = triton.autotune(
     configs=[triton.Config({"POS_PER_PROG": p}, num_warps=w) for p in (1, 2) for w in (1, 2, 4, 8, 16)],
-    key=["N_Q_HEADS", "N_K_HEADS", "HALF", "DENSE_HEADS", "HALF_TABLE", "HAS_POS", "BACKWARD", "EVICTION"],
+    key=["N_Q_HEADS", "N_K_HEADS", "HALF", "DENSE_HEADS", "HALF_TABLE", "HAS_POS", "BACKWARD", "EVICTION", "WIDE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_qk_rope_kernel)
 
@@ -194,7 +206,8 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
     dense = all(t.shape[1] == 1 or t.stride(1) == head_dim for t in (q, k, q_out, k_out))
     blocks = dict(N_Q_HEADS=n_q_heads, N_K_HEADS=n_k_heads, HALF=head_dim // 2, DENSE_HEADS=dense,
                   HALF_TABLE=cos.shape[-1] != head_dim, HAS_POS=position_ids is not None, BACKWARD=backward,
-                  BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, EVICTION=_EVICTION)
+                  BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, EVICTION=_EVICTION,
+                  WIDE=needs_int64(q, k, q_out, k_out, cos, sin, pos))
     if _LAUNCH is not None:
         pos_per_prog, num_warps = _LAUNCH
         _qk_rope_kernel[(triton.cdiv(seq_len, pos_per_prog), batch)](*args, POS_PER_PROG=pos_per_prog, **blocks,

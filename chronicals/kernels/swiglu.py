@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import backward_once, cast_rne, check_same, check_tensor, next_power_of_2
+from ._utils import backward_once, cast_rne, check_same, check_tensor, needs_int64, next_power_of_2
 
 # 1024 elements over 4 warps: 8 per thread, one 16-byte access per bf16 tensor (Inductor's pointwise launch). Against
 # 4096 over 8 warps, same runs (benchmarks/kernel_ops.py launch variants), fwd / bwd in us: H200 2026-12-06 Llama-3-8B
@@ -40,11 +40,25 @@ _BWD_EVICTION = ""
 
 
 @triton.jit
+def _row_and_cols(col_blocks, BLOCK: tl.constexpr, FLAT: tl.constexpr, WIDE: tl.constexpr):
+    # This program's row and column block. FLAT (contiguous tensors walked as one row): no division; WIDE: int64
+    # offsets (see _utils.needs_int64), else int32, whose division is also the shorter one.
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    if FLAT:
+        row = 0
+        block = pid
+    else:
+        row = pid // col_blocks
+        block = pid - row * col_blocks
+    return row, block * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(A, B, C, n_cols, col_blocks, stride_a, stride_b, stride_c, BLOCK: tl.constexpr,
-                       EVICTION: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+                       EVICTION: tl.constexpr, FLAT: tl.constexpr, WIDE: tl.constexpr):
+    row, cols = _row_and_cols(col_blocks, BLOCK, FLAT, WIDE)
     mask = cols < n_cols
     a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
     b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
@@ -54,10 +68,9 @@ def _swiglu_fwd_kernel(A, B, C, n_cols, col_blocks, stride_a, stride_b, stride_c
 
 @triton.jit
 def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, n_cols, col_blocks, stride_dc, stride_a, stride_b, stride_da, stride_db,
-                       stride_c, WRITE_C: tl.constexpr, BLOCK: tl.constexpr, EVICTION: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // col_blocks
-    cols = (pid - row * col_blocks) * BLOCK + tl.arange(0, BLOCK)
+                       stride_c, WRITE_C: tl.constexpr, BLOCK: tl.constexpr, EVICTION: tl.constexpr,
+                       FLAT: tl.constexpr, WIDE: tl.constexpr):
+    row, cols = _row_and_cols(col_blocks, BLOCK, FLAT, WIDE)
     mask = cols < n_cols
     # All loads come before any store, so C may be DC's own buffer (c written over dc).
     dc = tl.load(DC + row * stride_dc + cols, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
@@ -105,7 +118,8 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
     if rows and n_cols:
         col_blocks = triton.cdiv(n_cols, block)
         _swiglu_fwd_kernel[(rows * col_blocks,)](a, b, c, n_cols, col_blocks, *strides, BLOCK=block,
-                                                 EVICTION=_FWD_EVICTION, num_warps=warps)
+                                                 EVICTION=_FWD_EVICTION, FLAT=rows == 1,
+                                                 WIDE=needs_int64(a, b, c), num_warps=warps)
     return c
 
 
@@ -117,11 +131,13 @@ def swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, da: t
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if da is None else da
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if db is None else db
     write_c = c is not None
-    rows, n_cols, strides, block, warps = layout(dc=dc, a=a, b=b, da=da, db=db, c=c if write_c else dc)
+    c_arg = c if write_c else dc
+    rows, n_cols, strides, block, warps = layout(dc=dc, a=a, b=b, da=da, db=db, c=c_arg)
     if rows and n_cols:
         col_blocks = triton.cdiv(n_cols, block)
-        _swiglu_bwd_kernel[(rows * col_blocks,)](dc, a, b, da, db, c if write_c else dc, n_cols, col_blocks,
+        _swiglu_bwd_kernel[(rows * col_blocks,)](dc, a, b, da, db, c_arg, n_cols, col_blocks,
                                                  *strides, WRITE_C=write_c, BLOCK=block, EVICTION=_BWD_EVICTION,
+                                                 FLAT=rows == 1, WIDE=needs_int64(dc, a, b, da, db, c_arg),
                                                  num_warps=warps)
     return da, db
 

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from chronicals.kernels import linear_cross_entropy as lce, lora_swiglu as lsw, rms_norm, swiglu
+    from chronicals.kernels import linear_cross_entropy as lce, lora_swiglu as lsw, rms_norm, rope, swiglu
 
     P16 = [["tt.divisibility", 16]]  # what Triton assumes of 16-byte aligned pointers and strides at launch
 
@@ -34,33 +34,50 @@ SCRIPT = textwrap.dedent("""
         return {n: ("constexpr" if n in constexprs else t) for n, t in names}
 
     bf = "*bf16"
-    for eviction in ("evict_first", ""):
-        c = {"BLOCK": 4096, "EVICTION": eviction}
-        ptx = build(swiglu._swiglu_fwd_kernel, sig([("A", bf), ("B", bf), ("C", bf), ("n_cols", "i32"),
-                    ("col_blocks", "i32"), ("stride_a", "i32"), ("stride_b", "i32"), ("stride_c", "i32"),
-                    ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
+    # (eviction, flat, wide): both L2 policies, both SwiGLU layouts and both offset widths (_utils.needs_int64); the
+    # int64 build gets int64 sizes and strides, as Triton passes them once a value passes 2^31.
+    for eviction, flat, wide in (("evict_first", True, False), ("", False, True)):
+        i = "i64" if wide else "i32"
+        c = {"BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide}
+        ptx = build(swiglu._swiglu_fwd_kernel, sig([("A", bf), ("B", bf), ("C", bf), ("n_cols", i),
+                    ("col_blocks", i), ("stride_a", i), ("stride_b", i), ("stride_c", i),
+                    ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
         for residual in (True, False):
-            c = {"HAS_RESIDUAL": residual, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction}
+            c = {"HAS_RESIDUAL": residual, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction, "WIDE": wide}
             build(rms_norm._rms_norm_fwd_kernel, sig([("X", bf), ("R", bf), ("S", bf), ("Y", bf), ("W", bf),
-                  ("RSTD", "*fp32"), ("stride_x", "i32"), ("stride_r", "i32"), ("stride_s", "i32"),
-                  ("stride_y", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("eps", "fp32"), ("offset", "fp32"),
-                  ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", "")], c), c, 8)
-    for write_c, eviction in ((True, "evict_first"), (False, "")):
-        c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction}
+                  ("RSTD", "*fp32"), ("stride_x", i), ("stride_r", i), ("stride_s", i),
+                  ("stride_y", i), ("n_rows", i), ("n_cols", "i32"), ("eps", "fp32"), ("offset", "fp32"),
+                  ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", ""), ("WIDE", "")], c), c, 8)
+    for write_c, eviction, flat, wide in ((True, "evict_first", False, False), (False, "", True, True)):
+        i = "i64" if wide else "i32"
+        c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide}
         ptx = build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf),
-                    ("C", bf), ("n_cols", "i32"), ("col_blocks", "i32"), ("stride_dc", "i32"), ("stride_a", "i32"),
-                    ("stride_b", "i32"), ("stride_da", "i32"), ("stride_db", "i32"), ("stride_c", "i32"),
-                    ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", "")], c), c, 8)
+                    ("C", bf), ("n_cols", i), ("col_blocks", i), ("stride_dc", i), ("stride_a", i),
+                    ("stride_b", i), ("stride_da", i), ("stride_db", i), ("stride_c", i),
+                    ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
-    for has_ds, one_col in ((True, False), (False, False), (True, True)):
+    for has_ds, one_col, wide in ((True, False, False), (False, False, True), (True, True, False)):
+        i = "i64" if wide else "i32"
         c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 16 if one_col else 1024, "NUM_STAGES": 2,
-             "ONE_COL": one_col}
+             "ONE_COL": one_col, "WIDE": wide}
         build(rms_norm._rms_norm_bwd_kernel, sig([("DY", bf), ("DS", bf), ("X", bf), ("W", bf), ("RSTD", "*fp32"),
-              ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", "i32"), ("stride_ds", "i32"), ("stride_x", "i32"),
-              ("stride_dx", "i32"), ("n_rows", "i32"), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
+              ("DX", bf), ("DW_PARTIAL", "*fp32"), ("stride_dy", i), ("stride_ds", i), ("stride_x", i),
+              ("stride_dx", i), ("n_rows", i), ("n_cols", "i32"), ("n_tiles", "i32"), ("offset", "fp32"),
               ("eps", "fp32"), ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""),
-              ("NUM_STAGES", ""), ("ONE_COL", "")], c), c, 8)
+              ("NUM_STAGES", ""), ("ONE_COL", ""), ("WIDE", "")], c), c, 8)
+    # RoPE at Qwen2.5-0.5B's heads (14 q / 2 kv of 64): HF's dense head views with a position table and int32
+    # offsets, and strided heads with per-position cos/sin and int64 offsets, forward and backward.
+    for dense, has_pos, wide, backward in ((True, True, False, False), (False, False, True, True)):
+        i = "i64" if wide else "i32"
+        strides = [(f"s{t}_{d}", i) for t in ("q", "k", "qo", "ko") for d in "bhs"]
+        strides += [(f"s{t}_{d}", i) for t in ("cos", "sin", "pos") for d in "bs"]
+        c = {"N_Q_HEADS": 14, "N_K_HEADS": 2, "HALF": 32, "DENSE_HEADS": dense, "HALF_TABLE": True,
+             "HAS_POS": has_pos, "BACKWARD": backward, "POS_PER_PROG": 2, "BLOCK_HQ": 16, "BLOCK_HK": 2,
+             "BLOCK_HALF": 32, "EVICTION": "", "WIDE": wide}
+        build(rope._qk_rope_kernel, sig([(n, bf) for n in ("Q", "K", "QO", "KO")]
+              + [("COS", "*fp32"), ("SIN", "*fp32"), ("POS", "*i64" if has_pos else "*fp32")] + strides
+              + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 4)
     for bias, softcap in ((False, False), (True, True)):
         c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
         build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
