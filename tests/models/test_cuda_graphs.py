@@ -189,3 +189,48 @@ def test_changing_shapes_run_eagerly_then_recapture():
     assert_same_training(plain, graphed, batches)
     graphs = graphed.chronicals_cuda_graphs
     assert graphs.graphed is not None and graphs.keys[0][1][0] == (2, 48, plain.config.hidden_size)
+
+
+@cuda
+def test_later_layers_read_the_shared_copies_and_the_callers_tensors_are_never_written():
+    # Packed rows passed with position_ids, one tensor kept by the caller across steps: the positions, cos/sin and
+    # sequence boundaries are copied into the graphs' own buffers once a forward (at layer 0), and the caller's
+    # tensors, including the one passed at the capture, keep their values when a later step passes others.
+    plain, graphed = models()
+    first = torch.cat([torch.arange(40), torch.arange(24)]).repeat(2, 1).to(DEVICE)
+    second = torch.cat([torch.arange(24), torch.arange(40)]).repeat(2, 1).to(DEVICE)  # as many sequences: same shapes
+    kept = first.clone()
+    steps = [(ids_for(plain, s), first if s < 3 else second) for s in range(5)]
+    seen = []
+    results = []
+    for model in (plain, graphed):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        model.train()
+        losses = []
+        for s, (ids, positions) in enumerate(steps):
+            graphs = getattr(model, "chronicals_cuda_graphs", None)
+            if s == 3 and model is graphed:  # captured at step 1: record what each layer's graph is handed
+                graphs.graphed = [recording(i, g, len(graphs.shared), seen) for i, g in enumerate(graphs.graphed)]
+            losses.append(model(input_ids=ids, labels=ids, position_ids=positions).loss)
+            losses[-1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append(torch.stack([loss.detach() for loss in losses]))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    shared = graphed.chronicals_cuda_graphs.shared
+    assert shared and len(seen) == 2 * graphed.config.num_hidden_layers  # steps 3 and 4, every layer replayed
+    for call in seen:
+        if call["layer"] > 0:
+            assert all(a is b for a, b in zip(call["others"], shared))
+        else:
+            assert not any(a is b for a, b in zip(call["others"], shared))
+
+
+def recording(index, graphed_layer, n_shared, seen):
+    def run(*inputs):  # (hidden states, the other tensors, the parameters)
+        seen.append({"layer": index, "others": inputs[1:1 + n_shared]})
+        return graphed_layer(*inputs)
+
+    return run
