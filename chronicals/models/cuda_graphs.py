@@ -4,11 +4,14 @@ Why: a patched decoder layer is ~40 kernel launches plus the Python of HF's forw
 At Qwen2.5-0.5B's shape (8 x 2048) the host needs about as long to enqueue a step as the GPU needs to run it (H100,
 commit 88c92bf: 117 ms of GPU work a step, steps of 125 ms back to back and 137-140 ms timed one at a time, which
 leaves the GPU waiting on launches at each step's start). With every layer's forward and backward one graph launch
-each, the host's work per layer is a few copies and two replays. Measured (H100, same host and call, step_profile):
-132.3 -> 122.9 ms a step timed one at a time, 122.9 -> 123.8 back to back (the copies in and the gradients' clones
-cost ~1 ms), GPU idle under the profiler 43 -> 3 ms a step; peak memory 15.86 -> 17.83 GiB (each graph keeps its
-own copy of its input and its gradient outputs, ~0.7 GiB each over 24 layers). LoRA at Llama-3.2-1B is GPU-bound:
-189.5 -> 190.7 ms, no gain.
+each, the host's work per layer is one copy (its input; the positions and cos/sin are copied once a forward, at
+layer 0, into one static copy that every layer's graph reads) and two replays. Measured (H100, same host and call,
+step_profile): 132.3 -> 122.9 ms a step timed one at a time, 122.9 -> 123.8 back to back (the copies in and the
+gradients' clones cost ~1 ms), GPU idle under the profiler 43 -> 3 ms a step; peak memory 15.86 -> 17.83 GiB (each
+graph keeps its own copy of its input and its gradient outputs, ~0.7 GiB each over 24 layers). LoRA at Llama-3.2-1B
+is GPU-bound: 189.5 -> 190.7 ms, no gain. Copying the per-forward tensors once a forward instead of in every layer
+(the profile counted 120 device-to-device copies a step, 5 a layer) changed nothing measurable: 123.75 -> 123.79 ms,
+back to back 124.89 -> 124.55 (H100, a6d84c0 against a14f86a).
 
 How: torch.cuda.make_graphed_callables captures all layers together (one memory pool, forwards in order, backwards
 in reverse: the order a training step runs them) once layer 0 has seen the same call signature (the shapes, dtypes

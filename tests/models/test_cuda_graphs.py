@@ -193,12 +193,14 @@ def test_changing_shapes_run_eagerly_then_recapture():
 
 @cuda
 def test_later_layers_read_the_shared_copies_and_the_callers_tensors_are_never_written():
-    # Packed rows passed with position_ids, one tensor kept by the caller across steps: the positions, cos/sin and
-    # sequence boundaries are copied into the graphs' own buffers once a forward (at layer 0), and the caller's
-    # tensors, including the one passed at the capture, keep their values when a later step passes others.
+    # position_ids passed by the caller, one tensor kept across steps (rows at an offset, one sequence each, so the
+    # attention stays dense and capturable; packed rows are not: their varlen path copies between host and device):
+    # the positions, cos/sin and other per-forward tensors are copied into the graphs' own buffers once a forward (at
+    # layer 0), and the caller's tensors, including the one passed at the capture, keep their values when a later
+    # step passes others. (With the capture's own tensors as the graphs' inputs, as before, `first` was overwritten.)
     plain, graphed = models()
-    first = torch.cat([torch.arange(40), torch.arange(24)]).repeat(2, 1).to(DEVICE)
-    second = torch.cat([torch.arange(24), torch.arange(40)]).repeat(2, 1).to(DEVICE)  # as many sequences: same shapes
+    first = (torch.arange(64) + 5).repeat(2, 1).to(DEVICE)
+    second = (torch.arange(64) + 9).repeat(2, 1).to(DEVICE)  # same shape, other positions: other cos/sin
     kept = first.clone()
     steps = [(ids_for(plain, s), first if s < 3 else second) for s in range(5)]
     seen = []
@@ -211,6 +213,7 @@ def test_later_layers_read_the_shared_copies_and_the_callers_tensors_are_never_w
         for s, (ids, positions) in enumerate(steps):
             graphs = getattr(model, "chronicals_cuda_graphs", None)
             if s == 3 and model is graphed:  # captured at step 1: record what each layer's graph is handed
+                assert graphs.graphed is not None, graphs.failed
                 graphs.graphed = [recording(i, g, len(graphs.shared), seen) for i, g in enumerate(graphs.graphed)]
             losses.append(model(input_ids=ids, labels=ids, position_ids=positions).loss)
             losses[-1].backward()
@@ -219,7 +222,9 @@ def test_later_layers_read_the_shared_copies_and_the_callers_tensors_are_never_w
         results.append(torch.stack([loss.detach() for loss in losses]))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     torch.testing.assert_close(first, kept, rtol=0, atol=0)
-    shared = graphed.chronicals_cuda_graphs.shared
+    graphs = graphed.chronicals_cuda_graphs
+    assert graphs.failed is None, graphs.failed
+    shared = graphs.shared
     assert shared and len(seen) == 2 * graphed.config.num_hidden_layers  # steps 3 and 4, every layer replayed
     for call in seen:
         if call["layer"] > 0:
