@@ -203,9 +203,11 @@ def _shared_in_place(graphs: LayerGraphs, tensors):
     """The call's tensors after the hidden states, each replaced by the graphs' shared static copy where it is the
     tensor layer 0 was passed in this forward (positions, cos/sin, sequence boundaries): layer 0's replay already
     copied it there, and a replay skips the copy of an input already in place. Without this every layer copied each
-    again (H100, Qwen2.5-0.5B 8 x 2048: 120 copies a step, 5 per layer)."""
+    again (H100, Qwen2.5-0.5B 8 x 2048: 120 copies a step, 5 per layer). A tensor that requires grad is passed as it
+    is: its gradient must reach the caller's tensor, not the static copy."""
     passed = graphs.passed or ()
-    return [s if i < len(passed) and t is passed[i] else t for i, (t, s) in enumerate(zip(tensors, graphs.shared))]
+    return [s if i < len(passed) and t is passed[i] and not t.requires_grad else t
+            for i, (t, s) in enumerate(zip(tensors, graphs.shared))]
 
 
 def _pending(ref) -> bool:

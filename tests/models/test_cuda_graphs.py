@@ -95,6 +95,23 @@ def test_a_patched_model_still_pickles_and_copies():
         torch.testing.assert_close(other(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
 
 
+def test_later_layers_take_the_shared_copy_only_of_what_layer_0_was_passed():
+    from chronicals.models.cuda_graphs import _shared_in_place
+
+    graphs = LayerGraphs([], [])
+    cos, sin, positions, weights = torch.ones(3), torch.ones(3), torch.arange(3), torch.ones(3, requires_grad=True)
+    graphs.shared = [torch.zeros(3) for _ in range(4)]
+    graphs.passed = [cos, sin, positions, weights]
+    other = torch.arange(3)
+    got = _shared_in_place(graphs, [cos, sin, other, weights])
+    # cos and sin: the copies layer 0's replay filled; a tensor layer 0 was not passed, and one whose gradient must
+    # reach the caller, stay the caller's.
+    assert got[0] is graphs.shared[0] and got[1] is graphs.shared[1]
+    assert got[2] is other and got[3] is weights
+    graphs.passed = None  # layer 0 ran eagerly in this forward: nothing was copied, nothing is replaced
+    assert all(g is t for g, t in zip(_shared_in_place(graphs, [cos, sin, other, weights]), [cos, sin, other, weights]))
+
+
 @cuda
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_graphed_training_is_the_same_computation(name):
