@@ -211,7 +211,8 @@ def test_changing_shapes_run_eagerly_then_recapture():
 @cuda
 def test_later_layers_read_the_shared_copies_and_the_callers_tensors_are_never_written():
     # position_ids passed by the caller, one tensor kept across steps (rows at an offset, one sequence each, so the
-    # attention stays dense and capturable; packed rows are not: their varlen path copies between host and device):
+    # attention stays dense and capturable; this fp32 model's packed attention is a per-sequence loop that reads the
+    # sequence boundaries on the host, which a capture cannot hold):
     # the positions, cos/sin and other per-forward tensors are copied into the graphs' own buffers once a forward (at
     # layer 0), and the caller's tensors, including the one passed at the capture, keep their values when a later
     # step passes others. (With the capture's own tensors as the graphs' inputs, as before, `first` was overwritten.)
