@@ -57,6 +57,10 @@ _LOSS_ONLY = frozenset({"num_items_in_batch"})
 _RECAPTURE_AFTER = 4  # forwards of layer 0 in a row with another signature before the graphs are dropped
 
 
+class GraphsUnsupported(ValueError):
+    """apply(cuda_graphs=True) refused for this model; the message says why and what to pass instead."""
+
+
 class LayerGraphs:
     """The graph state of one model's decoder layers; each layer's forward is `partial(graphed_forward, graphs, i)`."""
 
@@ -205,9 +209,9 @@ def _shared_in_place(graphs: LayerGraphs, tensors):
     copied it there, and a replay skips the copy of an input already in place. Without this every layer copied each
     again (H100, Qwen2.5-0.5B 8 x 2048: 120 copies a step, 5 per layer). A tensor that requires grad is passed as it
     is: its gradient must reach the caller's tensor, not the static copy."""
-    passed = graphs.passed or ()
-    return [s if i < len(passed) and t is passed[i] and not t.requires_grad else t
-            for i, (t, s) in enumerate(zip(tensors, graphs.shared))]
+    if graphs.passed is None:
+        return list(tensors)
+    return [s if t is p and not t.requires_grad else t for t, p, s in zip(tensors, graphs.passed, graphs.shared)]
 
 
 def _pending(ref) -> bool:
@@ -251,7 +255,7 @@ def _capture(graphs: LayerGraphs, sig) -> bool:
             return False
         # Each layer's sample input is a copy of layer 0's (real values: the warm-up runs on real numbers and draws no
         # random numbers), with the requires_grad that layer will see; the other tensors (positions, cos/sin, masks,
-        # sequence boundaries) are the call's own.
+        # sequence boundaries) are the shared copies above.
         sample = hidden.detach().clone().requires_grad_(grad_in)
         call = _LayerCall(layer, forward, spec, fixed)
         named = list(call.named_parameters())

@@ -148,16 +148,16 @@ def _install_packed_attention(lm) -> None:
 def _install_cuda_graphs(lm) -> None:
     """Each decoder layer's forward -> graphed_forward around the forward it has now (HF's or a patched one). Run
     again (a later apply that re-patched the layers) it wraps the new forwards and drops any captured graphs."""
-    from .cuda_graphs import LayerGraphs, graphed_forward
+    from .cuda_graphs import GraphsUnsupported, LayerGraphs, graphed_forward
 
     layers = getattr(lm.base_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"cuda_graphs: {type(lm.base_model).__name__} has no decoder layers at .layers to graph; "
-                         "pass cuda_graphs=False")
+        raise GraphsUnsupported(f"cuda_graphs: {type(lm.base_model).__name__} has no decoder layers at .layers to "
+                                "graph; pass cuda_graphs=False")
     if any(hasattr(layer, "_hf_hook") for layer in layers):
-        raise ValueError("cuda_graphs: the decoder layers carry accelerate hooks (a model loaded with a device_map "
-                         "moves inputs or weights between devices per call, which a graph cannot); load it onto one "
-                         "GPU without a device_map, or pass cuda_graphs=False")
+        raise GraphsUnsupported("cuda_graphs: the decoder layers carry accelerate hooks (a model loaded with a "
+                                "device_map moves inputs or weights between devices per call, which a graph cannot); "
+                                "load it onto one GPU without a device_map, or pass cuda_graphs=False")
     previous = getattr(lm, "chronicals_cuda_graphs", None)
     forwards = []
     for i, layer in enumerate(layers):

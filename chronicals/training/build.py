@@ -150,6 +150,7 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
         if not hasattr(chronicals, "apply"):
             raise SetupError("chronicals.apply (model patching) is not available in this install; set "
                              "use_fused_kernels, use_sequence_packing and use_cuda_graphs to false")
+        from chronicals.models.cuda_graphs import GraphsUnsupported
         from chronicals.models.registry import FAMILIES, supported
         from chronicals.models.swiglu import SILU_NAMES
 
@@ -166,8 +167,8 @@ def prepare_model(model: nn.Module, cfg: ChronicalsConfig, device: torch.device)
             chronicals.apply(model, rms_norm=fused, swiglu=fused and gated_silu, rope=fused,
                              linear_cross_entropy=fused, packed_attention=cfg.use_sequence_packing,
                              cuda_graphs=cfg.use_cuda_graphs)
-        except ValueError as e:  # the graphs' refusals name their flag first; the others are packed attention's
-            fix = "in the config, use_cuda_graphs: false" if str(e).startswith("cuda_graphs:") else \
+        except ValueError as e:  # the graphs' refusals, or else packed attention's
+            fix = "in the config, use_cuda_graphs: false" if isinstance(e, GraphsUnsupported) else \
                 "or set use_sequence_packing: false to train it on padded batches"
             raise SetupError(f"{e}; {fix}") from e
     if cfg.use_gradient_checkpointing:
