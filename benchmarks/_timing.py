@@ -25,16 +25,17 @@ def bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     return {"ms": med, "p20_ms": p20, "p80_ms": p80, "method": "events"}
 
 
-def bench_graph_ms(fn, *, calls: int = 20, replays: int = 10, warmup: int = 3) -> dict:
-    """Capture `calls` calls of fn in one CUDA graph, replay it `replays` times; per-call ms."""
-    stream = torch.cuda.Stream()
+def bench_graph_ms(fn, *, calls: int = 20, replays: int = 10, warmup: int = 3, stream=None) -> dict:
+    """Capture `calls` calls of fn in one CUDA graph, replay it `replays` times; per-call ms. `stream`: the side stream
+    to warm up and capture on (a new one by default)."""
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture requires
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
     graph.replay()

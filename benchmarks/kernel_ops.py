@@ -8,8 +8,10 @@ error of each output and gradient; ours must be no worse than eager PyTorch's ow
 tests' slack), then timed. Headline times replay CUDA graphs (GPU time, the host's launch overhead
 hidden as it is in a training step), rotating input copies so that no call finds its data in L2, in
 interleaved rounds that time every implementation in turn (a drift of clocks falls on all alike);
-`events_ms` is the plain per-call time with launch overhead, for reference. The backward time is
-(forward + backward) - forward. GB/s counts the bytes that must move, each once (see `_bytes`).
+`events_ms` is the plain per-call time with launch overhead, for reference. The backward is timed
+alone, replaying the backward of forwards run beforehand (retain_graph); an implementation whose
+backward cannot be rerun gets (forward + backward) - forward, and its rows say so (`method`).
+GB/s counts the bytes that must move, each once (see `_bytes`).
 The copy bandwidth of a 2 GiB device-to-device copy is measured in the same run; the targets are
 GB/s >= 80% of it and a time no slower than the fastest of eager, compile and Liger.
 Without CUDA it runs only the correctness checks, at tiny shapes under TRITON_INTERPRET=1.
@@ -284,36 +286,61 @@ def check(op, m, impls, inputs, grad_idx, upstream, dtype):
 
 
 # ---- timing ----
-def _fwd_and_fwdbwd(fn, sets, grad_idx):
-    """Callables running forward, and forward + backward, cycling through the input sets."""
+def _cycling(items):
+    """A callable returning the next of `items` each call, round and round."""
     state = {"i": 0}
 
     def pick():
-        state["i"] = (state["i"] + 1) % len(sets)
-        return sets[state["i"]]
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return pick
+
+
+def _passes(fn, sets, grad_idx, stream):
+    """{pass: callable}, each cycling through the input sets. "bwd" runs only the backward, of forwards run here, once
+    per set, on `stream`: autograd launches each backward op on the stream of its forward op, so the forwards must run
+    on the stream that captures (or times) the backward; retain_graph keeps their saved tensors for the next call.
+    "fwd_bwd" is the fallback for an implementation whose backward cannot be rerun (its backward is then
+    (forward + backward) - forward)."""
+    pick_fwd, pick_fwd_bwd = _cycling(sets), _cycling(sets)
+    graphs = []
+    with torch.cuda.stream(stream):
+        for inputs, upstream in sets:
+            graphs.append((_tuple(fn(*inputs)), [inputs[i] for i in grad_idx], list(upstream)))
+    pick_graph = _cycling(graphs)
 
     def fwd():
-        inputs, _ = pick()
-        return fn(*inputs)
+        return fn(*pick_fwd()[0])
+
+    def bwd():
+        outs, wrt, upstream = pick_graph()
+        return torch.autograd.grad(outs, wrt, upstream, retain_graph=True)
 
     def fwd_bwd():
-        inputs, upstream = pick()
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, [inputs[i] for i in grad_idx], list(upstream))
+        inputs, upstream = pick_fwd_bwd()
+        torch.autograd.grad(_tuple(fn(*inputs)), [inputs[i] for i in grad_idx], list(upstream))
 
-    return fwd, fwd_bwd
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd_bwd}
+
+
+# How each pass is timed, in order of preference: a CUDA graph's replays (GPU time), else CUDA events per call (with
+# launch overhead); for the backward, last, the difference of (forward + backward) and forward.
+_METHODS = {"fwd": (("cuda_graph", "fwd"), ("events", "fwd")),
+            "bwd": (("cuda_graph", "bwd"), ("events", "bwd"), ("cuda_graph", "fwd_bwd"), ("events", "fwd_bwd"))}
 
 
 def time_impls(impls, sets, grad_idx, quick):
     """{impl: timing dict or the exception that stopped it}. Timed in ROUNDS interleaved rounds, each of which times
-    every implementation once (graph replays of the forward, then of forward + backward), starting one further along
+    every implementation once (graph replays of the forward, then of the backward alone), starting one further along
     each round: a drift of the GPU's clocks during the run then falls on all implementations alike, not on whichever
-    was timed first. An implementation's time is the median over all rounds' replays."""
+    was timed first. An implementation's time is the median over all rounds' replays. Round 0 picks each pass's method
+    (_METHODS: the first that runs) and keeps the errors of those that did not."""
     names = list(impls)
     calls = len(sets) * max(1, (6 if quick else 20) // len(sets))
-    times = {name: {"fwd": [], "fwd_bwd": []} for name in names}
-    methods, per_call, graph_errors, failed = {}, {}, {}, {}
+    stream = torch.cuda.Stream()
+    times = {name: {"fwd": [], "bwd": []} for name in names}
+    chosen, per_call, method_errors, failed = {}, {}, {}, {}
     for r in range(ROUNDS):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name in failed:
@@ -321,27 +348,50 @@ def time_impls(impls, sets, grad_idx, quick):
             fn = impls[name]
             try:
                 with _settings_of(fn):
-                    for pas, f in zip(("fwd", "fwd_bwd"), _fwd_and_fwdbwd(fn, sets, grad_idx)):
-                        if methods.get((name, pas)) != "events":
+                    passes = _passes(fn, sets, grad_idx, stream)
+                    for pas in ("fwd", "bwd"):
+                        for how, which in ([chosen[(name, pas)]] if (name, pas) in chosen else _METHODS[pas]):
                             try:
-                                times[name][pas] += bench_graph_ms(f, calls=calls,
-                                                                   replays=3 if quick else 5)["times_ms"]
-                                methods[(name, pas)] = "cuda_graph"
-                            except Exception as exc:  # a peer that cannot be captured is timed per call instead
+                                if how == "cuda_graph":
+                                    got = bench_graph_ms(passes[which], calls=calls, replays=3 if quick else 5,
+                                                         stream=stream)["times_ms"]
+                                else:
+                                    got = [bench_ms(passes[which], rep_ms=40)["ms"]]
+                            except Exception as exc:  # a peer that cannot be captured (or rerun) falls back
                                 torch.cuda.synchronize()
-                                methods[(name, pas)] = "events"
-                                graph_errors[(name, pas)] = f"{type(exc).__name__}: {exc}"[:300]
-                        if methods[(name, pas)] == "events":
-                            times[name][pas].append(bench_ms(f, rep_ms=40)["ms"])
-                        if r == 0:  # the plain per-call time, with launch overhead, once for reference
-                            per_call[(name, pas)] = bench_ms(f, rep_ms=40 if quick else 100)["ms"]
+                                method_errors.setdefault((name, pas), []).append(
+                                    f"{how} {which}: {type(exc).__name__}: {exc}"[:300])
+                                continue
+                            chosen[(name, pas)] = (how, which)
+                            times[name][pas] += got
+                            if r == 0:  # the plain per-call time, with launch overhead, once for reference
+                                per_call[(name, pas)] = bench_ms(passes[which], rep_ms=40 if quick else 100)["ms"]
+                            break
+                        else:
+                            raise RuntimeError(f"{pas}: no timing method ran: {method_errors[(name, pas)]}")
+                    del passes  # frees the retained forwards' saved tensors
             except Exception as exc:
                 torch.cuda.synchronize()
                 failed[name] = exc
-    return {name: failed[name] if name in failed else {
-        pas: summarize(times[name][pas], methods[(name, pas)]) | {"events_ms": per_call[(name, pas)]}
-        | ({"graph_error": graph_errors[(name, pas)]} if (name, pas) in graph_errors else {})
-        for pas in ("fwd", "fwd_bwd")} for name in names}
+    return {name: failed[name] if name in failed else _summary(times[name], chosen, per_call, method_errors, name)
+            for name in names}
+
+
+def _summary(times, chosen, per_call, method_errors, name):
+    """Each pass's median and spread, method, per-call time and the errors of the methods that did not run. A backward
+    timed as (forward + backward) has the forward's median subtracted."""
+    out = {}
+    for pas in ("fwd", "bwd"):
+        how, which = chosen[(name, pas)]
+        out[pas] = summarize(times[pas], how) | {"events_ms": per_call[(name, pas)]}
+        if which == "fwd_bwd":
+            fwd = out["fwd"]
+            out[pas] = out[pas] | {"method": f"{how}, (fwd + bwd) - fwd", "ms": max(out[pas]["ms"] - fwd["ms"], 1e-6),
+                                   "p20_ms": out[pas]["p20_ms"] - fwd["ms"], "p80_ms": out[pas]["p80_ms"] - fwd["ms"],
+                                   "events_ms": out[pas]["events_ms"] - fwd["events_ms"]}
+        if (name, pas) in method_errors:
+            out[pas]["method_errors"] = method_errors[(name, pas)]
+    return out
 
 
 def run(models, dtype, device, quick, ops, save=lambda res: None):
@@ -391,15 +441,11 @@ def run(models, dtype, device, quick, ops, save=lambda res: None):
                     rows.append({"model": model, "op": op, "impl": name, "status": "crashed",
                                  "reason": f"{type(t).__name__}: {t}"[:300]})
                     continue
-                fwd_ms, fb_ms = t["fwd"]["ms"], t["fwd_bwd"]["ms"]
-                bwd_ms = max(fb_ms - fwd_ms, 1e-6)
-                for pas, ms, nbytes, timing in (("fwd", fwd_ms, fwd_b, t["fwd"]), ("bwd", bwd_ms, bwd_b, t["fwd_bwd"])):
-                    gbs = nbytes / (ms * 1e-3) / 1e9
+                for pas, nbytes in (("fwd", fwd_b), ("bwd", bwd_b)):
+                    timing = t[pas]
+                    gbs = nbytes / (timing["ms"] * 1e-3) / 1e9
                     rows.append({"model": model, "op": op, "impl": name, "pass": pas, "status": "ok",
-                                 "ms": ms, "gb_per_s": gbs, "frac_of_copy": gbs / copy_gbs, "bytes": nbytes,
-                                 "method": timing["method"], "events_ms": timing["events_ms"],
-                                 "p20_ms": timing["p20_ms"], "p80_ms": timing["p80_ms"],
-                                 **({"graph_error": timing["graph_error"]} if "graph_error" in timing else {})})
+                                 "gb_per_s": gbs, "frac_of_copy": gbs / copy_gbs, "bytes": nbytes, **timing})
             del sets, inputs, upstream, impls
             torch.cuda.empty_cache()
     _judge(rows)

@@ -69,24 +69,28 @@ def test_launch_variants_compute_what_the_default_computes(op):
 def test_timing_rounds_interleave_and_survive_failures(monkeypatch):
     """Every implementation is timed once per round, each round starting one further along (clock drift falls on
     all alike); its time is the median of all rounds' replays; one that cannot be captured in a CUDA graph is timed
-    per call, and one that raises is returned as its exception while the others are still timed."""
+    per call; one whose backward cannot be rerun gets (forward + backward) - forward; one that raises is returned as
+    its exception while the others are still timed."""
     order, replay, given = [], iter(range(1, 10_000)), {}
 
     def graph(f, **kw):
         name = f()
-        if name == "no_graph":
+        if name == "no_graph" or (name == "no_rerun" and f.pas == "bwd"):
             raise RuntimeError("capture failed")
         times = [float(next(replay)), float(next(replay))]
         given.setdefault((name, f.pas), []).extend(times)
         return {"times_ms": times}
 
     def events(f, **kw):
-        f()
-        return {"ms": 0.5}
+        name = f()
+        if name == "no_rerun" and f.pas == "bwd":
+            raise RuntimeError("Trying to backward through the graph a second time")
+        return {"ms": {"fwd": 0.5, "bwd": 0.75, "fwd_bwd": 2.0}[f.pas]}
 
     monkeypatch.setattr(kernel_ops, "bench_graph_ms", graph)
     monkeypatch.setattr(kernel_ops, "bench_ms", events)
     monkeypatch.setattr(kernel_ops.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(kernel_ops.torch.cuda, "Stream", lambda: None)
 
     def impl(name):
         def fn(x):
@@ -96,27 +100,59 @@ def test_timing_rounds_interleave_and_survive_failures(monkeypatch):
             return name
         return fn
 
-    names = ["a", "b", "no_graph", "broken"]
-    x = torch.zeros(2, requires_grad=True)
-    def passes(fn, sets, idx):
-        fwd, fwd_bwd = (lambda: fn(x)), (lambda: fn(x))
-        fwd.pas, fwd_bwd.pas = "fwd", "fwd_bwd"
-        return fwd, fwd_bwd
+    def passes(fn, sets, idx, stream):
+        fn(x)  # as the real one, which runs the forwards the backward pass replays
+        out = {p: (lambda: fn(x)) for p in ("fwd", "bwd", "fwd_bwd")}
+        for p, f in out.items():
+            f.pas = p
+        return out
 
-    monkeypatch.setattr(kernel_ops, "_fwd_and_fwdbwd", passes)
+    names = ["a", "b", "no_graph", "no_rerun", "broken"]
+    x = torch.zeros(2, requires_grad=True)
+    monkeypatch.setattr(kernel_ops, "_passes", passes)
     out = kernel_ops.time_impls({n: impl(n) for n in names}, [([x], [x])], [0], quick=True)
     firsts = [order[i] for i in range(len(order)) if i == 0 or order[i] != order[i - 1]]
-    assert firsts[:3] == ["a", "b", "no_graph"]  # round 0 in the given order, then round 1 from "b"
-    assert [n for n in firsts if n != "broken"][3:6] == ["b", "no_graph", "a"]
+    assert firsts[:4] == ["a", "b", "no_graph", "no_rerun"]  # round 0 in the given order, then round 1 from "b"
+    assert [n for n in firsts if n != "broken"][4:8] == ["b", "no_graph", "no_rerun", "a"]
     assert isinstance(out["broken"], ValueError)
-    assert out["no_graph"]["fwd"]["method"] == "events" and "capture failed" in out["no_graph"]["fwd"]["graph_error"]
-    assert out["no_graph"]["fwd"]["ms"] == 0.5
+    for p, ms in (("fwd", 0.5), ("bwd", 0.75)):
+        assert out["no_graph"][p]["method"] == "events" and out["no_graph"][p]["ms"] == ms
+        assert "capture failed" in out["no_graph"][p]["method_errors"][0]
     for name in ("a", "b"):
-        for p in ("fwd", "fwd_bwd"):
-            assert out[name][p]["method"] == "cuda_graph"
+        for p in ("fwd", "bwd"):
+            assert out[name][p]["method"] == "cuda_graph" and "method_errors" not in out[name][p]
             assert len(given[(name, p)]) == 2 * kernel_ops.ROUNDS
             assert out[name][p]["ms"] == statistics.median(given[(name, p)])
-            assert out[name][p]["events_ms"] == 0.5
+            assert out[name][p]["events_ms"] == {"fwd": 0.5, "bwd": 0.75}[p]
+    rerun = out["no_rerun"]["bwd"]
+    assert rerun["method"] == "cuda_graph, (fwd + bwd) - fwd" and len(rerun["method_errors"]) == 2
+    fwd_ms = statistics.median(given[("no_rerun", "fwd")])
+    assert rerun["ms"] == statistics.median(given[("no_rerun", "fwd_bwd")]) - fwd_ms
+    assert rerun["events_ms"] == 2.0 - 0.5
+
+
+def test_backward_pass_reruns_only_the_backward():
+    """The "bwd" pass replays the backward of forwards run once when the passes are made (retain_graph), cycling
+    through the input sets; each replay gives the gradients of its set."""
+    calls = []
+
+    def fn(x, w):
+        calls.append(1)
+        return x * w
+
+    sets = [([torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)], [torch.randn(3)])
+            for _ in range(3)]
+    passes = kernel_ops._passes(fn, sets, [0, 1], stream=None)
+    assert len(calls) == 3  # one forward per set, when the passes are made
+    for i in (1, 2, 0, 1, 2, 0):
+        (x, w), (dy,) = sets[i]
+        gx, gw = passes["bwd"]()
+        torch.testing.assert_close(gx, dy * w)
+        torch.testing.assert_close(gw, dy * x)
+    assert len(calls) == 3
+    passes["fwd_bwd"]()
+    passes["fwd"]()
+    assert len(calls) == 5
 
 
 def test_step_memory_cpu_mode_measures_saved_activations(tmp_path, capsys):
