@@ -56,6 +56,8 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether a kernel must form its offsets into `tensors` in int64. Bounded by each tensor's storage (cheap, and
     it bounds every offset a view of it can take: strides are non-negative)."""
     return FORCE_INT64 or any(t.untyped_storage().nbytes() >= _INT32_SPAN * t.element_size() for t in tensors)
+
+
 MAX_FUSED_SIZE = 65536 // 2  # largest row (elements) a single program handles in one block
 
 
