@@ -39,6 +39,7 @@ _MAX_HEAD_ELEMENTS = 32768  # (Hq + Hkv) * D per position that one program's til
 # fixed launch beat the tuner: 1 x 4 warps 90.2 us, 1 x 8 96.3, 2 x 8 96.4, 4 x 16 128.1).
 _EVICTION = ""
 _LAUNCH: tuple[int, int] | None = None
+_OUT_OFFSETS_SHARED = True
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _qk_rope_kernel(
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
     HALF_TABLE: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, OUT_LIKE_IN: tl.constexpr,
 ):
     # The grid is (position blocks of a sequence, batch): b and s come from the program ids. A flat grid over B * S
     # would divide by S for them (int64 division, a long instruction sequence) before any address is known. H100,
@@ -114,10 +115,10 @@ def _qk_rope_kernel(
         else:
             c2 = tl.load(COS + cos_off + HALF + d, mask=m, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + sin_off + HALF + d, mask=m, other=0.0).to(tl.float32)
-        q_ptr, q_mask = _heads(Q, b * sq_b + s * sq_s, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
-                               BLOCK_HALF, WIDE)
-        k_ptr, k_mask = _heads(K, b * sk_b + s * sk_s, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
-                               BLOCK_HALF, WIDE)
+        q_off = b * sq_b + s * sq_s
+        k_off = b * sk_b + s * sk_s
+        q_ptr, q_mask = _heads(Q, q_off, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ, BLOCK_HALF, WIDE)
+        k_ptr, k_mask = _heads(K, k_off, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK, BLOCK_HALF, WIDE)
         # q's and k's loads all go out before the first store: as far as the compiler knows a store may alias a
         # later load, so loading k after storing q would cost each program a second DRAM round trip. H100, Llama-3-8B:
         # fwd / bwd 115.3 / 115.1 -> 113.5 / 113.5 us (Liger 116.4 / 115.5); at Qwen unchanged (25.2, Liger 24.3).
@@ -125,10 +126,14 @@ def _qk_rope_kernel(
         q2 = tl.load(q_ptr + HALF, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-        qo_ptr, _ = _heads(QO, b * sqo_b + s * sqo_s, sqo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
-                           BLOCK_HALF, WIDE)
-        ko_ptr, _ = _heads(KO, b * sko_b + s * sko_s, sko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
-                           BLOCK_HALF, WIDE)
+        if OUT_LIKE_IN:  # the outputs have the inputs' strides: the inputs' offsets serve (fewer integer ops)
+            qo_ptr, _ = _heads(QO, q_off, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ, BLOCK_HALF, WIDE)
+            ko_ptr, _ = _heads(KO, k_off, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK, BLOCK_HALF, WIDE)
+        else:
+            qo_ptr, _ = _heads(QO, b * sqo_b + s * sqo_s, sqo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
+                               BLOCK_HALF, WIDE)
+            ko_ptr, _ = _heads(KO, b * sko_b + s * sko_s, sko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
+                               BLOCK_HALF, WIDE)
         _rotate_store(qo_ptr, q_mask, q1, q2, c1, c2, s1, s2, HALF, BACKWARD)
         _rotate_store(ko_ptr, k_mask, k1, k2, c1, c2, s1, s2, HALF, BACKWARD)
 
@@ -160,7 +165,8 @@ _TUNE_MIN_POSITIONS = 1024  # smaller calls (tests, short batches) take a fixed 
 # in flight. Tuning reruns the kernel, which is safe: it writes only its outputs.
 _qk_rope_tuned = triton.autotune(
     configs=[triton.Config({"POS_PER_PROG": p}, num_warps=w) for p in (1, 2) for w in (1, 2, 4, 8, 16)],
-    key=["N_Q_HEADS", "N_K_HEADS", "HALF", "DENSE_HEADS", "HALF_TABLE", "HAS_POS", "BACKWARD", "EVICTION", "WIDE"],
+    key=["N_Q_HEADS", "N_K_HEADS", "HALF", "DENSE_HEADS", "HALF_TABLE", "HAS_POS", "BACKWARD", "EVICTION", "WIDE",
+         "OUT_LIKE_IN"],
     prune_configs_by={"early_config_prune": _prune},
 )(_qk_rope_kernel)
 
@@ -207,7 +213,9 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
     blocks = dict(N_Q_HEADS=n_q_heads, N_K_HEADS=n_k_heads, HALF=head_dim // 2, DENSE_HEADS=dense,
                   HALF_TABLE=cos.shape[-1] != head_dim, HAS_POS=position_ids is not None, BACKWARD=backward,
                   BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, EVICTION=_EVICTION,
-                  WIDE=needs_int64(q, k, q_out, k_out, cos, sin, pos))
+                  WIDE=needs_int64(q, k, q_out, k_out, cos, sin, pos),
+                  OUT_LIKE_IN=_OUT_OFFSETS_SHARED and q_out.stride()[:3] == q.stride()[:3]
+                  and k_out.stride()[:3] == k.stride()[:3])
     if _LAUNCH is not None:
         pos_per_prog, num_warps = _LAUNCH
         _qk_rope_kernel[(triton.cdiv(seq_len, pos_per_prog), batch)](*args, POS_PER_PROG=pos_per_prog, **blocks,

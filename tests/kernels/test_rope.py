@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from oracle import assert_no_worse
 
-from chronicals.kernels import fused_qk_rope
+from chronicals.kernels import fused_qk_rope, rope
 from chronicals.kernels.rope import _settings
 
 DEVICE = os.environ.get("CHRONICALS_TEST_DEVICE", "cpu")
@@ -204,6 +204,50 @@ def test_outputs_can_be_changed_in_place_as_hfs(hf_layout):
     order = lambda t: sorted(range(4), key=lambda d: t.stride(d), reverse=True)  # noqa: E731
     assert order(q_rot) == order(q) and order(k_rot) == order(k)
     assert q_rot._base is None and k_rot._base is None
+
+
+def test_outputs_strided_as_the_inputs_take_the_inputs_offsets(monkeypatch):
+    """Where q_out/k_out have q's/k's strides (HF's views, contiguous inputs, gradients in their layout) the kernel
+    addresses the outputs with the inputs' offsets (OUT_LIKE_IN). It must write what the outputs' own strides give,
+    bit for bit, forward and backward; q and k split from one fused q/k/v output (rows wider than q) keep their own."""
+    flags = []
+    kernel = rope._qk_rope_kernel
+
+    class Spy:  # records OUT_LIKE_IN of each launch
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                flags.append(kwargs["OUT_LIKE_IN"])
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(rope, "_qk_rope_kernel", Spy())
+    gen = torch.Generator().manual_seed(5)
+    b, s, n_q, n_k, d = 2, 7, 5, 3, 12
+    cos_t, sin_t = rope_table(s, d, torch.float32)
+    heads = lambda t, h: t.view(b, s, h, d).transpose(1, 2)  # noqa: E731 (HF's view of a projection's output)
+    # "hf": q and k from their own projections ([B, S, H * D] each); "fused qkv": views of one q/k/v output, whose rows
+    # are wider than q's (the patched models' fused projection)
+    layouts = {"hf": ([(n_q * d,), (n_k * d,)], lambda q, k: (heads(q, n_q), heads(k, n_k))),
+               "fused qkv": ([((n_q + 2 * n_k) * d,)],
+                             lambda x: tuple(heads(t, h) for t, h in zip(x.split([n_q * d, n_k * d, n_k * d], -1),
+                                                                        (n_q, n_k))))}
+    for name, (widths, views) in layouts.items():
+        xs = [torch.randn(b, s, *w, generator=gen).to(DEVICE, torch.bfloat16) for w in widths]
+        upstream = [torch.randn(b, h, s, d, generator=gen).to(DEVICE, torch.bfloat16) for h in (n_q, n_k)]
+        got = {}
+        for shared in (True, False):
+            monkeypatch.setattr(rope, "_OUT_OFFSETS_SHARED", shared)
+            flags.clear()
+            leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+            q_rot, k_rot = fused_qk_rope(*views(*leaves), cos_t, sin_t)
+            got[shared] = (q_rot, k_rot, *torch.autograd.grad((q_rot, k_rot), leaves, upstream))
+            # forward: the outputs are dense, as HF's q and k views are and views of wider q/k/v rows are not;
+            # backward: dq and dk come in q_rot's and k_rot's dense layout
+            assert flags == [shared and name == "hf", shared], (name, shared, flags)
+        for a, c in zip(got[True], got[False]):
+            assert torch.equal(a, c), name
 
 
 @pytest.mark.parametrize("cos_mode", ["per_batch", "shared", "table"])
