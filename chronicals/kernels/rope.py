@@ -39,6 +39,10 @@ _MAX_HEAD_ELEMENTS = 32768  # (Hq + Hkv) * D per position that one program's til
 # fixed launch beat the tuner: 1 x 4 warps 90.2 us, 1 x 8 96.3, 2 x 8 96.4, 4 x 16 128.1).
 _EVICTION = ""
 _LAUNCH: tuple[int, int] | None = None
+# Outputs strided as the inputs (HF's views of separate projections, every backward) are addressed with the inputs'
+# offsets (OUT_LIKE_IN): sm90 SASS at Qwen's heads 216 -> 192 instructions, the outputs' strides never read. H100,
+# 2026-12-07, two runs, shared / own offsets: Llama-3-8B fwd 113.5 / 114.2 us, bwd 112.9 / 115.1 (Liger 116.0 / 116.1);
+# Qwen2.5-0.5B 25.2-25.8 either way (Liger 25.0-25.2). False forms them from the outputs' own strides (the A/B).
 _OUT_OFFSETS_SHARED = True
 
 
