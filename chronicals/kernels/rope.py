@@ -131,13 +131,11 @@ def _qk_rope_kernel(
         k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
         if OUT_LIKE_IN:  # the outputs have the inputs' strides: the inputs' offsets serve (fewer integer ops)
-            qo_ptr, _ = _heads(QO, q_off, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ, BLOCK_HALF, WIDE)
-            ko_ptr, _ = _heads(KO, k_off, sk_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK, BLOCK_HALF, WIDE)
+            qo_off, qo_h, ko_off, ko_h = q_off, sq_h, k_off, sk_h
         else:
-            qo_ptr, _ = _heads(QO, b * sqo_b + s * sqo_s, sqo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ,
-                               BLOCK_HALF, WIDE)
-            ko_ptr, _ = _heads(KO, b * sko_b + s * sko_s, sko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK,
-                               BLOCK_HALF, WIDE)
+            qo_off, qo_h, ko_off, ko_h = b * sqo_b + s * sqo_s, sqo_h, b * sko_b + s * sko_s, sko_h
+        qo_ptr, _ = _heads(QO, qo_off, qo_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ, BLOCK_HALF, WIDE)
+        ko_ptr, _ = _heads(KO, ko_off, ko_h, valid, N_K_HEADS, HALF, DENSE_HEADS, BLOCK_HK, BLOCK_HALF, WIDE)
         _rotate_store(qo_ptr, q_mask, q1, q2, c1, c2, s1, s2, HALF, BACKWARD)
         _rotate_store(ko_ptr, k_mask, k1, k2, c1, c2, s1, s2, HALF, BACKWARD)
 
