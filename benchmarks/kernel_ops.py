@@ -202,8 +202,8 @@ def _liger(op, eps, example):
 # L2 policy fixed in place of its rule, and for the backward (60-70% of copy at Qwen's 896 columns) its pipeline
 # depth, programs per SM (default 2) and the dw reduction's rows per step (default 256); RoPE: fixed (positions per
 # program, warps) in place of the tuner, and the public call with HF's full cos/sin rows in place of the patched
-# models' first halves, rotating in place (Liger's way), and output offsets formed from the outputs' own strides
-# where they equal the inputs'.
+# models' first halves, rotating in place (Liger's way), output offsets formed from the outputs' own strides
+# where they equal the inputs', and bf16 widened by the compiler's cvt in place of bit moves.
 SWIGLU_LAUNCHES = ((4096, 8), (2048, 4))
 RMSNORM_TILES = (1024, 4096, 8192)
 RMSNORM_BWD_STAGES = (3, 4, 8)  # the backward's pipeline depth (the default's variant measures the run's spread)
@@ -261,7 +261,8 @@ def _tuning_variants(op, eps):
             "chronicals[evict_first]": _Variant(rope_as_patched, rope, _EVICTION="evict_first"),
             "chronicals[full cos/sin rows]": _Variant(fused_qk_rope, rope),
             "chronicals[in place]": _Variant(rope_in_place, rope),
-            "chronicals[own output offsets]": _Variant(rope_as_patched, rope, _OUT_OFFSETS_SHARED=False)}
+            "chronicals[own output offsets]": _Variant(rope_as_patched, rope, _OUT_OFFSETS_SHARED=False),
+            "chronicals[cvt widen]": _Variant(rope_as_patched, rope, _BIT_WIDEN=False)}
 
 
 def _implementations(op, eps, example, device):

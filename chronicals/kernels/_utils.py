@@ -38,6 +38,17 @@ def cast_rne(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def widen(x, BITS: tl.constexpr):
+    """`x` -> fp32 (exact). With BITS set, a bf16 pair held in one 32-bit register widens by two bit moves (the low
+    element shifted up 16, the high one masked), where the compiler's cvt of each element spends a PRMT and a SHF on
+    the high one. Not under the interpreter, which runs no PTX."""
+    if BITS and x.dtype.is_bf16() and not _EMULATE_BF16_RNE:
+        return tl.inline_asm_elementwise("shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    return x.to(tl.float32)
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The elementwise kernels form element offsets in int32 when every offset into their tensors stays below 2^30 (the

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import INTERPRET, cast_rne, check_same, check_tensor, needs_int64, next_power_of_2
+from ._utils import INTERPRET, cast_rne, check_same, check_tensor, needs_int64, next_power_of_2, widen
 
 _TILE_ELEMENTS = 4096  # elements of q and k per program, summed over its positions
 _MAX_POS_PER_PROG = 8
@@ -44,6 +44,8 @@ _LAUNCH: tuple[int, int] | None = None
 # 2026-12-07, two runs, shared / own offsets: Llama-3-8B fwd 113.5 / 114.2 us, bwd 112.9 / 115.1 (Liger 116.0 / 116.1);
 # Qwen2.5-0.5B 25.2-25.8 either way (Liger 25.0-25.2). False forms them from the outputs' own strides (the A/B).
 _OUT_OFFSETS_SHARED = True
+# q/k/cos/sin in bf16 widen to fp32 by bit moves (_utils.widen) rather than the compiler's cvt. False is the A/B.
+_BIT_WIDEN = True
 
 
 @triton.jit
@@ -82,7 +84,7 @@ def _qk_rope_kernel(
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, DENSE_HEADS: tl.constexpr,
     HALF_TABLE: tl.constexpr, HAS_POS: tl.constexpr, BACKWARD: tl.constexpr, POS_PER_PROG: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, EVICTION: tl.constexpr,
-    WIDE: tl.constexpr, OUT_LIKE_IN: tl.constexpr,
+    WIDE: tl.constexpr, OUT_LIKE_IN: tl.constexpr, BITS: tl.constexpr,
 ):
     # The grid is (position blocks of a sequence, batch): b and s come from the program ids. A flat grid over B * S
     # would divide by S for them (int64 division, a long instruction sequence) before any address is known. H100,
@@ -111,14 +113,14 @@ def _qk_rope_kernel(
             cos_off = b * scos_b + s * scos_s
             sin_off = b * ssin_b + s * ssin_s
         m = d_ok & valid
-        c1 = tl.load(COS + cos_off + d, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + sin_off + d, mask=m, other=0.0).to(tl.float32)
+        c1 = widen(tl.load(COS + cos_off + d, mask=m, other=0.0), BITS)
+        s1 = widen(tl.load(SIN + sin_off + d, mask=m, other=0.0), BITS)
         if HALF_TABLE:  # cos/sin given as their first half: HF's repeat it, [f, f]
             c2 = c1
             s2 = s1
         else:
-            c2 = tl.load(COS + cos_off + HALF + d, mask=m, other=0.0).to(tl.float32)
-            s2 = tl.load(SIN + sin_off + HALF + d, mask=m, other=0.0).to(tl.float32)
+            c2 = widen(tl.load(COS + cos_off + HALF + d, mask=m, other=0.0), BITS)
+            s2 = widen(tl.load(SIN + sin_off + HALF + d, mask=m, other=0.0), BITS)
         q_off = b * sq_b + s * sq_s
         k_off = b * sk_b + s * sk_s
         q_ptr, q_mask = _heads(Q, q_off, sq_h, valid, N_Q_HEADS, HALF, DENSE_HEADS, BLOCK_HQ, BLOCK_HALF, WIDE)
@@ -126,10 +128,10 @@ def _qk_rope_kernel(
         # q's and k's loads all go out before the first store: as far as the compiler knows a store may alias a
         # later load, so loading k after storing q would cost each program a second DRAM round trip. H100, Llama-3-8B:
         # fwd / bwd 115.3 / 115.1 -> 113.5 / 113.5 us (Liger 116.4 / 115.5); at Qwen unchanged (25.2, Liger 24.3).
-        q1 = tl.load(q_ptr, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-        q2 = tl.load(q_ptr + HALF, mask=q_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-        k1 = tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
-        k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+        q1 = widen(tl.load(q_ptr, mask=q_mask, other=0.0, eviction_policy=EVICTION), BITS)
+        q2 = widen(tl.load(q_ptr + HALF, mask=q_mask, other=0.0, eviction_policy=EVICTION), BITS)
+        k1 = widen(tl.load(k_ptr, mask=k_mask, other=0.0, eviction_policy=EVICTION), BITS)
+        k2 = widen(tl.load(k_ptr + HALF, mask=k_mask, other=0.0, eviction_policy=EVICTION), BITS)
         if OUT_LIKE_IN:  # the outputs have the inputs' strides: the inputs' offsets serve (fewer integer ops)
             qo_off, qo_h, ko_off, ko_h = q_off, sq_h, k_off, sk_h
         else:
@@ -168,7 +170,7 @@ _TUNE_MIN_POSITIONS = 1024  # smaller calls (tests, short batches) take a fixed 
 _qk_rope_tuned = triton.autotune(
     configs=[triton.Config({"POS_PER_PROG": p}, num_warps=w) for p in (1, 2) for w in (1, 2, 4, 8, 16)],
     key=["N_Q_HEADS", "N_K_HEADS", "HALF", "DENSE_HEADS", "HALF_TABLE", "HAS_POS", "BACKWARD", "EVICTION", "WIDE",
-         "OUT_LIKE_IN"],
+         "OUT_LIKE_IN", "BITS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_qk_rope_kernel)
 
@@ -217,7 +219,7 @@ def qk_rope_launch(q, k, q_out, k_out, cos, sin, position_ids, backward: bool) -
                   BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, EVICTION=_EVICTION,
                   WIDE=needs_int64(q, k, q_out, k_out, cos, sin, pos),
                   OUT_LIKE_IN=_OUT_OFFSETS_SHARED and q_out.stride()[:3] == q.stride()[:3]
-                  and k_out.stride()[:3] == k.stride()[:3])
+                  and k_out.stride()[:3] == k.stride()[:3], BITS=_BIT_WIDEN)
     if _LAUNCH is not None:
         pos_per_prog, num_warps = _LAUNCH
         _qk_rope_kernel[(triton.cdiv(seq_len, pos_per_prog), batch)](*args, POS_PER_PROG=pos_per_prog, **blocks,

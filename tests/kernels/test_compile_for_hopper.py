@@ -67,17 +67,20 @@ SCRIPT = textwrap.dedent("""
               ("eps", "fp32"), ("HAS_DS", ""), ("COMPUTE_DW", ""), ("BLOCK_M", ""), ("BLOCK_N", ""),
               ("NUM_STAGES", ""), ("ONE_COL", ""), ("WIDE", "")], c), c, 8)
     # RoPE at Qwen2.5-0.5B's heads (14 q / 2 kv of 64): HF's dense head views (outputs strided alike) with a position
-    # table and int32 offsets, and strided heads with per-position cos/sin and int64 offsets, forward and backward.
+    # table and int32 offsets, and strided heads with per-position cos/sin and int64 offsets, forward and backward;
+    # bf16 widened by bit moves (_utils.widen: its inline PTX must assemble) and by the compiler's cvt.
     for dense, has_pos, wide, backward in ((True, True, False, False), (False, False, True, True)):
         i = "i64" if wide else "i32"
         strides = [(f"s{t}_{d}", i) for t in ("q", "k", "qo", "ko") for d in "bhs"]
         strides += [(f"s{t}_{d}", i) for t in ("cos", "sin", "pos") for d in "bs"]
         c = {"N_Q_HEADS": 14, "N_K_HEADS": 2, "HALF": 32, "DENSE_HEADS": dense, "HALF_TABLE": True,
              "HAS_POS": has_pos, "BACKWARD": backward, "POS_PER_PROG": 2, "BLOCK_HQ": 16, "BLOCK_HK": 2,
-             "BLOCK_HALF": 32, "EVICTION": "", "WIDE": wide, "OUT_LIKE_IN": dense}
-        build(rope._qk_rope_kernel, sig([(n, bf) for n in ("Q", "K", "QO", "KO")]
-              + [("COS", "*fp32"), ("SIN", "*fp32"), ("POS", "*i64" if has_pos else "*fp32")] + strides
-              + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 4)
+             "BLOCK_HALF": 32, "EVICTION": "", "WIDE": wide, "OUT_LIKE_IN": dense, "BITS": dense}
+        ptx = build(rope._qk_rope_kernel, sig([(n, bf) for n in ("Q", "K", "QO", "KO")]
+                    + [("COS", bf if dense else "*fp32"), ("SIN", bf if dense else "*fp32"),
+                       ("POS", "*i64" if has_pos else "*fp32")] + strides
+                    + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 4)
+        assert ("0xFFFF0000" in ptx) == dense
     for bias, softcap in ((False, False), (True, True)):
         c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
         build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
