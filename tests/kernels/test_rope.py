@@ -325,3 +325,31 @@ def test_model_shapes_on_gpu_tuned_launch(n_q, n_k, head_dim):
                              [g.double() for g in upstream])
         for name, out, n, r in zip(["q_rot", "k_rot", "dq", "dk"], got, nat, ref):
             assert_no_worse(name, out, n, r, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_q,n_k,head_dim", [(14, 2, 64), (32, 8, 128), (1, 1, 2), (5, 3, 80), (3, 1, 10)])
+def test_bit_widening_equals_the_cvt_at_every_launch_shape(monkeypatch, n_q, n_k, head_dim):
+    # _utils.widen's inline PTX sees bf16 pairs as the layout packs them, so tiles of one element per thread (k's
+    # [2, 32] at 2 warps) and tiles smaller than the warp are the cases to pin: both widenings are exact, so the
+    # outputs must be bit-identical, forward and backward, at every fixed launch.
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 37, n_q, head_dim, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 37, n_k, head_dim, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+    cos_t, sin_t = rope_table(64, head_dim, torch.bfloat16)
+    pos = (torch.arange(37, device="cuda").repeat(2, 1) * 7) % 64
+    for launch in ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 1), (2, 8)):
+        monkeypatch.setattr(rope, "_LAUNCH", launch)
+        outs = []
+        for bits in (True, False):
+            monkeypatch.setattr(rope, "_BIT_WIDEN", bits)
+            for table in ((cos_t[:, :head_dim // 2], sin_t[:, :head_dim // 2]), (cos_t.float(), sin_t.float())):
+                q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+                rope.qk_rope_launch(q, k, q_out, k_out, *table, pos, backward=False)
+                dq, dk = torch.empty_like(q), torch.empty_like(k)
+                rope.qk_rope_launch(q_out, k_out, dq, dk, *table, pos, backward=True)
+                outs.append((q_out, k_out, dq, dk))
+        half = len(outs) // 2
+        for with_bits, with_cvt in zip(outs[:half], outs[half:]):
+            for a, b in zip(with_bits, with_cvt):
+                assert torch.equal(a, b), launch
