@@ -44,7 +44,10 @@ _LAUNCH: tuple[int, int] | None = None
 # 2026-12-07, two runs, shared / own offsets: Llama-3-8B fwd 113.5 / 114.2 us, bwd 112.9 / 115.1 (Liger 116.0 / 116.1);
 # Qwen2.5-0.5B 25.2-25.8 either way (Liger 25.0-25.2). False forms them from the outputs' own strides (the A/B).
 _OUT_OFFSETS_SHARED = True
-# q/k/cos/sin in bf16 widen to fp32 by bit moves (_utils.widen) rather than the compiler's cvt. False is the A/B.
+# q/k/cos/sin in bf16 widen to fp32 by bit moves (_utils.widen) rather than the compiler's cvt: sm90 SASS at Qwen's
+# heads 192 -> 184 instructions (2 warps). H100, 2026-12-07, same rounds, bits / cvt: Llama-3-8B fwd 113.8 / 115.2 us,
+# bwd 113.5 / 114.8; Qwen2.5-0.5B, three runs, fwd 25.2-25.5 / 25.8-26.2, bwd 25.3-25.8 / 25.8-26.2 (Liger 25.3 /
+# 25.4-25.6). False is the A/B.
 _BIT_WIDEN = True
 
 
