@@ -570,16 +570,17 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
 def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100):
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 
-    `targets [B, N]` are aligned with the hidden positions (no shift inside). `chunk_size` is the
+    `targets [B, N]` are aligned with the hidden positions (no shift inside). Flattened rows, `hidden_states [N, d]`
+    with `targets [N]` (the layout of Liger's fused loss), are taken too. `chunk_size` is the
     block size of `fused_linear_cross_entropy`'s default strategy: tokens per block for "rows",
     vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own).
     """
     # This function's own argument names in its errors: fused_linear_cross_entropy's checks alone named lm_head_weight
     # "weight" and hidden_states "hidden" (as autocast would cast them first, so are they here).
     hidden_states, lm_head_weight = autocast_inputs(hidden_states, lm_head_weight)
-    check_tensor("hidden_states", hidden_states, ndim=3)
+    check_tensor("hidden_states", hidden_states, ndim=(2, 3))
     check_tensor("lm_head_weight", lm_head_weight, ndim=2)
-    check_tensor("targets", targets, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_tensor("targets", targets, ndim=hidden_states.ndim - 1, dtypes=(torch.int64, torch.int32))
     check_same({"hidden_states": hidden_states, "lm_head_weight": lm_head_weight})
     check_same({"hidden_states": hidden_states, "targets": targets}, dtype=False)
     if lm_head_weight.shape[1] != hidden_states.shape[-1]:
@@ -588,9 +589,9 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     if chunk_size is not None and not _positive_int(chunk_size):
         raise ValueError(f"chunk_size must be a positive int (tokens or vocabulary columns per block) or None, got "
                          f"{chunk_size!r}")
-    if tuple(targets.shape) != tuple(hidden_states.shape[:2]):
-        raise ValueError(f"targets must be [B, N] = {tuple(hidden_states.shape[:2])} to match hidden_states, "
-                         f"got {tuple(targets.shape)}")
+    if tuple(targets.shape) != tuple(hidden_states.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(hidden_states.shape[:-1])} to match hidden_states "
+                         f"{tuple(hidden_states.shape)} (one target per row), got {tuple(targets.shape)}")
     return fused_linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
         ignore_index=ignore_index, chunk=chunk_size,

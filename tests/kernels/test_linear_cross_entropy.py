@@ -222,6 +222,24 @@ def test_seed_call_matches_mean_over_valid_targets():
     assert abs(loss.item() - expected.item()) < 1e-5
 
 
+def test_seed_call_takes_flattened_rows_as_the_batched_ones():
+    # [N, d] hidden states with [N] targets (Liger's layout) give the [B, N, d] call's loss and gradients.
+    hidden, weight, _, labels = make_inputs(3 * 11, 9, 40, torch.float32, 5)
+    results = []
+    for h, t in ((hidden.view(3, 11, 9), labels.view(3, 11)), (hidden, labels)):
+        h = h.detach().clone().requires_grad_(True)
+        w = weight.detach().clone().requires_grad_(True)
+        loss = fused_cross_entropy(h, w, t, chunk_size=16)
+        loss.backward()
+        results.append((loss.detach(), h.grad.reshape(hidden.shape), w.grad))
+    for batched, flat in zip(*results):
+        torch.testing.assert_close(flat, batched)
+    with pytest.raises(ValueError, match=r"targets must have shape \(33,\)"):
+        fused_cross_entropy(hidden, weight, labels[:-1])
+    with pytest.raises(ValueError, match="targets must have 1 dimensions"):
+        fused_cross_entropy(hidden, weight, labels.view(3, 11))
+
+
 def test_tied_weight_accumulates_both_gradients():
     # lm_head tied to the embedding: the parameter's gradient is the lookup's plus the loss's.
     hidden_, weight, _, labels = make_inputs(14, 6, 25, torch.float32, 9)
