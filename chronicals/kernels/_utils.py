@@ -21,15 +21,16 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Pass as a constexpr to kernels that call tl.dot: upcast operands to fp32 under the interpreter.
 DOT_UPCAST: bool = INTERPRET
 
-# Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even), which
-# would double the rounding error that CPU tests see; `cast_rne` rounds the bits first there.
-_EMULATE_BF16_RNE = tl.constexpr(INTERPRET)
+# INTERPRET as a constexpr, for the jit helpers below that take another path under the interpreter: Triton's
+# interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even), which would double the rounding error
+# that CPU tests see, so `cast_rne` rounds the bits first there; and it runs no inline PTX, so `widen` takes the cvt.
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 
 @triton.jit
 def cast_rne(x, dtype: tl.constexpr):
     """fp32 `x` -> `dtype`, rounded to nearest even on the GPU and under the interpreter alike."""
-    if _EMULATE_BF16_RNE and dtype == tl.bfloat16:
+    if _INTERPRETED and dtype == tl.bfloat16:
         # bf16 keeps the top 16 bits of an fp32: add half an ulp (minus one when the kept part is
         # even, for ties to even), then clear the dropped bits, so the truncating cast is exact.
         bits = x.to(tl.uint32, bitcast=True)
@@ -43,7 +44,7 @@ def widen(x, BITS: tl.constexpr):
     """`x` -> fp32 (exact). With BITS set, a bf16 pair held in one 32-bit register widens by two bit moves (the low
     element shifted up 16, the high one masked), where the compiler's cvt of each element spends a PRMT and a SHF on
     the high one. Not under the interpreter, which runs no PTX."""
-    if BITS and x.dtype.is_bf16() and not _EMULATE_BF16_RNE:
+    if BITS and x.dtype.is_bf16() and not _INTERPRETED:
         return tl.inline_asm_elementwise("shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [x],
                                          dtype=tl.float32, is_pure=True, pack=2)
     return x.to(tl.float32)
