@@ -567,13 +567,17 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
 
 
 @torch.compiler.disable
-def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100):
+def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100, *,
+                        reduction: str = "mean", normalizer=None, softcap: float | None = None,
+                        z_loss_weight: float = 0.0):
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 
     `targets [B, N]` are aligned with the hidden positions (no shift inside). Flattened rows, `hidden_states [N, d]`
     with `targets [N]` (the layout of Liger's fused loss), are taken too. `chunk_size` is the
     block size of `fused_linear_cross_entropy`'s default strategy: tokens per block for "rows",
-    vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own).
+    vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own). The keyword-only options are
+    `fused_linear_cross_entropy`'s: `reduction` "sum" or "none" (then one loss per target, in `targets`' shape, 0 where
+    ignored), the accumulation `normalizer`, Gemma's logit `softcap` and `z_loss_weight`.
     """
     # This function's own argument names in its errors: fused_linear_cross_entropy's checks alone named lm_head_weight
     # "weight" and hidden_states "hidden" (as autocast would cast them first, so are they here).
@@ -592,7 +596,9 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     if tuple(targets.shape) != tuple(hidden_states.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(hidden_states.shape[:-1])} to match hidden_states "
                          f"{tuple(hidden_states.shape)} (one target per row), got {tuple(targets.shape)}")
-    return fused_linear_cross_entropy(
+    loss = fused_linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
-        ignore_index=ignore_index, chunk=chunk_size,
+        ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, softcap=softcap,
+        z_loss_weight=z_loss_weight, chunk=chunk_size,
     )
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -240,6 +240,26 @@ def test_seed_call_takes_flattened_rows_as_the_batched_ones():
         fused_cross_entropy(hidden, weight, labels.view(3, 11))
 
 
+@pytest.mark.parametrize("options", [dict(reduction="sum"), dict(reduction="none"), dict(normalizer=50),
+                                     dict(softcap=3.0, z_loss_weight=1e-2)])
+def test_seed_call_passes_the_loss_options_on(options):
+    # Liger's fused loss takes reduction and softcap on its call: the seed's call takes them too, and "none" gives
+    # one loss per target in the targets' [B, N] shape (0 where ignored). Gradients against the float64 reference.
+    hidden, weight, _, labels = make_inputs(3 * 11, 9, 40, torch.float64, 6)
+    h = hidden.view(3, 11, 9).float().requires_grad_(True)
+    w = weight.float().requires_grad_(True)
+    loss = fused_cross_entropy(h, w, labels.view(3, 11), chunk_size=16, **options)
+    h64, w64 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    expected = torch_loss(h64, w64, None, labels, **options)
+    assert loss.shape == ((3, 11) if options.get("reduction") == "none" else ())
+    torch.testing.assert_close(loss.double().reshape(expected.shape), expected.detach(), rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss.backward(upstream.float().to(DEVICE))
+    expected.backward(upstream.reshape(expected.shape).to(DEVICE))
+    torch.testing.assert_close(h.grad.double().reshape(h64.shape), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_tied_weight_accumulates_both_gradients():
     # lm_head tied to the embedding: the parameter's gradient is the lookup's plus the loss's.
     hidden_, weight, _, labels = make_inputs(14, 6, 25, torch.float32, 9)
