@@ -161,6 +161,12 @@ class ChronicalsConfig:
     # global_batch_size / (processes x gradient_accumulation_steps) and must come out whole.
     global_batch_size: Union[int, None] = None
 
+    def __new__(cls, *args, **kwargs):
+        # ChronicalsConfig(per_device_train_batch_size=8) otherwise fails in the generated __init__ with a bare
+        # TypeError; an unknown name gets from_dict's error instead, with the field a user of HF / TRL meant.
+        _check_names(cls, kwargs)
+        return super().__new__(cls)
+
     def __post_init__(self):
         if isinstance(self.resume_from_checkpoint, bool):  # HF Trainer's resume_from_checkpoint=True
             raise ConfigError(f"config field 'resume_from_checkpoint' is {str(self.resume_from_checkpoint).lower()}; "
@@ -176,15 +182,6 @@ class ChronicalsConfig:
     def from_dict(cls, values: dict[str, Any]) -> ChronicalsConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of field: value, got {type(values).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in names:
-                near = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                if key in OTHER_TRAINERS_NAMES:  # difflib's guess there misleads: warmup_ratio -> warmup_steps
-                    hint = f" (a Hugging Face / TRL / torchtune name); {OTHER_TRAINERS_NAMES[key]}"
-                valid = ", ".join(f.name for f in dataclasses.fields(cls))
-                raise ConfigError(f"unknown config field {key!r}{hint} (valid fields: {valid})")
         return cls(**values)
 
     @classmethod
@@ -220,6 +217,18 @@ class ChronicalsConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_names(cls, values: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            if key in OTHER_TRAINERS_NAMES:  # difflib's guess there misleads: warmup_ratio -> warmup_steps
+                hint = f" (a Hugging Face / TRL / torchtune name); {OTHER_TRAINERS_NAMES[key]}"
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"unknown config field {key!r}{hint} (valid fields: {valid})")
 
 
 def demo_config(**changes) -> ChronicalsConfig:

@@ -55,9 +55,12 @@ def test_has_the_documented_fields():
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(values, message):
-    with pytest.raises(ConfigError) as info:
-        ChronicalsConfig.from_dict(values)
-    assert message in str(info.value)
+    # The same error through a file's mapping and through the constructor's keywords (where an unknown name would
+    # otherwise be the generated __init__'s bare TypeError).
+    for build in (ChronicalsConfig.from_dict, lambda values: ChronicalsConfig(**values)):
+        with pytest.raises(ConfigError) as info:
+            build(values)
+        assert message in str(info.value)
 
 
 def test_yaml_then_overrides(tmp_path):
