@@ -303,9 +303,10 @@ def _check(q, k, cos, sin, position_ids) -> None:
                          f"rows of {head_dim}, or their first halves ({head_dim // 2}) when the halves are equal")
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos/sin require grad, but fused_qk_rope gives them no gradient; pass them detached")
+    rows = "1" if batch == 1 else f"1 or {batch}"  # the leading size these checks accept, as the messages say it
     if cos.ndim == 3:
         if cos.shape[0] not in (1, batch) or cos.shape[1] != seq_len:
-            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [1 or {batch}, {seq_len}, "
+            raise ValueError(f"cos/sin have shape {tuple(cos.shape)}; expected [{rows}, {seq_len}, "
                              f"{head_dim} or {head_dim // 2}] for q of shape {tuple(q.shape)}, read as [B, heads, S, "
                              "D] (HF's layout; a [B, S, heads, D] q or k needs .transpose(1, 2))")
         return
@@ -314,7 +315,7 @@ def _check(q, k, cos, sin, position_ids) -> None:
     check_tensor("position_ids", position_ids, ndim=2, dtypes=(torch.int64, torch.int32))
     check_same({"q": q, "position_ids": position_ids}, dtype=False)
     if position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
-        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [1 or {batch}, {seq_len}]")
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [{rows}, {seq_len}]")
     if position_ids.numel():
         lo, hi = torch.aminmax(position_ids)
         if lo.item() < 0 or hi.item() >= cos.shape[0]:

@@ -300,6 +300,12 @@ def test_bad_input_names_the_argument():
     # q and k in [B, S, heads, D] (equal head counts pass the shape checks): the message says which layout is read.
     with pytest.raises(ValueError, match=r"read as \[B, heads, S, D\].*transpose\(1, 2\)"):
         fused_qk_rope(q.transpose(1, 2), q.transpose(1, 2), cos3.detach(), sin3)
+    # The leading size accepted, as the message states it: "1" for a batch of one (not "1 or 1"), else "1 or B".
+    with pytest.raises(ValueError, match=r"expected \[1, 5, 8 or 4\]"):
+        fused_qk_rope(q, k, cos3.detach()[:, :4], sin3[:, :4])
+    with pytest.raises(ValueError, match=r"expected \[1 or 2, 5\]"):
+        fused_qk_rope(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), cos, sin,
+                      position_ids=torch.zeros(3, 5, dtype=torch.long, device=DEVICE))
 
 
 @pytest.mark.gpu
