@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # PEFT's shorthand for every linear layer except the output head (lm_head).
 ALL_LINEAR = "all-linear"
+# peft.LoraConfig's names for this class's fields, for the error a PEFT user's keywords get.
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 
 
 @dataclass
@@ -36,6 +39,15 @@ class LoRAConfig:
     use_dora: bool = False
     fused: bool = True
     fused_kconcat: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        # LoRAConfig(r=16, lora_alpha=32) otherwise fails in the generated __init__ with a bare TypeError.
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in fields:
+                hint = f"; peft.LoraConfig's {key!r} is {PEFT_NAMES[key]!r} here" if key in PEFT_NAMES else ""
+                raise TypeError(f"LoRAConfig has no field {key!r}{hint} (fields: {', '.join(sorted(fields))})")
+        return super().__new__(cls)
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

@@ -130,6 +130,11 @@ def test_bad_configs_fail_before_training_with_clear_errors():
         LoRAConfig(target_modules=[])
     with pytest.raises(TypeError, match="LoRAConfig"):
         apply_lora(_tiny(), {"rank": 8})
+    # peft.LoraConfig's keywords: the field meant here, not the generated __init__'s bare "unexpected keyword".
+    with pytest.raises(TypeError, match="peft.LoraConfig's 'r' is 'rank' here"):
+        LoRAConfig(r=8, lora_alpha=16)
+    with pytest.raises(TypeError, match=r"LoRAConfig has no field 'bias' \(fields: alpha, dropout"):
+        LoRAConfig(rank=8, bias="none")
     model = apply_lora(_tiny(), LoRAConfig(rank=4))
     with pytest.raises(ValueError, match="already carries LoRA adapters"):
         apply_lora(model.base_model.model, LoRAConfig(rank=4))
