@@ -43,8 +43,9 @@ def cast_rne(x, dtype: tl.constexpr):
 def widen(x, BITS: tl.constexpr):
     """`x` -> fp32 (exact). With BITS set, a bf16 pair held in one 32-bit register widens by two bit moves (the low
     element shifted up 16, the high one masked), where the compiler's cvt of each element spends a PRMT and a SHF on
-    the high one. Not under the interpreter, which runs no PTX."""
-    if BITS and x.dtype.is_bf16() and not _INTERPRETED:
+    the high one. Not under the interpreter, which runs no PTX, nor for a one-element tensor (head_dim 2 in RoPE),
+    which holds no pair: Triton refuses pack=2 there ("number of input elements 1 must be a multiple of ... 2")."""
+    if BITS and x.dtype.is_bf16() and not _INTERPRETED and x.numel > 1:
         return tl.inline_asm_elementwise("shl.b32 $0, $2, 16; and.b32 $1, $2, 0xFFFF0000;", "=r,=r,r", [x],
                                          dtype=tl.float32, is_pure=True, pack=2)
     return x.to(tl.float32)

@@ -81,6 +81,15 @@ SCRIPT = textwrap.dedent("""
                        ("POS", "*i64" if has_pos else "*fp32")] + strides
                     + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 4)
         assert ("0xFFFF0000" in ptx) == dense
+    # head_dim 2 (half a row is one element) with one head per block: the widening's tensors hold a single bf16, which
+    # a packed pair (pack=2) cannot take, so widen must fall back to the cvt there (an H100 failed to build it).
+    strides = [(f"s{t}_{d}", "i32") for t in ("q", "k", "qo", "ko") for d in "bhs"]
+    strides += [(f"s{t}_{d}", "i32") for t in ("cos", "sin", "pos") for d in "bs"]
+    c = {"N_Q_HEADS": 1, "N_K_HEADS": 1, "HALF": 1, "DENSE_HEADS": True, "HALF_TABLE": True, "HAS_POS": True,
+         "BACKWARD": False, "POS_PER_PROG": 1, "BLOCK_HQ": 1, "BLOCK_HK": 1, "BLOCK_HALF": 1, "EVICTION": "",
+         "WIDE": False, "OUT_LIKE_IN": True, "BITS": True}
+    build(rope._qk_rope_kernel, sig([(n, bf) for n in ("Q", "K", "QO", "KO", "COS", "SIN")] + [("POS", "*i64")]
+          + strides + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 1)
     for bias, softcap in ((False, False), (True, True)):
         c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
         build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
