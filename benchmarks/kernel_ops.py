@@ -197,13 +197,14 @@ def _liger(op, eps, example):
 # Launch settings to A/B against the defaults, applied to the forward and the backward alike. History: the H100 run of
 # 2026-12-06 had every forward 13-17% behind the fastest peer while every backward led; the H200 runs of the same day
 # traced most of it to the loads' evict_first L2 policy (now the default policy, except in RMSNorm's backward).
-# SwiGLU: (elements per program, warps), default (1024, 4), Inductor's pointwise launch (its SASS for SwiGLU matches
-# ours per element, nvdisasm of both built for sm90); RMSNorm: elements per program (default 2048) and the forward's
-# L2 policy fixed in place of its rule, and for the backward (60-70% of copy at Qwen's 896 columns) its pipeline
-# depth, programs per SM (default 2) and the dw reduction's rows per step (default 256); RoPE: fixed (positions per
-# program, warps) in place of the tuner, and the public call with HF's full cos/sin rows in place of the patched
-# models' first halves, rotating in place (Liger's way), output offsets formed from the outputs' own strides
-# where they equal the inputs', and bf16 widened by the compiler's cvt in place of bit moves.
+# SwiGLU: (elements per program, warps), default (1024, 4), Inductor's pointwise launch (its SASS for SwiGLU matched
+# ours per element, nvdisasm of both built for sm90, before the approximate sigmoid), and tl.sigmoid and the
+# compiler's bf16 cvt in place of _utils.sigmoid and widen; RMSNorm: elements per program (default 2048) and the
+# forward's L2 policy fixed in place of its rule, and for the backward (60-70% of copy at Qwen's 896 columns) its
+# pipeline depth, programs per SM (default 2) and the dw reduction's rows per step (default 256); RoPE: fixed
+# (positions per program, warps) in place of the tuner, and the public call with HF's full cos/sin rows in place of
+# the patched models' first halves, rotating in place (Liger's way), output offsets formed from the outputs' own
+# strides where they equal the inputs', and bf16 widened by the compiler's cvt in place of bit moves.
 SWIGLU_LAUNCHES = ((4096, 8), (2048, 4))
 RMSNORM_TILES = (1024, 4096, 8192)
 RMSNORM_BWD_STAGES = (3, 4, 8)  # the backward's pipeline depth (the default's variant measures the run's spread)
@@ -247,7 +248,11 @@ def _tuning_variants(op, eps):
         return {**{f"chronicals[b{b}w{w}]": _Variant(fused_swiglu, swiglu, _BLOCK=b, _NUM_WARPS=w)
                    for b, w in SWIGLU_LAUNCHES},
                 "chronicals[evict_first]": _Variant(fused_swiglu, swiglu, _FWD_EVICTION="evict_first",
-                                                    _BWD_EVICTION="evict_first")}
+                                                    _BWD_EVICTION="evict_first"),
+                "chronicals[precise sigmoid]": _Variant(fused_swiglu, swiglu, _FAST_SIGMOID=False),
+                "chronicals[cvt widen]": _Variant(fused_swiglu, swiglu, _BIT_WIDEN=False),
+                "chronicals[precise sigmoid, cvt widen]": _Variant(fused_swiglu, swiglu, _FAST_SIGMOID=False,
+                                                                   _BIT_WIDEN=False)}
     if op in ("rmsnorm", "add_rmsnorm"):
         return {**{f"chronicals[tile{t}]": _Variant(_ours(op, eps), rms_norm, _TILE_ELEMENTS=t)
                    for t in RMSNORM_TILES},

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import DOT_UPCAST, cast_rne, next_power_of_2
+from ._utils import DOT_UPCAST, cast_rne, next_power_of_2, sigmoid
 
 # Rows per program and columns per step of its walk. H100, Llama-3.2-1B MLP (16384 x 8192, r 16, bf16), forward /
 # backward, 2026-12-07 (copying the 3 N I elements a pass moves took 534 us): 64 x 64 over 4 warps 316 / 700 us
@@ -40,6 +40,8 @@ from ._utils import DOT_UPCAST, cast_rne, next_power_of_2
 _BLOCK_M = 64
 _BLOCK_N = 64
 _NUM_WARPS = 4
+# bf16/fp16 activations take the approximate sigmoid (_utils.sigmoid, as SwiGLU's kernels); False keeps tl.sigmoid.
+_FAST_SIGMOID = True
 
 
 @triton.jit
@@ -91,7 +93,7 @@ def _gate_up(E, G, rows, cols, mask, stride_e, stride_g, xg, xu, bg, bu, s_g, s_
 @triton.jit
 def _fwd_tile(E, G, BG, BU, AD, H, rows, row_ok, c0, n_cols, stride_e, stride_g, stride_h, xg, xu, r_g, r_u, r_d,
               s_g, s_u, ha, RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr,
-              UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, FAST: tl.constexpr):
     # Columns c0 .. c0 + BLOCK_N of the row panel: h stored, h A_d^T added to the panel's HA.
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -99,7 +101,7 @@ def _fwd_tile(E, G, BG, BU, AD, H, rows, row_ok, c0, n_cols, stride_e, stride_g,
     bg = _adapter_t(BG, cols, col_ok, r_g, RG)
     bu = _adapter_t(BU, cols, col_ok, r_u, RU)
     e, g = _gate_up(E, G, rows, cols, mask, stride_e, stride_g, xg, xu, bg, bu, s_g, s_u, UPCAST)
-    h = cast_rne(e * tl.sigmoid(e) * g, H.dtype.element_ty)
+    h = cast_rne(e * sigmoid(e, FAST) * g, H.dtype.element_ty)
     tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
     # A_d^T's rows `cols`: A_d is [r_d, I], so its column c sits at c + k * I.
     kd = tl.arange(0, RD)
@@ -113,7 +115,7 @@ def _lora_swiglu_fwd_kernel(
     n_rows, n_cols, stride_e, stride_g, stride_xa, stride_h, stride_ha,
     off_g, off_u, r_g, r_u, r_d, s_g, s_u,
     RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     rows, row_ok, xg, xu = _panel(XA, stride_xa, n_rows, off_g, off_u, r_g, r_u, RG, RU, BLOCK_M)
     ha = tl.zeros((BLOCK_M, RD), dtype=tl.float32)
@@ -121,12 +123,12 @@ def _lora_swiglu_fwd_kernel(
         c0 = 0
         while c0 < n_cols:
             ha = _fwd_tile(E, G, BG, BU, AD, H, rows, row_ok, c0, n_cols, stride_e, stride_g, stride_h, xg, xu, r_g,
-                           r_u, r_d, s_g, s_u, ha, RG, RU, RD, BLOCK_N, UPCAST)
+                           r_u, r_d, s_g, s_u, ha, RG, RU, RD, BLOCK_N, UPCAST, FAST)
             c0 += BLOCK_N
     else:
         for c0 in range(0, n_cols, BLOCK_N):
             ha = _fwd_tile(E, G, BG, BU, AD, H, rows, row_ok, c0, n_cols, stride_e, stride_g, stride_h, xg, xu, r_g,
-                           r_u, r_d, s_g, s_u, ha, RG, RU, RD, BLOCK_N, UPCAST)
+                           r_u, r_d, s_g, s_u, ha, RG, RU, RD, BLOCK_N, UPCAST, FAST)
     kd = tl.arange(0, RD)
     tl.store(HA + rows[:, None] * stride_ha + kd[None, :], cast_rne(ha, HA.dtype.element_ty),
              mask=row_ok[:, None] & (kd < r_d)[None, :])
@@ -135,7 +137,7 @@ def _lora_swiglu_fwd_kernel(
 @triton.jit
 def _bwd_tile(DH, E, G, BG, BU, AD, rows, row_ok, c0, n_cols, stride_dh, stride_e, stride_g, xg, xu, gd, r_g, r_u,
               r_d, s_g, s_u, gs_g, gs_u, RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_N: tl.constexpr,
-              UPCAST: tl.constexpr):
+              UPCAST: tl.constexpr, FAST: tl.constexpr):
     # Columns c0 .. c0 + BLOCK_N of the row panel: h, de, dg stored over dh0, e0, g0; de B_g, dg B_u added to GS.
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -147,7 +149,7 @@ def _bwd_tile(DH, E, G, BG, BU, AD, rows, row_ok, c0, n_cols, stride_dh, stride_
     dh_ptr = DH + rows[:, None] * stride_dh + cols[None, :]
     dh = tl.load(dh_ptr, mask=mask, other=0.0).to(tl.float32) + _dot(gd, ad, UPCAST)
     e, g = _gate_up(E, G, rows, cols, mask, stride_e, stride_g, xg, xu, bg, bu, s_g, s_u, UPCAST)
-    sig = tl.sigmoid(e)
+    sig = sigmoid(e, FAST)
     silu = e * sig
     de = cast_rne(dh * g * sig * (1.0 + e * (1.0 - sig)), E.dtype.element_ty)
     dg = cast_rne(dh * silu, G.dtype.element_ty)
@@ -163,7 +165,7 @@ def _lora_swiglu_bwd_kernel(
     n_rows, n_cols, stride_dh, stride_e, stride_g, stride_xa, stride_gd, stride_gs,
     off_g, off_u, r_g, r_u, r_d, s_g, s_u,
     RG: tl.constexpr, RU: tl.constexpr, RD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):
     rows, row_ok, xg, xu = _panel(XA, stride_xa, n_rows, off_g, off_u, r_g, r_u, RG, RU, BLOCK_M)
     gd = _thin(GD, rows, row_ok, stride_gd, 0, r_d, RD)
@@ -173,12 +175,14 @@ def _lora_swiglu_bwd_kernel(
         c0 = 0
         while c0 < n_cols:
             gs_g, gs_u = _bwd_tile(DH, E, G, BG, BU, AD, rows, row_ok, c0, n_cols, stride_dh, stride_e, stride_g, xg,
-                                   xu, gd, r_g, r_u, r_d, s_g, s_u, gs_g, gs_u, RG, RU, RD, BLOCK_N, UPCAST)
+                                   xu, gd, r_g, r_u, r_d, s_g, s_u, gs_g, gs_u, RG, RU, RD, BLOCK_N, UPCAST,
+                                   FAST)
             c0 += BLOCK_N
     else:
         for c0 in range(0, n_cols, BLOCK_N):
             gs_g, gs_u = _bwd_tile(DH, E, G, BG, BU, AD, rows, row_ok, c0, n_cols, stride_dh, stride_e, stride_g, xg,
-                                   xu, gd, r_g, r_u, r_d, s_g, s_u, gs_g, gs_u, RG, RU, RD, BLOCK_N, UPCAST)
+                                   xu, gd, r_g, r_u, r_d, s_g, s_u, gs_g, gs_u, RG, RU, RD, BLOCK_N, UPCAST,
+                                   FAST)
     kg = tl.arange(0, RG)
     ku = tl.arange(0, RU)
     tl.store(GS + rows[:, None] * stride_gs + kg[None, :], cast_rne(s_g * gs_g, GS.dtype.element_ty),
@@ -219,7 +223,7 @@ def lora_swiglu_forward(e0, g0, xa, b_g, b_u, s_g: float, s_u: float, a_d):
             n_rows, n_cols, e0.stride(0), g0.stride(0), xa.stride(0), h.stride(0), ha.stride(0),
             0, r_g, r_g, r_u, r_d, float(s_g), float(s_u),
             RG=_rank_block(r_g), RU=_rank_block(r_u), RD=_rank_block(r_d), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            UPCAST=DOT_UPCAST, num_warps=_NUM_WARPS,
+            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID and e0.dtype != torch.float32, num_warps=_NUM_WARPS,
         )
     return h, ha
 
@@ -237,6 +241,6 @@ def lora_swiglu_backward(dh0, e0, g0, xa, b_g, b_u, s_g: float, s_u: float, gd, 
             n_rows, n_cols, dh0.stride(0), e0.stride(0), g0.stride(0), xa.stride(0), gd.stride(0), gs.stride(0),
             0, r_g, r_g, r_u, r_d, float(s_g), float(s_u),
             RG=_rank_block(r_g), RU=_rank_block(r_u), RD=_rank_block(r_d), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            UPCAST=DOT_UPCAST, num_warps=_NUM_WARPS,
+            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID and e0.dtype != torch.float32, num_warps=_NUM_WARPS,
         )
     return dh0, e0, g0, gs

@@ -38,11 +38,13 @@ SCRIPT = textwrap.dedent("""
     # int64 build gets int64 sizes and strides, as Triton passes them once a value passes 2^31.
     for eviction, flat, wide in (("evict_first", True, False), ("", False, True)):
         i = "i64" if wide else "i32"
-        c = {"BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide}
+        # The approximate sigmoid and the bit widening (_utils.sigmoid / widen: their inline PTX must assemble), or not.
+        c = {"BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide, "FAST": flat, "BITS": flat}
         ptx = build(swiglu._swiglu_fwd_kernel, sig([("A", bf), ("B", bf), ("C", bf), ("n_cols", i),
                     ("col_blocks", i), ("stride_a", i), ("stride_b", i), ("stride_c", i),
-                    ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", "")], c), c, 8)
+                    ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", ""), ("FAST", ""), ("BITS", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
+        assert ("ex2.approx.ftz" in ptx) == ("0xFFFF0000" in ptx) == flat
         for residual in (True, False):
             c = {"HAS_RESIDUAL": residual, "BLOCK_M": 4, "BLOCK_N": 1024, "EVICTION": eviction, "WIDE": wide}
             build(rms_norm._rms_norm_fwd_kernel, sig([("X", bf), ("R", bf), ("S", bf), ("Y", bf), ("W", bf),
@@ -51,12 +53,15 @@ SCRIPT = textwrap.dedent("""
                   ("HAS_RESIDUAL", ""), ("BLOCK_M", ""), ("BLOCK_N", ""), ("EVICTION", ""), ("WIDE", "")], c), c, 8)
     for write_c, eviction, flat, wide in ((True, "evict_first", False, False), (False, "", True, True)):
         i = "i64" if wide else "i32"
-        c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide}
+        c = {"WRITE_C": write_c, "BLOCK": 4096, "EVICTION": eviction, "FLAT": flat, "WIDE": wide, "FAST": write_c,
+             "BITS": write_c}
         ptx = build(swiglu._swiglu_bwd_kernel, sig([("DC", bf), ("A", bf), ("B", bf), ("DA", bf), ("DB", bf),
                     ("C", bf), ("n_cols", i), ("col_blocks", i), ("stride_dc", i), ("stride_a", i),
                     ("stride_b", i), ("stride_da", i), ("stride_db", i), ("stride_c", i),
-                    ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", "")], c), c, 8)
+                    ("WRITE_C", ""), ("BLOCK", ""), ("EVICTION", ""), ("FLAT", ""), ("WIDE", ""), ("FAST", ""),
+                    ("BITS", "")], c), c, 8)
         assert ("evict_first" in ptx) == bool(eviction)
+        assert ("ex2.approx.ftz" in ptx) == ("0xFFFF0000" in ptx) == write_c
     for has_ds, one_col, wide in ((True, False, False), (False, False, True), (True, True, False)):
         i = "i64" if wide else "i32"
         c = {"HAS_DS": has_ds, "COMPUTE_DW": True, "BLOCK_M": 4, "BLOCK_N": 16 if one_col else 1024, "NUM_STAGES": 2,
@@ -109,10 +114,10 @@ SCRIPT = textwrap.dedent("""
     for dt in (bf, "*fp32"):
         for rank in (16, 32):
             c = {"RG": rank, "RU": rank, "RD": rank, "BLOCK_M": lsw._BLOCK_M, "BLOCK_N": lsw._BLOCK_N,
-                 "UPCAST": False}
+                 "UPCAST": False, "FAST": dt == bf}
             scalars = [("off_g", "i32"), ("off_u", "i32"), ("r_g", "i32"), ("r_u", "i32"), ("r_d", "i32"),
                        ("s_g", "fp32"), ("s_u", "fp32"), ("RG", ""), ("RU", ""), ("RD", ""), ("BLOCK_M", ""),
-                       ("BLOCK_N", ""), ("UPCAST", "")]
+                       ("BLOCK_N", ""), ("UPCAST", ""), ("FAST", "")]
             build(lsw._lora_swiglu_fwd_kernel, sig([(n, dt) for n in ("E", "G", "XA", "BG", "BU", "AD", "H", "HA")]
                   + [(n, "i32") for n in ("n_rows", "n_cols", "stride_e", "stride_g", "stride_xa", "stride_h",
                                           "stride_ha")] + scalars, c), c, lsw._NUM_WARPS)

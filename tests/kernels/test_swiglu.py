@@ -88,3 +88,31 @@ def test_int64_offsets_on_gpu():
     da_t, db_t = torch.autograd.grad(c_t, (a_t, b_t), torch.ones_like(c_t))
     for got, want in ((c, c_t), (da, da_t), (db, db_t)):
         torch.testing.assert_close(got.detach()[tail].double(), want.detach(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_approximate_sigmoid_matches_the_precise_one_at_the_tails_on_gpu(monkeypatch, dtype):
+    # bf16/fp16 outputs take ex2/rcp.approx.ftz (swiglu._FAST_SIGMOID): at the tails (exp overflowing to inf,
+    # flushed to 0), at infinities and NaN, and on random gates, outputs and gradients must equal tl.sigmoid's
+    # within one rounding of the output dtype, with the same inf/NaN pattern.
+    from chronicals.kernels import swiglu
+
+    tails = [-float("inf"), -1e4, -104.0, -88.8, -87.0, -20.0, -1.0, -1e-30, 0.0, 1e-30, 1.0, 20.0, 87.0, 88.8, 104.0,
+             1e4, float("inf"), float("nan")]
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.cat([torch.tensor(tails), 8 * torch.randn(5000, generator=gen)]).to("cuda", dtype)
+    up = torch.cat([torch.ones(len(tails)), torch.randn(5000, generator=gen)]).to("cuda", dtype)
+    dc = torch.randn(gate.shape, generator=gen).to("cuda", dtype)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(swiglu, "_FAST_SIGMOID", fast)
+        results.append(swiglu_and_grads(fused_swiglu, gate, up, dc))
+    ulp = torch.finfo(dtype).eps
+    for name, got, want in zip(("out", "d gate", "d up"), *results):
+        got, want = got.double(), want.double()
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert torch.equal(got.isinf(), want.isinf()), name
+        finite = want.isfinite()
+        diff = (got[finite] - want[finite]).abs()
+        assert (diff <= ulp * want[finite].abs() + 1e-30).all(), (name, diff.max().item())
