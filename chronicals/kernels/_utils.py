@@ -56,7 +56,7 @@ def sigmoid(x, FAST: tl.constexpr):
     """1 / (1 + exp(-x)) of fp32 `x`. FAST, for results rounded to bf16/fp16: ex2.approx.ftz and rcp.approx.ftz (a few
     fp32 ulp, far below a bf16 or fp16 rounding), where tl.sigmoid's exp and division carry denormal and range fix-ups.
     Limits match: -inf gives 0, +inf 1, NaN NaN. Not under the interpreter, which runs no PTX."""
-    if FAST and not _EMULATE_BF16_RNE:
+    if FAST and not _INTERPRETED:
         return tl.inline_asm_elementwise(
             "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
             "rcp.approx.ftz.f32 $0, t; }", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
