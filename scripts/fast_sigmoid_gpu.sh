@@ -11,7 +11,8 @@
 set -uo pipefail
 res="${OUT:-/tmp/out}/res"; mkdir -p "$res"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$res/gpu.txt"
-export CHRONICALS_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo fast-sigmoid)
+# The commit recorded in the results: pass CHRONICALS_COMMIT (the GPU host's copy of .git may not be this tree's).
+export CHRONICALS_COMMIT=${CHRONICALS_COMMIT:-unknown}
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 stage() {
   local name=$1 limit=$2; shift 2

@@ -41,6 +41,8 @@ _BLOCK_M = 64
 _BLOCK_N = 64
 _NUM_WARPS = 4
 # bf16/fp16 activations take the approximate sigmoid (_utils.sigmoid, as SwiGLU's kernels); False keeps tl.sigmoid.
+# H100, Llama-3.2-1B MLP at r16 (scripts/lora_swiglu_ab.py, reports/kernels/lora_swiglu_ab-h100-3527565.json): forward
+# 308.7 against 313.1 us, backward 639.5 against 686.1, and every output the same bf16 (largest difference 0).
 _FAST_SIGMOID = True
 
 
