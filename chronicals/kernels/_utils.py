@@ -52,11 +52,12 @@ def widen(x, BITS: tl.constexpr):
 
 
 @triton.jit
-def sigmoid(x, FAST: tl.constexpr):
-    """1 / (1 + exp(-x)) of fp32 `x`. FAST, for results rounded to bf16/fp16: ex2.approx.ftz and rcp.approx.ftz (a few
-    fp32 ulp, far below a bf16 or fp16 rounding), where tl.sigmoid's exp and division carry denormal and range fix-ups.
-    Limits match: -inf gives 0, +inf 1, NaN NaN. Not under the interpreter, which runs no PTX."""
-    if FAST and not _INTERPRETED:
+def sigmoid(x, FAST: tl.constexpr, OUT: tl.constexpr):
+    """1 / (1 + exp(-x)) of fp32 `x`, for results rounded to `OUT`. FAST with a bf16/fp16 `OUT`: ex2.approx.ftz and
+    rcp.approx.ftz (a few fp32 ulp, far below a bf16 or fp16 rounding), where tl.sigmoid's exp and division carry
+    denormal and range fix-ups; an fp32 `OUT` always keeps tl.sigmoid. Limits match: -inf gives 0, +inf 1, NaN NaN.
+    Not under the interpreter, which runs no PTX."""
+    if FAST and OUT != tl.float32 and not _INTERPRETED:
         return tl.inline_asm_elementwise(
             "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
             "rcp.approx.ftz.f32 $0, t; }", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)

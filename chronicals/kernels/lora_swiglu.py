@@ -40,7 +40,8 @@ from ._utils import DOT_UPCAST, cast_rne, next_power_of_2, sigmoid
 _BLOCK_M = 64
 _BLOCK_N = 64
 _NUM_WARPS = 4
-# bf16/fp16 activations take the approximate sigmoid (_utils.sigmoid, as SwiGLU's kernels); False keeps tl.sigmoid.
+# bf16/fp16 activations take the approximate sigmoid (_utils.sigmoid, as SwiGLU's kernels; fp32 keeps tl.sigmoid);
+# False keeps tl.sigmoid.
 # H100, Llama-3.2-1B MLP at r16 (scripts/lora_swiglu_ab.py, reports/kernels/lora_swiglu_ab-h100-3527565.json): forward
 # 308.7 against 313.1 us, backward 639.5 against 686.1, and every output the same bf16 (largest difference 0).
 _FAST_SIGMOID = True
@@ -103,7 +104,7 @@ def _fwd_tile(E, G, BG, BU, AD, H, rows, row_ok, c0, n_cols, stride_e, stride_g,
     bg = _adapter_t(BG, cols, col_ok, r_g, RG)
     bu = _adapter_t(BU, cols, col_ok, r_u, RU)
     e, g = _gate_up(E, G, rows, cols, mask, stride_e, stride_g, xg, xu, bg, bu, s_g, s_u, UPCAST)
-    h = cast_rne(e * sigmoid(e, FAST) * g, H.dtype.element_ty)
+    h = cast_rne(e * sigmoid(e, FAST, H.dtype.element_ty) * g, H.dtype.element_ty)
     tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
     # A_d^T's rows `cols`: A_d is [r_d, I], so its column c sits at c + k * I.
     kd = tl.arange(0, RD)
@@ -151,7 +152,7 @@ def _bwd_tile(DH, E, G, BG, BU, AD, rows, row_ok, c0, n_cols, stride_dh, stride_
     dh_ptr = DH + rows[:, None] * stride_dh + cols[None, :]
     dh = tl.load(dh_ptr, mask=mask, other=0.0).to(tl.float32) + _dot(gd, ad, UPCAST)
     e, g = _gate_up(E, G, rows, cols, mask, stride_e, stride_g, xg, xu, bg, bu, s_g, s_u, UPCAST)
-    sig = sigmoid(e, FAST)
+    sig = sigmoid(e, FAST, E.dtype.element_ty)
     silu = e * sig
     de = cast_rne(dh * g * sig * (1.0 + e * (1.0 - sig)), E.dtype.element_ty)
     dg = cast_rne(dh * silu, G.dtype.element_ty)
@@ -225,7 +226,7 @@ def lora_swiglu_forward(e0, g0, xa, b_g, b_u, s_g: float, s_u: float, a_d):
             n_rows, n_cols, e0.stride(0), g0.stride(0), xa.stride(0), h.stride(0), ha.stride(0),
             0, r_g, r_g, r_u, r_d, float(s_g), float(s_u),
             RG=_rank_block(r_g), RU=_rank_block(r_u), RD=_rank_block(r_d), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID and e0.dtype != torch.float32, num_warps=_NUM_WARPS,
+            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID, num_warps=_NUM_WARPS,
         )
     return h, ha
 
@@ -243,6 +244,6 @@ def lora_swiglu_backward(dh0, e0, g0, xa, b_g, b_u, s_g: float, s_u: float, gd, 
             n_rows, n_cols, dh0.stride(0), e0.stride(0), g0.stride(0), xa.stride(0), gd.stride(0), gs.stride(0),
             0, r_g, r_g, r_u, r_d, float(s_g), float(s_u),
             RG=_rank_block(r_g), RU=_rank_block(r_u), RD=_rank_block(r_d), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID and e0.dtype != torch.float32, num_warps=_NUM_WARPS,
+            UPCAST=DOT_UPCAST, FAST=_FAST_SIGMOID, num_warps=_NUM_WARPS,
         )
     return dh0, e0, g0, gs

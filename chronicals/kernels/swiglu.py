@@ -70,7 +70,7 @@ def _swiglu_fwd_kernel(A, B, C, n_cols, col_blocks, stride_a, stride_b, stride_c
     mask = cols < n_cols
     a = widen(tl.load(A + row * stride_a + cols, mask=mask, other=0.0, eviction_policy=EVICTION), BITS)
     b = widen(tl.load(B + row * stride_b + cols, mask=mask, other=0.0, eviction_policy=EVICTION), BITS)
-    c = a * sigmoid(a, FAST) * b
+    c = a * sigmoid(a, FAST, C.dtype.element_ty) * b
     tl.store(C + row * stride_c + cols, cast_rne(c, C.dtype.element_ty), mask=mask)
 
 
@@ -85,7 +85,7 @@ def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, n_cols, col_blocks, stride_dc, strid
     dc = widen(tl.load(DC + row * stride_dc + cols, mask=mask, other=0.0, eviction_policy=EVICTION), BITS)
     a = widen(tl.load(A + row * stride_a + cols, mask=mask, other=0.0, eviction_policy=EVICTION), BITS)
     b = widen(tl.load(B + row * stride_b + cols, mask=mask, other=0.0, eviction_policy=EVICTION), BITS)
-    s = sigmoid(a, FAST)
+    s = sigmoid(a, FAST, DA.dtype.element_ty)
     silu = a * s
     # d silu / da = s + a * s * (1 - s) = s * (1 + a * (1 - s))
     da = dc * b * s * (1.0 + a * (1.0 - s))
@@ -95,10 +95,6 @@ def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, n_cols, col_blocks, stride_dc, strid
     if WRITE_C:
         # The forward's c, bit for bit: the same fp32 product, rounded once.
         tl.store(C + row * stride_c + cols, cast_rne(silu * b, C.dtype.element_ty), mask=mask)
-
-
-def _fast(out: torch.Tensor) -> bool:
-    return _FAST_SIGMOID and out.dtype != torch.float32
 
 
 def layout(**tensors) -> tuple[int, int, list[int], int, int]:
@@ -132,7 +128,7 @@ def swiglu_forward(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = 
         col_blocks = triton.cdiv(n_cols, block)
         _swiglu_fwd_kernel[(rows * col_blocks,)](a, b, c, n_cols, col_blocks, *strides, BLOCK=block,
                                                  EVICTION=_FWD_EVICTION, FLAT=rows == 1,
-                                                 WIDE=needs_int64(a, b, c), FAST=_fast(c), BITS=_BIT_WIDEN,
+                                                 WIDE=needs_int64(a, b, c), FAST=_FAST_SIGMOID, BITS=_BIT_WIDEN,
                                                  num_warps=warps)
     return c
 
@@ -152,7 +148,7 @@ def swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, da: t
         _swiglu_bwd_kernel[(rows * col_blocks,)](dc, a, b, da, db, c_arg, n_cols, col_blocks,
                                                  *strides, WRITE_C=write_c, BLOCK=block, EVICTION=_BWD_EVICTION,
                                                  FLAT=rows == 1, WIDE=needs_int64(dc, a, b, da, db, c_arg),
-                                                 FAST=_fast(da), BITS=_BIT_WIDEN, num_warps=warps)
+                                                 FAST=_FAST_SIGMOID, BITS=_BIT_WIDEN, num_warps=warps)
     return da, db
 
 

@@ -114,17 +114,21 @@ SCRIPT = textwrap.dedent("""
     for dt in (bf, "*fp32"):
         for rank in (16, 32):
             c = {"RG": rank, "RU": rank, "RD": rank, "BLOCK_M": lsw._BLOCK_M, "BLOCK_N": lsw._BLOCK_N,
-                 "UPCAST": False, "FAST": dt == bf}
+                 "UPCAST": False, "FAST": True}
             scalars = [("off_g", "i32"), ("off_u", "i32"), ("r_g", "i32"), ("r_u", "i32"), ("r_d", "i32"),
                        ("s_g", "fp32"), ("s_u", "fp32"), ("RG", ""), ("RU", ""), ("RD", ""), ("BLOCK_M", ""),
                        ("BLOCK_N", ""), ("UPCAST", ""), ("FAST", "")]
-            build(lsw._lora_swiglu_fwd_kernel, sig([(n, dt) for n in ("E", "G", "XA", "BG", "BU", "AD", "H", "HA")]
-                  + [(n, "i32") for n in ("n_rows", "n_cols", "stride_e", "stride_g", "stride_xa", "stride_h",
-                                          "stride_ha")] + scalars, c), c, lsw._NUM_WARPS)
-            build(lsw._lora_swiglu_bwd_kernel, sig([(n, dt) for n in ("DH", "E", "G", "XA", "BG", "BU", "GD", "AD",
-                                                                      "GS")]
-                  + [(n, "i32") for n in ("n_rows", "n_cols", "stride_dh", "stride_e", "stride_g", "stride_xa",
-                                          "stride_gd", "stride_gs")] + scalars, c), c, lsw._NUM_WARPS)
+            # FAST takes the approximate sigmoid for bf16 activations only: fp32 keeps tl.sigmoid (_utils.sigmoid).
+            ptx = build(lsw._lora_swiglu_fwd_kernel, sig([(n, dt) for n in ("E", "G", "XA", "BG", "BU", "AD", "H",
+                                                                            "HA")]
+                        + [(n, "i32") for n in ("n_rows", "n_cols", "stride_e", "stride_g", "stride_xa", "stride_h",
+                                                "stride_ha")] + scalars, c), c, lsw._NUM_WARPS)
+            assert ("ex2.approx.ftz" in ptx) == (dt == bf)
+            ptx = build(lsw._lora_swiglu_bwd_kernel, sig([(n, dt) for n in ("DH", "E", "G", "XA", "BG", "BU", "GD",
+                                                                            "AD", "GS")]
+                        + [(n, "i32") for n in ("n_rows", "n_cols", "stride_dh", "stride_e", "stride_g", "stride_xa",
+                                                "stride_gd", "stride_gs")] + scalars, c), c, lsw._NUM_WARPS)
+            assert ("ex2.approx.ftz" in ptx) == (dt == bf)
     print("compiled")
 """)
 
