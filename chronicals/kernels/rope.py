@@ -332,9 +332,10 @@ def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     """Rotate q [B, Hq, S, D] and k [B, Hkv, S, D] by RoPE; returns (q_rot, k_rot) in their dtype.
 
     cos/sin: HF's per-position [B or 1, S, D] (or that unsqueezed at dim 1, [B or 1, 1, S, D], as HF's
-    apply_rotary_pos_emb broadcasts them), or a [max_pos, D] table with `position_ids` [B or 1, S] (omitted:
-    positions 0..S-1). Either may instead hold only the first half of each row (last dimension D/2), for
-    tables whose two halves are equal, as HF's cat((freqs, freqs)) are: the kernel then reads half the bytes.
+    apply_rotary_pos_emb broadcasts them), or a [max_pos, D] table with `position_ids` [B or 1, S] (or [S], for
+    every row; omitted: positions 0..S-1). Either may instead hold only the first half of each row (last dimension
+    D/2), for tables whose two halves are equal, as HF's cat((freqs, freqs)) are: the kernel then reads half the
+    bytes.
     Per-position cos/sin already hold each token's angle, so `position_ids` passed with them is not used, as in
     HF's apply_rotary_pos_emb and Liger's liger_rotary_pos_emb (they take it and ignore it)."""
     if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.ndim == sin.ndim == 4 \
@@ -342,6 +343,11 @@ def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         cos, sin = cos.squeeze(1), sin.squeeze(1)
     if isinstance(cos, torch.Tensor) and cos.ndim == 3:
         position_ids = None
+    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 1:  # one row of positions for every row
+        if isinstance(q, torch.Tensor) and q.ndim == 4 and position_ids.shape[0] != q.shape[2]:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [{q.shape[2]}] (one "
+                             f"position per token of q's {q.shape[2]}) or [B or 1, {q.shape[2]}]")
+        position_ids = position_ids.unsqueeze(0)
     _check(q, k, cos, sin, position_ids)
     cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
     if cos.ndim == 2 and position_ids is None:

@@ -129,6 +129,21 @@ def test_table_without_position_ids_uses_positions_from_zero():
     torch.testing.assert_close(k_rot, k_ref)
 
 
+def test_one_row_of_position_ids_serves_every_row_of_the_batch():
+    # position_ids [S] (torch.arange(S) + offset, say) is [1, S]: the same positions for every sequence.
+    gen = torch.Generator().manual_seed(3)
+    q = make_qk(2, 4, 6, 16, torch.float32, True, gen).to(DEVICE)
+    k = make_qk(2, 2, 6, 16, torch.float32, True, gen).to(DEVICE)
+    cos_t, sin_t = rope_table(10, 16, torch.float32)
+    positions = torch.tensor([3, 4, 5, 0, 1, 2])
+    q_ref, k_ref = hf_rope(q.cpu(), k.cpu(), cos_t[positions][None], sin_t[positions][None])
+    got = fused_qk_rope(q, k, cos_t.to(DEVICE), sin_t.to(DEVICE), positions.to(DEVICE))
+    for g, want in zip(got, (q_ref, k_ref)):
+        torch.testing.assert_close(g.cpu(), want)
+    with pytest.raises(ValueError, match=r"position_ids has shape \(5,\); expected \[6\]"):
+        fused_qk_rope(q, k, cos_t.to(DEVICE), sin_t.to(DEVICE), positions[:5].to(DEVICE))
+
+
 def test_cos_sin_unsqueezed_at_the_head_dim_as_hf_broadcasts_them():
     gen = torch.Generator().manual_seed(1)
     q = make_qk(2, 4, 6, 16, torch.float32, True, gen).to(DEVICE)
