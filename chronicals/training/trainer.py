@@ -39,7 +39,16 @@ from chronicals.config import ChronicalsConfig
 
 from . import checkpoint, dist_checkpoint, distributed, export, parallel
 from .batches import StepPlan
-from .build import SetupError, autocast_dtype, build_optimizer, check_optional_packages, check_output_dir, prepare_model
+from .build import (
+    SetupError,
+    autocast_dtype,
+    build_optimizer,
+    check_optional_packages,
+    check_output_dir,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+)
 from .dataset import DataError, check_token_ids, prepare_training_data
 from .flops import attention_flops, matmul_params, peak_flops
 from .logger import MetricsLogger
@@ -78,11 +87,19 @@ class _Launched:
 
 
 class ChronicalsTrainer:
-    def __init__(self, model: nn.Module, tokenizer, config: ChronicalsConfig):
+    """Trains `model` (a transformers causal LM) as `config` says. model None builds it from `config.model` as
+    `chronicals train` does (a preset shape, randomly initialised, or a checkpoint), and tokenizer None with it loads
+    `config.tokenizer` (for a preset, the embedded one)."""
+
+    def __init__(self, model: nn.Module | None, tokenizer, config: ChronicalsConfig):
         if not isinstance(config, ChronicalsConfig):
             raise TypeError(f"config must be a chronicals.config.ChronicalsConfig, got {type(config).__name__}")
+        if model is None:
+            tokenizer = load_tokenizer(config) if tokenizer is None else tokenizer
+            model = load_model(config, tokenizer)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+            raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM) or None (built from the "
+                            f"config's 'model'), got {type(model).__name__}")
         self.config = config
         self.tokenizer = tokenizer
         check_optional_packages(config)
