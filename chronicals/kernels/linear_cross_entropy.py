@@ -5,9 +5,12 @@ inside) and is consumed by two Triton row kernels, in fp32:
   statistics:  z ← cap·tanh(z / cap) when softcapped; a row-wise online log-sum-exp keeps (m, s)
                with lse = m + log s, and the target logit is picked out of the block holding the label.
   gradient:    the block is overwritten in place by
-               dz_ij = g_i · (p_ij · (1 + 2 w_z lse_i) - [j == y_i]) · (1 - tanh²)  [tanh: softcap only]
+               dz_ij = g_i · (p_ij · (1 + 2 w_z lse_i) - (1 - ε) [j == y_i] - ε / V) · (1 - tanh²)  [tanh: softcap only]
                with p_ij = exp(z_ij - lse_i) and g_i the row's gradient (0 for ignored rows).
-Per-row loss:  ℓ_i = lse_i - z_{i,y_i} + w_z · lse_i²   (0 where y_i == ignore_index)
+Per-row loss:  ℓ_i = lse_i - (1 - ε) z_{i,y_i} - ε / V · Σ_j z_ij + w_z · lse_i²   (0 where y_i == ignore_index)
+               with ε the label smoothing (torch.nn.functional.cross_entropy's: the target distribution is
+               (1 - ε) one-hot + ε uniform over the V columns), whose Σ_j z_ij the statistics kernel sums with its
+               target logit; ε = 0 compiles without it.
 
 Three ways to cut the logits (`strategy`):
   "vocab" [N, chunk] column blocks. Forward folds each block into the running (m, s); backward
@@ -96,10 +99,12 @@ def _load_logits(row_ptr, bias_ptr, v_start, cols, mask, HAS_BIAS: tl.constexpr)
 
 @triton.jit
 def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sumexp_ptr, target_ptr,
-                      v_start, n_cols, softcap,
-                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+                      v_start, n_cols, softcap, on_label, per_column,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+                      HAS_SMOOTHING: tl.constexpr):
     # One program per row: fold this block's columns into the row's running (m, s) so that
-    # Σ_j exp(z_j) = s · exp(m) over every column seen so far; pick out the target logit.
+    # Σ_j exp(z_j) = s · exp(m) over every column seen so far; pick out the target logit (with label smoothing, add
+    # on_label = 1 - ε times it and per_column = ε / V times the block's Σ_j z_j instead).
     row = tl.program_id(0).to(tl.int64)
     m = tl.load(max_ptr + row)
     s = tl.load(sumexp_ptr + row)
@@ -122,7 +127,10 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
         m = m_new
         # `mask` too: a label just past this block can sit in the tile's padding (masked to -inf).
-        target += tl.sum(tl.where((cols == local_label) & mask, z, 0.0), axis=0)
+        picked = tl.sum(tl.where((cols == local_label) & mask, z, 0.0), axis=0)
+        if HAS_SMOOTHING:
+            picked = on_label * picked + per_column * tl.sum(tl.where(mask, z, 0.0), axis=0)
+        target += picked
         start += BLOCK_V
     tl.store(max_ptr + row, m)
     tl.store(sumexp_ptr + row, s)
@@ -131,10 +139,11 @@ def _block_lse_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, max_ptr, sum
 
 @triton.jit
 def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, row_grad_ptr,
-                       v_start, n_cols, softcap, z_loss_weight,
+                       v_start, n_cols, softcap, z_loss_weight, on_label, per_column,
                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
-                       ROUND_BF16: tl.constexpr):
-    # One program per row, in place: logits block -> dz = g·(p·(1 + 2·w_z·lse) - onehot)·dcap.
+                       ROUND_BF16: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    # One program per row, in place: logits block -> dz = g·(p·(1 + 2·w_z·lse) - onehot)·dcap, the one-hot target
+    # (1 - ε)·onehot + ε / V with label smoothing.
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     g = tl.load(row_grad_ptr + row)
@@ -150,7 +159,10 @@ def _block_grad_kernel(logits_ptr, stride_row, bias_ptr, labels_ptr, lse_ptr, ro
             t = _tanh(z / softcap)
             z = softcap * t
         p = tl.exp(z - lse)
-        dz = g * (p * p_coef - tl.where(cols == local_label, 1.0, 0.0))
+        if HAS_SMOOTHING:
+            dz = g * (p * p_coef - tl.where(cols == local_label, on_label, 0.0) - per_column)
+        else:
+            dz = g * (p * p_coef - tl.where(cols == local_label, 1.0, 0.0))
         if HAS_SOFTCAP:
             dz = dz * (1.0 - t * t)  # d(cap·tanh(x/cap))/dx
         if ROUND_BF16:
@@ -195,6 +207,8 @@ class _Plan:
     num_warps: int
     softcap: float | None
     z_loss_weight: float
+    label_smoothing: float  # ε
+    per_column: float  # ε / V
 
 
 def _lse_launch(block, bias, v_start, labels, m, s, target, plan):
@@ -202,9 +216,9 @@ def _lse_launch(block, bias, v_start, labels, m, s, target, plan):
         return
     _block_lse_kernel[(block.shape[0],)](
         block, block.stride(0), bias if bias is not None else block, labels, m, s, target,
-        v_start, block.shape[1], float(plan.softcap or 1.0),
+        v_start, block.shape[1], float(plan.softcap or 1.0), 1.0 - plan.label_smoothing, plan.per_column,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
-        num_warps=plan.num_warps,
+        HAS_SMOOTHING=plan.label_smoothing > 0, num_warps=plan.num_warps,
     )
 
 
@@ -213,9 +227,10 @@ def _grad_launch(block, bias, v_start, labels, lse, row_grad, plan):
         return
     _block_grad_kernel[(block.shape[0],)](
         block, block.stride(0), bias if bias is not None else block, labels, lse, row_grad,
-        v_start, block.shape[1], float(plan.softcap or 1.0), plan.z_loss_weight,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
-        ROUND_BF16=INTERPRET and block.dtype == torch.bfloat16, num_warps=plan.num_warps,
+        v_start, block.shape[1], float(plan.softcap or 1.0), plan.z_loss_weight, 1.0 - plan.label_smoothing,
+        plan.per_column, HAS_BIAS=bias is not None, HAS_SOFTCAP=plan.softcap is not None, BLOCK_V=plan.block_v,
+        ROUND_BF16=INTERPRET and block.dtype == torch.bfloat16, HAS_SMOOTHING=plan.label_smoothing > 0,
+        num_warps=plan.num_warps,
     )
 
 
@@ -409,7 +424,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  strategy, chunk, check_labels):
+                  label_smoothing, strategy, chunk, check_labels):
     check_tensor("hidden", hidden, ndim=2)
     check_tensor("weight", weight, ndim=2)
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32))
@@ -450,6 +465,8 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normali
         raise ValueError(f"softcap must be a positive finite number or None (no cap), got {softcap!r}")
     if not (finite_number(z_loss_weight) and z_loss_weight >= 0):
         raise ValueError(f"z_loss_weight must be a finite number >= 0, got {z_loss_weight!r}")
+    if not (finite_number(label_smoothing) and 0 <= label_smoothing <= 1):
+        raise ValueError(f"label_smoothing must be a number in [0, 1] (0: none), got {label_smoothing!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy in ("rows", "tiles") and reduction == "none":
@@ -486,8 +503,8 @@ def default_row_chunk(n_rows: int, hidden_size: int, element_size: int) -> int:
     return max(n_rows, 1) if n_rows <= DEFAULT_ROW_CHUNK + accumulator_rows else DEFAULT_ROW_CHUNK
 
 
-def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_loss_weight, strategy, chunk,
-               grad_wanted) -> _Plan:
+def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_loss_weight, label_smoothing,
+               strategy, chunk, grad_wanted) -> _Plan:
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY if reduction != "none" else "vocab"
     if not grad_wanted:  # no backward will come: the forward-only statistics pass is all that is needed
@@ -506,7 +523,7 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
         block_v = min(next_power_of_2(vocab), MAX_BLOCK_V)
     num_warps = row_block_settings(block_v)[1]
     return _Plan(strategy, chunk, chunk_v, block_v, num_warps, None if softcap is None else float(softcap),
-                 float(z_loss_weight))
+                 float(z_loss_weight), float(label_smoothing), float(label_smoothing) / vocab)
 
 
 # Public entry points are opaque to torch.compile (torch.compiler.disable): a compiled region breaks its graph
@@ -515,7 +532,7 @@ def _make_plan(n_rows, hidden_size, vocab, element_size, reduction, softcap, z_l
 @torch.compiler.disable
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index: int = -100,
                                reduction: str = "mean", normalizer=None, softcap: float | None = None,
-                               z_loss_weight: float = 0.0, strategy: str = "auto",
+                               z_loss_weight: float = 0.0, label_smoothing: float = 0.0, strategy: str = "auto",
                                chunk: int | tuple[int, int] | None = None,
                                check_labels: bool = True):
     """Cross-entropy of `hidden [N, d] @ weight[V, d]ᵀ (+ bias [V])` against `labels [N]`, in fp32.
@@ -524,7 +541,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     `ignore_index` contribute nothing. `reduction="mean"` divides by the number of valid labels, or
     by `normalizer` (a number or 0-d tensor: the valid-token count over all gradient-accumulation
     micro-batches; 0 counts as 1) when given; an all-ignored batch gives 0. `softcap` applies cap·tanh(z/cap) to the
-    logits (Gemma); `z_loss_weight` adds w·lse² per valid row.
+    logits (Gemma); `z_loss_weight` adds w·lse² per valid row; `label_smoothing` ε trains each valid row towards
+    (1 - ε) one-hot + ε uniform over the vocabulary, as torch's cross_entropy(label_smoothing=ε).
     Gradients flow to hidden, weight and bias; a frozen weight or a hidden without grad skips its matmul.
 
     `strategy` picks how the [N, V] logits are cut: "vocab" holds [N, chunk] column blocks and
@@ -548,10 +566,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
     # gradient); an argument autocast would not cast is left for the checks below.
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, ignore_index, reduction, normalizer, softcap, z_loss_weight,
-                  strategy, chunk, check_labels)
+                  label_smoothing, strategy, chunk, check_labels)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     plan = _make_plan(*hidden.shape, weight.shape[0], hidden.element_size(), reduction, softcap, z_loss_weight,
-                      strategy, chunk, grad_wanted)
+                      label_smoothing, strategy, chunk, grad_wanted)
     # A count of 0 means no valid label in any micro-batch, so the sum is 0 too: divide by 1, not 0.
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(device=hidden.device, dtype=torch.float32).reshape(())
@@ -569,7 +587,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_inde
 @torch.compiler.disable
 def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int = 4096, ignore_index: int = -100, *,
                         reduction: str = "mean", normalizer=None, softcap: float | None = None,
-                        z_loss_weight: float = 0.0):
+                        z_loss_weight: float = 0.0, label_smoothing: float = 0.0):
     """Mean cross-entropy over valid targets of `hidden_states [B, N, d]` through `lm_head_weight [V, d]`.
 
     `targets [B, N]` are aligned with the hidden positions (no shift inside). Flattened rows, `hidden_states [N, d]`
@@ -577,7 +595,7 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     block size of `fused_linear_cross_entropy`'s default strategy: tokens per block for "rows",
     vocabulary columns for "vocab" (the forward-only pass under no_grad picks its own). The keyword-only options are
     `fused_linear_cross_entropy`'s: `reduction` "sum" or "none" (then one loss per target, in `targets`' shape, 0 where
-    ignored), the accumulation `normalizer`, Gemma's logit `softcap` and `z_loss_weight`.
+    ignored), the accumulation `normalizer`, Gemma's logit `softcap`, `z_loss_weight` and `label_smoothing`.
     """
     # This function's own argument names in its errors: fused_linear_cross_entropy's checks alone named lm_head_weight
     # "weight" and hidden_states "hidden" (as autocast would cast them first, so are they here).
@@ -599,6 +617,6 @@ def fused_cross_entropy(hidden_states, lm_head_weight, targets, chunk_size: int 
     loss = fused_linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]), lm_head_weight, targets.reshape(-1),
         ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, softcap=softcap,
-        z_loss_weight=z_loss_weight, chunk=chunk_size,
+        z_loss_weight=z_loss_weight, label_smoothing=label_smoothing, chunk=chunk_size,
     )
     return loss.view(targets.shape) if reduction == "none" else loss

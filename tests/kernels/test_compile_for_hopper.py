@@ -95,17 +95,19 @@ SCRIPT = textwrap.dedent("""
          "WIDE": False, "OUT_LIKE_IN": True, "BITS": True}
     build(rope._qk_rope_kernel, sig([(n, bf) for n in ("Q", "K", "QO", "KO", "COS", "SIN")] + [("POS", "*i64")]
           + strides + [("seq_len", "i32")] + [(n, "") for n in c], c), c, 1)
-    for bias, softcap in ((False, False), (True, True)):
-        c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096}
+    for bias, softcap, smoothing in ((False, False, False), (True, True, True)):
+        c = {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "BLOCK_V": 4096, "HAS_SMOOTHING": smoothing}
         build(lce._block_lse_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
               ("labels_ptr", "*i64"), ("max_ptr", "*fp32"), ("sumexp_ptr", "*fp32"), ("target_ptr", "*fp32"),
-              ("v_start", "i32"), ("n_cols", "i32"), ("softcap", "fp32"), ("HAS_BIAS", ""), ("HAS_SOFTCAP", ""),
-              ("BLOCK_V", "")], c), c, 16)
+              ("v_start", "i32"), ("n_cols", "i32"), ("softcap", "fp32"), ("on_label", "fp32"),
+              ("per_column", "fp32"), ("HAS_BIAS", ""), ("HAS_SOFTCAP", ""), ("BLOCK_V", ""), ("HAS_SMOOTHING", "")],
+              c), c, 16)
         c = {**c, "ROUND_BF16": False}
         build(lce._block_grad_kernel, sig([("logits_ptr", bf), ("stride_row", "i32"), ("bias_ptr", bf),
               ("labels_ptr", "*i64"), ("lse_ptr", "*fp32"), ("row_grad_ptr", "*fp32"), ("v_start", "i32"),
-              ("n_cols", "i32"), ("softcap", "fp32"), ("z_loss_weight", "fp32"), ("HAS_BIAS", ""),
-              ("HAS_SOFTCAP", ""), ("BLOCK_V", ""), ("ROUND_BF16", "")], c), c, 16)
+              ("n_cols", "i32"), ("softcap", "fp32"), ("z_loss_weight", "fp32"), ("on_label", "fp32"),
+              ("per_column", "fp32"), ("HAS_BIAS", ""), ("HAS_SOFTCAP", ""), ("BLOCK_V", ""), ("ROUND_BF16", ""),
+              ("HAS_SMOOTHING", "")], c), c, 16)
     c = {"BLOCK_P": 64, "BLOCK_N": 32}
     build(rms_norm._dw_reduce_kernel, sig([("PARTIAL", "*fp32"), ("DW", bf), ("n_partials", "i32"),
           ("n_cols", "i32"), ("BLOCK_P", ""), ("BLOCK_N", "")], c), c, 4)

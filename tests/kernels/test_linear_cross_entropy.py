@@ -23,7 +23,7 @@ IGNORE = -100
 
 
 def torch_loss(hidden, weight, bias, labels, *, reduction="mean", normalizer=None, softcap=None, z_loss_weight=0.0,
-               ignore_index=IGNORE):
+               label_smoothing=0.0, ignore_index=IGNORE):
     """The loss as plain PyTorch computes it in the inputs' dtype (float64 inputs give the reference)."""
     logits = hidden @ weight.t()
     if bias is not None:
@@ -31,7 +31,7 @@ def torch_loss(hidden, weight, bias, labels, *, reduction="mean", normalizer=Non
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     valid = labels != ignore_index
-    rows = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    rows = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     if z_loss_weight:
         rows = rows + z_loss_weight * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
     if reduction == "none":
@@ -95,17 +95,19 @@ def check_against_reference(hidden, weight, bias, labels, dtype, **kw):
     bias=st.booleans(),
     softcap=st.sampled_from([None, 4.0]),
     z_loss_weight=st.sampled_from([0.0, 1e-2]),
+    label_smoothing=st.sampled_from([0.0, 0.1]),
     seed=st.integers(0, 2**16),
 )
 def test_matches_float64_reference(n, d, v, strategy, chunk, dtype, reduction, ignore, bias, softcap, z_loss_weight,
-                                   seed):
+                                   label_smoothing, seed):
     if reduction == "none":
         strategy = "vocab"  # "rows"/"tiles" need a scalar loss (checked in test_bad_input_names_the_argument)
     if strategy != "tiles" and isinstance(chunk, tuple):
         chunk = chunk[1]  # (rows, columns) is a tile; the other strategies take one block size
     hidden, weight, b, labels = make_inputs(n, d, v, dtype, seed, bias=bias, ignore=ignore)
     check_against_reference(hidden, weight, b, labels, dtype, reduction=reduction, softcap=softcap,
-                            z_loss_weight=z_loss_weight, strategy=strategy, chunk=chunk)
+                            z_loss_weight=z_loss_weight, label_smoothing=label_smoothing, strategy=strategy,
+                            chunk=chunk)
 
 
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
@@ -121,7 +123,7 @@ def test_blocks_wider_than_one_program_step(monkeypatch, strategy, chunk):
     monkeypatch.setattr(lce, "MAX_BLOCK_V", 8)
     hidden, weight, bias, labels = make_inputs(19, 13, 83, torch.float32, 3, bias=True)
     check_against_reference(hidden, weight, bias, labels, torch.float32, strategy=strategy, chunk=chunk,
-                            softcap=3.0, z_loss_weight=1e-2)
+                            softcap=3.0, z_loss_weight=1e-2, label_smoothing=0.2)
 
 
 @pytest.mark.parametrize("reduction, strategy",
@@ -241,7 +243,7 @@ def test_seed_call_takes_flattened_rows_as_the_batched_ones():
 
 
 @pytest.mark.parametrize("options", [dict(reduction="sum"), dict(reduction="none"), dict(normalizer=50),
-                                     dict(softcap=3.0, z_loss_weight=1e-2)])
+                                     dict(softcap=3.0, z_loss_weight=1e-2), dict(label_smoothing=0.1)])
 def test_seed_call_passes_the_loss_options_on(options):
     # Liger's fused loss takes reduction and softcap on its call: the seed's call takes them too, and "none" gives
     # one loss per target in the targets' [B, N] shape (0 where ignored). Gradients against the float64 reference.
@@ -351,6 +353,9 @@ def test_gradients_in_forward_refuse_a_second_backward(strategy):
         (dict(z_loss_weight=float("inf")), "z_loss_weight must be a finite number"),
         (dict(z_loss_weight=None), "z_loss_weight must be a finite number"),
         (dict(softcap="30"), "softcap must be a positive finite number"),
+        (dict(label_smoothing=-0.1), r"label_smoothing must be a number in \[0, 1\]"),
+        (dict(label_smoothing=1.5), r"label_smoothing must be a number in \[0, 1\]"),
+        (dict(label_smoothing=None), r"label_smoothing must be a number in \[0, 1\]"),
         (dict(chunk=0), "chunk must be"),
         (dict(strategy="cols"), "strategy must be one of"),
         (dict(strategy="rows", reduction="none"), "needs a scalar loss"),
