@@ -439,13 +439,15 @@ def test_ignore_index_outside_the_vocabulary_is_accepted(ignore_index):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("strategy", ["vocab", "rows", "tiles"])
-def test_gpu_realistic_block_sizes(strategy):
+def test_gpu_realistic_block_sizes(strategy, label_smoothing):
     # Default vocabulary blocks (1024+ wide, MAX_BLOCK_V-wide program steps) or 300-row blocks, on a
     # bf16 shape with V and N not multiples of the block; on CUDA the fp32-output matmul accumulates.
     hidden, weight, bias, labels = make_inputs(777, 256, 5003, torch.bfloat16, 11, bias=True)
     check_against_reference(hidden, weight, bias, labels, torch.bfloat16, softcap=30.0, z_loss_weight=1e-4,
-                            strategy=strategy, chunk={"vocab": None, "rows": 300, "tiles": (300, 1100)}[strategy])
+                            label_smoothing=label_smoothing, strategy=strategy,
+                            chunk={"vocab": None, "rows": 300, "tiles": (300, 1100)}[strategy])
 
 
 def test_a_tile_spanning_the_vocabulary_is_not_recomputed(monkeypatch):
