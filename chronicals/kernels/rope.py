@@ -312,9 +312,12 @@ def _check(q, k, cos, sin, position_ids) -> None:
         return
     if position_ids is None:
         return
-    check_tensor("position_ids", position_ids, ndim=2, dtypes=(torch.int64, torch.int32))
+    check_tensor("position_ids", position_ids, ndim=(1, 2), dtypes=(torch.int64, torch.int32))
     check_same({"q": q, "position_ids": position_ids}, dtype=False)
-    if position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+    if position_ids.ndim == 1 and position_ids.shape[0] != seq_len:  # [S]: one row of positions for every row
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [{seq_len}] (one position "
+                         f"per token of q's {seq_len}) or [B or 1, {seq_len}]")
+    if position_ids.ndim == 2 and (position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len):
         raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [{rows}, {seq_len}]")
     if position_ids.numel():
         lo, hi = torch.aminmax(position_ids)
@@ -343,12 +346,9 @@ def fused_qk_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         cos, sin = cos.squeeze(1), sin.squeeze(1)
     if isinstance(cos, torch.Tensor) and cos.ndim == 3:
         position_ids = None
-    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 1:  # one row of positions for every row
-        if isinstance(q, torch.Tensor) and q.ndim == 4 and position_ids.shape[0] != q.shape[2]:
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; expected [{q.shape[2]}] (one "
-                             f"position per token of q's {q.shape[2]}) or [B or 1, {q.shape[2]}]")
-        position_ids = position_ids.unsqueeze(0)
     _check(q, k, cos, sin, position_ids)
+    if position_ids is not None and position_ids.ndim == 1:
+        position_ids = position_ids.unsqueeze(0)  # [S] as [1, S]: the launch reads a batch stride of 0 for one row
     cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
     if cos.ndim == 2 and position_ids is None:
         position_ids = torch.arange(q.shape[2], device=q.device).unsqueeze(0)
